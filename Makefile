@@ -1,0 +1,38 @@
+# btrfs-deploy. `make demo` and `make test` install what they need first.
+CACHE ?= $(CURDIR)/.cache
+export PATH := $(HOME)/.cargo/bin:$(PATH):/usr/sbin:/sbin
+DEPLOY = target/release/deploy
+DEMO_IMG = $(CACHE)/demo.img
+
+.PHONY: all build deps fixture demo test lint unit-test bench stress clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+fixture: deps
+	@scripts/build-tiny-system.sh $(CACHE)
+
+build: deps
+	cargo build --release
+
+demo: build fixture
+	@rm -f $(DEMO_IMG)
+	$(DEPLOY) --version factory --rootfs $(CACHE)/tiny/rootfs $(DEMO_IMG)
+	$(DEPLOY) list $(DEMO_IMG)
+	$(DEPLOY) boot-test $(DEMO_IMG) --timeout 120
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+test: deps fixture lint
+	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs cargo test --release -- --test-threads=2
+
+bench: build fixture
+	scripts/bench.sh $(CACHE)
+
+clean:
+	cargo clean
+	rm -rf $(CACHE)

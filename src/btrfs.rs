@@ -1,0 +1,137 @@
+//! Btrfs operations: formatting, subvolumes, snapshots, read-only flags and
+//! committing the filesystem to disk.
+
+use crate::cmd;
+use anyhow::{Context, Result};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Formats `device` (a file or block device) as Btrfs with the given UUID and
+/// filesystem label. btrfs-progs' default features are kept: SYSLINUX 6 boots them.
+pub fn mkfs(device: &Path, uuid: &str, fs_label: &str) -> Result<()> {
+    let dev = device.to_string_lossy();
+    cmd::run(
+        "mkfs.btrfs",
+        &["-q", "-f", "-U", uuid, "-L", fs_label, &dev],
+    )
+    .with_context(|| format!("formatting {dev} as Btrfs"))?;
+    Ok(())
+}
+
+/// Creates an empty subvolume at `path`.
+pub fn create_subvolume(path: &Path) -> Result<()> {
+    libbtrfsutil::create_subvolume(path)
+        .map_err(|e| e.os_error())
+        .with_context(|| format!("creating subvolume {}", path.display()))
+}
+
+/// Snapshots subvolume `src` to `dst`, read-only when `readonly`.
+pub fn snapshot(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
+    libbtrfsutil::CreateSnapshotOptions::new()
+        .readonly(readonly)
+        .create(src, dst)
+        .map_err(|e| e.os_error())
+        .with_context(|| format!("snapshotting {} to {}", src.display(), dst.display()))
+}
+
+/// Sets or clears the read-only flag of subvolume `path`.
+pub fn set_readonly(path: &Path, readonly: bool) -> Result<()> {
+    libbtrfsutil::set_subvolume_read_only(path, readonly)
+        .map_err(|e| e.os_error())
+        .with_context(|| format!("setting read-only={readonly} on {}", path.display()))
+}
+
+/// True when `path` is the root of a subvolume.
+pub fn is_subvolume(path: &Path) -> bool {
+    libbtrfsutil::is_subvolume(path).unwrap_or(false)
+}
+
+/// True when subvolume `path` is read-only.
+pub fn is_readonly(path: &Path) -> Result<bool> {
+    libbtrfsutil::subvolume_read_only(path)
+        .map_err(|e| e.os_error())
+        .with_context(|| format!("reading flags of {}", path.display()))
+}
+
+/// Deletes subvolume `path` (read-only ones too).
+pub fn delete_subvolume(path: &Path) -> Result<()> {
+    if is_readonly(path).unwrap_or(false) {
+        set_readonly(path, false)?;
+    }
+    libbtrfsutil::delete_subvolume(path)
+        .map_err(|e| e.os_error())
+        .with_context(|| format!("deleting subvolume {}", path.display()))
+}
+
+/// Removes a version directory: its subvolumes, then its files.
+pub fn remove_version_dir(dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .path();
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.is_dir() && is_subvolume(&path) {
+            delete_subvolume(&path)?;
+        } else if meta.is_dir() {
+            crate::copy::remove_tree(&path)?;
+        } else {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// Commits everything written to the filesystem containing `path` (syncfs),
+/// so that what was renamed before is durable before what comes after.
+pub fn sync_fs(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: plain syscall on a valid descriptor.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncing the filesystem of {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Filesystem UUID of the Btrfs on `device`.
+pub fn fs_uuid(device: &Path) -> Result<String> {
+    let out = cmd::run(
+        "blkid",
+        &["-p", "-o", "value", "-s", "UUID", &device.to_string_lossy()],
+    )
+    .with_context(|| format!("reading the filesystem UUID of {}", device.display()))?;
+    Ok(out.trim().to_string())
+}
+
+/// Filesystem type found on `device` by probing, if any.
+pub fn probe_fs_type(device: &Path) -> Result<Option<String>> {
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(device)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| {
+            format!(
+                "probing {} with blkid (install util-linux)",
+                device.display()
+            )
+        })?;
+    // blkid exits 2 when nothing is found.
+    match out.status.code() {
+        Some(0) => Ok(Some(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )),
+        Some(2) => Ok(None),
+        _ => anyhow::bail!(
+            "probing {} failed: {}",
+            device.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}

@@ -1,0 +1,174 @@
+//! Command-line types (clap). Parsing only: validation happens when the
+//! arguments are resolved into a plan.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Deploy a Linux root filesystem onto a disk image or block device with a
+/// versioned Btrfs layout: systems side by side, shared state, atomic switch
+/// and rollback.
+#[derive(Debug, Parser)]
+#[command(
+    name = "deploy",
+    disable_version_flag = true,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+      deploy --rootfs ./rootfs disk.img                 first deploy (version \"factory\")\n  \
+      deploy --version v2 --rootfs ./rootfs-v2 disk.img add v2 beside it and make it default\n  \
+      deploy list disk.img                              show the versions\n  \
+      deploy set-default factory disk.img              roll back\n  \
+      deploy boot-test disk.img                         boot it in QEMU and check it comes up"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub deploy: DeployArgs,
+    /// Print debug output (commands run, decisions taken).
+    #[arg(long, short = 'v', global = true)]
+    pub verbose: bool,
+    /// Print only errors and the final result.
+    #[arg(long, short = 'q', global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+/// Options of a deploy (the command without a subcommand).
+#[derive(Debug, Args, Default, Clone)]
+pub struct DeployArgs {
+    /// Label of the version to write: [A-Za-z0-9][A-Za-z0-9._-]{0,63}, not "default".
+    /// Defaults to "factory" on a new target; required when adding a version.
+    #[arg(long = "version", value_name = "LABEL")]
+    pub label: Option<String>,
+    /// Root filesystem tree to deploy (a directory).
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
+    /// Size of a new image: bytes or with a suffix (512M, 4G, 4GiB). Default:
+    /// room for the rootfs, one upgrade and metadata.
+    #[arg(long, value_name = "SIZE")]
+    pub size: Option<String>,
+    /// Deployment config file (TOML). Default: ./deploy.toml when present.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Setting for extensions (repeatable); overrides the config file.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Kernel arguments after root=..., replacing the default
+    /// "console=tty0 console=ttyS0,115200".
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub kernel_args: Option<String>,
+    /// Kernel image to boot (host path), instead of the one found in the rootfs.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (host path), instead of the one found in the rootfs.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Device tree blob (host path).
+    #[arg(long, value_name = "PATH")]
+    pub dtb: Option<PathBuf>,
+    /// Deploy without kernel and bootloader (e.g. a rootfs without a kernel).
+    #[arg(long)]
+    pub no_bootloader: bool,
+    /// Format a block device even when it already holds a filesystem.
+    #[arg(long)]
+    pub wipe: bool,
+    /// Add the version without making it the default.
+    #[arg(long)]
+    pub no_default: bool,
+    /// After switching, remove the oldest versions beyond N (never the default
+    /// or the previous default).
+    #[arg(long, value_name = "N")]
+    pub keep: Option<usize>,
+    /// Compare file contents instead of size and mtime when syncing an upgrade.
+    #[arg(long)]
+    pub checksum: bool,
+    /// Configure extension to run (repeatable, in order); see `deploy extensions`.
+    #[arg(long = "extension", short = 'e', value_name = "NAME")]
+    pub extensions: Vec<String>,
+    /// Additional folder with extensions (repeatable).
+    #[arg(long, value_name = "DIR")]
+    pub extensions_dir: Vec<PathBuf>,
+    /// Disk image file or block device to deploy to.
+    #[arg(value_name = "TARGET")]
+    pub target: Option<PathBuf>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the versions on a disk.
+    List {
+        /// Disk image or block device.
+        target: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make LABEL the default version (this is how you roll back).
+    SetDefault {
+        /// Version to boot by default.
+        label: String,
+        /// Disk image or block device.
+        target: PathBuf,
+    },
+    /// Remove a version (never the default).
+    Remove {
+        /// Version to remove.
+        label: String,
+        /// Disk image or block device.
+        target: PathBuf,
+    },
+    /// Boot a disk in QEMU and check that the expected text appears on its
+    /// serial console.
+    BootTest(BootTestArgs),
+    /// Remove leftovers of an interrupted deploy (TARGET.partial, partial versions).
+    Cleanup {
+        /// Disk image or block device.
+        target: PathBuf,
+    },
+    /// List the available configure extensions.
+    Extensions {
+        /// Additional folder with extensions (repeatable).
+        #[arg(long, value_name = "DIR")]
+        extensions_dir: Vec<PathBuf>,
+    },
+}
+
+/// QEMU acceleration.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum AccelArg {
+    /// KVM when it works, TCG otherwise.
+    Auto,
+    /// Hardware virtualisation only.
+    Kvm,
+    /// Software emulation only.
+    Tcg,
+}
+
+/// Options of `boot-test`.
+#[derive(Debug, Args)]
+pub struct BootTestArgs {
+    /// Disk image to boot.
+    pub target: PathBuf,
+    /// Boot this version's menu entry instead of the default (the default on
+    /// disk is not changed).
+    #[arg(long = "version", value_name = "LABEL")]
+    pub label: Option<String>,
+    /// Regular expression that marks a successful boot on the serial console.
+    #[arg(long, value_name = "REGEX", default_value = "login:|TINY: boot done")]
+    pub expect: String,
+    /// Seconds to wait for the expected text.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub timeout: u64,
+    /// Acceleration.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Let the guest write to the image (by default writes are discarded).
+    #[arg(long)]
+    pub persist: bool,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub memory: u32,
+    /// Write the serial console to this file.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+}

@@ -1,0 +1,228 @@
+//! The subcommands that manage versions on an existing disk: list,
+//! set-default, remove, cleanup.
+
+use crate::disk::{self, Disk, TargetKind};
+use crate::layout::{self, Layout};
+use crate::{btrfs, ui, units, versions};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// Opens an existing target holding the layout, locked, and runs `f` on it.
+pub fn with_disk<T>(
+    target: &Path,
+    read_only: bool,
+    f: impl FnOnce(&Disk) -> Result<T>,
+) -> Result<T> {
+    let kind = disk::classify(target)?;
+    if kind == TargetKind::Missing {
+        bail!("{} does not exist", target.display());
+    }
+    disk::ensure_not_in_use(target, kind)?;
+    match btrfs::probe_fs_type(target)? {
+        Some(t) if t == "btrfs" => {}
+        Some(t) => bail!(
+            "{} holds a {t} filesystem, not a btrfs-deploy disk",
+            target.display()
+        ),
+        None => bail!(
+            "{} holds no filesystem: it is not a btrfs-deploy disk",
+            target.display()
+        ),
+    }
+    let lock = disk::lock_existing(target)?;
+    let disk = Disk::open(target, kind, read_only)?;
+    if !disk.layout.exists() {
+        drop(disk);
+        bail!(
+            "{} holds a Btrfs without the btrfs-deploy layout (no systems/default)",
+            target.display()
+        );
+    }
+    let result = f(&disk);
+    match result {
+        Ok(v) => {
+            disk.close()?;
+            drop(lock);
+            Ok(v)
+        }
+        Err(e) => {
+            drop(disk);
+            drop(lock);
+            Err(e)
+        }
+    }
+}
+
+/// One row of `deploy list`.
+#[derive(Debug, Serialize)]
+pub struct ListEntry {
+    /// Label.
+    pub label: String,
+    /// Whether it is the default.
+    pub default: bool,
+    /// When it was deployed.
+    pub created: String,
+    /// Kernel version, if known.
+    pub kernel_version: Option<String>,
+    /// The version it was upgraded from.
+    pub upgraded_from: Option<String>,
+    /// Unresolved /etc conflicts recorded at deploy time.
+    pub etc_conflicts: usize,
+}
+
+/// `deploy list`.
+pub fn list(target: &Path, json: bool) -> Result<()> {
+    let rows = with_disk(target, true, |disk| {
+        let default = versions::default_label(&disk.layout)?;
+        Ok(versions::list(&disk.layout)?
+            .into_iter()
+            .map(|v| ListEntry {
+                default: v.label == default,
+                created: v.deployment.created.clone(),
+                kernel_version: v.deployment.kernel_version.clone(),
+                upgraded_from: v.deployment.upgraded_from.clone(),
+                etc_conflicts: v
+                    .deployment
+                    .details
+                    .get("etc_merge")
+                    .and_then(|m| m.get("conflicts"))
+                    .and_then(|c| c.as_array())
+                    .map(|a| a.len())
+                    .unwrap_or(0),
+                label: v.label,
+            })
+            .collect::<Vec<_>>())
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<3}{:<24}{:<22}{:<28}FROM",
+            "", "VERSION", "CREATED", "KERNEL"
+        );
+        for r in rows {
+            println!(
+                "{:<3}{:<24}{:<22}{:<28}{}",
+                if r.default { "*" } else { "" },
+                r.label,
+                r.created,
+                r.kernel_version.as_deref().unwrap_or("-"),
+                r.upgraded_from.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn require_version(top: &Layout, label: &str, target: &Path) -> Result<()> {
+    units::validate_label(label)?;
+    if !top.version(label).join(layout::DEPLOYMENT_JSON).is_file() {
+        let known: Vec<String> = versions::list(top)?.into_iter().map(|v| v.label).collect();
+        bail!(
+            "no version {label} on {}: it has {}",
+            target.display(),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `deploy set-default`: the rollback. Writes the boot config (so the menu
+/// marks the new default), then one atomic rename of `systems/default`.
+pub fn set_default(label: &str, target: &Path) -> Result<()> {
+    with_disk(target, false, |disk| {
+        let top = &disk.layout;
+        require_version(top, label, target)?;
+        let fs_uuid = btrfs::fs_uuid(&disk.device)?;
+        if versions::write_boot_config(top, &fs_uuid, label)? {
+            btrfs::sync_fs(&top.top)?;
+        }
+        versions::switch_default(top, Path::new(label).to_str().unwrap_or(label))?;
+        btrfs::sync_fs(&top.top)?;
+        ui::step(format!(
+            "{label} is now the default on {}",
+            target.display()
+        ));
+        Ok(())
+    })
+}
+
+/// `deploy remove`.
+pub fn remove(label: &str, target: &Path) -> Result<()> {
+    with_disk(target, false, |disk| {
+        let top = &disk.layout;
+        require_version(top, label, target)?;
+        remove_version(top, label)?;
+        ui::step(format!("Removed {label} from {}", target.display()));
+        Ok(())
+    })
+}
+
+/// Removes version `label` (never the default): first from the boot menu,
+/// then its subvolumes and files.
+pub fn remove_version(top: &Layout, label: &str) -> Result<()> {
+    let default = versions::default_label(top)?;
+    if label == default {
+        bail!("{label} is the default version: make another one the default first (deploy set-default LABEL TARGET)");
+    }
+    // Hide it from the boot config before deleting anything it refers to.
+    let dir = top.version(label);
+    let hidden = top.systems().join(format!(".{label}.removing"));
+    std::fs::rename(&dir, &hidden).with_context(|| format!("renaming {}", dir.display()))?;
+    let fs_uuid_path = top.extlinux_conf();
+    if fs_uuid_path.exists() {
+        let uuid = fs_uuid_of(top)?;
+        versions::write_boot_config(top, &uuid, &default)?;
+    }
+    btrfs::sync_fs(&top.top)?;
+    btrfs::remove_version_dir(&hidden)?;
+    Ok(())
+}
+
+/// The filesystem UUID, read from the mounted filesystem.
+fn fs_uuid_of(top: &Layout) -> Result<String> {
+    let out = crate::cmd::run(
+        "findmnt",
+        &["-n", "-o", "UUID", "--target", &top.top.to_string_lossy()],
+    )?;
+    let uuid = out.trim().to_string();
+    if uuid.is_empty() {
+        bail!("cannot read the filesystem UUID of {}", top.top.display());
+    }
+    Ok(uuid)
+}
+
+/// `deploy cleanup`: removes `TARGET.partial` and half-written versions.
+pub fn cleanup(target: &Path) -> Result<()> {
+    let partial = layout::image_partial(target);
+    if partial.exists() {
+        let f = std::fs::File::open(&partial)?;
+        let lock = crate::lock::TargetLock::acquire(f, &partial)?;
+        std::fs::remove_file(&partial)
+            .with_context(|| format!("removing {}", partial.display()))?;
+        drop(lock);
+        ui::step(format!("Removed {}", partial.display()));
+    }
+    if target.exists() {
+        with_disk(target, false, |disk| {
+            let removed = crate::deploy::cleanup_partial_versions(&disk.layout)?;
+            for name in std::fs::read_dir(disk.layout.systems())? {
+                let name = name?;
+                let n = name.file_name().to_string_lossy().into_owned();
+                if n.starts_with('.') && n.ends_with(".removing") {
+                    btrfs::remove_version_dir(&name.path())?;
+                }
+            }
+            if removed.is_empty() {
+                ui::step(format!("{} has no leftovers", target.display()));
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! Copying root filesystem trees with everything preserved (design §4), and
+//! delta-syncing a new tree into a snapshot of an older one (design §3).
+//!
+//! Preserved: numeric owner, mode (setuid/setgid/sticky), atime and mtime with
+//! nanoseconds, symlinks (never followed), hard links, device nodes, FIFOs,
+//! sockets, all extended attributes (`security.capability`, POSIX ACLs, …),
+//! sparse files (holes stay holes) and empty directories. File data is
+//! reflinked (FICLONE) when source and target are on one Btrfs, else copied
+//! with `copy_file_range`, else with read/write.
+//!
+//! Work is spread over threads through a bounded queue of directory jobs, so
+//! memory does not grow with the size of the tree.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+#[path = "copy/engine.rs"]
+mod engine;
+#[path = "copy/sync.rs"]
+mod sync;
+#[path = "copy/sys.rs"]
+mod sys;
+#[path = "copy/testing.rs"]
+pub mod testing;
+
+use engine::{Counts, DirNode, Engine, Mode};
+use sys::{dst_err, src_err, Kind, Meta};
+
+/// Live counters the caller polls to draw progress (shared across worker threads).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Entries processed so far (any type; for sync: compared or written).
+    pub entries: AtomicU64,
+    /// File data bytes copied or reflinked so far.
+    pub bytes: AtomicU64,
+}
+
+/// Options of [`copy_tree`] and [`move_contents`].
+#[derive(Debug, Default, Clone)]
+pub struct CopyOptions {
+    /// Worker threads; 0 means the number of available CPUs.
+    pub threads: usize,
+    /// Counters to update while copying.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// What [`copy_tree`] or [`move_contents`] created.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Regular files created (hard links to them not counted).
+    pub files: u64,
+    /// Directories created (the target root not counted).
+    pub dirs: u64,
+    /// Symlinks created.
+    pub symlinks: u64,
+    /// Device nodes, FIFOs and sockets created.
+    pub specials: u64,
+    /// Extra names created as hard links to an already copied file.
+    pub hardlinks: u64,
+    /// Bytes of file content (logical size, holes included).
+    pub bytes: u64,
+    /// Part of `bytes` that was reflinked instead of copied.
+    pub reflinked_bytes: u64,
+}
+
+impl From<&Counts> for CopyStats {
+    fn from(c: &Counts) -> Self {
+        CopyStats {
+            files: c.files,
+            dirs: c.dirs,
+            symlinks: c.symlinks,
+            specials: c.specials,
+            hardlinks: c.hardlinks,
+            bytes: c.bytes,
+            reflinked_bytes: c.reflinked_bytes,
+        }
+    }
+}
+
+/// Options of [`sync_tree`].
+#[derive(Debug, Default, Clone)]
+pub struct SyncOptions {
+    /// Compare file content instead of mtime to decide whether a file changed
+    /// (a file with equal content keeps its data; only its metadata is fixed).
+    pub checksum: bool,
+    /// Worker threads; 0 means the number of available CPUs.
+    pub threads: usize,
+    /// Counters to update while syncing.
+    pub progress: Option<Arc<Progress>>,
+    /// Names directly under the root to leave alone on both sides.
+    pub exclude_top: Vec<OsString>,
+}
+
+/// What [`sync_tree`] did. Every entry of the source (the root included) is
+/// counted once in `unchanged`, `written` or `metadata_only`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Entries that were already identical.
+    pub unchanged: u64,
+    /// Entries created or replaced (new, changed content, type change, relinked).
+    pub written: u64,
+    /// Entries whose content was kept and only metadata fixed.
+    pub metadata_only: u64,
+    /// Target entries removed because the source lacks them (each entry inside
+    /// a removed directory counts too).
+    pub deleted: u64,
+    /// Bytes of file content written from the source (logical size).
+    pub bytes_written: u64,
+}
+
+/// The target ran out of space. Its message, "no space left on the target
+/// while writing PATH", is meant for users; callers can also find it in an
+/// error chain with `err.downcast_ref::<NoSpaceError>()`.
+#[derive(Debug, Clone)]
+pub struct NoSpaceError {
+    /// The target path being written when space ran out.
+    pub path: PathBuf,
+}
+
+impl fmt::Display for NoSpaceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no space left on the target while writing {}",
+            self.path.display()
+        )
+    }
+}
+
+impl std::error::Error for NoSpaceError {}
+
+/// Copy the *contents* of directory `src` into existing empty directory `dst`,
+/// then give `dst` the metadata of `src`.
+///
+/// Fails if `src` or `dst` is a symlink or not a directory, if `dst` is not
+/// empty, or if one is inside the other.
+pub fn copy_tree(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopyStats> {
+    check_roots(src, dst)
+        .and_then(|sm| run_copy(src, dst, &sm, opts, Vec::new()))
+        .with_context(|| format!("copying {} into {}", src.display(), dst.display()))
+}
+
+/// Copies `src` into `dst` (both checked), skipping the top-level names in `exclude`.
+fn run_copy(
+    src: &Path,
+    dst: &Path,
+    sm: &Meta,
+    opts: &CopyOptions,
+    exclude: Vec<OsString>,
+) -> Result<CopyStats> {
+    let threads = thread_count(opts.threads);
+    let engine = Engine::new(threads, opts.progress.as_deref(), false);
+    let mut root = DirNode::new(src.to_path_buf(), dst.to_path_buf(), *sm, Mode::Copy);
+    root.exclude = exclude;
+    let counts = engine.run(root, threads)?;
+    Ok(CopyStats::from(&counts))
+}
+
+/// Move the contents of `src` into the empty directory `dst`, preserving
+/// everything; `src` stays as an empty directory (with its times restored) and
+/// `dst` gets the metadata of `src`.
+///
+/// Entries are renamed when the kernel allows it (then only those top-level
+/// entries are counted in the stats); across Btrfs subvolumes rename fails
+/// with EXDEV, so the contents are copied (reflinked where possible) and the
+/// originals deleted afterwards.
+pub fn move_contents(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopyStats> {
+    move_contents_inner(src, dst, opts).with_context(|| {
+        format!(
+            "moving the contents of {} into {}",
+            src.display(),
+            dst.display()
+        )
+    })
+}
+
+fn move_contents_inner(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopyStats> {
+    let sm = check_roots(src, dst)?;
+    let names = sys::list_dir(src).map_err(|e| src_err(e, "listing directory", src))?;
+    let mut renamed = Vec::new();
+    let mut counts = Counts::default();
+    for name in &names {
+        let (from, to) = (src.join(name), dst.join(name));
+        let m = sys::lstat(&from).map_err(|e| src_err(e, "reading metadata of", &from))?;
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {
+                count_kind(&mut counts, &m);
+                renamed.push(name.clone());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => break,
+            Err(e) => return Err(dst_err(e, &format!("moving {} to", from.display()), &to)),
+        }
+    }
+    let copied = run_copy(src, dst, &sm, opts, renamed.clone())?;
+    for name in names.iter().filter(|n| !renamed.contains(n)) {
+        sys::remove_tree_counted(&src.join(name), &mut 0)?;
+    }
+    sys::set_path_times(src, sm.atime, sm.mtime)?;
+    let mut stats = copied;
+    stats.files += counts.files;
+    stats.dirs += counts.dirs;
+    stats.symlinks += counts.symlinks;
+    stats.specials += counts.specials;
+    Ok(stats)
+}
+
+fn count_kind(c: &mut Counts, m: &Meta) {
+    match m.kind() {
+        Kind::Dir => c.dirs += 1,
+        Kind::File => c.files += 1,
+        Kind::Symlink => c.symlinks += 1,
+        Kind::Special => c.specials += 1,
+    }
+}
+
+/// Make `dst` (a snapshot of an older tree) identical to `src`, touching only
+/// what differs.
+///
+/// An entry is unchanged when type, size, mtime (ns), mode, owner, symlink
+/// target, xattrs and device number are equal (with `checksum`, equal content
+/// replaces equal mtime). Changed file content is written to a new file beside
+/// the old one and renamed over it, so it no longer shares extents; metadata
+/// differences are fixed in place; type changes replace the entry; entries
+/// missing from `src` are deleted. Hard-link groups of `src` are reproduced
+/// exactly. Directory metadata is fixed after the directory's children.
+pub fn sync_tree(src: &Path, dst: &Path, opts: &SyncOptions) -> Result<SyncStats> {
+    sync_tree_inner(src, dst, opts)
+        .with_context(|| format!("syncing {} into {}", src.display(), dst.display()))
+}
+
+fn sync_tree_inner(src: &Path, dst: &Path, opts: &SyncOptions) -> Result<SyncStats> {
+    let sm = check_roots_exist(src, dst)?;
+    let dm = sys::lstat(dst).map_err(|e| src_err(e, "reading metadata of", dst))?;
+    let threads = thread_count(opts.threads);
+    let engine = Engine::new(threads, opts.progress.as_deref(), opts.checksum);
+    let mut root = DirNode::new(src.to_path_buf(), dst.to_path_buf(), sm, Mode::Sync);
+    root.orig_dst = Some(dm);
+    root.exclude = opts.exclude_top.clone();
+    let c = engine.run(root, threads)?;
+    Ok(SyncStats {
+        unchanged: c.unchanged,
+        written: c.written,
+        metadata_only: c.metadata_only,
+        deleted: c.deleted,
+        bytes_written: c.bytes,
+    })
+}
+
+/// Recursively delete a tree without following symlinks (used for cleanup).
+/// A symlink at `path` is removed itself; a missing `path` is not an error.
+/// Refuses to descend into anything mounted inside the tree.
+pub fn remove_tree(path: &Path) -> Result<()> {
+    sys::remove_tree_counted(path, &mut 0)
+}
+
+fn thread_count(n: usize) -> usize {
+    if n > 0 {
+        n
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// Checks that `src` and `dst` are real (non-symlink) directories, neither
+/// inside the other, and `dst` is empty. Returns `src`'s metadata.
+fn check_roots(src: &Path, dst: &Path) -> Result<Meta> {
+    let sm = check_roots_exist(src, dst)?;
+    let names = sys::list_dir(dst).map_err(|e| src_err(e, "listing directory", dst))?;
+    if !names.is_empty() {
+        bail!("target directory {} is not empty", dst.display());
+    }
+    Ok(sm)
+}
+
+fn check_roots_exist(src: &Path, dst: &Path) -> Result<Meta> {
+    let sm = check_dir(src, "source")?;
+    check_dir(dst, "target")?;
+    let sc = src
+        .canonicalize()
+        .with_context(|| format!("resolving {}", src.display()))?;
+    let dc = dst
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dst.display()))?;
+    if sc.starts_with(&dc) || dc.starts_with(&sc) {
+        bail!(
+            "source {} and target {} overlap",
+            src.display(),
+            dst.display()
+        );
+    }
+    Ok(sm)
+}
+
+fn check_dir(path: &Path, what: &str) -> Result<Meta> {
+    let m = sys::lstat(path).map_err(|e| src_err(e, "reading metadata of", path))?;
+    match m.kind() {
+        Kind::Dir => Ok(m),
+        Kind::Symlink => bail!(
+            "{what} {} is a symlink; refusing to follow it",
+            path.display()
+        ),
+        _ => bail!("{what} {} is not a directory", path.display()),
+    }
+}
+
+#[cfg(test)]
+#[path = "copy/tests.rs"]
+mod tests;

@@ -1,0 +1,769 @@
+//! One deploy, from plan to switch (design §2):
+//!
+//! plan (validate everything, touch nothing) → open target (lock) → attach →
+//! mount top level in a private namespace → write systems/.<L>.partial/orig →
+//! configure extensions → fstab → state → orig read-only → run snapshot →
+//! kernel files → rename .partial to <L> → sync → bootloader config → switch
+//! systems/default → sync → unmount, detach (→ rename image.partial to image).
+
+use crate::cli::DeployArgs;
+use crate::copy::{self, CopyOptions, SyncOptions};
+use crate::deployment::{self, Deployment};
+use crate::disk::{self, Disk, TargetKind};
+use crate::kernel::{self, BootFiles, KernelChoice};
+use crate::layout::{self, Layout};
+use crate::{
+    bootloader, btrfs, cmd, fstab, fsutil, lock::TargetLock, state, ui, units, versions, UsageError,
+};
+use anyhow::{bail, Context, Result};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Smallest image this tool creates.
+const MIN_IMAGE: u64 = 256 << 20;
+/// Room kept for Btrfs metadata and system chunks on top of the data.
+const FS_OVERHEAD: u64 = 160 << 20;
+/// Filesystem label written by mkfs.
+const FS_LABEL: &str = "btrfs-deploy";
+
+/// A new image or device to format.
+#[derive(Debug)]
+pub struct NewDisk {
+    /// Bytes.
+    pub size: u64,
+    /// Filesystem UUID chosen up front (it goes into fstab and the boot config).
+    pub fs_uuid: String,
+}
+
+/// Everything a deploy needs, validated before anything is written.
+#[derive(Debug)]
+pub struct Plan {
+    /// Version label.
+    pub label: String,
+    /// Rootfs directory (canonical).
+    pub rootfs: PathBuf,
+    /// Target path as given.
+    pub target: PathBuf,
+    /// What the target is.
+    pub kind: TargetKind,
+    /// Set for a first deploy; None when adding a version.
+    pub new_disk: Option<NewDisk>,
+    /// Kernel files, unless deploying without a bootloader.
+    pub boot: Option<BootFiles>,
+    /// Kernel arguments after root=...
+    pub kernel_args: String,
+    /// Leave the default as it is.
+    pub no_default: bool,
+    /// Keep at most this many versions.
+    pub keep: Option<usize>,
+    /// Compare contents when syncing an upgrade.
+    pub checksum: bool,
+    /// Bytes the rootfs occupies.
+    pub rootfs_bytes: u64,
+}
+
+/// Validates the request into a plan. Nothing is written.
+pub fn plan(args: &DeployArgs) -> Result<Plan> {
+    let target = args.target.clone().ok_or_else(|| {
+        UsageError(
+            "no TARGET given: name a disk image file or block device (see deploy --help)".into(),
+        )
+    })?;
+    let rootfs_arg = args.rootfs.clone().ok_or_else(|| {
+        UsageError("no rootfs given: use --rootfs DIR (or `rootfs` in the config file)".into())
+    })?;
+    if let Some(label) = &args.label {
+        units::validate_label(label)
+            .map_err(|e| UsageError(format!("invalid --version: {e:#}")))?;
+    }
+    if let Some(keep) = args.keep {
+        if keep == 0 {
+            return Err(UsageError(
+                "--keep must be at least 1 (the default version is always kept)".into(),
+            )
+            .into());
+        }
+    }
+    let rootfs = check_rootfs(&rootfs_arg)?;
+    require_root()?;
+    cmd::require(&[&cmd::MKFS_BTRFS, &cmd::BLKID])?;
+    if !args.no_bootloader {
+        cmd::require(&[&cmd::EXTLINUX])?;
+    }
+    let boot = if args.no_bootloader {
+        None
+    } else {
+        let choice = KernelChoice {
+            kernel: args.kernel.clone(),
+            initramfs: args.initramfs.clone(),
+            dtb: args.dtb.clone(),
+        };
+        Some(kernel::find_boot_files(&rootfs, &choice)?)
+    };
+    let (rootfs_bytes, _) = fsutil::tree_usage(&rootfs)?;
+
+    let kind = disk::classify(&target)?;
+    if kind == TargetKind::File || kind == TargetKind::BlockDevice {
+        disk::ensure_not_in_use(&target, kind)?;
+    }
+    let is_new = match kind {
+        TargetKind::Missing => true,
+        TargetKind::File => {
+            if std::fs::metadata(&target)?.len() == 0 {
+                bail!(
+                    "target {} is an empty file: remove it, or give a new path",
+                    target.display()
+                );
+            }
+            match btrfs::probe_fs_type(&target)? {
+                Some(t) if t == "btrfs" => false,
+                Some(t) => bail!(
+                    "target {} exists and holds a {t} filesystem, not a btrfs-deploy disk: choose a new path",
+                    target.display()
+                ),
+                None => bail!(
+                    "target {} exists and is not a btrfs-deploy disk: choose a new path or remove it",
+                    target.display()
+                ),
+            }
+        }
+        TargetKind::BlockDevice => match btrfs::probe_fs_type(&target)? {
+            None => true,
+            Some(_) if args.wipe => true,
+            Some(t) if t == "btrfs" => false,
+            Some(t) => bail!(
+                "{} holds a {t} filesystem: pass --wipe to erase it and deploy",
+                target.display()
+            ),
+        },
+    };
+
+    let new_disk = if is_new {
+        let needed = rootfs_bytes + rootfs_bytes / 10 + FS_OVERHEAD;
+        let size = match &args.size {
+            Some(s) => {
+                let size = units::parse_size(s)
+                    .map_err(|e| UsageError(format!("invalid --size: {e:#}")))?;
+                if kind == TargetKind::BlockDevice {
+                    bail!(
+                        "--size applies to new image files only; {} is a block device",
+                        target.display()
+                    );
+                }
+                if size < needed.max(MIN_IMAGE) {
+                    bail!(
+                        "--size {} is too small for the rootfs {} ({} used): give at least {}",
+                        units::format_size(size),
+                        rootfs.display(),
+                        units::format_size(rootfs_bytes),
+                        units::format_size(needed.max(MIN_IMAGE))
+                    );
+                }
+                size
+            }
+            None => default_size(rootfs_bytes),
+        };
+        if kind == TargetKind::Missing {
+            check_free_space(&target, size)?;
+        }
+        Some(NewDisk {
+            size,
+            fs_uuid: uuid::Uuid::new_v4().to_string(),
+        })
+    } else {
+        if args.size.is_some() {
+            bail!(
+                "--size applies to a new image only; {} already holds versions",
+                target.display()
+            );
+        }
+        if args.label.is_none() {
+            return Err(UsageError(format!(
+                "{} already holds versions: give the new one a label with --version LABEL",
+                target.display()
+            ))
+            .into());
+        }
+        None
+    };
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| layout::FACTORY_LABEL.to_string());
+    Ok(Plan {
+        label,
+        rootfs,
+        target,
+        kind,
+        new_disk,
+        boot,
+        kernel_args: args
+            .kernel_args
+            .clone()
+            .unwrap_or_else(|| bootloader::DEFAULT_KERNEL_ARGS.into()),
+        no_default: args.no_default,
+        keep: args.keep,
+        checksum: args.checksum,
+        rootfs_bytes,
+    })
+}
+
+/// Size of a new image when none is given: the rootfs, room for one full
+/// upgrade, and metadata, rounded up to 64 MiB.
+pub fn default_size(rootfs_bytes: u64) -> u64 {
+    let raw = rootfs_bytes * 2 + rootfs_bytes / 5 + FS_OVERHEAD + (128 << 20);
+    let step = 64u64 << 20;
+    raw.div_ceil(step) * step
+}
+
+fn check_rootfs(path: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("rootfs {} does not exist or cannot be read", path.display()))?;
+    if !meta.is_dir() {
+        bail!("rootfs {} is not a directory", path.display());
+    }
+    let canon = path
+        .canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))?;
+    if canon == Path::new("/") {
+        bail!("rootfs is the host's / : give the directory of the system to deploy");
+    }
+    let mut entries =
+        std::fs::read_dir(&canon).with_context(|| format!("reading rootfs {}", canon.display()))?;
+    if entries.next().is_none() {
+        bail!("rootfs {} is empty", canon.display());
+    }
+    Ok(canon)
+}
+
+fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("deploy must run as root: it attaches loop devices, mounts and formats filesystems (try sudo)");
+    }
+    Ok(())
+}
+
+fn check_free_space(target: &Path, size: u64) -> Result<()> {
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let st = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("checking free space in {}", dir.display()))?;
+    let max_file = st.blocks() as u64 * st.fragment_size() as u64;
+    if size > max_file {
+        bail!(
+            "--size {} is larger than the filesystem holding {} ({}): choose a smaller size",
+            units::format_size(size),
+            dir.display(),
+            units::format_size(max_file)
+        );
+    }
+    Ok(())
+}
+
+/// Runs a planned deploy.
+pub fn execute(plan: &Plan) -> Result<()> {
+    match &plan.new_disk {
+        Some(new) => deploy_new(plan, new),
+        None => deploy_upgrade(plan),
+    }
+}
+
+/// First deploy: everything is built on `<target>.partial` (or on the block
+/// device) and the image appears at the target only once complete.
+fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
+    let (work_path, lock, partial) = match plan.kind {
+        TargetKind::BlockDevice => (
+            plan.target.clone(),
+            disk::lock_existing(&plan.target)?,
+            None,
+        ),
+        _ => {
+            let partial = layout::image_partial(&plan.target);
+            let (lock, file) = create_partial_image(&partial, new.size)?;
+            drop(file);
+            (partial.clone(), lock, Some(partial))
+        }
+    };
+    ui::step(format!(
+        "Creating a {} Btrfs for {} (version {})",
+        units::format_size(new.size),
+        plan.target.display(),
+        plan.label
+    ));
+    let result = (|| -> Result<()> {
+        btrfs::mkfs(&work_path, &new.fs_uuid, FS_LABEL)?;
+        let kind = if plan.kind == TargetKind::BlockDevice {
+            TargetKind::BlockDevice
+        } else {
+            TargetKind::File
+        };
+        let disk = Disk::open(&work_path, kind, false)?;
+        let outcome = build_first_version(plan, &disk.layout, &new.fs_uuid);
+        match outcome {
+            Ok(()) => disk.close(),
+            Err(e) => {
+                drop(disk);
+                Err(e)
+            }
+        }
+    })();
+    match (result, partial) {
+        (Ok(()), Some(partial)) => {
+            std::fs::File::open(&partial)?.sync_all()?;
+            std::fs::rename(&partial, &plan.target).with_context(|| {
+                format!(
+                    "renaming {} to {}",
+                    partial.display(),
+                    plan.target.display()
+                )
+            })?;
+            fsutil::fsync_dir(parent_dir(&plan.target))?;
+            drop(lock);
+            ui::step(format!(
+                "Deployed {} to {}",
+                plan.label,
+                plan.target.display()
+            ));
+            Ok(())
+        }
+        (Ok(()), None) => {
+            drop(lock);
+            ui::step(format!(
+                "Deployed {} to {}",
+                plan.label,
+                plan.target.display()
+            ));
+            Ok(())
+        }
+        (Err(e), Some(partial)) => {
+            let _ = std::fs::remove_file(&partial);
+            drop(lock);
+            Err(e)
+        }
+        (Err(e), None) => {
+            drop(lock);
+            Err(e)
+        }
+    }
+}
+
+fn parent_dir(p: &Path) -> &Path {
+    p.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Creates (or takes over a stale) `<target>.partial`, locked, sized sparse.
+fn create_partial_image(partial: &Path, size: u64) -> Result<(TargetLock, std::fs::File)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    let lock = TargetLock::acquire(file.try_clone()?, partial)?;
+    file.set_len(0)
+        .with_context(|| format!("truncating {}", partial.display()))?;
+    file.set_len(size)
+        .with_context(|| format!("sizing {}", partial.display()))?;
+    Ok((lock, file))
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
+    std::fs::create_dir_all(top.systems())?;
+    std::fs::create_dir_all(top.state())?;
+    let dir = top.partial_version(&plan.label);
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let orig = dir.join(layout::ORIG);
+    btrfs::create_subvolume(&orig)?;
+    ui::step(format!(
+        "Copying {} ({})",
+        plan.rootfs.display(),
+        units::format_size(plan.rootfs_bytes)
+    ));
+    let progress = Arc::new(copy::Progress::default());
+    let stats = {
+        let _bar = ui::Progress::start("copying", progress.clone(), plan.rootfs_bytes);
+        copy::copy_tree(
+            &plan.rootfs,
+            &orig,
+            &CopyOptions {
+                threads: 0,
+                progress: Some(progress),
+            },
+        )
+        .context("copying the rootfs")?
+    };
+    ui::detail(format!(
+        "{} files, {} directories, {} symlinks, {} written",
+        stats.files,
+        stats.dirs,
+        stats.symlinks,
+        units::format_size(stats.bytes)
+    ));
+    let mut record = finish_version(plan, top, &dir, fs_uuid, None)?;
+    record.details.insert(
+        "copy".into(),
+        serde_json::json!({
+            "files": stats.files, "dirs": stats.dirs, "symlinks": stats.symlinks,
+            "specials": stats.specials, "hardlinks": stats.hardlinks, "bytes": stats.bytes,
+        }),
+    );
+    record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
+    publish_version(plan, top, &dir, fs_uuid, true)
+}
+
+/// Adds a version next to the existing ones (design §3).
+fn deploy_upgrade(plan: &Plan) -> Result<()> {
+    let kind = plan.kind;
+    let lock = disk::lock_existing(&plan.target)?;
+    let disk = Disk::open(&plan.target, kind, false)?;
+    let result = upgrade_on(plan, &disk);
+    match result {
+        Ok(()) => {
+            disk.close()?;
+            drop(lock);
+            Ok(())
+        }
+        Err(e) => {
+            drop(disk);
+            drop(lock);
+            Err(e)
+        }
+    }
+}
+
+fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
+    let top = &disk.layout;
+    if !top.exists() {
+        bail!(
+            "{} holds a Btrfs without the btrfs-deploy layout (no systems/default): choose another target",
+            plan.target.display()
+        );
+    }
+    cleanup_partial_versions(top)?;
+    if std::fs::symlink_metadata(top.version(&plan.label)).is_ok() {
+        bail!(
+            "version {} already exists on {}: choose a new label (see `deploy list {}`)",
+            plan.label,
+            plan.target.display(),
+            plan.target.display()
+        );
+    }
+    let fs_uuid = btrfs::fs_uuid(&disk.device)?;
+    let old = versions::default_label(top)?;
+    let old_dir = top.version(&old);
+    let dir = top.partial_version(&plan.label);
+    let result = (|| -> Result<()> {
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let orig = dir.join(layout::ORIG);
+        btrfs::snapshot(&old_dir.join(layout::ORIG), &orig, false)?;
+        ui::step(format!(
+            "Syncing {} into a snapshot of {old}",
+            plan.rootfs.display()
+        ));
+        let managed = state_dirs_managed(top);
+        let progress = Arc::new(copy::Progress::default());
+        let stats = {
+            let _bar = ui::Progress::start("syncing", progress.clone(), plan.rootfs_bytes);
+            copy::sync_tree(
+                &plan.rootfs,
+                &orig,
+                &SyncOptions {
+                    checksum: plan.checksum,
+                    threads: 0,
+                    progress: Some(progress),
+                    exclude_top: managed.iter().map(Into::into).collect(),
+                },
+            )
+            .context("syncing the rootfs into the new version")?
+        };
+        ui::detail(format!(
+            "{} unchanged, {} written, {} metadata only, {} deleted, {} written",
+            stats.unchanged,
+            stats.written,
+            stats.metadata_only,
+            stats.deleted,
+            units::format_size(stats.bytes_written)
+        ));
+        let mut record = finish_version(plan, top, &dir, &fs_uuid, Some(&old))?;
+        record.details.insert("sync".into(), serde_json::json!({
+            "unchanged": stats.unchanged, "written": stats.written, "metadata_only": stats.metadata_only,
+            "deleted": stats.deleted, "bytes_written": stats.bytes_written,
+        }));
+        ui::step(format!(
+            "Carrying local /etc changes of {old} into {}",
+            plan.label
+        ));
+        let report = crate::etcmerge::merge_etc(
+            &old_dir.join(layout::ORIG).join("etc"),
+            &old_dir.join(layout::RUN).join("etc"),
+            &dir.join(layout::ORIG).join("etc"),
+            &dir.join(layout::RUN).join("etc"),
+        )
+        .context("merging /etc")?;
+        for c in &report.conflicts {
+            ui::detail(format!(
+                "CONFLICT /etc/{}: {}{}",
+                c.path,
+                c.reason,
+                c.local_copy
+                    .as_ref()
+                    .map(|l| format!(" (your version saved as /etc/{l})"))
+                    .unwrap_or_default()
+            ));
+        }
+        record
+            .details
+            .insert("etc_merge".into(), serde_json::to_value(&report)?);
+        record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        if let Err(ce) = btrfs::remove_version_dir(&dir) {
+            tracing::warn!("removing partial version {}: {ce:#}", dir.display());
+        }
+        return Err(e);
+    }
+    publish_version(plan, top, &dir, &fs_uuid, !plan.no_default)?;
+    if let Some(keep) = plan.keep {
+        prune(top, keep, &old)?;
+    }
+    Ok(())
+}
+
+/// State dirs that have a `/state` subvolume (the others are mounted from
+/// elsewhere and stay inside the version).
+fn state_dirs_managed(top: &Layout) -> Vec<String> {
+    layout::STATE_DIRS
+        .iter()
+        .filter(|d| btrfs::is_subvolume(&top.state().join(d)))
+        .map(|d| d.to_string())
+        .collect()
+}
+
+/// fstab, state, read-only orig, run snapshot, kernel files; returns the
+/// record (not yet saved).
+fn finish_version(
+    plan: &Plan,
+    top: &Layout,
+    dir: &Path,
+    fs_uuid: &str,
+    upgraded_from: Option<&str>,
+) -> Result<Deployment> {
+    let orig = dir.join(layout::ORIG);
+    ui::step("Completing etc/fstab");
+    let completion = fstab::complete_file(&orig, fs_uuid)?;
+    for mp in &completion.added {
+        ui::detail(format!("added {mp}"));
+    }
+    for d in &completion.kept_state_dirs {
+        ui::detail(format!(
+            "/{d} is mounted by an existing fstab entry: kept inside the version"
+        ));
+    }
+    let seed_from = upgraded_from.map(|_| plan.rootfs.as_path());
+    setup_state(top, &orig, &completion.kept_state_dirs, seed_from)?;
+    btrfs::set_readonly(&orig, true)?;
+    btrfs::snapshot(&orig, &dir.join(layout::RUN), false)?;
+    let (created, created_unix) = deployment::now();
+    let mut record = Deployment {
+        label: plan.label.clone(),
+        created,
+        created_unix,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        rootfs: plan.rootfs.display().to_string(),
+        kernel_args: plan.kernel_args.clone(),
+        upgraded_from: upgraded_from.map(str::to_string),
+        fstab_added: completion.added.clone(),
+        ..Default::default()
+    };
+    if let Some(boot) = &plan.boot {
+        ui::step("Installing kernel files");
+        fsutil::copy_file_synced(&boot.kernel, &dir.join(layout::KERNEL))?;
+        record.has_kernel = true;
+        record.kernel_version = boot.version.clone();
+        if let Some(i) = &boot.initramfs {
+            fsutil::copy_file_synced(i, &dir.join(layout::INITRAMFS))?;
+            record.has_initramfs = true;
+        }
+        if let Some(d) = &boot.dtb {
+            fsutil::copy_file_synced(d, &dir.join(layout::DTB))?;
+            record.has_dtb = true;
+        }
+    }
+    Ok(record)
+}
+
+/// Moves (first deploy) or seeds (upgrade, from `seed_from`, the new rootfs)
+/// the state directories.
+fn setup_state(top: &Layout, orig: &Path, kept: &[String], seed_from: Option<&Path>) -> Result<()> {
+    ui::step(if seed_from.is_some() {
+        "Seeding /state with new entries"
+    } else {
+        "Moving state directories to /state"
+    });
+    for d in layout::STATE_DIRS {
+        if kept.iter().any(|k| k == d) {
+            continue;
+        }
+        let in_version = orig.join(d);
+        let state = top.state().join(d);
+        match std::fs::symlink_metadata(&in_version) {
+            Ok(m) if m.file_type().is_symlink() => {
+                bail!(
+                "the rootfs's /{d} is a symlink ({}): state directories must be real directories",
+                std::fs::read_link(&in_version).map(|t| t.display().to_string()).unwrap_or_default()
+            )
+            }
+            Ok(m) if !m.is_dir() => bail!("the rootfs's /{d} is not a directory"),
+            Ok(_) => {}
+            Err(_) => {
+                std::fs::create_dir(&in_version)
+                    .with_context(|| format!("creating {}", in_version.display()))?;
+                let mode = if d == "root" { 0o700 } else { 0o755 };
+                std::fs::set_permissions(&in_version, std::fs::Permissions::from_mode(mode))?;
+            }
+        }
+        if let (Some(rootfs), true) = (seed_from, btrfs::is_subvolume(&state)) {
+            let src = rootfs.join(d);
+            match std::fs::symlink_metadata(&src) {
+                Ok(m) if m.file_type().is_symlink() => bail!(
+                    "the rootfs's /{d} is a symlink: state directories must be real directories"
+                ),
+                Ok(m) if m.is_dir() => {
+                    let seeded = state::seed_missing(&src, &state)
+                        .with_context(|| format!("seeding /state/{d}"))?;
+                    for s in seeded {
+                        ui::detail(format!("seeded /state/{d}/{s}"));
+                    }
+                }
+                _ => {}
+            }
+            empty_dir(&in_version)?;
+        } else {
+            if !btrfs::is_subvolume(&state) {
+                btrfs::create_subvolume(&state)?;
+            }
+            copy_dir_metadata(&in_version, &state)?;
+            copy::move_contents(
+                &in_version,
+                &state,
+                &CopyOptions {
+                    threads: 0,
+                    progress: None,
+                },
+            )
+            .with_context(|| format!("moving /{d} to /state/{d}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn empty_dir(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            copy::remove_tree(&p)?;
+        } else {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_dir_metadata(src: &Path, dst: &Path) -> Result<()> {
+    let m = std::fs::symlink_metadata(src)?;
+    std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid()))
+        .with_context(|| format!("setting owner of {}", dst.display()))?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+        .with_context(|| format!("setting mode of {}", dst.display()))?;
+    Ok(())
+}
+
+/// Renames `.partial` to the label, then writes the boot config and switches
+/// the default. The order keeps the disk bootable at every instant:
+/// 1. the version directory is complete and committed (syncfs) before
+///    anything refers to it;
+/// 2. extlinux.conf is replaced atomically (temp + fsync + rename + dir
+///    fsync) and committed: old or new config, both boot the current default;
+/// 3. the default symlink is replaced by one rename and committed: the last
+///    change, and the only one that changes what boots.
+fn publish_version(
+    plan: &Plan,
+    top: &Layout,
+    dir: &Path,
+    fs_uuid: &str,
+    make_default: bool,
+) -> Result<()> {
+    let final_dir = top.version(&plan.label);
+    std::fs::rename(dir, &final_dir)
+        .with_context(|| format!("renaming {} to {}", dir.display(), final_dir.display()))?;
+    fsutil::fsync_dir(&top.systems())?;
+    btrfs::sync_fs(&top.top)?;
+    let first = std::fs::symlink_metadata(top.default_link()).is_err();
+    let default_label = if make_default || first {
+        plan.label.clone()
+    } else {
+        versions::default_label(top)?
+    };
+    ui::step("Writing the bootloader configuration");
+    if versions::write_boot_config(top, fs_uuid, &default_label)? {
+        if !top.extlinux_dir().join("ldlinux.sys").exists() {
+            bootloader::install(top)?;
+        }
+        btrfs::sync_fs(&top.top)?;
+    } else {
+        ui::detail("no version has a kernel: no bootloader installed");
+    }
+    if make_default || first {
+        ui::step(format!("Switching the default to {}", plan.label));
+        versions::switch_default(top, &plan.label)?;
+        btrfs::sync_fs(&top.top)?;
+    }
+    Ok(())
+}
+
+/// Removes versions beyond `keep`, oldest first, never the default nor `previous`.
+fn prune(top: &Layout, keep: usize, previous: &str) -> Result<()> {
+    let all = versions::list(top)?;
+    let default = versions::default_label(top)?;
+    let mut excess = all.len().saturating_sub(keep);
+    for v in &all {
+        if excess == 0 {
+            break;
+        }
+        if v.label == default || v.label == previous {
+            continue;
+        }
+        ui::step(format!("Removing old version {} (--keep {keep})", v.label));
+        crate::commands::remove_version(top, &v.label)?;
+        excess -= 1;
+    }
+    Ok(())
+}
+
+/// Removes versions left half-written by an interrupted deploy.
+pub fn cleanup_partial_versions(top: &Layout) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(top.systems())? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.')
+            && name.ends_with(layout::PARTIAL_SUFFIX)
+            && e.file_type()?.is_dir()
+        {
+            ui::step(format!("Removing {name}, left by an interrupted deploy"));
+            btrfs::remove_version_dir(&e.path())?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,188 @@
+//! Opening a deploy target: classify it, lock it, attach a loop device for an
+//! image file, and mount the top-level subvolume in our private namespace.
+
+use crate::layout::Layout;
+use crate::lock::TargetLock;
+use crate::loopdev::LoopGuard;
+use crate::mount::MountGuard;
+use anyhow::{bail, Context, Result};
+use nix::mount::MsFlags;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// What a TARGET path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// Nothing there yet: a new image file will be created.
+    Missing,
+    /// An existing regular file (a disk image).
+    File,
+    /// A block device.
+    BlockDevice,
+}
+
+/// Classifies `target`, rejecting directories and other kinds of file.
+pub fn classify(target: &Path) -> Result<TargetKind> {
+    match std::fs::metadata(target) {
+        Ok(m) if m.is_file() => Ok(TargetKind::File),
+        Ok(m) if m.file_type().is_block_device() => Ok(TargetKind::BlockDevice),
+        Ok(m) if m.is_dir() => bail!(
+            "target {} is a directory: give a disk image file (created if missing) or a block device",
+            target.display()
+        ),
+        Ok(_) => bail!("target {} is neither a regular file nor a block device", target.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(target).is_ok() {
+                bail!("target {} is a dangling symlink", target.display());
+            }
+            let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                bail!(
+                    "cannot create {}: directory {} does not exist",
+                    target.display(),
+                    parent.display()
+                );
+            }
+            Ok(TargetKind::Missing)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading target {}", target.display())),
+    }
+}
+
+/// Locks an existing target exclusively (fails at once if another deploy holds it).
+pub fn lock_existing(target: &Path) -> Result<TargetLock> {
+    let file =
+        std::fs::File::open(target).with_context(|| format!("opening {}", target.display()))?;
+    TargetLock::acquire(file, target)
+}
+
+/// Fails when `target` is in use: a mounted block device (or one of its
+/// partitions), or an image file already attached to a loop device.
+pub fn ensure_not_in_use(target: &Path, kind: TargetKind) -> Result<()> {
+    let meta =
+        std::fs::metadata(target).with_context(|| format!("reading {}", target.display()))?;
+    match kind {
+        TargetKind::BlockDevice => {
+            let rdev = meta.rdev();
+            let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+            let name = sys_block_name(maj, min);
+            let mut devs = vec![format!("{maj}:{min}")];
+            if let Some(name) = &name {
+                // Partitions of the device.
+                if let Ok(rd) = std::fs::read_dir(format!("/sys/class/block/{name}")) {
+                    for e in rd.flatten() {
+                        if let Ok(dev) = std::fs::read_to_string(e.path().join("dev")) {
+                            if e.path().join("partition").exists() {
+                                devs.push(dev.trim().to_string());
+                            }
+                        }
+                    }
+                }
+            }
+            let mounted = crate::mount::mounted_devices();
+            if devs.iter().any(|d| mounted.contains(d)) {
+                bail!(
+                    "{} is mounted (or one of its partitions is): unmount it before deploying to it",
+                    target.display()
+                );
+            }
+        }
+        TargetKind::File => {
+            if let Some(loopdev) = attached_loop(target)? {
+                bail!(
+                    "{} is in use: it is attached to {loopdev} (detach it with `losetup -d {loopdev}` if nothing uses it)",
+                    target.display()
+                );
+            }
+        }
+        TargetKind::Missing => {}
+    }
+    Ok(())
+}
+
+fn sys_block_name(maj: u32, min: u32) -> Option<String> {
+    let link = std::fs::read_link(format!("/sys/dev/block/{maj}:{min}")).ok()?;
+    link.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// The loop device a file is attached to, if any.
+pub fn attached_loop(file: &Path) -> Result<Option<String>> {
+    let canon = file
+        .canonicalize()
+        .with_context(|| format!("resolving {}", file.display()))?;
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return Ok(None);
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if Path::new(backing.trim()) == canon {
+                return Ok(Some(format!("/dev/{name}")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A target with its top-level subvolume mounted.
+pub struct Disk {
+    /// Paths of the layout below the mount.
+    pub layout: Layout,
+    /// The block device the filesystem is on (loop device for images).
+    pub device: PathBuf,
+    read_only: bool,
+    mount: Option<MountGuard>,
+    loopdev: Option<LoopGuard>,
+}
+
+impl Disk {
+    /// Attaches (for files) and mounts the top-level subvolume of `target`.
+    /// The caller holds the target lock and has entered the private namespace.
+    pub fn open(target: &Path, kind: TargetKind, read_only: bool) -> Result<Disk> {
+        let (device, loopdev) = match kind {
+            TargetKind::BlockDevice => (target.to_path_buf(), None),
+            _ => {
+                let guard = LoopGuard::attach(target, read_only)?;
+                (guard.path().to_path_buf(), Some(guard))
+            }
+        };
+        let mut flags = MsFlags::MS_NOATIME;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let mount = MountGuard::mount_temp(&device, "btrfs", flags, "subvolid=5")
+            .with_context(|| format!("mounting the Btrfs on {}", target.display()))?;
+        Ok(Disk {
+            layout: Layout::new(mount.path()),
+            device,
+            read_only,
+            mount: Some(mount),
+            loopdev,
+        })
+    }
+
+    /// Commits, unmounts and detaches, reporting any failure.
+    pub fn close(mut self) -> Result<()> {
+        if !self.read_only {
+            crate::btrfs::sync_fs(&self.layout.top)?;
+        }
+        if let Some(m) = self.mount.take() {
+            m.close()?;
+        }
+        if let Some(l) = self.loopdev.take() {
+            l.close()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        // Order matters: unmount before the loop device goes.
+        drop(self.mount.take());
+        drop(self.loopdev.take());
+    }
+}

@@ -1,0 +1,566 @@
+//! Completing a version's `etc/fstab` (design §1, "fstab completion").
+//!
+//! Existing lines are kept byte for byte and always win. Missing entries for
+//! `/` and for the state directories are appended after one comment line, so
+//! completing twice adds nothing the second time.
+
+use crate::rootpath;
+use anyhow::{bail, Context, Result};
+use std::fs::{self, OpenOptions, Permissions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Directories whose content lives in the shared `/state/<dir>` subvolumes.
+pub const STATE_DIRS: [&str; 5] = ["home", "root", "opt", "srv", "var"];
+
+/// The comment line written before the entries this tool adds.
+pub const ADDED_COMMENT: &str = "# Added by btrfs-deploy";
+
+/// Mount options of the added `/` entry (also used for state subvolumes).
+const MOUNT_OPTIONS: &str = "defaults,rw,noatime";
+
+/// Mode of an `etc/fstab` this tool creates.
+const FSTAB_MODE: u32 = 0o644;
+
+/// Result of completing an fstab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The complete fstab: the original text, verbatim, plus added lines.
+    pub content: String,
+    /// Mount points added, in order (`/`, `/home`, ...); empty if none.
+    pub added: Vec<String>,
+    /// State directories (`"srv"`, without slash) that an existing entry
+    /// already mounts: they get no `/state` subvolume and keep their content.
+    pub kept_state_dirs: Vec<String>,
+}
+
+/// The mount points of the entries in `content`, decoded (`\040` is a space)
+/// and normalised (`/home/` and `//home` are `/home`), in file order without
+/// duplicates. Comments, blank lines, swap entries and entries whose mount
+/// point is not an absolute path (`none`, `swap`) are skipped.
+pub fn mount_points(content: &str) -> Vec<String> {
+    let mut points: Vec<String> = Vec::new();
+    for line in content.lines() {
+        if let Some(point) = entry_mount_point(line) {
+            if !points.contains(&point) {
+                points.push(point);
+            }
+        }
+    }
+    points
+}
+
+/// The normalised mount point of one fstab line, if it is an entry that
+/// mounts something on an absolute path.
+fn entry_mount_point(line: &str) -> Option<String> {
+    let trimmed = line.trim_start();
+    if trimmed.is_empty() || trimmed.starts_with('#') {
+        return None;
+    }
+    let mut fields = trimmed.split_whitespace();
+    let _spec = fields.next()?;
+    let point = decode_octal(fields.next()?);
+    if fields.next() == Some("swap") || !point.starts_with('/') {
+        return None;
+    }
+    Some(normalize_mount_point(&point))
+}
+
+/// Decodes fstab's octal escapes (`\040` space, `\011` tab, `\012` newline,
+/// `\134` backslash): a backslash followed by three octal digits. Anything
+/// else is kept as written.
+fn decode_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = bytes.get(i + 1..i + 4).filter(|d| {
+            bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)) && d[0] <= b'3'
+        });
+        match escape {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `/home/`, `//home`, `/./home` → `/home`; `/` and `//` → `/`.
+fn normalize_mount_point(point: &str) -> String {
+    let parts: Vec<&str> = point
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
+/// Completes `content` per design §1: adds `/` when no entry mounts `/`, and
+/// `/<dir>` on `subvol=/state/<dir>` for each state directory no entry mounts,
+/// after one [`ADDED_COMMENT`] line. Nothing is added (and the content is
+/// returned unchanged) when everything is already mounted.
+pub fn complete(content: &str, fs_uuid: &str) -> Completion {
+    let existing = mount_points(content);
+    let mounted = |point: &str| existing.iter().any(|p| p == point);
+    let mut added = Vec::new();
+    let mut lines = Vec::new();
+    if !mounted("/") {
+        added.push("/".to_string());
+        lines.push(format!("UUID={fs_uuid} / btrfs {MOUNT_OPTIONS} 0 1"));
+    }
+    let mut kept_state_dirs = Vec::new();
+    for dir in STATE_DIRS {
+        if mounted(&format!("/{dir}")) {
+            kept_state_dirs.push(dir.to_string());
+        } else {
+            added.push(format!("/{dir}"));
+            lines.push(format!(
+                "UUID={fs_uuid} /{dir} btrfs subvol=/state/{dir},{MOUNT_OPTIONS} 0 2"
+            ));
+        }
+    }
+    Completion {
+        content: append_lines(content, &lines),
+        added,
+        kept_state_dirs,
+    }
+}
+
+/// `content` followed by the comment and `lines`, each ending in a newline
+/// (a missing final newline of `content` is added first).
+fn append_lines(content: &str, lines: &[String]) -> String {
+    let mut out = content.to_string();
+    if lines.is_empty() {
+        return out;
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(ADDED_COMMENT);
+    out.push('\n');
+    for line in lines {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Completes `etc/fstab` inside `tree` (a root tree, possibly hostile) and
+/// writes it back when something was added.
+///
+/// - missing: created (with `etc/` if needed), mode 0644;
+/// - regular file: rewritten in place (owner, mode and xattrs kept);
+/// - symlink: resolved inside `tree` (never on the host); if it leads to a
+///   regular file inside the tree, the link is replaced by a regular file
+///   (mode 0644) holding that file's content plus the added lines, so that no
+///   other file is ever written through the link; a dangling link or one
+///   leading to something else than a regular file is an error.
+///
+/// Nothing is written when nothing needs adding.
+pub fn complete_file(tree: &Path, fs_uuid: &str) -> Result<Completion> {
+    let etc = etc_dir(tree)?;
+    let fstab = etc.join("fstab");
+    let meta = match fs::symlink_metadata(&fstab) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", fstab.display())),
+    };
+    match meta {
+        None => {
+            let completion = complete("", fs_uuid);
+            write_new(&fstab, &completion.content)?;
+            Ok(completion)
+        }
+        Some(m) if m.file_type().is_symlink() => complete_symlink(tree, &fstab, fs_uuid),
+        Some(m) if m.is_file() => {
+            let completion = complete(&read_text(&fstab)?, fs_uuid);
+            if !completion.added.is_empty() {
+                rewrite(&fstab, &completion.content)?;
+            }
+            Ok(completion)
+        }
+        Some(_) => bail!(
+            "{} is neither a regular file nor a symlink; cannot complete it",
+            fstab.display()
+        ),
+    }
+}
+
+/// The host path of the tree's `etc` directory (symlinks resolved inside the
+/// tree), created with mode 0755 when missing.
+fn etc_dir(tree: &Path) -> Result<PathBuf> {
+    if let Some(etc) = rootpath::try_resolve_in_root(tree, Path::new("etc"))? {
+        if !etc.is_dir() {
+            bail!("{} is not a directory", etc.display());
+        }
+        return Ok(etc);
+    }
+    let etc = tree.join("etc");
+    if fs::symlink_metadata(&etc).is_ok() {
+        bail!(
+            "{} is a symlink that leads nowhere inside {}; cannot write etc/fstab",
+            etc.display(),
+            tree.display()
+        );
+    }
+    fs::create_dir(&etc).with_context(|| format!("creating {}", etc.display()))?;
+    fs::set_permissions(&etc, Permissions::from_mode(0o755))
+        .with_context(|| format!("setting the mode of {}", etc.display()))?;
+    Ok(etc)
+}
+
+/// Completes an `etc/fstab` that is a symlink (see [`complete_file`]).
+fn complete_symlink(tree: &Path, link: &Path, fs_uuid: &str) -> Result<Completion> {
+    let target = fs::read_link(link).with_context(|| format!("reading link {}", link.display()))?;
+    let resolved = rootpath::try_resolve_in_root(tree, Path::new("etc/fstab"))?;
+    let Some(resolved) = resolved.filter(|p| p.is_file()) else {
+        bail!(
+            "{} is a symlink to {}, which is not a regular file inside {} \
+             (symlinks are resolved inside the tree, never on the host); \
+             replace it with a regular file or remove it",
+            link.display(),
+            target.display(),
+            tree.display()
+        );
+    };
+    let completion = complete(&read_text(&resolved)?, fs_uuid);
+    if !completion.added.is_empty() {
+        fs::remove_file(link).with_context(|| format!("removing link {}", link.display()))?;
+        write_new(link, &completion.content)?;
+    }
+    Ok(completion)
+}
+
+/// Reads a text file, refusing content that is not UTF-8.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    String::from_utf8(bytes).with_context(|| format!("{} is not valid UTF-8", path.display()))
+}
+
+/// Creates `path` (which must not exist, not even as a link) with mode 0644.
+fn write_new(path: &Path, content: &str) -> Result<()> {
+    let ctx = || format!("creating {}", path.display());
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FSTAB_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(ctx)?;
+    file.set_permissions(Permissions::from_mode(FSTAB_MODE))
+        .with_context(ctx)?;
+    file.write_all(content.as_bytes()).with_context(ctx)?;
+    file.sync_all().with_context(ctx)
+}
+
+/// Replaces the content of the existing regular file `path` (not a link).
+fn rewrite(path: &Path, content: &str) -> Result<()> {
+    let ctx = || format!("writing {}", path.display());
+    let mut file = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(ctx)?;
+    file.write_all(content.as_bytes()).with_context(ctx)?;
+    file.sync_all().with_context(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use tempfile::TempDir;
+
+    const UUID: &str = "0a1b2c3d-1111-2222-3333-444455556666";
+
+    fn root_line() -> String {
+        format!("UUID={UUID} / btrfs defaults,rw,noatime 0 1")
+    }
+
+    fn state_line(dir: &str) -> String {
+        format!("UUID={UUID} /{dir} btrfs subvol=/state/{dir},defaults,rw,noatime 0 2")
+    }
+
+    fn full_addition() -> String {
+        let mut s = format!("{ADDED_COMMENT}\n{}\n", root_line());
+        for dir in STATE_DIRS {
+            s.push_str(&state_line(dir));
+            s.push('\n');
+        }
+        s
+    }
+
+    #[test]
+    fn empty_gets_everything() {
+        let c = complete("", UUID);
+        assert_eq!(c.content, full_addition());
+        assert_eq!(c.added, ["/", "/home", "/root", "/opt", "/srv", "/var"]);
+        assert!(c.kept_state_dirs.is_empty());
+    }
+
+    #[test]
+    fn existing_lines_kept_verbatim() {
+        let original = "# /etc/fstab: static file system information.\n\
+                        #\n\
+                        \n\
+                        proc\t/proc\tproc\tdefaults\t0\t0\n   \n\t# indented comment /home\n";
+        let c = complete(original, UUID);
+        assert!(c.content.starts_with(original));
+        assert_eq!(&c.content[original.len()..], full_addition());
+    }
+
+    #[test]
+    fn missing_final_newline() {
+        let original = "proc /proc proc defaults 0 0";
+        let c = complete(original, UUID);
+        assert_eq!(c.content, format!("{original}\n{}", full_addition()));
+    }
+
+    #[test]
+    fn idempotent() {
+        let first = complete("proc /proc proc defaults 0 0\n", UUID);
+        let second = complete(&first.content, UUID);
+        assert_eq!(second.content, first.content);
+        assert!(second.added.is_empty());
+        assert_eq!(second.kept_state_dirs, STATE_DIRS);
+        assert_eq!(second.content.matches(ADDED_COMMENT).count(), 1);
+        // A different UUID does not add anything either: entries win.
+        assert_eq!(complete(&first.content, "other").content, first.content);
+    }
+
+    #[test]
+    fn root_present_not_added() {
+        let original = "/dev/sda1 / ext4 errors=remount-ro 0 1\n";
+        let c = complete(original, UUID);
+        assert_eq!(c.added, ["/home", "/root", "/opt", "/srv", "/var"]);
+        assert!(!c.content.contains(&root_line()));
+        assert!(c.content.contains(&state_line("home")));
+    }
+
+    #[test]
+    fn state_dir_mounted_elsewhere_is_kept() {
+        let original = "LABEL=data\t/srv\text4\tdefaults\t0\t2\n";
+        let c = complete(original, UUID);
+        assert_eq!(c.kept_state_dirs, ["srv"]);
+        assert!(!c.added.contains(&"/srv".to_string()));
+        assert!(!c.content.contains("subvol=/state/srv"));
+        assert!(c.content.contains(&state_line("var")));
+    }
+
+    #[test]
+    fn trailing_slash_and_double_slash() {
+        let original = "tmpfs /home/ tmpfs defaults 0 0\ntmpfs //opt tmpfs defaults 0 0\n";
+        let c = complete(original, UUID);
+        assert_eq!(c.kept_state_dirs, ["home", "opt"]);
+        assert_eq!(mount_points(original), ["/home", "/opt"]);
+        assert_eq!(mount_points("/dev/x // ext4 defaults 0 1"), ["/"]);
+    }
+
+    #[test]
+    fn octal_escapes_decoded() {
+        let original = "/dev/sdb1 /mnt/my\\040disk ext4 defaults 0 2\n\
+                        /dev/sdb2 /a\\011b\\134c ext4 defaults 0 2\n\
+                        /dev/sdb3 /v\\141r ext4 defaults 0 2\n\
+                        /dev/sdb4 /x\\9 ext4 defaults 0 2\n";
+        assert_eq!(
+            mount_points(original),
+            ["/mnt/my disk", "/a\tb\\c", "/var", "/x\\9"]
+        );
+        let c = complete(original, UUID);
+        assert_eq!(c.kept_state_dirs, ["var"]);
+        assert!(c.content.starts_with(original));
+    }
+
+    #[test]
+    fn swap_and_none_ignored_but_kept() {
+        let original = "/dev/sda2 none swap sw 0 0\n/swapfile swap swap defaults 0 0\n\
+                        /dev/sda3 /var swap sw 0 0\n";
+        assert!(mount_points(original).is_empty());
+        let c = complete(original, UUID);
+        assert!(c.content.starts_with(original));
+        assert_eq!(c.added.len(), 6);
+    }
+
+    #[test]
+    fn comments_do_not_count() {
+        let original = "#UUID=x / btrfs defaults 0 1\n  # /home\n#/var x y\n";
+        assert!(mount_points(original).is_empty());
+        assert_eq!(complete(original, UUID).added.len(), 6);
+    }
+
+    #[test]
+    fn one_field_line_ignored() {
+        assert!(mount_points("garbage\n").is_empty());
+    }
+
+    #[test]
+    fn everything_mounted_adds_no_comment() {
+        let original = "a / ext4 d 0 1\nb /home ext4 d 0 2\nc /root ext4 d 0 2\n\
+                        d /opt ext4 d 0 2\ne /srv ext4 d 0 2\nf /var ext4 d 0 2";
+        let c = complete(original, UUID);
+        assert_eq!(c.content, original); // not even a newline is added
+        assert!(c.added.is_empty());
+    }
+
+    fn tree() -> TempDir {
+        TempDir::new().unwrap()
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn file_missing_is_created() {
+        let t = tree();
+        let c = complete_file(t.path(), UUID).unwrap();
+        let path = t.path().join("etc/fstab");
+        assert_eq!(fs::read_to_string(&path).unwrap(), full_addition());
+        assert_eq!(c.content, full_addition());
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(mode(&t.path().join("etc")), 0o755);
+        // Second run: nothing added, file unchanged.
+        let again = complete_file(t.path(), UUID).unwrap();
+        assert!(again.added.is_empty());
+        assert_eq!(fs::read_to_string(&path).unwrap(), full_addition());
+    }
+
+    #[test]
+    fn file_regular_rewritten_in_place() {
+        let t = tree();
+        fs::create_dir(t.path().join("etc")).unwrap();
+        let path = t.path().join("etc/fstab");
+        fs::write(&path, "proc /proc proc defaults 0 0").unwrap();
+        fs::set_permissions(&path, Permissions::from_mode(0o600)).unwrap();
+        let c = complete_file(t.path(), UUID).unwrap();
+        let want = format!("proc /proc proc defaults 0 0\n{}", full_addition());
+        assert_eq!(fs::read_to_string(&path).unwrap(), want);
+        assert_eq!(c.content, want);
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn file_symlink_absolute_resolved_in_tree() {
+        let t = tree();
+        let r = t.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::create_dir_all(r.join("usr/share")).unwrap();
+        fs::write(r.join("usr/share/fstab"), "proc /proc proc defaults 0 0\n").unwrap();
+        symlink("/usr/share/fstab", r.join("etc/fstab")).unwrap();
+        let c = complete_file(r, UUID).unwrap();
+        let link = r.join("etc/fstab");
+        assert!(
+            fs::symlink_metadata(&link).unwrap().is_file(),
+            "link replaced"
+        );
+        assert_eq!(mode(&link), 0o644);
+        let want = format!("proc /proc proc defaults 0 0\n{}", full_addition());
+        assert_eq!(fs::read_to_string(&link).unwrap(), want);
+        assert_eq!(c.content, want);
+        // The link's target is left alone.
+        assert_eq!(
+            fs::read_to_string(r.join("usr/share/fstab")).unwrap(),
+            "proc /proc proc defaults 0 0\n"
+        );
+    }
+
+    #[test]
+    fn file_symlink_escaping_clamped_to_tree() {
+        let t = tree();
+        let r = t.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(r.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        symlink("../../../../../../../../etc/passwd", r.join("etc/fstab")).unwrap();
+        let c = complete_file(r, UUID).unwrap();
+        // The tree's own passwd was the content; the host's never is.
+        assert!(c.content.starts_with("root:x:0:0::/root:/bin/sh\n"));
+        assert_eq!(
+            fs::read_to_string(r.join("etc/passwd")).unwrap(),
+            "root:x:0:0::/root:/bin/sh\n"
+        );
+    }
+
+    #[test]
+    fn file_symlink_to_host_file_is_error() {
+        let t = tree();
+        let r = t.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        // /etc/hostname exists on the host but not in the tree.
+        symlink("/etc/hostname", r.join("etc/fstab")).unwrap();
+        let err = format!("{:#}", complete_file(r, UUID).unwrap_err());
+        assert!(err.contains("/etc/hostname"), "{err}");
+        assert!(err.contains("not a regular file inside"), "{err}");
+        assert!(fs::symlink_metadata(r.join("etc/fstab"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn file_symlink_dangling_is_error() {
+        let t = tree();
+        let r = t.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        symlink("nowhere", r.join("etc/fstab")).unwrap();
+        assert!(complete_file(r, UUID).is_err());
+        symlink("/", r.join("etc/dirlink")).unwrap();
+        fs::remove_file(r.join("etc/fstab")).unwrap();
+        symlink("dirlink", r.join("etc/fstab")).unwrap();
+        assert!(
+            complete_file(r, UUID).is_err(),
+            "a directory is not an fstab"
+        );
+    }
+
+    #[test]
+    fn file_symlink_complete_not_touched() {
+        let t = tree();
+        let r = t.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        let full = complete("", UUID).content;
+        fs::write(r.join("etc/fstab.real"), &full).unwrap();
+        symlink("fstab.real", r.join("etc/fstab")).unwrap();
+        let c = complete_file(r, UUID).unwrap();
+        assert!(c.added.is_empty());
+        assert!(fs::symlink_metadata(r.join("etc/fstab"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn etc_symlink_resolved_in_tree() {
+        let t = tree();
+        let r = t.path();
+        fs::create_dir_all(r.join("usr/etc")).unwrap();
+        symlink("/usr/etc", r.join("etc")).unwrap();
+        complete_file(r, UUID).unwrap();
+        assert_eq!(
+            fs::read_to_string(r.join("usr/etc/fstab")).unwrap(),
+            full_addition()
+        );
+        // etc -> / on the host would be the host's /etc/fstab: here it is the tree.
+        let t2 = tree();
+        symlink("/", t2.path().join("etc")).unwrap();
+        complete_file(t2.path(), UUID).unwrap();
+        assert_eq!(
+            fs::read_to_string(t2.path().join("fstab")).unwrap(),
+            full_addition()
+        );
+    }
+
+    #[test]
+    fn etc_dangling_symlink_is_error() {
+        let t = tree();
+        symlink("/nonexistent-dir", t.path().join("etc")).unwrap();
+        let err = format!("{:#}", complete_file(t.path(), UUID).unwrap_err());
+        assert!(err.contains("leads nowhere"), "{err}");
+    }
+}

@@ -1,0 +1,70 @@
+//! btrfs-deploy: write a Linux root filesystem onto a disk with a versioned
+//! Btrfs layout, add versions, switch and roll back atomically, boot-test.
+
+pub mod bootloader;
+// pub mod boottest;
+pub mod btrfs;
+pub mod cli;
+pub mod cmd;
+pub mod commands;
+pub mod copy;
+pub mod deploy;
+pub mod deployment;
+pub mod disk;
+pub mod etcmerge;
+pub mod fstab;
+pub mod fsutil;
+pub mod kernel;
+pub mod layout;
+pub mod lock;
+pub mod loopdev;
+pub mod mount;
+pub mod rootpath;
+pub mod state;
+pub mod ui;
+pub mod units;
+pub mod versions;
+
+use anyhow::Result;
+use cli::{Cli, Command};
+
+/// A mistake in how the command was called (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    ui::set_level(if cli.quiet {
+        0
+    } else if cli.verbose {
+        2
+    } else {
+        1
+    });
+    match cli.command {
+        None => {
+            let plan = deploy::plan(&cli.deploy)?;
+            mount::enter_private_namespace()?;
+            deploy::execute(&plan)
+        }
+        Some(Command::List { target, json }) => {
+            mount::enter_private_namespace()?;
+            commands::list(&target, json)
+        }
+        Some(Command::SetDefault { label, target }) => {
+            mount::enter_private_namespace()?;
+            commands::set_default(&label, &target)
+        }
+        Some(Command::Remove { label, target }) => {
+            mount::enter_private_namespace()?;
+            commands::remove(&label, &target)
+        }
+        Some(Command::Cleanup { target }) => {
+            mount::enter_private_namespace()?;
+            commands::cleanup(&target)
+        }
+        Some(Command::BootTest(_args)) => anyhow::bail!("boot-test not wired yet"),
+        Some(Command::Extensions { .. }) => anyhow::bail!("extensions are not available yet"),
+    }
+}

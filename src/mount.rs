@@ -1,0 +1,197 @@
+//! Mounts, always inside this process's private mount namespace: nothing we
+//! mount is visible on the host, and all of it disappears when we exit, even
+//! on `kill -9`.
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static IN_PRIVATE_NS: AtomicBool = AtomicBool::new(false);
+
+/// Moves this process into a new mount namespace whose mounts do not
+/// propagate to the host. Must run before any thread is started.
+pub fn enter_private_namespace() -> Result<()> {
+    if IN_PRIVATE_NS.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    unshare(CloneFlags::CLONE_NEWNS).context("creating a private mount namespace (unshare)")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / a private mount in the new namespace")?;
+    IN_PRIVATE_NS.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// A mounted filesystem on a temporary directory; unmounted (and the
+/// directory removed) by [`MountGuard::close`], or best effort on drop.
+pub struct MountGuard {
+    target: PathBuf,
+    mounted: bool,
+    remove_dir: bool,
+}
+
+impl MountGuard {
+    /// Mounts `device` (type `fstype`, options `data`) on a fresh temporary directory.
+    pub fn mount_temp(
+        device: &Path,
+        fstype: &str,
+        flags: MsFlags,
+        data: &str,
+    ) -> Result<MountGuard> {
+        let dir = tempfile::Builder::new()
+            .prefix("btrfs-deploy.")
+            .tempdir()
+            .context("creating a temporary mount point")?
+            .keep();
+        let mut guard = MountGuard {
+            target: dir,
+            mounted: false,
+            remove_dir: true,
+        };
+        guard.mount(device, fstype, flags, data)?;
+        Ok(guard)
+    }
+
+    /// Mounts on an existing directory `target` (which is left in place afterwards).
+    pub fn mount_at(
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<MountGuard> {
+        mount(source, target, fstype, flags, data).with_context(|| {
+            format!(
+                "mounting {} on {}",
+                source
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_else(|| fstype.unwrap_or("none").to_string()),
+                target.display()
+            )
+        })?;
+        Ok(MountGuard {
+            target: target.to_path_buf(),
+            mounted: true,
+            remove_dir: false,
+        })
+    }
+
+    fn mount(&mut self, device: &Path, fstype: &str, flags: MsFlags, data: &str) -> Result<()> {
+        mount(Some(device), &self.target, Some(fstype), flags, Some(data)).with_context(|| {
+            format!(
+                "mounting {} ({fstype}, {data}) on {}",
+                device.display(),
+                self.target.display()
+            )
+        })?;
+        self.mounted = true;
+        Ok(())
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    /// Unmounts and removes the temporary directory.
+    pub fn close(mut self) -> Result<()> {
+        self.unmount(MntFlags::empty())
+    }
+
+    fn unmount(&mut self, flags: MntFlags) -> Result<()> {
+        if self.mounted {
+            umount2(&self.target, flags)
+                .with_context(|| format!("unmounting {}", self.target.display()))?;
+            self.mounted = false;
+        }
+        if self.remove_dir {
+            // Only ever an empty directory: never reached while mounted.
+            std::fs::remove_dir(&self.target)
+                .with_context(|| format!("removing mount point {}", self.target.display()))?;
+            self.remove_dir = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if self.mounted {
+            if let Err(e) = self.unmount(MntFlags::empty()) {
+                tracing::debug!("{e:#}; detaching lazily");
+                let _ = self.unmount(MntFlags::MNT_DETACH);
+            }
+        } else if let Err(e) = self.unmount(MntFlags::empty()) {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// True when `path` is a mount point in this namespace.
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| {
+            s.lines().any(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .map(|mp| Path::new(&unescape_mount(mp)) == canon)
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Devices (`major:minor`) mounted anywhere on the host, from the initial
+/// namespace's view (`/proc/1/mountinfo`), falling back to ours.
+pub fn mounted_devices() -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/1/mountinfo")
+        .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(2).map(str::to_string))
+        .collect()
+}
+
+/// Decodes the octal escapes of /proc mount tables.
+pub fn unescape_mount(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape_mount("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount("/plain"), "/plain");
+    }
+}

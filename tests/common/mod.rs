@@ -1,0 +1,331 @@
+//! Shared helpers for the integration tests: they run the real `deploy`
+//! binary as root on real images, loop devices and Btrfs.
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `deploy` binary under test.
+pub fn deploy() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deploy"));
+    c.env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    c
+}
+
+/// Runs `deploy` with `args`, returning the output.
+pub fn run(args: &[&str]) -> Output {
+    let out = deploy().args(args).output().expect("running deploy");
+    eprintln!(
+        "deploy {}\n--- status {:?}\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `deploy` and asserts success.
+pub fn run_ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "deploy {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `deploy`, asserts exit status `code` and that stderr contains every `needle`.
+pub fn run_fails(args: &[&str], code: i32, needles: &[&str]) -> String {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "deploy {args:?}: wrong exit status; stderr:\n{stderr}"
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "deploy {args:?}: stderr lacks {n:?}:\n{stderr}"
+        );
+    }
+    stderr
+}
+
+/// Path of the tiny bootable system built by scripts/build-tiny-system.sh.
+pub fn tiny_rootfs() -> PathBuf {
+    let p = std::env::var_os("DEPLOY_TINY_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/tiny/rootfs"));
+    assert!(
+        p.join("sbin/init").exists(),
+        "tiny test system missing at {}: run `make fixture` (scripts/build-tiny-system.sh .cache)",
+        p.display()
+    );
+    p
+}
+
+/// Runs a shell command, asserting success; returns stdout.
+pub fn sh(script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn write(path: &Path, content: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn lchown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+}
+
+pub fn mknod(path: &Path, mode: u32, dev: u64) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid C string.
+    let rc = unsafe { libc::mknod(c.as_ptr(), mode, dev as libc::dev_t) };
+    assert_eq!(
+        rc,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+pub fn setxattr(path: &Path, name: &str, value: &[u8]) {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid pointers and lengths.
+    let rc = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+pub fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid pointers and lengths.
+    let rc = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if rc < 0 {
+        return None;
+    }
+    buf.truncate(rc as usize);
+    Some(buf)
+}
+
+/// Kernel version used by the synthetic rootfs.
+pub const FAKE_KVER: &str = "6.1.0-99-test";
+
+/// A synthetic rootfs with every kind of entry design §4 lists, a fake
+/// Debian-style kernel, and content in every state directory.
+pub fn make_rootfs(root: &Path) {
+    std::fs::create_dir_all(root).unwrap();
+    chmod(root, 0o755);
+    write(
+        &root.join(format!("boot/vmlinuz-{FAKE_KVER}")),
+        b"not really a kernel\n",
+    );
+    write(
+        &root.join(format!("boot/initrd.img-{FAKE_KVER}")),
+        b"not really an initramfs\n",
+    );
+    symlink(format!("boot/vmlinuz-{FAKE_KVER}"), root.join("vmlinuz")).unwrap();
+    symlink(
+        format!("boot/initrd.img-{FAKE_KVER}"),
+        root.join("initrd.img"),
+    )
+    .unwrap();
+    write(
+        &root.join("etc/fstab"),
+        b"# /etc/fstab: static file system information.\n",
+    );
+    write(&root.join("etc/hostname"), b"synthetic\n");
+    write(
+        &root.join("etc/passwd"),
+        b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+    );
+    write(&root.join("usr/bin/tool"), &vec![7u8; 100_000]);
+    write(&root.join("usr/bin/suid"), b"#!/bin/sh\n");
+    chmod(&root.join("usr/bin/suid"), 0o4755);
+    write(&root.join("usr/bin/sgid"), b"#!/bin/sh\n");
+    lchown(&root.join("usr/bin/sgid"), 0, 42);
+    chmod(&root.join("usr/bin/sgid"), 0o2755);
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    chmod(&root.join("tmp"), 0o1777);
+    write(&root.join("usr/bin/ping"), b"ping");
+    setxattr(
+        &root.join("usr/bin/ping"),
+        "security.capability",
+        &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    );
+    setxattr(&root.join("usr/bin/ping"), "user.note", b"hello");
+    std::fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool-alias")).unwrap();
+    symlink("/usr/bin/tool", root.join("usr/bin/abs-link")).unwrap();
+    symlink("../../nonexistent", root.join("usr/bin/dangling")).unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    mknod(
+        &root.join("dev/null"),
+        libc::S_IFCHR | 0o666,
+        libc::makedev(1, 3),
+    );
+    mknod(
+        &root.join("dev/sda"),
+        libc::S_IFBLK | 0o660,
+        libc::makedev(8, 0),
+    );
+    mknod(&root.join("run-fifo"), libc::S_IFIFO | 0o600, 0);
+    std::fs::create_dir_all(root.join("empty/dir")).unwrap();
+    let sparse = std::fs::File::create(root.join("usr/sparse.img")).unwrap();
+    sparse.set_len(64 << 20).unwrap();
+    use std::io::{Seek, SeekFrom, Write};
+    let mut s = sparse;
+    s.seek(SeekFrom::Start(32 << 20)).unwrap();
+    s.write_all(b"middle").unwrap();
+    write(&root.join("home/user/notes.txt"), b"user data\n");
+    lchown(&root.join("home/user/notes.txt"), 1000, 1000);
+    lchown(&root.join("home/user"), 1000, 1000);
+    chmod(&root.join("home/user"), 0o750);
+    write(&root.join("root/.profile"), b"# root profile\n");
+    chmod(&root.join("root"), 0o700);
+    write(&root.join("var/lib/app/state"), b"var state\n");
+    write(&root.join("srv/www/index.html"), b"<h1>srv</h1>\n");
+    write(&root.join("opt/vendor/README"), b"opt\n");
+    // Timestamps that a copy must preserve.
+    sh(&format!(
+        "touch -h -d '2001-02-03 04:05:06.123456789' {}/usr/bin/tool {}/usr/bin/abs-link",
+        root.display(),
+        root.display()
+    ));
+}
+
+/// A read-only mount of an image's top-level subvolume, for inspection.
+pub struct Inspect {
+    pub dir: tempfile::TempDir,
+    pub loopdev: String,
+}
+
+impl Inspect {
+    pub fn open(image: &Path) -> Inspect {
+        let loopdev = sh(&format!(
+            "losetup --find --show --read-only {}",
+            image.display()
+        ))
+        .trim()
+        .to_string();
+        let dir = tempfile::tempdir().unwrap();
+        sh(&format!(
+            "mount -o ro,subvolid=5 {loopdev} {}",
+            dir.path().display()
+        ));
+        Inspect { dir, loopdev }
+    }
+    pub fn top(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for Inspect {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loopdev)
+            .status();
+    }
+}
+
+/// Loop devices backed by `file`.
+pub fn loops_of(file: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .arg("-j")
+        .arg(file)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Asserts nothing of a deploy is left: no loop device on the image or its
+/// .partial, no mount of a btrfs-deploy temp dir, and (unless allowed) no .partial.
+pub fn assert_no_leftovers(image: &Path, partial_allowed: bool) {
+    let partial = PathBuf::from(format!("{}.partial", image.display()));
+    for _ in 0..20 {
+        if loops_of(image).is_empty() && loops_of(&partial).is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        loops_of(image).is_empty(),
+        "loop device left on {}: {:?}",
+        image.display(),
+        loops_of(image)
+    );
+    assert!(
+        loops_of(&partial).is_empty(),
+        "loop device left on {}",
+        partial.display()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains("btrfs-deploy."),
+        "a btrfs-deploy mount is left:\n{mounts}"
+    );
+    if !partial_allowed {
+        assert!(!partial.exists(), "{} left behind", partial.display());
+    }
+}
+
+/// Filesystem UUID of an image.
+pub fn fs_uuid(image: &Path) -> String {
+    sh(&format!("blkid -p -o value -s UUID {}", image.display()))
+        .trim()
+        .to_string()
+}
+
+/// Numeric (uid, gid, mode) of a path, not following symlinks.
+pub fn owner_mode(p: &Path) -> (u32, u32, u32) {
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.uid(), m.gid(), m.mode())
+}

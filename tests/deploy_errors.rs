@@ -1,0 +1,238 @@
+//! Integration: bad input gets one clear error, exit 1 (2 for usage), and
+//! leaves nothing behind: no image, no .partial, no mount, no loop device.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn setup() -> (tempfile::TempDir, String, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = tmp.path().join("rootfs");
+    make_rootfs(&rootfs);
+    let img = tmp.path().join("disk.img");
+    let (r, i) = (
+        rootfs.to_str().unwrap().to_string(),
+        img.to_str().unwrap().to_string(),
+    );
+    (tmp, r, i)
+}
+
+fn assert_untouched(img: &str) {
+    assert!(!Path::new(img).exists(), "{img} was created");
+    assert_no_leftovers(Path::new(img), false);
+}
+
+#[test]
+fn missing_rootfs() {
+    let (tmp, _, img) = setup();
+    let missing = tmp.path().join("nope");
+    run_fails(
+        &["--rootfs", missing.to_str().unwrap(), &img],
+        1,
+        &["rootfs", "nope", "does not exist"],
+    );
+    assert_untouched(&img);
+}
+
+#[test]
+fn rootfs_is_a_file() {
+    let (tmp, _, img) = setup();
+    let f = tmp.path().join("file");
+    write(&f, b"x");
+    run_fails(
+        &["--rootfs", f.to_str().unwrap(), &img],
+        1,
+        &["not a directory"],
+    );
+    assert_untouched(&img);
+}
+
+#[test]
+fn empty_rootfs() {
+    let (tmp, _, img) = setup();
+    let e = tmp.path().join("empty");
+    std::fs::create_dir(&e).unwrap();
+    run_fails(&["--rootfs", e.to_str().unwrap(), &img], 1, &["is empty"]);
+    assert_untouched(&img);
+}
+
+#[test]
+fn invalid_labels_are_usage_errors() {
+    let (_tmp, rootfs, img) = setup();
+    for bad in [
+        "../x",
+        "a/b",
+        "default",
+        "",
+        ".hidden",
+        "-x",
+        &"x".repeat(65),
+    ] {
+        run_fails(
+            &["--version", bad, "--rootfs", &rootfs, &img],
+            2,
+            &["invalid --version"],
+        );
+        assert_untouched(&img);
+    }
+}
+
+#[test]
+fn bad_sizes() {
+    let (_tmp, rootfs, img) = setup();
+    for bad in ["0", "-1G", "1Q", "abc"] {
+        run_fails(
+            &["--size", bad, "--rootfs", &rootfs, &img],
+            2,
+            &["invalid --size"],
+        );
+        assert_untouched(&img);
+    }
+    run_fails(
+        &["--size", "10M", "--rootfs", &rootfs, &img],
+        1,
+        &["too small", "give at least"],
+    );
+    assert_untouched(&img);
+    run_fails(
+        &["--size", "900T", "--rootfs", &rootfs, &img],
+        1,
+        &["larger than the filesystem"],
+    );
+    assert_untouched(&img);
+}
+
+#[test]
+fn target_exists_and_is_not_a_layout() {
+    let (tmp, rootfs, _) = setup();
+    let other = tmp.path().join("other.img");
+    write(&other, &vec![0u8; 1 << 20]);
+    let before = std::fs::read(&other).unwrap();
+    run_fails(
+        &["--rootfs", &rootfs, other.to_str().unwrap()],
+        1,
+        &["not a btrfs-deploy disk"],
+    );
+    assert_eq!(std::fs::read(&other).unwrap(), before);
+    run_fails(
+        &["--rootfs", &rootfs, tmp.path().to_str().unwrap()],
+        1,
+        &["is a directory"],
+    );
+    // A Btrfs without the layout.
+    let plain = tmp.path().join("plain.img");
+    sh(&format!(
+        "truncate -s 300M {0} && mkfs.btrfs -q {0}",
+        plain.display()
+    ));
+    let before = std::fs::read(&plain).unwrap();
+    run_fails(
+        &[
+            "--version",
+            "v2",
+            "--rootfs",
+            &rootfs,
+            plain.to_str().unwrap(),
+        ],
+        1,
+        &["without the btrfs-deploy layout"],
+    );
+    assert!(
+        std::fs::read(&plain).unwrap() == before,
+        "plain btrfs changed"
+    );
+    assert_no_leftovers(&plain, false);
+}
+
+#[test]
+fn no_kernel_and_several_kernels() {
+    let (tmp, rootfs, img) = setup();
+    std::fs::remove_file(Path::new(&rootfs).join(format!("boot/vmlinuz-{FAKE_KVER}"))).unwrap();
+    std::fs::remove_file(Path::new(&rootfs).join("vmlinuz")).unwrap();
+    run_fails(&["--rootfs", &rootfs, &img], 1, &["no kernel found"]);
+    assert_untouched(&img);
+    write(&Path::new(&rootfs).join("boot/vmlinuz-1.0"), b"a");
+    write(&Path::new(&rootfs).join("boot/vmlinuz-2.0"), b"b");
+    run_fails(&["--rootfs", &rootfs, &img], 1, &["1.0", "2.0"]);
+    assert_untouched(&img);
+    drop(tmp);
+}
+
+#[test]
+fn missing_tool_names_its_package() {
+    let (_tmp, rootfs, img) = setup();
+    // Hide extlinux in a private mount namespace: /dev/null bound over it is
+    // not an executable file, so the tool is "not installed" for deploy.
+    let extlinux =
+        sh("command -v extlinux || ls /usr/bin/extlinux /sbin/extlinux 2>/dev/null | head -1");
+    let extlinux = extlinux.trim();
+    assert!(
+        !extlinux.is_empty(),
+        "extlinux not installed on the test host"
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind /dev/null {extlinux} && exec \"$0\" \"$@\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_deploy"))
+        .args(["--rootfs", &rootfs, &img])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`extlinux` not found")
+            && stderr.contains("install the Debian package extlinux"),
+        "{stderr}"
+    );
+    assert_untouched(&img);
+}
+
+#[test]
+fn not_root_is_refused() {
+    let (_tmp, rootfs, img) = setup();
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_deploy"),
+            "--rootfs",
+            &rootfs,
+            &img,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("must run as root"), "{stderr}");
+    assert_untouched(&img);
+}
+
+#[test]
+fn disk_full_mid_copy_leaves_nothing() {
+    let (tmp, _, img) = setup();
+    // Many empty files cost metadata but no data blocks: the size check
+    // passes and the filesystem fills during the copy.
+    let rootfs = tmp.path().join("manyfiles");
+    make_rootfs(&rootfs);
+    sh(&format!(
+        "cd {} && mkdir -p many && cd many && for d in $(seq 1 60); do mkdir d$d; (cd d$d && seq -f 'file-with-a-long-name-to-use-metadata-%06g' 1 2500 | xargs touch); done",
+        rootfs.display()
+    ));
+    let out = run(&["--size", "256M", "--rootfs", rootfs.to_str().unwrap(), &img]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no space left"), "{stderr}");
+    assert_untouched(&img);
+}
+
+#[test]
+fn unknown_option_is_a_usage_error() {
+    let out = run(&["--no-such-option", "x.img"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["--rootfs", "/tmp"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no TARGET"));
+}
