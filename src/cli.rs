@@ -37,14 +37,14 @@ pub struct Cli {
 pub struct DeployArgs {
     /// Label of the version to write: [A-Za-z0-9][A-Za-z0-9._-]{0,63}, not "default".
     /// Defaults to "factory" on a new target; required when adding a version.
-    #[arg(long = "version", value_name = "LABEL")]
+    #[arg(long = "version", value_name = "LABEL", allow_hyphen_values = true)]
     pub label: Option<String>,
     /// Root filesystem tree to deploy (a directory).
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
     /// Size of a new image: bytes or with a suffix (512M, 4G, 4GiB). Default:
     /// room for the rootfs, one upgrade and metadata.
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub size: Option<String>,
     /// Deployment config file (TOML). Default: ./deploy.toml when present.
     #[arg(long, value_name = "FILE")]

@@ -420,10 +420,15 @@ fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
     publish_version(plan, top, &dir, fs_uuid, true)
 }
 
-/// Adds a version next to the existing ones (design §3).
+/// Adds a version next to the existing ones (design §3). The target is
+/// first inspected read-only, so a refused upgrade leaves it byte-identical.
 fn deploy_upgrade(plan: &Plan) -> Result<()> {
     let kind = plan.kind;
     let lock = disk::lock_existing(&plan.target)?;
+    let check = Disk::open(&plan.target, kind, true)?;
+    let checked = check_upgrade_target(plan, &check.layout);
+    check.close()?;
+    checked?;
     let disk = Disk::open(&plan.target, kind, false)?;
     let result = upgrade_on(plan, &disk);
     match result {
@@ -440,15 +445,14 @@ fn deploy_upgrade(plan: &Plan) -> Result<()> {
     }
 }
 
-fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
-    let top = &disk.layout;
+/// What can be checked on the mounted target without writing to it.
+fn check_upgrade_target(plan: &Plan, top: &Layout) -> Result<()> {
     if !top.exists() {
         bail!(
             "{} holds a Btrfs without the btrfs-deploy layout (no systems/default): choose another target",
             plan.target.display()
         );
     }
-    cleanup_partial_versions(top)?;
     if std::fs::symlink_metadata(top.version(&plan.label)).is_ok() {
         bail!(
             "version {} already exists on {}: choose a new label (see `deploy list {}`)",
@@ -457,6 +461,14 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
             plan.target.display()
         );
     }
+    versions::default_label(top)?;
+    Ok(())
+}
+
+fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
+    let top = &disk.layout;
+    check_upgrade_target(plan, top)?;
+    cleanup_partial_versions(top)?;
     let fs_uuid = btrfs::fs_uuid(&disk.device)?;
     let old = versions::default_label(top)?;
     let old_dir = top.version(&old);
@@ -716,7 +728,8 @@ fn publish_version(
     };
     ui::step("Writing the bootloader configuration");
     if versions::write_boot_config(top, fs_uuid, &default_label)? {
-        if !top.extlinux_dir().join("ldlinux.sys").exists() {
+        // On Btrfs ldlinux.sys lives in the boot area; ldlinux.c32 is the file it installs.
+        if !top.extlinux_dir().join("ldlinux.c32").exists() {
             bootloader::install(top)?;
         }
         btrfs::sync_fs(&top.top)?;

@@ -465,17 +465,35 @@ impl<'a> Engine<'a> {
             return self.make_nondir(src, dst, m, c);
         }
         match self.links.claim(m) {
-            Claim::Leader(guard) => {
-                self.make_nondir(src, dst, m, c)?;
-                guard.publish(dst);
-                Ok(())
-            }
+            Claim::Leader(guard) => self.lead(guard, dst, || self.make_nondir(src, dst, m, c)),
             Claim::Follower(slot) => {
                 let target = slot.wait(src)?;
                 std::fs::hard_link(&target, dst)
                     .map_err(|e| dst_err(e, "creating hard link", dst))?;
                 c.hardlinks += 1;
                 c.written += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs `make` for the leader of a hard-link group and publishes `dst` to
+    /// the followers. A failure is recorded before the followers are woken, so
+    /// the reported error is the leader's own.
+    pub fn lead(
+        &self,
+        guard: LeaderGuard,
+        dst: &Path,
+        make: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        match make() {
+            Ok(()) => {
+                guard.publish(dst);
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(e);
+                drop(guard);
                 Ok(())
             }
         }

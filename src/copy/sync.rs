@@ -30,9 +30,7 @@ impl Engine<'_> {
         }
         match self.links.claim(&sm) {
             Claim::Leader(guard) => {
-                self.sync_nondir(src, dst, &sm, dm, c)?;
-                guard.publish(dst);
-                Ok(())
+                self.lead(guard, dst, || self.sync_nondir(src, dst, &sm, dm, c))
             }
             Claim::Follower(slot) => {
                 let leader = slot.wait(src)?;
@@ -73,7 +71,7 @@ impl Engine<'_> {
             c.unchanged += 1;
             return Ok(());
         }
-        self.replace(dst, dm, |p| {
+        c.deleted += self.replace(dst, dm, |p| {
             std::fs::hard_link(leader, p).map_err(|e| dst_err(e, "creating hard link", p))
         })?;
         c.written += 1;
@@ -91,10 +89,10 @@ impl Engine<'_> {
     ) -> Result<()> {
         let d = match dm {
             Some(d) if d.same_type(sm) => d,
-            other => return self.replace(dst, other, |p| self.make_nondir(src, p, sm, c)),
+            other => return self.replace_with_copy(src, dst, sm, other, c),
         };
         if !self.same_content(src, dst, sm, &d)? {
-            return self.replace(dst, Some(d), |p| self.make_nondir(src, p, sm, c));
+            return self.replace_with_copy(src, dst, sm, Some(d), c);
         }
         if d.nlink > 1 && !self.claim_target(&d, sm) {
             // The target inode also has names that belong to other source files:
@@ -153,7 +151,21 @@ impl Engine<'_> {
             c.written += 1;
             return Ok(());
         }
-        self.replace(dst, Some(*d), |p| self.make_nondir(src, p, sm, c))
+        self.replace_with_copy(src, dst, sm, Some(*d), c)
+    }
+
+    /// Replaces `dst` with a copy of the non-directory `src`.
+    fn replace_with_copy(
+        &self,
+        src: &Path,
+        dst: &Path,
+        sm: &Meta,
+        dm: Option<Meta>,
+        c: &mut Counts,
+    ) -> Result<()> {
+        let deleted = self.replace(dst, dm, |p| self.make_nondir(src, p, sm, c))?;
+        c.deleted += deleted;
+        Ok(())
     }
 
     /// Replaces `dst` by a reflink of itself carrying `src`'s metadata.
@@ -181,20 +193,22 @@ impl Engine<'_> {
         dst.parent().unwrap_or(Path::new("/")).join(name)
     }
 
-    /// Replaces whatever is at `dst` (described by `dm`) with what `create` makes.
+    /// Replaces whatever is at `dst` (described by `dm`) with what `create`
+    /// makes; returns how many entries inside a replaced directory were deleted.
     /// Non-directories are replaced atomically: created beside and renamed over.
     fn replace(
         &self,
         dst: &Path,
         dm: Option<Meta>,
         create: impl FnOnce(&Path) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         match dm {
-            None => create(dst),
+            None => create(dst).map(|()| 0),
             Some(d) if d.kind() == Kind::Dir => {
                 let mut removed = 0;
                 sys::remove_tree_counted(dst, &mut removed)?;
-                create(dst)
+                create(dst)?;
+                Ok(removed.saturating_sub(1))
             }
             Some(_) => {
                 let tmp = self.temp_path(dst);
@@ -202,7 +216,7 @@ impl Engine<'_> {
                     std::fs::rename(&tmp, dst).map_err(|e| dst_err(e, "renaming onto", dst))
                 });
                 match result {
-                    Ok(()) => Ok(()),
+                    Ok(()) => Ok(0),
                     Err(e) => {
                         let _ = sys::remove_tree_counted(&tmp, &mut 0);
                         if e.downcast_ref::<NoSpaceError>().is_some() {
