@@ -44,13 +44,18 @@ pub const KVM_LIVENESS: Duration = Duration::from_secs(5);
 pub const SYSLINUX_PROMPT: &str = "boot:";
 /// How many console lines [`BootTestOutcome::tail`] keeps.
 pub const TAIL_LINES: usize = 30;
-/// Console patterns that always fail a boot test: a kernel panic, and
-/// SYSLINUX failing to load a kernel (it would otherwise re-prompt and retry
-/// until the timeout).
-pub const BUILTIN_FAIL_PATTERNS: &[&str] = &[
-    r"Kernel panic - not syncing",
-    r"Could not find kernel image: ",
-    r"btrfs: found compressed data, cannot continue",
+/// Console patterns that always fail a boot test, with what they mean: a
+/// kernel panic, and SYSLINUX failing to load a kernel or initramfs (it would
+/// otherwise re-prompt and retry until the timeout).
+pub const BUILTIN_FAIL_PATTERNS: &[(&str, &str)] = &[
+    (r"Kernel panic - not syncing", "kernel panic"),
+    (r"^Loading .*\.\.\..*failed: ", "bootloader failed"),
+    (r"^failed: ", "bootloader failed"),
+    (
+        r"btrfs: found compressed data, cannot continue",
+        "bootloader failed",
+    ),
+    (r"Could not find kernel image: ", "bootloader failed"),
 ];
 /// QEMU stderr messages that mean KVM does not work on this machine.
 const KVM_FAILURE_MARKERS: &[&str] = &[
@@ -170,6 +175,23 @@ pub struct BootTestOutcome {
 /// the guest runs is reported in the outcome.
 pub fn run(opts: &BootTestOptions) -> Result<BootTestOutcome> {
     let qemu = find_qemu()?;
+    let kvm = match opts.accel {
+        Accel::Tcg => Err(anyhow::anyhow!("TCG was requested")),
+        Accel::Kvm | Accel::Auto => kvm_usable(),
+    };
+    if opts.accel == Accel::Kvm {
+        if let Err(e) = &kvm {
+            bail!("KVM was requested but {KVM_DEVICE} is unusable: {e:#}");
+        }
+    }
+    if let (Accel::Auto, Err(e)) = (opts.accel, &kvm) {
+        tracing::info!("not using KVM ({e:#}); booting with TCG");
+    }
+    run_with(&qemu, opts, kvm.is_ok())
+}
+
+/// [`run`] with a given QEMU binary and whether KVM may be tried.
+fn run_with(qemu: &Path, opts: &BootTestOptions, kvm_available: bool) -> Result<BootTestOutcome> {
     if !opts.image.exists() {
         bail!("boot test image {} does not exist", opts.image.display());
     }
@@ -180,37 +202,27 @@ pub fn run(opts: &BootTestOptions) -> Result<BootTestOutcome> {
     }
     let matcher = Matcher::new(&opts.expect, &opts.extra_fail)?;
     let mut log = open_log(opts.log.as_deref())?;
-
     let first = match opts.accel {
-        Accel::Tcg => Accel::Tcg,
-        Accel::Kvm => {
-            kvm_usable().with_context(|| format!("KVM was requested but {KVM_DEVICE} is unusable"))?;
-            Accel::Kvm
-        }
-        Accel::Auto => match kvm_usable() {
-            Ok(()) => Accel::Kvm,
-            Err(e) => {
-                tracing::info!("not using KVM ({e:#}); booting with TCG");
-                Accel::Tcg
-            }
-        },
+        Accel::Kvm => Accel::Kvm,
+        Accel::Auto if kvm_available => Accel::Kvm,
+        Accel::Auto | Accel::Tcg => Accel::Tcg,
     };
-
-    match attempt(&qemu, opts, first, &matcher, &mut log)? {
+    match attempt(qemu, opts, first, &matcher, &mut log)? {
         Attempt::Done(outcome) => Ok(outcome),
         Attempt::KvmBroken(why, outcome) if opts.accel == Accel::Auto => {
             tracing::warn!("KVM does not work here ({why}); restarting the boot test with TCG");
-            log_note(&mut log, &format!("KVM does not work ({why}); restarting with TCG"));
-            match attempt(&qemu, opts, Accel::Tcg, &matcher, &mut log)? {
+            log_note(
+                &mut log,
+                &format!("KVM does not work ({why}); restarting with TCG"),
+            );
+            match attempt(qemu, opts, Accel::Tcg, &matcher, &mut log)? {
                 Attempt::Done(outcome) => Ok(outcome),
                 // TCG is never judged broken; keep the KVM attempt's outcome.
                 Attempt::KvmBroken(..) => Ok(outcome),
             }
         }
-        Attempt::KvmBroken(why, mut outcome) => {
-            outcome.reason = format!("KVM failed: {why}");
-            Ok(outcome)
-        }
+        // Explicit KVM: no fallback; the reason says "KVM failed: ...".
+        Attempt::KvmBroken(_, outcome) => Ok(outcome),
     }
 }
 
@@ -220,7 +232,9 @@ fn find_qemu() -> Result<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(QEMU_BINARY))
         .find(|p| is_executable(p))
-        .with_context(|| format!("{QEMU_BINARY} not found: install the Debian package {QEMU_PACKAGE}"))
+        .with_context(|| {
+            format!("{QEMU_BINARY} not found: install the Debian package {QEMU_PACKAGE}")
+        })
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -320,7 +334,14 @@ impl Qemu {
         // QEMU if this process dies, so no guest outlives a killed test run.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -434,7 +455,12 @@ fn attempt(
 }
 
 /// After a pass with `persist`: keeps logging until QEMU exits (bounded).
-fn drain_until_exit(qemu: &mut Qemu, rx: &Receiver<Event>, session: &mut Session, log: &mut Option<File>) {
+fn drain_until_exit(
+    qemu: &mut Qemu,
+    rx: &Receiver<Event>,
+    session: &mut Session,
+    log: &mut Option<File>,
+) {
     let end = Instant::now() + PERSIST_GRACE;
     while Instant::now() < end {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -491,7 +517,12 @@ impl<'a> Session<'a> {
     }
 
     /// Reads QEMU's output until a decision.
-    fn watch(&mut self, qemu: &mut Qemu, rx: &Receiver<Event>, log: &mut Option<File>) -> SessionEnd {
+    fn watch(
+        &mut self,
+        qemu: &mut Qemu,
+        rx: &Receiver<Event>,
+        log: &mut Option<File>,
+    ) -> SessionEnd {
         let deadline = self.start + self.opts.timeout;
         let end = loop {
             let now = Instant::now();
@@ -500,7 +531,9 @@ impl<'a> Session<'a> {
             let step = match event {
                 Ok(Event::Serial(bytes)) => self.on_serial(&bytes, qemu, log),
                 Ok(Event::Stderr(line)) => self.on_stderr(&line, log),
-                Ok(Event::SerialEof) | Err(RecvTimeoutError::Disconnected) => Some(self.on_exit(qemu)),
+                Ok(Event::SerialEof) | Err(RecvTimeoutError::Disconnected) => {
+                    Some(self.on_exit(qemu))
+                }
                 Err(RecvTimeoutError::Timeout) => self.on_tick(deadline),
             };
             if let Some(end) = step {
@@ -527,7 +560,12 @@ impl<'a> Session<'a> {
         self.accel == Accel::Kvm && !self.console.seen_output()
     }
 
-    fn on_serial(&mut self, bytes: &[u8], qemu: &mut Qemu, log: &mut Option<File>) -> Option<SessionEnd> {
+    fn on_serial(
+        &mut self,
+        bytes: &[u8],
+        qemu: &mut Qemu,
+        log: &mut Option<File>,
+    ) -> Option<SessionEnd> {
         let lines = self.console.feed(bytes, log);
         for line in &lines {
             match self.matcher.check_line(line) {
@@ -542,7 +580,9 @@ impl<'a> Session<'a> {
 
     /// Types the menu label once the SYSLINUX prompt shows.
     fn maybe_type(&mut self, qemu: &mut Qemu, new_lines: &[String]) {
-        let Some(entry) = &self.opts.entry else { return };
+        let Some(entry) = &self.opts.entry else {
+            return;
+        };
         if self.typed {
             return;
         }
@@ -638,13 +678,19 @@ impl<'a> Session<'a> {
         if self.accel == Accel::Kvm && !self.console.seen_output() && failed_run {
             return SessionEnd::KvmBroken(format!("QEMU exited with {}", describe_status(status)));
         }
-        SessionEnd::Failed(exit_reason(status, self.console.seen_output(), &self.stderr_tail))
+        SessionEnd::Failed(exit_reason(
+            status,
+            self.console.seen_output(),
+            &self.stderr_tail,
+        ))
     }
 
     fn final_checks(&mut self) -> Option<SessionEnd> {
         let partial = self.console.partial();
         if !partial.is_empty() {
-            if let decision @ (Decision::Pass | Decision::Fail(_)) = self.matcher.check_line(&partial) {
+            if let decision @ (Decision::Pass | Decision::Fail(_)) =
+                self.matcher.check_line(&partial)
+            {
                 return Some(decision.into_end());
             }
         }
@@ -698,12 +744,19 @@ fn describe_status(status: Option<ExitStatus>) -> String {
 }
 
 /// Why a run whose QEMU exited before the expected text failed.
-fn exit_reason(status: Option<ExitStatus>, seen_output: bool, stderr_tail: &VecDeque<String>) -> String {
+fn exit_reason(
+    status: Option<ExitStatus>,
+    seen_output: bool,
+    stderr_tail: &VecDeque<String>,
+) -> String {
     let clean_exit = status.is_some_and(|s| s.success());
     if clean_exit && seen_output {
         return "guest powered off before the expected text appeared".into();
     }
-    let mut reason = format!("QEMU exited ({}) before the expected text appeared", describe_status(status));
+    let mut reason = format!(
+        "QEMU exited ({}) before the expected text appeared",
+        describe_status(status)
+    );
     if !stderr_tail.is_empty() {
         let joined: Vec<&str> = stderr_tail.iter().map(String::as_str).collect();
         reason.push_str(": ");
@@ -733,18 +786,23 @@ impl Decision {
 /// The expected pattern and the fatal ones.
 struct Matcher {
     expect: Regex,
-    /// (pattern, is the built-in kernel panic)
-    fatal: Vec<(Regex, bool)>,
+    /// (pattern, what a match means)
+    fatal: Vec<(Regex, &'static str)>,
 }
 
 impl Matcher {
     fn new(expect: &Regex, extra_fail: &[Regex]) -> Result<Self> {
         let mut fatal = Vec::new();
-        for (i, pattern) in BUILTIN_FAIL_PATTERNS.iter().enumerate() {
-            let re = Regex::new(pattern).with_context(|| format!("built-in fail pattern {pattern}"))?;
-            fatal.push((re, i == 0));
+        for (pattern, meaning) in BUILTIN_FAIL_PATTERNS {
+            let re =
+                Regex::new(pattern).with_context(|| format!("built-in fail pattern {pattern}"))?;
+            fatal.push((re, *meaning));
         }
-        fatal.extend(extra_fail.iter().map(|re| (re.clone(), false)));
+        fatal.extend(
+            extra_fail
+                .iter()
+                .map(|re| (re.clone(), "fatal console output")),
+        );
         Ok(Matcher {
             expect: expect.clone(),
             fatal,
@@ -753,10 +811,9 @@ impl Matcher {
 
     /// A complete console line: fatal patterns first, then the expectation.
     fn check_line(&self, line: &str) -> Decision {
-        for (re, is_panic) in &self.fatal {
+        for (re, meaning) in &self.fatal {
             if re.is_match(line) {
-                let what = if *is_panic { "kernel panic" } else { "fatal console output" };
-                return Decision::Fail(format!("{what}: {}", line.trim()));
+                return Decision::Fail(format!("{meaning}: {}", line.trim()));
             }
         }
         if self.expect.is_match(line) {
@@ -931,7 +988,10 @@ mod tests {
 
     #[test]
     fn strips_csi_osc_and_carriage_returns() {
-        assert_eq!(strip(&[b"\x1b[0m\x1b[1;32mOK\x1b[0m done\r\n"]), "OK done\n");
+        assert_eq!(
+            strip(&[b"\x1b[0m\x1b[1;32mOK\x1b[0m done\r\n"]),
+            "OK done\n"
+        );
         assert_eq!(strip(&[b"\x1b]0;title\x07after"]), "after");
         assert_eq!(strip(&[b"\x1b]0;title\x1b\\after"]), "after");
         assert_eq!(strip(&[b"a\x1b(Bb\x1b=c"]), "abc");
@@ -950,7 +1010,10 @@ mod tests {
         let mut a = LineAssembler::default();
         assert!(a.push(b"TINY: bo").is_empty());
         assert_eq!(a.partial(), "TINY: bo");
-        assert_eq!(a.push(b"ot start\nTINY-MOUNT: / x\nboot:"), vec!["TINY: boot start", "TINY-MOUNT: / x"]);
+        assert_eq!(
+            a.push(b"ot start\nTINY-MOUNT: / x\nboot:"),
+            vec!["TINY: boot start", "TINY-MOUNT: / x"]
+        );
         assert_eq!(a.partial(), "boot:");
         assert_eq!(a.push(b" \n"), vec!["boot: "]);
         assert_eq!(a.partial(), "");
@@ -1008,8 +1071,14 @@ mod tests {
         assert_eq!(m.check_line("TINY: boot done"), Decision::Pass);
         // Anchors are per line: the whole text does not match without (?m).
         assert_eq!(m.check_text("a\nTINY: boot done\n"), Decision::Continue);
-        let m = matcher(r"(?s)TINY-MOUNT: / /systems/x/run.*TINY-MOUNT: /home /state/home", &[]);
-        assert_eq!(m.check_line("TINY-MOUNT: / /systems/x/run rw"), Decision::Continue);
+        let m = matcher(
+            r"(?s)TINY-MOUNT: / /systems/x/run.*TINY-MOUNT: /home /state/home",
+            &[],
+        );
+        assert_eq!(
+            m.check_line("TINY-MOUNT: / /systems/x/run rw"),
+            Decision::Continue
+        );
         assert_eq!(
             m.check_text("TINY-MOUNT: / /systems/x/run rw\nTINY-MOUNT: /home /state/home rw\n"),
             Decision::Pass
@@ -1025,13 +1094,26 @@ mod tests {
         }
         // The line matches expect too, but the fatal pattern wins.
         match m.check_line("TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)") {
-            Decision::Fail(r) => assert_eq!(r, "fatal console output: TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)"),
+            Decision::Fail(r) => assert_eq!(
+                r,
+                "fatal console output: TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)"
+            ),
             other => panic!("expected a failure, got {other:?}"),
         }
-        assert!(matches!(
-            m.check_line("Loading /systems/x/kernel... btrfs: found compressed data, cannot continue!"),
-            Decision::Fail(_)
-        ));
+        for line in [
+            "Loading /systems/x/kernel... btrfs: found compressed data, cannot continue!",
+            "failed: I/O error",
+            "Loading /systems/default/initramfs...failed: No such file or directory",
+        ] {
+            match m.check_line(line) {
+                Decision::Fail(r) => assert!(r.starts_with("bootloader failed: "), "{r}"),
+                other => panic!("expected a failure for {line:?}, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            m.check_line("Loading /systems/x/kernel... ok"),
+            Decision::Continue
+        );
         assert_eq!(m.check_line("TINY: boot start"), Decision::Pass);
     }
 
@@ -1055,7 +1137,9 @@ mod tests {
     fn kvm_failure_markers() {
         assert!(is_kvm_failure("KVM internal error. Suberror: 1"));
         assert!(is_kvm_failure("emulation failure"));
-        assert!(!is_kvm_failure("qemu-system-x86_64: warning: host doesn't support requested feature"));
+        assert!(!is_kvm_failure(
+            "qemu-system-x86_64: warning: host doesn't support requested feature"
+        ));
     }
 
     #[test]
@@ -1071,7 +1155,10 @@ mod tests {
         let mut opts = BootTestOptions::new("/tmp/a,b.img", Regex::new("x").unwrap());
         let args = qemu_args(&opts, Accel::Tcg).join(" ");
         assert!(args.contains("-accel tcg"), "{args}");
-        assert!(args.contains("-drive file=/tmp/a,,b.img,format=raw,if=virtio"), "{args}");
+        assert!(
+            args.contains("-drive file=/tmp/a,,b.img,format=raw,if=virtio"),
+            "{args}"
+        );
         assert!(args.contains("-serial stdio"), "{args}");
         assert!(args.contains("-no-reboot"), "{args}");
         assert!(args.contains("-display none"), "{args}");
@@ -1092,6 +1179,151 @@ mod tests {
         let opts = BootTestOptions::new("/nonexistent/disk.img", Regex::new("x").unwrap());
         let err = run(&opts).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/disk.img"), "{err}");
+    }
+
+    /// A stand-in for QEMU: a shell script whose behaviour depends on the
+    /// accelerator it is given.
+    fn fake_qemu(dir: &Path, kvm_body: &str, tcg_body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("fake-qemu");
+        let script = format!(
+            "#!/bin/sh\ncase \"$*\" in\n*'-accel kvm'*)\n{kvm_body}\n;;\n*)\n{tcg_body}\n;;\nesac\n"
+        );
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// Options for the fake: an existing "image", short timeout.
+    fn fake_opts(dir: &Path, expect: &str, accel: Accel) -> BootTestOptions {
+        let image = dir.join("disk.img");
+        std::fs::write(&image, b"").unwrap();
+        let mut opts = BootTestOptions::new(image, Regex::new(expect).unwrap());
+        opts.accel = accel;
+        opts.timeout = Duration::from_secs(20);
+        opts
+    }
+
+    const FAKE_BOOT: &str = r#"printf '\033[0mSYSLINUX 6.04\r\nboot: '
+label=$(head -c 2)
+printf '\r\nchosen=%s\r\n' "$(printf %s "$label" | od -An -c | tr -d ' ')"
+echo 'TINY: boot done'"#;
+
+    #[test]
+    fn auto_falls_back_to_tcg_when_kvm_prints_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = fake_qemu(dir.path(), "exec sleep 60", FAKE_BOOT);
+        let mut opts = fake_opts(dir.path(), "^TINY: boot done$", Accel::Auto);
+        opts.entry = Some("x".into());
+        opts.log = Some(dir.path().join("log"));
+        let start = Instant::now();
+        let o = run_with(&qemu, &opts, true).unwrap();
+        assert!(o.passed, "{o:?}");
+        assert_eq!(o.accel_used, Accel::Tcg);
+        assert!(
+            o.console.contains("chosen=x\\r\n"),
+            "the label and a carriage return are typed: {o:?}"
+        );
+        let total = start.elapsed();
+        assert!(
+            total >= KVM_LIVENESS && total < KVM_LIVENESS + Duration::from_secs(5),
+            "{total:?}"
+        );
+        let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+        assert!(
+            log.contains("no serial output within 5 s); restarting with TCG"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn auto_falls_back_to_tcg_on_kvm_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        for kvm in [
+            "echo 'KVM internal error. Suberror: 1' >&2; echo 'emulation failure' >&2; exec sleep 60",
+            "echo 'qemu-system-x86_64: failed to initialize kvm: Permission denied' >&2; exit 1",
+        ] {
+            let qemu = fake_qemu(dir.path(), kvm, FAKE_BOOT);
+            let mut opts = fake_opts(dir.path(), "^TINY: boot done$", Accel::Auto);
+            opts.entry = Some("y".into());
+            let start = Instant::now();
+            let o = run_with(&qemu, &opts, true).unwrap();
+            assert!(o.passed, "{o:?}");
+            assert_eq!(o.accel_used, Accel::Tcg);
+            assert!(start.elapsed() < Duration::from_secs(4), "KVM errors are detected at once");
+
+            // Explicit KVM: no fallback.
+            let opts = fake_opts(dir.path(), "^TINY: boot done$", Accel::Kvm);
+            let o = run_with(&qemu, &opts, true).unwrap();
+            assert!(!o.passed);
+            assert_eq!(o.accel_used, Accel::Kvm);
+            assert!(o.reason.starts_with("KVM failed: "), "{}", o.reason);
+        }
+    }
+
+    #[test]
+    fn outcomes_of_fake_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        // Powered off before the text.
+        let qemu = fake_qemu(dir.path(), "exit 1", "echo 'TINY: boot start'; exit 0");
+        let o = run_with(
+            &qemu,
+            &fake_opts(dir.path(), "boot done", Accel::Tcg),
+            false,
+        )
+        .unwrap();
+        assert!(!o.passed);
+        assert_eq!(
+            o.reason,
+            "guest powered off before the expected text appeared"
+        );
+        assert_eq!(o.tail, vec!["TINY: boot start"]);
+
+        // Matched on an unterminated last line, at exit.
+        let qemu = fake_qemu(dir.path(), "exit 1", "printf 'a\\nready> '");
+        let o = run_with(
+            &qemu,
+            &fake_opts(dir.path(), "^ready> $", Accel::Tcg),
+            false,
+        )
+        .unwrap();
+        assert!(o.passed, "{o:?}");
+
+        // Timeout while the guest keeps running; QEMU is killed.
+        let qemu = fake_qemu(dir.path(), "exit 1", "echo hello; exec sleep 60");
+        let mut opts = fake_opts(dir.path(), "never", Accel::Tcg);
+        opts.timeout = Duration::from_secs(1);
+        let start = Instant::now();
+        let o = run_with(&qemu, &opts, false).unwrap();
+        assert!(!o.passed);
+        assert_eq!(o.reason, "timeout after 1 s");
+        assert!(start.elapsed() < Duration::from_secs(3));
+
+        // A kernel panic fails at once.
+        let qemu = fake_qemu(
+            dir.path(),
+            "exit 1",
+            "echo '[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs'; exec sleep 60",
+        );
+        let o = run_with(&qemu, &fake_opts(dir.path(), "never", Accel::Tcg), false).unwrap();
+        assert!(!o.passed);
+        assert!(o.reason.starts_with("kernel panic: "), "{}", o.reason);
+        assert!(o.elapsed < Duration::from_secs(3));
+
+        // QEMU refusing to start.
+        let qemu = fake_qemu(
+            dir.path(),
+            "exit 1",
+            "echo 'qemu: Could not open disk.img' >&2; exit 1",
+        );
+        let o = run_with(&qemu, &fake_opts(dir.path(), "x", Accel::Tcg), false).unwrap();
+        assert!(!o.passed);
+        assert!(
+            o.reason.starts_with("QEMU exited (exit status 1)"),
+            "{}",
+            o.reason
+        );
+        assert!(o.reason.contains("Could not open disk.img"), "{}", o.reason);
     }
 
     /// Real boots of a whole-disk Btrfs image with extlinux, built here from
@@ -1136,7 +1368,7 @@ mod tests {
                 rootfs.display()
             );
             assert!(
-                nix_is_root(),
+                is_root(),
                 "boot tests need root (loop mounts, mkfs.btrfs, extlinux)"
             );
             let kver = std::fs::read_to_string(tiny.join("kernel-version")).unwrap();
@@ -1145,7 +1377,9 @@ mod tests {
             let mnt = dir.join("mnt");
             std::fs::create_dir(&mnt).unwrap();
             let (img_s, mnt_s, root_s) = (img.display(), mnt.display(), rootfs.display());
-            sh(&format!("truncate -s 512M {img_s} && mkfs.btrfs -q {img_s}"));
+            sh(&format!(
+                "truncate -s 512M {img_s} && mkfs.btrfs -q {img_s}"
+            ));
             let uuid = String::from_utf8(
                 Command::new("blkid")
                     .args(["-s", "UUID", "-o", "value"])
@@ -1197,7 +1431,7 @@ mod tests {
             img
         }
 
-        fn nix_is_root() -> bool {
+        fn is_root() -> bool {
             // SAFETY: geteuid has no preconditions.
             unsafe { libc::geteuid() == 0 }
         }
@@ -1213,7 +1447,13 @@ mod tests {
         }
 
         fn show(o: &BootTestOutcome) -> String {
-            format!("{} after {:?} ({:?}):\n{}", o.reason, o.elapsed, o.accel_used, o.tail.join("\n"))
+            format!(
+                "{} after {:?} ({:?}):\n{}",
+                o.reason,
+                o.elapsed,
+                o.accel_used,
+                o.tail.join("\n")
+            )
         }
 
         #[test]
@@ -1227,19 +1467,38 @@ mod tests {
             assert!(o.passed, "{}", show(&o));
             assert_eq!(o.reason, "matched");
             assert!(o.console.contains("TINY: hostname=tinyy\n"), "{}", show(&o));
-            assert!(o.console.contains("TINY-MOUNT: / /systems/y/run "), "{}", show(&o));
-            assert!(o.console.contains("TINY-MOUNT: /home /state/home "), "{}", show(&o));
-            assert!(o.console.contains("rootflags=subvol=systems/default/run"), "{}", show(&o));
+            assert!(
+                o.console.contains("TINY-MOUNT: / /systems/y/run "),
+                "{}",
+                show(&o)
+            );
+            assert!(
+                o.console.contains("TINY-MOUNT: /home /state/home "),
+                "{}",
+                show(&o)
+            );
+            assert!(
+                o.console.contains("rootflags=subvol=systems/default/run"),
+                "{}",
+                show(&o)
+            );
             let log = std::fs::read_to_string(img.with_extension("log")).unwrap();
             assert!(log.contains("TINY: boot done"), "log: {log}");
-            eprintln!("default entry booted in {:?} with {}", o.elapsed, o.accel_used);
+            eprintln!(
+                "default entry booted in {:?} with {}",
+                o.elapsed, o.accel_used
+            );
 
             // Entry x typed at the prompt.
             let o = boot(&img, Some("x"), "^TINY: boot done$", Accel::Tcg);
             assert!(o.passed, "{}", show(&o));
             assert_eq!(o.accel_used, Accel::Tcg);
             assert!(o.console.contains("TINY: hostname=tiny\n"), "{}", show(&o));
-            assert!(o.console.contains("TINY-MOUNT: / /systems/x/run "), "{}", show(&o));
+            assert!(
+                o.console.contains("TINY-MOUNT: / /systems/x/run "),
+                "{}",
+                show(&o)
+            );
         }
 
         #[test]
@@ -1249,13 +1508,27 @@ mod tests {
 
             let o = boot(&img, None, "^this never appears$", Accel::Tcg);
             assert!(!o.passed, "{}", show(&o));
-            assert_eq!(o.reason, "guest powered off before the expected text appeared", "{}", show(&o));
-            assert!(o.tail.iter().any(|l| l == "TINY: boot done"), "{}", show(&o));
+            assert_eq!(
+                o.reason,
+                "guest powered off before the expected text appeared",
+                "{}",
+                show(&o)
+            );
+            assert!(
+                o.tail.iter().any(|l| l == "TINY: boot done"),
+                "{}",
+                show(&o)
+            );
 
             // A label that does not exist: syslinux says so and re-prompts.
             let o = boot(&img, Some("nosuch"), "^TINY: boot done$", Accel::Tcg);
             assert!(!o.passed, "{}", show(&o));
-            assert!(o.reason.contains("Could not find kernel image: nosuch"), "{}", show(&o));
+            assert_eq!(
+                o.reason,
+                "bootloader failed: Loading nosuch... failed: No such file or directory",
+                "{}",
+                show(&o)
+            );
 
             let mut opts = BootTestOptions::new(&img, Regex::new("^TINY: boot done$").unwrap());
             opts.accel = Accel::Tcg;

@@ -135,3 +135,15 @@ pub fn probe_fs_type(device: &Path) -> Result<Option<String>> {
         ),
     }
 }
+
+/// Waits until deleted subvolumes on the filesystem at `top` are cleaned up,
+/// so their space is really free (deletion is asynchronous in Btrfs).
+pub fn wait_for_deletions(top: &Path) -> Result<()> {
+    cmd::run("btrfs", &["subvolume", "sync", &top.to_string_lossy()]).with_context(|| {
+        format!(
+            "waiting for deleted subvolumes on {} to be cleaned",
+            top.display()
+        )
+    })?;
+    Ok(())
+}

@@ -469,6 +469,8 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
     let top = &disk.layout;
     check_upgrade_target(plan, top)?;
     cleanup_partial_versions(top)?;
+    // Space of versions deleted earlier (or just now) must be free before writing.
+    btrfs::wait_for_deletions(&top.top)?;
     let fs_uuid = btrfs::fs_uuid(&disk.device)?;
     let old = versions::default_label(top)?;
     let old_dir = top.version(&old);
@@ -539,7 +541,10 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
         Ok(())
     })();
     if let Err(e) = result {
-        if let Err(ce) = btrfs::remove_version_dir(&dir) {
+        ui::step(format!("Removing the partial version {}", plan.label));
+        if let Err(ce) =
+            btrfs::remove_version_dir(&dir).and_then(|()| btrfs::wait_for_deletions(&top.top))
+        {
             tracing::warn!("removing partial version {}: {ce:#}", dir.display());
         }
         return Err(e);

@@ -633,3 +633,101 @@ fn btrfs_reflinks_across_subvolumes() {
     assert_eq!(s.bytes_written, 0, "split should be a reflink: {s:?}");
     assert_trees_equal(&src, &c);
 }
+
+/// Builds a tree of 600 names (in two directories, several jobs each) whose
+/// hard-link groups and contents are given by `key(i) -> (group, content, mtime)`.
+fn grouped_tree(root: &Path, key: impl Fn(usize) -> (String, String, i64)) {
+    let mut first: std::collections::HashMap<String, PathBuf> = Default::default();
+    for i in 0..600 {
+        let dir = root.join(if i < 400 { "d" } else { "e" });
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("n{i}"));
+        let (group, content, mtime) = key(i);
+        match first.get(&group) {
+            Some(leader) => std::fs::hard_link(leader, &p).unwrap(),
+            None => {
+                std::fs::write(&p, content).unwrap();
+                set_times(&p, (1, 0), (mtime, 0)).unwrap();
+                first.insert(group, p);
+            }
+        }
+    }
+    for d in ["d", "e", ""] {
+        set_times(&root.join(d), (1, 0), (1000, 0)).unwrap();
+    }
+}
+
+#[test]
+fn sync_regroups_hardlinks_under_parallel_load() {
+    let t = tmp();
+    let old_src = t.path().join("old-src");
+    let old_key = |i: usize| {
+        let g = i % 37;
+        (format!("g{g}"), format!("content {g}"), 1000 + g as i64)
+    };
+    grouped_tree(&old_src, old_key);
+    let old = snapshot(&t, &old_src, "old");
+    let new_src = t.path().join("new-src");
+    grouped_tree(&new_src, |i| {
+        if i % 5 == 0 {
+            let k = i % 3;
+            (format!("chg{k}"), format!("changed {k}"), 2000 + k as i64)
+        } else {
+            let (g, content, mtime) = old_key(i);
+            (format!("{g}-{}", i % 2), content, mtime)
+        }
+    });
+    for threads in [1, 2, 4] {
+        let dst = snapshot(&t, &old, &format!("run{threads}"));
+        let stats = sync_tree(
+            &new_src,
+            &dst,
+            &SyncOptions {
+                threads,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_trees_equal(&new_src, &dst);
+        assert_eq!(
+            stats.unchanged + stats.written + stats.metadata_only,
+            count_entries(&new_src),
+            "{stats:?}"
+        );
+        // Syncing again finds nothing to do.
+        let again = sync_tree(
+            &new_src,
+            &dst,
+            &SyncOptions {
+                threads,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(again.unchanged, count_entries(&new_src), "{again:?}");
+    }
+}
+
+#[test]
+fn inherited_default_acls_do_not_leak_into_the_copy() {
+    let t = tmp();
+    let (src, dst) = src_dst(&t);
+    write(&src.join("sub/file"), b"plain");
+    let acl = testing::posix_acl(&[
+        (testing::ACL_USER_OBJ, 7, 0),
+        (testing::ACL_USER, 7, 1000),
+        (testing::ACL_GROUP_OBJ, 5, 0),
+        (testing::ACL_MASK, 7, 0),
+        (testing::ACL_OTHER, 5, 0),
+    ]);
+    set_xattr(&dst, "system.posix_acl_default", &acl).unwrap();
+    copy_tree(&src, &dst, &copy_opts(1)).unwrap();
+    assert_trees_equal(&src, &dst);
+
+    // Sync: a new file in a target directory that has a default ACL the source lacks.
+    let old = snapshot(&t, &src, "old");
+    set_xattr(&old.join("sub"), "system.posix_acl_default", &acl).unwrap();
+    write(&src.join("sub/new"), b"new");
+    sync_tree(&src, &old, &sync_opts(false)).unwrap();
+    assert_trees_equal(&src, &old);
+}

@@ -329,3 +329,62 @@ pub fn owner_mode(p: &Path) -> (u32, u32, u32) {
     let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     (m.uid(), m.gid(), m.mode())
 }
+
+/// A read-write mount of an image's top level, to play the user (edit
+/// `run/etc`, write to `/state`) between deploys.
+pub struct Edit(Inspect);
+
+impl Edit {
+    pub fn open(image: &Path) -> Edit {
+        let loopdev = sh(&format!("losetup --find --show {}", image.display()))
+            .trim()
+            .to_string();
+        let dir = tempfile::tempdir().unwrap();
+        sh(&format!(
+            "mount -o subvolid=5 {loopdev} {}",
+            dir.path().display()
+        ));
+        Edit(Inspect { dir, loopdev })
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.path(rel)
+    }
+}
+
+/// Bytes of data allocated on the filesystem of an image (`btrfs filesystem usage`).
+pub fn data_used(image: &Path) -> u64 {
+    let m = Inspect::open(image);
+    let out = sh(&format!("btrfs filesystem usage -b {}", m.top().display()));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("Data,"))
+        .expect("Data line");
+    // "Data,single: Size:8388608, Used:1234 (x%)"
+    let used = line
+        .split("Used:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    used.trim_end_matches(',').parse().unwrap()
+}
+
+/// Physical offset of the first extent of a file (FIEMAP via filefrag).
+pub fn first_extent(path: &Path) -> u64 {
+    let out = sh(&format!("filefrag -v -b1 {}", path.display()));
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("0:"))
+        .unwrap_or_else(|| panic!("no extent for {}:\n{out}", path.display()));
+    // " 0:        0..   65535:   22020096..  22085631:  65536:  last,eof"
+    let phys = line
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split("..")
+        .next()
+        .unwrap()
+        .trim();
+    phys.parse().unwrap()
+}

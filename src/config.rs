@@ -1,0 +1,417 @@
+//! The deployment config file (`deploy.toml`): everything the command line
+//! can say, plus the `[settings]` handed to configure extensions.
+//!
+//! Precedence, lowest first: the config file, then the command line
+//! (options and `--set KEY=VALUE`). Relative paths in the file are relative
+//! to the file's directory.
+
+use crate::cli::DeployArgs;
+use crate::UsageError;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Name of the config file picked up from the current directory.
+pub const DEFAULT_FILE: &str = "deploy.toml";
+
+/// Setting the tool adds (not the user) when a config file is used: the
+/// directory of that file, so extensions can resolve relative paths found in
+/// it. Dropped by [`redact`] like every `DEPLOY_*` name.
+pub const CONFIG_DIR_SETTING: &str = "DEPLOY_CONFIG_DIR";
+
+/// Prefix reserved for the variables the tool passes to extensions.
+pub const RESERVED_PREFIX: &str = "DEPLOY_";
+
+/// Words that make a setting a secret (see [`is_secret`]).
+const SECRET_WORDS: [&str; 6] = [
+    "PASSWORD",
+    "PASSWD",
+    "PASSPHRASE",
+    "SECRET",
+    "TOKEN",
+    "KEY",
+];
+
+/// A deployment config file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Rootfs directory (`--rootfs`).
+    pub rootfs: Option<PathBuf>,
+    /// Size of a new image (`--size`).
+    pub size: Option<String>,
+    /// Version label (`--version`).
+    pub version: Option<String>,
+    /// Kernel arguments (`--kernel-args`).
+    #[serde(alias = "kernel-args")]
+    pub kernel_args: Option<String>,
+    /// Kernel image (`--kernel`).
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (`--initramfs`).
+    pub initramfs: Option<PathBuf>,
+    /// Device tree blob (`--dtb`).
+    pub dtb: Option<PathBuf>,
+    /// Deploy without kernel and bootloader (`--no-bootloader`).
+    #[serde(alias = "no-bootloader")]
+    pub no_bootloader: Option<bool>,
+    /// Format a block device that holds a filesystem (`--wipe`).
+    pub wipe: Option<bool>,
+    /// Do not make the new version the default (`--no-default`).
+    #[serde(alias = "no-default")]
+    pub no_default: Option<bool>,
+    /// Keep at most this many versions (`--keep`).
+    pub keep: Option<usize>,
+    /// Compare contents when syncing an upgrade (`--checksum`).
+    pub checksum: Option<bool>,
+    /// Configure extensions to run, in order (`--extension`).
+    pub extensions: Option<Vec<String>>,
+    /// Extra extension folders (`--extensions-dir`).
+    #[serde(alias = "extensions-dirs", alias = "extensions_dir")]
+    pub extensions_dirs: Option<Vec<PathBuf>>,
+    /// Extension settings: string, integer, float or boolean values.
+    pub settings: Option<BTreeMap<String, toml::Value>>,
+    /// Directory of the file this was read from (set by [`load`]).
+    #[serde(skip)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Loads `explicit` (which must exist) or `./deploy.toml` when present.
+/// Relative paths inside are resolved against the config file's directory.
+/// Unknown keys and wrong types are errors naming the key and the file.
+pub fn load(explicit: Option<&Path>) -> Result<Option<(PathBuf, Config)>> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = PathBuf::from(DEFAULT_FILE);
+            if std::fs::symlink_metadata(&p).is_err() {
+                return Ok(None);
+            }
+            p
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let abs = std::path::absolute(&path)
+        .with_context(|| format!("resolving config file {}", path.display()))?;
+    let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let cfg = parse(&text, &path, &dir)?;
+    Ok(Some((path, cfg)))
+}
+
+/// Parses config text read from `path`; relative paths become relative to `dir`.
+pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config> {
+    let mut cfg: Config = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
+            .unwrap_or_default();
+        anyhow::anyhow!(
+            "config file {}{line}: {}",
+            path.display(),
+            e.message().trim_end()
+        )
+    })?;
+    for p in [
+        &mut cfg.rootfs,
+        &mut cfg.kernel,
+        &mut cfg.initramfs,
+        &mut cfg.dtb,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *p = dir.join(&*p);
+    }
+    for p in cfg.extensions_dirs.iter_mut().flatten() {
+        *p = dir.join(&*p);
+    }
+    if let Some(settings) = &cfg.settings {
+        for (k, v) in settings {
+            check_setting_name(k)
+                .with_context(|| format!("config file {}: [settings]", path.display()))?;
+            setting_value(v).with_context(|| {
+                format!("config file {}: [settings] {k}", path.display())
+            })?;
+        }
+    }
+    cfg.dir = Some(dir.to_path_buf());
+    Ok(cfg)
+}
+
+/// A `[settings]` value as the string an extension sees.
+fn setting_value(v: &toml::Value) -> Result<String> {
+    Ok(match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        other => bail!(
+            "must be a string, number or boolean, not {}",
+            other.type_str()
+        ),
+    })
+}
+
+/// Setting names are environment variable names (`[A-Za-z_][A-Za-z0-9_]*`),
+/// not `PATH` and not starting with `DEPLOY_` (reserved for the tool).
+pub fn check_setting_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        bail!("invalid setting name {name:?}: use letters, digits and _ (not starting with a digit)");
+    }
+    if name == "PATH" || name.to_ascii_uppercase().starts_with(RESERVED_PREFIX) {
+        bail!("setting name {name} is reserved for the tool");
+    }
+    Ok(())
+}
+
+/// Fills every field of `args` the command line left unset from `cfg` (the
+/// command line wins) and returns the final settings: the config's
+/// `[settings]` overridden by `--set KEY=VALUE`. A malformed `--set` is a
+/// [`UsageError`].
+///
+/// Flags (`--wipe`, ...) can only be switched on from the command line, so
+/// `true` in the file cannot be undone there. A non-empty `--extension` list
+/// replaces the file's list; `--extensions-dir` folders come after the
+/// file's (so they take precedence, see `extensions::search_path`).
+pub fn apply(args: &mut DeployArgs, cfg: Option<&Config>) -> Result<BTreeMap<String, String>> {
+    let mut settings = BTreeMap::new();
+    if let Some(cfg) = cfg {
+        fill(&mut args.label, &cfg.version);
+        fill(&mut args.rootfs, &cfg.rootfs);
+        fill(&mut args.size, &cfg.size);
+        fill(&mut args.kernel_args, &cfg.kernel_args);
+        fill(&mut args.kernel, &cfg.kernel);
+        fill(&mut args.initramfs, &cfg.initramfs);
+        fill(&mut args.dtb, &cfg.dtb);
+        fill(&mut args.keep, &cfg.keep);
+        args.no_bootloader |= cfg.no_bootloader.unwrap_or(false);
+        args.wipe |= cfg.wipe.unwrap_or(false);
+        args.no_default |= cfg.no_default.unwrap_or(false);
+        args.checksum |= cfg.checksum.unwrap_or(false);
+        if args.extensions.is_empty() {
+            args.extensions = cfg.extensions.clone().unwrap_or_default();
+        }
+        if let Some(dirs) = &cfg.extensions_dirs {
+            let mut all = dirs.clone();
+            all.append(&mut args.extensions_dir);
+            args.extensions_dir = all;
+        }
+        for (k, v) in cfg.settings.iter().flatten() {
+            settings.insert(k.clone(), setting_value(v).with_context(|| k.clone())?);
+        }
+        if let Some(dir) = &cfg.dir {
+            settings.insert(CONFIG_DIR_SETTING.into(), dir.display().to_string());
+        }
+    }
+    for s in &args.set {
+        let (k, v) = parse_set(s)?;
+        settings.insert(k, v);
+    }
+    Ok(settings)
+}
+
+fn fill<T: Clone>(field: &mut Option<T>, from: &Option<T>) {
+    if field.is_none() {
+        field.clone_from(from);
+    }
+}
+
+/// Splits one `--set KEY=VALUE` (at the first `=`).
+pub fn parse_set(s: &str) -> Result<(String, String)> {
+    let Some((k, v)) = s.split_once('=') else {
+        return Err(UsageError(format!("--set {s:?}: expected KEY=VALUE")).into());
+    };
+    check_setting_name(k).map_err(|e| UsageError(format!("--set {s:?}: {e:#}")))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// True for setting names containing PASSWORD, PASSWD, PASSPHRASE, SECRET,
+/// TOKEN or KEY as a word (split on `_`, any case): `SSH_KEY`, `API_TOKEN`,
+/// `DB_PASSWORD`, but not `KEYBOARD`, `MONKEY` or `SSH_AUTHORIZED_KEYS`.
+pub fn is_secret(name: &str) -> bool {
+    name.split('_')
+        .any(|w| SECRET_WORDS.iter().any(|s| w.eq_ignore_ascii_case(s)))
+}
+
+/// The settings fit for `deployment.json` and logs: secrets and the tool's
+/// own `DEPLOY_*` entries are dropped.
+pub fn redact(settings: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    settings
+        .iter()
+        .filter(|(k, _)| !is_secret(k) && !k.starts_with(RESERVED_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_at(text: &str) -> Result<Config> {
+        parse(text, Path::new("/cfg/deploy.toml"), Path::new("/cfg"))
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let msg = format!("{:#}", parse_at("size = \"1G\"\nrotfs = \"x\"\n").unwrap_err());
+        assert!(msg.contains("rotfs"), "{msg}");
+        assert!(msg.contains("/cfg/deploy.toml"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_file() {
+        let msg = format!("{:#}", parse_at("keep = \"three\"\n").unwrap_err());
+        assert!(msg.contains("keep") && msg.contains("/cfg/deploy.toml"), "{msg}");
+        let msg = format!("{:#}", parse_at("[settings]\nLIST = [1, 2]\n").unwrap_err());
+        assert!(msg.contains("LIST") && msg.contains("array"), "{msg}");
+        let msg = format!("{:#}", parse_at("[settings]\n\"bad-name\" = 1\n").unwrap_err());
+        assert!(msg.contains("bad-name") && msg.contains("/cfg/deploy.toml"), "{msg}");
+        let msg = format!("{:#}", parse_at("[settings]\nDEPLOY_X = 1\n").unwrap_err());
+        assert!(msg.contains("reserved"), "{msg}");
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_file() {
+        let cfg = parse_at(
+            "rootfs = \"rootfs\"\nkernel = \"/abs/vmlinuz\"\ninitramfs = \"../i.img\"\n\
+             extensions_dirs = [\"ext\", \"/opt/ext\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.rootfs.unwrap(), Path::new("/cfg/rootfs"));
+        assert_eq!(cfg.kernel.unwrap(), Path::new("/abs/vmlinuz"));
+        assert_eq!(cfg.initramfs.unwrap(), Path::new("/cfg/../i.img"));
+        assert_eq!(
+            cfg.extensions_dirs.unwrap(),
+            vec![PathBuf::from("/cfg/ext"), PathBuf::from("/opt/ext")]
+        );
+    }
+
+    #[test]
+    fn load_reads_explicit_file_and_requires_it() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("my.toml");
+        std::fs::write(&f, "version = \"v7\"\nrootfs = \"r\"\n").unwrap();
+        let (p, cfg) = load(Some(&f)).unwrap().unwrap();
+        assert_eq!(p, f);
+        assert_eq!(cfg.version.as_deref(), Some("v7"));
+        assert_eq!(cfg.rootfs.unwrap(), d.path().join("r"));
+        let missing = d.path().join("missing.toml");
+        let msg = format!("{:#}", load(Some(&missing)).unwrap_err());
+        assert!(msg.contains("missing.toml"), "{msg}");
+    }
+
+    #[test]
+    fn cli_wins_over_config() {
+        let cfg = parse_at(
+            "rootfs = \"/r\"\nsize = \"2G\"\nversion = \"cfg\"\nkernel_args = \"quiet\"\n\
+             wipe = true\nkeep = 3\nextensions = [\"a\", \"b\"]\nextensions_dirs = [\"/e1\"]\n",
+        )
+        .unwrap();
+        let mut args = DeployArgs {
+            label: Some("cli".into()),
+            extensions_dir: vec![PathBuf::from("/e2")],
+            ..Default::default()
+        };
+        apply(&mut args, Some(&cfg)).unwrap();
+        assert_eq!(args.label.as_deref(), Some("cli"));
+        assert_eq!(args.rootfs.as_deref(), Some(Path::new("/r")));
+        assert_eq!(args.size.as_deref(), Some("2G"));
+        assert_eq!(args.kernel_args.as_deref(), Some("quiet"));
+        assert!(args.wipe && !args.no_default && !args.checksum);
+        assert_eq!(args.keep, Some(3));
+        assert_eq!(args.extensions, vec!["a", "b"]);
+        assert_eq!(
+            args.extensions_dir,
+            vec![PathBuf::from("/e1"), PathBuf::from("/e2")]
+        );
+
+        let mut args = DeployArgs {
+            extensions: vec!["c".into()],
+            keep: Some(1),
+            ..Default::default()
+        };
+        apply(&mut args, Some(&cfg)).unwrap();
+        assert_eq!(args.extensions, vec!["c"]);
+        assert_eq!(args.keep, Some(1));
+    }
+
+    #[test]
+    fn set_wins_over_config_settings() {
+        let cfg = parse_at("[settings]\nHOSTNAME = \"cfg\"\nPORT = 22\nON = true\nX = \"x\"\n")
+            .unwrap();
+        let mut args = DeployArgs {
+            set: vec!["HOSTNAME=cli".into(), "EXTRA=a=b".into(), "EMPTY=".into()],
+            ..Default::default()
+        };
+        let s = apply(&mut args, Some(&cfg)).unwrap();
+        assert_eq!(s["HOSTNAME"], "cli");
+        assert_eq!(s["PORT"], "22");
+        assert_eq!(s["ON"], "true");
+        assert_eq!(s["X"], "x");
+        assert_eq!(s["EXTRA"], "a=b");
+        assert_eq!(s["EMPTY"], "");
+        assert_eq!(s[CONFIG_DIR_SETTING], "/cfg");
+        // Without a config: only --set.
+        let s = apply(&mut args, None).unwrap();
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn malformed_set_is_a_usage_error() {
+        for bad in ["NOEQUALS", "=v", "1X=v", "A-B=v", "PATH=/x", "DEPLOY_VERSION=x"] {
+            let mut args = DeployArgs {
+                set: vec![bad.into()],
+                ..Default::default()
+            };
+            let e = apply(&mut args, None).unwrap_err();
+            assert!(e.downcast_ref::<UsageError>().is_some(), "{bad}: {e:#}");
+            assert!(format!("{e:#}").contains(bad), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn secrets() {
+        for s in [
+            "SSH_KEY",
+            "API_TOKEN",
+            "DB_PASSWORD",
+            "USERS_PASSWORD_HASH",
+            "SECRET",
+            "my_secret_value",
+            "KEY",
+            "WIFI_PASSPHRASE",
+        ] {
+            assert!(is_secret(s), "{s}");
+        }
+        for s in [
+            "KEYBOARD",
+            "MONKEY",
+            "HOSTNAME",
+            "SSH_AUTHORIZED_KEYS",
+            "TOKENS_URL",
+            "PASSWORDLESS",
+        ] {
+            assert!(!is_secret(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn redact_drops_secrets_and_context() {
+        let s: BTreeMap<String, String> = [
+            ("HOSTNAME", "h"),
+            ("DB_PASSWORD", "p"),
+            ("API_TOKEN", "t"),
+            (CONFIG_DIR_SETTING, "/cfg"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let r = redact(&s);
+        assert_eq!(r.keys().collect::<Vec<_>>(), vec!["HOSTNAME"]);
+    }
+}
