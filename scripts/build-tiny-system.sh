@@ -202,8 +202,8 @@ module_load_list() {
         fi
         line=$(grep -E "(^|/)${m}\.ko(\.[a-z]+)?:" "$MODROOT/lib/modules/$KVER/modules.dep" | head -n1) ||
             die "module $m not in modules.dep of $KVER"
-        local deps=(${line#*:})
-        local i
+        local deps i
+        read -ra deps <<<"${line#*:}"
         for ((i = ${#deps[@]} - 1; i >= 0; i--)); do
             emit required "${deps[i]}"
         done
@@ -325,6 +325,8 @@ EOF
 chmod 0755 "$INITRAMFS_TREE/init"
 
 INITRD=$WORK/initrd.img
+# Same inputs, same initramfs: fixed timestamps (the kernel package's date).
+find "$INITRAMFS_TREE" -exec touch -h -r "$VMLINUZ" {} +
 (cd "$INITRAMFS_TREE" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0 --reproducible) |
     gzip -n -9 >"$INITRD"
 
@@ -391,6 +393,8 @@ echo "TINY: hostname=$(hostname)"
 echo "TINY: cmdline=$(cat /proc/cmdline)"
 
 # mountinfo: id parent maj:min root mountpoint mountopts [optional...] - fstype source superopts
+# (fields are split on purpose; no globbing)
+set -f
 while read -r line; do
     set -- $line
     root=$4
@@ -401,14 +405,14 @@ while read -r line; do
     [ "$1" = btrfs ] || continue
     echo "TINY-MOUNT: $mp $root $mopts $3"
 done </proc/self/mountinfo
+set +f
 
-if [ -d /etc/tiny-boot.d ]; then
-    for hook in $(ls /etc/tiny-boot.d | sort); do
-        h=/etc/tiny-boot.d/$hook
-        [ -f "$h" ] && [ -x "$h" ] || continue
+# Test hooks, in glob (sorted) order.
+for h in /etc/tiny-boot.d/*; do
+    if [ -f "$h" ] && [ -x "$h" ]; then
         "$h" 2>&1 | sed 's/^/TINY-HOOK: /'
-    done
-fi
+    fi
+done
 
 echo "TINY: boot done"
 sync

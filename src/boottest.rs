@@ -532,7 +532,7 @@ impl<'a> Session<'a> {
                 Ok(Event::Serial(bytes)) => self.on_serial(&bytes, qemu, log),
                 Ok(Event::Stderr(line)) => self.on_stderr(&line, log),
                 Ok(Event::SerialEof) | Err(RecvTimeoutError::Disconnected) => {
-                    Some(self.on_exit(qemu))
+                    Some(self.on_exit(qemu, rx, log))
                 }
                 Err(RecvTimeoutError::Timeout) => self.on_tick(deadline),
             };
@@ -567,11 +567,8 @@ impl<'a> Session<'a> {
         log: &mut Option<File>,
     ) -> Option<SessionEnd> {
         let lines = self.console.feed(bytes, log);
-        for line in &lines {
-            match self.matcher.check_line(line) {
-                Decision::Continue => {}
-                decision => return Some(decision.into_end()),
-            }
+        if let Some(end) = lines.iter().find_map(|l| self.matcher.check_line(l).end()) {
+            return Some(end);
         }
         self.maybe_type(qemu, &lines);
         self.text_dirty = true;
@@ -612,10 +609,7 @@ impl<'a> Session<'a> {
         }
         self.last_text_check = Some(now);
         self.text_dirty = false;
-        match self.matcher.check_text(&self.console.full_text()) {
-            Decision::Continue => None,
-            decision => Some(decision.into_end()),
-        }
+        self.matcher.check_text(&self.console.full_text()).end()
     }
 
     fn on_stderr(&mut self, line: &str, log: &mut Option<File>) -> Option<SessionEnd> {
@@ -668,8 +662,24 @@ impl<'a> Session<'a> {
     }
 
     /// QEMU closed the serial line: it is exiting.
-    fn on_exit(&mut self, qemu: &mut Qemu) -> SessionEnd {
+    fn on_exit(
+        &mut self,
+        qemu: &mut Qemu,
+        rx: &Receiver<Event>,
+        log: &mut Option<File>,
+    ) -> SessionEnd {
         let status = qemu.wait_for_exit(Duration::from_secs(5));
+        // Collect QEMU's last words (the stderr reader may lag behind).
+        let end = Instant::now() + Duration::from_secs(1);
+        while let Ok(event) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            match event {
+                Event::Stderr(line) => self.note_stderr(&line, log),
+                Event::Serial(bytes) => {
+                    self.console.feed(&bytes, log);
+                }
+                Event::SerialEof => {}
+            }
+        }
         // Whatever is left: the unterminated last line and the whole text.
         if let Some(end) = self.final_checks() {
             return end;
@@ -688,10 +698,8 @@ impl<'a> Session<'a> {
     fn final_checks(&mut self) -> Option<SessionEnd> {
         let partial = self.console.partial();
         if !partial.is_empty() {
-            if let decision @ (Decision::Pass | Decision::Fail(_)) =
-                self.matcher.check_line(&partial)
-            {
-                return Some(decision.into_end());
+            if let Some(end) = self.matcher.check_line(&partial).end() {
+                return Some(end);
             }
         }
         self.text_dirty = true;
@@ -774,11 +782,12 @@ enum Decision {
 }
 
 impl Decision {
-    fn into_end(self) -> SessionEnd {
+    /// The session end this decision means, if any.
+    fn end(self) -> Option<SessionEnd> {
         match self {
-            Decision::Pass => SessionEnd::Passed,
-            Decision::Fail(reason) => SessionEnd::Failed(reason),
-            Decision::Continue => unreachable!("Continue is not an end"),
+            Decision::Continue => None,
+            Decision::Pass => Some(SessionEnd::Passed),
+            Decision::Fail(reason) => Some(SessionEnd::Failed(reason)),
         }
     }
 }
@@ -1289,8 +1298,16 @@ echo 'TINY: boot done'"#;
         .unwrap();
         assert!(o.passed, "{o:?}");
 
-        // Timeout while the guest keeps running; QEMU is killed.
-        let qemu = fake_qemu(dir.path(), "exit 1", "echo hello; exec sleep 60");
+        // Timeout while the guest keeps running; QEMU is killed and reaped.
+        let pid_file = dir.path().join("pid");
+        let qemu = fake_qemu(
+            dir.path(),
+            "exit 1",
+            &format!(
+                "echo $$ > {}; echo hello; exec sleep 60",
+                pid_file.display()
+            ),
+        );
         let mut opts = fake_opts(dir.path(), "never", Accel::Tcg);
         opts.timeout = Duration::from_secs(1);
         let start = Instant::now();
@@ -1298,6 +1315,27 @@ echo 'TINY: boot done'"#;
         assert!(!o.passed);
         assert_eq!(o.reason, "timeout after 1 s");
         assert!(start.elapsed() < Duration::from_secs(3));
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "QEMU (pid {pid}) is gone"
+        );
+
+        // With persist, the guest may finish after the match.
+        let qemu = fake_qemu(
+            dir.path(),
+            "exit 1",
+            "echo 'TINY: boot done'; sleep 1; echo synced; exit 0",
+        );
+        let mut opts = fake_opts(dir.path(), "boot done", Accel::Tcg);
+        opts.persist = true;
+        let o = run_with(&qemu, &opts, false).unwrap();
+        assert!(o.passed, "{o:?}");
+        assert!(o.console.ends_with("synced\n"), "{o:?}");
+        assert!(
+            o.elapsed < Duration::from_secs(1),
+            "elapsed is the time to the match"
+        );
 
         // A kernel panic fails at once.
         let qemu = fake_qemu(

@@ -171,4 +171,8 @@ pub struct BootTestArgs {
     /// Write the serial console to this file.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+    /// Regular expression that fails the test as soon as it appears
+    /// (repeatable; kernel panics and bootloader errors always fail it).
+    #[arg(long, value_name = "REGEX")]
+    pub fail_on: Vec<String>,
 }

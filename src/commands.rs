@@ -18,40 +18,10 @@ pub fn with_disk<T>(
     if kind == TargetKind::Missing {
         bail!("{} does not exist", target.display());
     }
-    disk::ensure_not_in_use(target, kind)?;
-    match btrfs::probe_fs_type(target)? {
-        Some(t) if t == "btrfs" => {}
-        Some(t) => bail!(
-            "{} holds a {t} filesystem, not a btrfs-deploy disk",
-            target.display()
-        ),
-        None => bail!(
-            "{} holds no filesystem: it is not a btrfs-deploy disk",
-            target.display()
-        ),
-    }
     let lock = disk::lock_existing(target)?;
-    let disk = Disk::open(target, kind, read_only)?;
-    if !disk.layout.exists() {
-        drop(disk);
-        bail!(
-            "{} holds a Btrfs without the btrfs-deploy layout (no systems/default)",
-            target.display()
-        );
-    }
-    let result = f(&disk);
-    match result {
-        Ok(v) => {
-            disk.close()?;
-            drop(lock);
-            Ok(v)
-        }
-        Err(e) => {
-            drop(disk);
-            drop(lock);
-            Err(e)
-        }
-    }
+    let result = open_checked(target, kind, read_only, f);
+    drop(lock);
+    result
 }
 
 /// One row of `deploy list`.
@@ -225,4 +195,144 @@ pub fn cleanup(target: &Path) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Kernel messages that mean the root filesystem could not be mounted.
+const ROOT_MOUNT_FAILURES: &[&str] = &[r"VFS: Unable to mount root fs", r"Cannot open root device"];
+
+/// `deploy boot-test`: checks the disk (exists, holds the layout, has the
+/// version), then boots it in QEMU through its own bootloader.
+pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
+    use crate::boottest::{self, Accel, BootTestOptions};
+    use crate::cli::AccelArg;
+    let parse = |what: &str, re: &str| {
+        regex::Regex::new(re).map_err(|e| {
+            crate::UsageError(format!("invalid {what} regular expression {re:?}: {e}"))
+        })
+    };
+    let expect = parse("--expect", &args.expect)?;
+    let mut extra_fail = Vec::new();
+    for re in args
+        .fail_on
+        .iter()
+        .map(String::as_str)
+        .chain(ROOT_MOUNT_FAILURES.iter().copied())
+    {
+        extra_fail.push(parse("--fail-on", re)?);
+    }
+    if args.timeout == 0 {
+        return Err(crate::UsageError("--timeout must be at least 1 second".into()).into());
+    }
+    if crate::cmd::which(boottest::QEMU_BINARY).is_none() {
+        bail!(
+            "{} not found: install the Debian package {}",
+            boottest::QEMU_BINARY,
+            boottest::QEMU_PACKAGE
+        );
+    }
+    let kind = disk::classify(&args.target)?;
+    if kind == TargetKind::Missing {
+        bail!("{} does not exist: nothing to boot", args.target.display());
+    }
+    // Hold the lock while QEMU runs, so no deploy changes the disk under it.
+    let _lock = disk::lock_existing(&args.target)?;
+    open_checked(&args.target, kind, true, |disk| {
+        let top = &disk.layout;
+        let default = versions::default_label(top)?;
+        let label = args.label.as_deref().unwrap_or(&default);
+        require_version(top, label, &args.target)?;
+        if !top.extlinux_conf().exists() {
+            bail!(
+                "{} has no bootloader (deployed with --no-bootloader?): nothing to boot",
+                args.target.display()
+            );
+        }
+        Ok(())
+    })?;
+    let mut opts = BootTestOptions::new(&args.target, expect);
+    opts.entry = args.label.clone();
+    opts.timeout = std::time::Duration::from_secs(args.timeout);
+    opts.accel = match args.accel {
+        AccelArg::Auto => Accel::Auto,
+        AccelArg::Kvm => Accel::Kvm,
+        AccelArg::Tcg => Accel::Tcg,
+    };
+    opts.persist = args.persist;
+    opts.memory_mib = args.memory;
+    opts.log = args.log.clone();
+    opts.extra_fail = extra_fail;
+    ui::step(format!(
+        "Booting {}{} in QEMU (accel {}, timeout {} s), waiting for /{}/",
+        args.target.display(),
+        args.label
+            .as_ref()
+            .map(|l| format!(" version {l}"))
+            .unwrap_or_default(),
+        opts.accel,
+        args.timeout,
+        args.expect
+    ));
+    let outcome = boottest::run(&opts)?;
+    if outcome.passed {
+        println!(
+            "boot-test passed: /{}/ appeared after {:.1} s (accel {})",
+            args.expect,
+            outcome.elapsed.as_secs_f64(),
+            outcome.accel_used
+        );
+        Ok(())
+    } else {
+        eprintln!("--- last console lines ---");
+        for l in &outcome.tail {
+            eprintln!("{l}");
+        }
+        eprintln!("---");
+        bail!(
+            "boot-test of {} failed after {:.1} s: {}",
+            args.target.display(),
+            outcome.elapsed.as_secs_f64(),
+            outcome.reason
+        )
+    }
+}
+
+/// Opens a target whose lock the caller holds, checks it holds the layout,
+/// runs `f`, and closes it (reporting close errors on success).
+fn open_checked<T>(
+    target: &Path,
+    kind: TargetKind,
+    read_only: bool,
+    f: impl FnOnce(&Disk) -> Result<T>,
+) -> Result<T> {
+    disk::ensure_not_in_use(target, kind)?;
+    match btrfs::probe_fs_type(target)? {
+        Some(t) if t == "btrfs" => {}
+        Some(t) => bail!(
+            "{} holds a {t} filesystem, not a btrfs-deploy disk",
+            target.display()
+        ),
+        None => bail!(
+            "{} holds no filesystem: it is not a btrfs-deploy disk",
+            target.display()
+        ),
+    }
+    let disk = Disk::open(target, kind, read_only)?;
+    if !disk.layout.exists() {
+        drop(disk);
+        bail!(
+            "{} holds a Btrfs without the btrfs-deploy layout (no systems/default)",
+            target.display()
+        );
+    }
+    let result = f(&disk);
+    match result {
+        Ok(v) => {
+            disk.close()?;
+            Ok(v)
+        }
+        Err(e) => {
+            drop(disk);
+            Err(e)
+        }
+    }
 }

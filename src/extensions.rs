@@ -1,0 +1,596 @@
+//! Configure extensions (design §5): executables `<name>.configure` (and an
+//! optional `<name>.check`) found in the project's `extensions/` folder and
+//! in folders the user adds.
+//!
+//! Contract (documented for users in docs/extensions.md):
+//! - `.check` runs at planning time with no argument, before anything is
+//!   written; a non-zero exit rejects the settings.
+//! - `.configure TREE` runs on the new version's tree, in the order listed.
+//! - Both get an environment made of the settings plus `DEPLOY_VERSION`,
+//!   `DEPLOY_UPGRADE` (`yes`/`no`), `DEPLOY_TARGET`, `DEPLOY_RUN_IN_TREE`,
+//!   `DEPLOY_EXTENSION`, `DEPLOY_EXTENSION_DIR`, `PATH` (and `DEPLOY_TREE`
+//!   for `.configure`); nothing else of the caller's environment. stdin is
+//!   empty; a failure carries the tail of stderr.
+
+use crate::{cmd, config, ui};
+use anyhow::{bail, Context as _, Result};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Suffix of the program that applies an extension to a tree.
+pub const CONFIGURE_SUFFIX: &str = ".configure";
+/// Suffix of the program that validates an extension's settings.
+pub const CHECK_SUFFIX: &str = ".check";
+/// Where an installed copy of the tool keeps the shipped extensions,
+/// relative to the directory of the `deploy` executable.
+pub const INSTALLED_DIR: &str = "../share/btrfs-deploy/extensions";
+/// Marker of the summary line in a `.configure` file.
+const SUMMARY_MARKER: &str = "# summary:";
+/// How many trailing lines of a failing extension's stderr are reported.
+const TAIL_LINES: usize = 15;
+/// PATH given to extensions when the caller has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// One extension, resolved to its programs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extension {
+    /// Name (`hostname`).
+    pub name: String,
+    /// The `<name>.configure` program.
+    pub configure: PathBuf,
+    /// The `<name>.check` program, when there is one.
+    pub check: Option<PathBuf>,
+    /// One-line summary (the `# summary:` comment of the `.configure` file).
+    pub summary: String,
+}
+
+/// What the tool tells extensions about the deploy.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// Label of the version being written.
+    pub version: String,
+    /// True when adding a version to an existing disk.
+    pub upgrade: bool,
+    /// The target disk image or device.
+    pub target: PathBuf,
+    /// Settings (config `[settings]` and `--set`), secrets included.
+    pub settings: BTreeMap<String, String>,
+}
+
+/// The project's extensions folder: the installed copy
+/// (`<exe dir>/../share/btrfs-deploy/extensions`) when it exists, else the
+/// source tree's `extensions/`.
+pub fn project_dir() -> PathBuf {
+    if let Some(bin) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        let installed = bin.join(INSTALLED_DIR);
+        if installed.is_dir() {
+            return installed.canonicalize().unwrap_or(installed);
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("extensions")
+}
+
+/// The folders searched, lowest precedence first: the project's folder,
+/// then `extra` in order. An extension in a later folder replaces one of the
+/// same name in an earlier folder, so a user's folder overrides what ships.
+pub fn search_path(extra: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs = vec![project_dir()];
+    dirs.extend(extra.iter().cloned());
+    dirs
+}
+
+fn check_extra_dirs(extra: &[PathBuf]) -> Result<()> {
+    for d in extra {
+        if !d.is_dir() {
+            bail!(
+                "extensions folder {} does not exist or is not a directory",
+                d.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !valid {
+        bail!("invalid extension name {name:?}: use letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Builds the extension `name` found in `dir`, checking its programs.
+fn load(name: &str, dir: &Path) -> Result<Extension> {
+    let configure = dir.join(format!("{name}{CONFIGURE_SUFFIX}"));
+    if !is_executable_file(&configure) {
+        bail!(
+            "extension {name}: {} is not an executable file (chmod +x it)",
+            configure.display()
+        );
+    }
+    let check_path = dir.join(format!("{name}{CHECK_SUFFIX}"));
+    let check = if std::fs::symlink_metadata(&check_path).is_ok() {
+        if !is_executable_file(&check_path) {
+            bail!(
+                "extension {name}: {} is not an executable file (chmod +x it)",
+                check_path.display()
+            );
+        }
+        Some(check_path)
+    } else {
+        None
+    };
+    Ok(Extension {
+        name: name.to_string(),
+        summary: read_summary(&configure),
+        configure,
+        check,
+    })
+}
+
+/// The text after `# summary:` on the first such line of `path` (empty if none).
+pub fn read_summary(path: &Path) -> String {
+    let mut head = Vec::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(16 * 1024).read_to_end(&mut head);
+    }
+    String::from_utf8_lossy(&head)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(SUMMARY_MARKER).map(|s| s.trim().to_string()))
+        .unwrap_or_default()
+}
+
+fn joined(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Resolves `names` (in order) to extensions. A missing or non-executable
+/// `.configure` (or non-executable `.check`) is an error naming the
+/// extension and the folders searched; so is a name listed twice.
+pub fn find(names: &[String], extra_dirs: &[PathBuf]) -> Result<Vec<Extension>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    check_extra_dirs(extra_dirs)?;
+    let dirs = search_path(extra_dirs);
+    let mut found: Vec<Extension> = Vec::new();
+    for name in names {
+        check_name(name)?;
+        if found.iter().any(|e| &e.name == name) {
+            bail!("extension {name} is listed twice");
+        }
+        let file = format!("{name}{CONFIGURE_SUFFIX}");
+        let Some(dir) = dirs
+            .iter()
+            .rev()
+            .find(|d| std::fs::symlink_metadata(d.join(&file)).is_ok())
+        else {
+            bail!(
+                "extension {name} not found: no {file} in {} (see `deploy extensions`)",
+                joined(&dirs)
+            );
+        };
+        found.push(load(name, dir)?);
+    }
+    Ok(found)
+}
+
+/// Every available extension (later folders replacing earlier ones of the
+/// same name), sorted by name. Non-executable files are skipped with a warning.
+pub fn available(extra_dirs: &[PathBuf]) -> Result<Vec<Extension>> {
+    check_extra_dirs(extra_dirs)?;
+    let mut all: BTreeMap<String, Extension> = BTreeMap::new();
+    for dir in search_path(extra_dirs) {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(CONFIGURE_SUFFIX) else {
+                continue;
+            };
+            if check_name(name).is_err() {
+                continue;
+            }
+            match load(name, &dir) {
+                Ok(ext) => {
+                    all.insert(name.to_string(), ext);
+                }
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+        }
+    }
+    Ok(all.into_values().collect())
+}
+
+/// `deploy extensions`: prints the available extensions with their summary.
+pub fn print_available(extra_dirs: &[PathBuf]) -> Result<()> {
+    let exts = available(extra_dirs)?;
+    let width = exts.iter().map(|e| e.name.len()).max().unwrap_or(0).max(4);
+    if exts.is_empty() {
+        println!("No extensions found.");
+    } else {
+        println!("{:width$}  SUMMARY", "NAME");
+        for e in &exts {
+            println!("{:width$}  {}", e.name, e.summary);
+        }
+    }
+    println!();
+    println!(
+        "Searched (later folders override earlier ones): {}",
+        joined(&search_path(extra_dirs))
+    );
+    println!("Use: deploy -e NAME --set KEY=VALUE ...  (settings: docs/extensions.md)");
+    Ok(())
+}
+
+/// The `PATH` handed to extensions: the caller's, else a standard one.
+fn child_path() -> String {
+    std::env::var("PATH")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_PATH.to_string())
+}
+
+/// The command for one of `ext`'s programs with the environment contract
+/// applied (the caller's environment is not passed on).
+fn command(ext: &Extension, program: &Path, ctx: &Context, tree: Option<&Path>) -> Result<Command> {
+    let helper = std::env::current_exe().context("finding the deploy executable")?;
+    let mut c = Command::new(program);
+    c.env_clear();
+    c.envs(&ctx.settings);
+    c.env("PATH", child_path());
+    c.env("DEPLOY_VERSION", &ctx.version);
+    c.env("DEPLOY_UPGRADE", if ctx.upgrade { "yes" } else { "no" });
+    c.env("DEPLOY_TARGET", &ctx.target);
+    c.env("DEPLOY_RUN_IN_TREE", helper);
+    c.env("DEPLOY_EXTENSION", &ext.name);
+    if let Some(dir) = program.parent() {
+        c.env("DEPLOY_EXTENSION_DIR", dir);
+    }
+    if let Some(tree) = tree {
+        c.env("DEPLOY_TREE", tree);
+        c.arg(tree);
+    }
+    cmd::prepare(&mut c);
+    Ok(c)
+}
+
+/// Runs one program; the error (for a non-zero exit) is `what` plus the
+/// exit status and the tail of stderr (stdout when stderr is empty).
+fn run(ext: &Extension, mut c: Command, what: &str) -> Result<Output> {
+    tracing::debug!(
+        extension = %ext.name,
+        program = ?c.get_program(),
+        settings = ?config::redact(&c.get_envs()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+            .collect()),
+        "running"
+    );
+    let out = c
+        .output()
+        .with_context(|| format!("starting extension {} ({:?})", ext.name, c.get_program()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let tail = cmd::tail_lines(
+            if stderr.trim().is_empty() {
+                &stdout
+            } else {
+                &stderr
+            },
+            TAIL_LINES,
+        );
+        let how = match (out.status.code(), std::os::unix::process::ExitStatusExt::signal(&out.status)) {
+            (Some(code), _) => format!("exit {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => out.status.to_string(),
+        };
+        let tail = if tail.is_empty() {
+            "(no output)".to_string()
+        } else {
+            tail
+        };
+        bail!("{what} ({how}): {tail}");
+    }
+    Ok(out)
+}
+
+fn show_output(ext: &Extension, out: &Output) {
+    for stream in [&out.stdout, &out.stderr] {
+        for line in String::from_utf8_lossy(stream).lines() {
+            if !line.trim().is_empty() {
+                ui::detail(format!("{}: {line}", ext.name));
+            }
+        }
+    }
+}
+
+/// Runs every `.check` (planning time, nothing written yet), in order.
+pub fn run_checks(exts: &[Extension], ctx: &Context) -> Result<()> {
+    for ext in exts {
+        let Some(check) = &ext.check else { continue };
+        let c = command(ext, check, ctx, None)?;
+        let out = run(
+            ext,
+            c,
+            &format!("extension {}: settings rejected by its check", ext.name),
+        )?;
+        show_output(ext, &out);
+    }
+    Ok(())
+}
+
+/// Runs every `.configure TREE` in order. The first failure stops the run
+/// with "extension NAME failed (exit N): <stderr tail>".
+pub fn run_configure(exts: &[Extension], tree: &Path, ctx: &Context) -> Result<()> {
+    for ext in exts {
+        ui::step(format!("Running extension {}", ext.name));
+        let c = command(ext, &ext.configure, ctx, Some(tree))?;
+        let out = run(ext, c, &format!("extension {} failed", ext.name))?;
+        show_output(ext, &out);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(dir: &Path, file: &str, body: &str) -> PathBuf {
+        let p = dir.join(file);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn ctx(settings: &[(&str, &str)]) -> Context {
+        Context {
+            version: "v2".into(),
+            upgrade: true,
+            target: PathBuf::from("/dev/null-target.img"),
+            settings: settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn search_path_starts_with_the_project_folder() {
+        let p = search_path(&[PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(p.len(), 3);
+        assert!(p[0].ends_with("extensions"), "{p:?}");
+        assert!(p[0].join("hostname.configure").exists(), "{p:?}");
+        assert_eq!(&p[1..], &[PathBuf::from("/a"), PathBuf::from("/b")]);
+    }
+
+    #[test]
+    fn later_folders_override_earlier_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        script(&a, "x.configure", "# summary: from a");
+        script(&a, "x.check", "true");
+        script(&b, "x.configure", "# summary: from b");
+        script(&a, "only-a.configure", "# summary: only a");
+        script(&b, "hostname.configure", "# summary: my hostname");
+        let found = find(&names(&["x", "only-a", "hostname"]), &[a.clone(), b.clone()]).unwrap();
+        assert_eq!(found[0].configure, b.join("x.configure"));
+        assert_eq!(found[0].summary, "from b");
+        // The .check belongs to the folder the .configure was found in.
+        assert_eq!(found[0].check, None);
+        assert_eq!(found[1].configure, a.join("only-a.configure"));
+        assert_eq!(found[2].summary, "my hostname");
+        let all = available(&[a, b.clone()]).unwrap();
+        let host = all.iter().find(|e| e.name == "hostname").unwrap();
+        assert_eq!(host.configure, b.join("hostname.configure"));
+        assert!(all.iter().any(|e| e.name == "users"));
+        assert!(all.windows(2).all(|w| w[0].name < w[1].name));
+    }
+
+    #[test]
+    fn missing_and_non_executable_extensions_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let msg = format!("{:#}", find(&names(&["nope"]), &[d.path().into()]).unwrap_err());
+        assert!(msg.contains("nope") && msg.contains(&d.path().display().to_string()), "{msg}");
+        assert!(msg.contains("extensions"), "{msg}");
+
+        let p = script(d.path(), "plain.configure", "true");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let msg = format!("{:#}", find(&names(&["plain"]), &[d.path().into()]).unwrap_err());
+        assert!(msg.contains("plain") && msg.contains("not an executable"), "{msg}");
+
+        script(d.path(), "ok.configure", "true");
+        let c = script(d.path(), "ok.check", "true");
+        std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let msg = format!("{:#}", find(&names(&["ok"]), &[d.path().into()]).unwrap_err());
+        assert!(msg.contains("ok.check"), "{msg}");
+
+        let msg = format!("{:#}", find(&names(&["../x"]), &[]).unwrap_err());
+        assert!(msg.contains("invalid extension name"), "{msg}");
+        let msg = format!("{:#}", find(&names(&["hostname", "hostname"]), &[]).unwrap_err());
+        assert!(msg.contains("twice"), "{msg}");
+        let missing = d.path().join("no-such-dir");
+        let msg = format!("{:#}", find(&names(&["hostname"]), &[missing]).unwrap_err());
+        assert!(msg.contains("no-such-dir"), "{msg}");
+    }
+
+    #[test]
+    fn environment_contract() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let tree = d.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        script(
+            d.path(),
+            "dump.configure",
+            &format!(
+                "env > {o}/configure.env; echo \"$#:$1\" > {o}/configure.args\n\
+                 cat > {o}/configure.stdin; pwd > {o}/configure.pwd",
+                o = out.display()
+            ),
+        );
+        script(
+            d.path(),
+            "dump.check",
+            &format!("env > {o}/check.env; echo \"$#\" > {o}/check.args", o = out.display()),
+        );
+        std::fs::create_dir(&out).unwrap();
+        let exts = find(&names(&["dump"]), &[d.path().into()]).unwrap();
+        let c = ctx(&[("HOSTNAME", "box"), ("DB_PASSWORD", "s3cret"), ("SPACES", "a b\nc")]);
+        run_checks(&exts, &c).unwrap();
+        run_configure(&exts, &tree, &c).unwrap();
+        let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+        for f in ["check.env", "configure.env"] {
+            let env = read(f);
+            for want in [
+                "HOSTNAME=box",
+                "DB_PASSWORD=s3cret",
+                "SPACES=a b\nc",
+                "DEPLOY_VERSION=v2",
+                "DEPLOY_UPGRADE=yes",
+                "DEPLOY_TARGET=/dev/null-target.img",
+                "DEPLOY_EXTENSION=dump",
+                &format!("DEPLOY_EXTENSION_DIR={}", d.path().display()),
+                &format!(
+                    "DEPLOY_RUN_IN_TREE={}",
+                    std::env::current_exe().unwrap().display()
+                ),
+                "PATH=",
+            ] {
+                assert!(env.contains(want), "{f} lacks {want}:\n{env}");
+            }
+            // Nothing of our own environment leaks through (but PATH).
+            for (k, _) in std::env::vars() {
+                if k != "PATH" && !c.settings.contains_key(&k) {
+                    let leaked = env.lines().any(|l| l.starts_with(&format!("{k}=")));
+                    assert!(!leaked, "{k} leaked:\n{env}");
+                }
+            }
+        }
+        assert!(!read("check.env").contains("DEPLOY_TREE="));
+        assert!(read("configure.env").contains(&format!("DEPLOY_TREE={}\n", tree.display())));
+        assert_eq!(read("configure.args"), format!("1:{}\n", tree.display()));
+        assert_eq!(read("check.args"), "0\n");
+        assert_eq!(read("configure.stdin"), "");
+        assert_eq!(
+            read("configure.pwd").trim(),
+            std::env::current_dir().unwrap().display().to_string()
+        );
+    }
+
+    #[test]
+    fn runs_in_order_and_stops_at_the_first_failure() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("log");
+        for n in ["one", "two", "three"] {
+            script(
+                d.path(),
+                &format!("{n}.configure"),
+                &format!("echo {n} >> {}", log.display()),
+            );
+        }
+        script(
+            d.path(),
+            "bad.configure",
+            &format!(
+                "echo bad >> {}\nfor i in $(seq 1 40); do echo noise $i >&2; done\n\
+                 echo 'the real reason' >&2; exit 7",
+                log.display()
+            ),
+        );
+        let tree = d.path();
+        let exts = find(&names(&["three", "one", "two"]), &[d.path().into()]).unwrap();
+        run_configure(&exts, tree, &ctx(&[])).unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "three\none\ntwo\n");
+
+        std::fs::remove_file(&log).unwrap();
+        let exts = find(&names(&["two", "bad", "one"]), &[d.path().into()]).unwrap();
+        let msg = format!("{:#}", run_configure(&exts, tree, &ctx(&[])).unwrap_err());
+        assert!(msg.starts_with("extension bad failed (exit 7): "), "{msg}");
+        assert!(msg.ends_with("the real reason"), "{msg}");
+        assert!(msg.contains("noise 40") && !msg.contains("noise 5\n"), "{msg}");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "two\nbad\n");
+    }
+
+    #[test]
+    fn failing_check_names_the_extension() {
+        let d = tempfile::tempdir().unwrap();
+        script(d.path(), "picky.configure", "exit 0");
+        script(
+            d.path(),
+            "picky.check",
+            "[ \"$COLOR\" = blue ] || { echo \"COLOR must be blue, not '$COLOR'\" >&2; exit 1; }",
+        );
+        let exts = find(&names(&["picky"]), &[d.path().into()]).unwrap();
+        run_checks(&exts, &ctx(&[("COLOR", "blue")])).unwrap();
+        let msg = format!("{:#}", run_checks(&exts, &ctx(&[("COLOR", "red")])).unwrap_err());
+        assert!(msg.contains("picky") && msg.contains("COLOR must be blue, not 'red'"), "{msg}");
+        assert!(msg.contains("exit 1"), "{msg}");
+    }
+
+    #[test]
+    fn killed_extension_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        script(d.path(), "die.configure", "kill -9 $$");
+        let exts = find(&names(&["die"]), &[d.path().into()]).unwrap();
+        let msg = format!("{:#}", run_configure(&exts, d.path(), &ctx(&[])).unwrap_err());
+        assert!(msg.contains("extension die failed (killed by signal 9)"), "{msg}");
+    }
+
+    #[test]
+    fn summary_is_the_first_summary_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = script(d.path(), "s.configure", "# other\n# summary:  Does things \n# summary: no");
+        assert_eq!(read_summary(&p), "Does things");
+        let p = script(d.path(), "t.configure", "true");
+        assert_eq!(read_summary(&p), "");
+    }
+
+    #[test]
+    fn every_shipped_extension_has_a_summary() {
+        let all = available(&[]).unwrap();
+        for want in [
+            "hostname",
+            "install-files",
+            "fstab",
+            "ssh-keys",
+            "systemd-units",
+            "network",
+            "users",
+        ] {
+            let e = all
+                .iter()
+                .find(|e| e.name == want)
+                .unwrap_or_else(|| panic!("{want} not shipped: {all:?}"));
+            assert!(!e.summary.is_empty(), "{want} has no summary");
+            assert!(e.check.is_some(), "{want} has no .check");
+        }
+    }
+}

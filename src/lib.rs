@@ -2,7 +2,7 @@
 //! Btrfs layout, add versions, switch and roll back atomically, boot-test.
 
 pub mod bootloader;
-// pub mod boottest;
+pub mod boottest;
 pub mod btrfs;
 pub mod cli;
 pub mod cmd;
@@ -64,7 +64,10 @@ pub fn run(cli: Cli) -> Result<()> {
             mount::enter_private_namespace()?;
             commands::cleanup(&target)
         }
-        Some(Command::BootTest(_args)) => anyhow::bail!("boot-test not wired yet"),
+        Some(Command::BootTest(args)) => {
+            mount::enter_private_namespace()?;
+            commands::boot_test(&args)
+        }
         Some(Command::Extensions { .. }) => anyhow::bail!("extensions are not available yet"),
     }
 }

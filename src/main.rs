@@ -13,6 +13,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     match btrfs_deploy::run(cli) {

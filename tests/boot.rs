@@ -1,0 +1,222 @@
+//! Boot tests (issues 3 and 4): real disks produced by `deploy`, booted in
+//! QEMU through SeaBIOS → extlinux → kernel, asserting on what the tiny test
+//! system reports from inside the guest.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// Boots `img` (optionally a given version) and returns the console text.
+fn boot(img: &Path, version: Option<&str>) -> String {
+    let log = PathBuf::from(format!("{}.console.log", img.display()));
+    let mut args = vec![
+        "boot-test",
+        img.to_str().unwrap(),
+        "--timeout",
+        "120",
+        "--accel",
+        "tcg",
+        "--log",
+        log.to_str().unwrap(),
+    ];
+    if let Some(v) = version {
+        args.extend(["--version", v]);
+    }
+    let out = run_ok(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("boot-test passed") && stdout.contains(" s "),
+        "{stdout}"
+    );
+    std::fs::read_to_string(&log).unwrap()
+}
+
+/// The `TINY-MOUNT: <mountpoint> <root in fs> ...` lines, as (mountpoint, root).
+fn mounts(console: &str) -> Vec<(String, String)> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TINY-MOUNT: "))
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+        })
+        .collect()
+}
+
+fn assert_layout_mounted(console: &str, label: &str) {
+    let m = mounts(console);
+    assert!(
+        m.contains(&("/".into(), format!("/systems/{label}/run"))),
+        "/ is not systems/{label}/run: {m:?}\n{console}"
+    );
+    for d in ["home", "root", "opt", "srv", "var"] {
+        assert!(
+            m.contains(&(format!("/{d}"), format!("/state/{d}"))),
+            "/{d} is not /state/{d}: {m:?}"
+        );
+    }
+}
+
+/// A copy of the tiny system with a hook printing /home's marker files and
+/// the hostname file, and an `etc/issue` naming the version.
+fn tiny_variant(dir: &Path, name: &str) -> PathBuf {
+    let root = dir.join(name);
+    sh(&format!(
+        "cp -a {} {}",
+        tiny_rootfs().display(),
+        root.display()
+    ));
+    write(&root.join("etc/tiny-boot.d/10-report"), b"#!/bin/sh\necho \"issue=$(cat /etc/issue)\"\nfor f in /home/*.txt; do [ -f \"$f\" ] && echo \"home-file $f: $(cat $f)\"; done\nexit 0\n");
+    chmod(&root.join("etc/tiny-boot.d/10-report"), 0o755);
+    write(&root.join("etc/issue"), format!("{name}\n").as_bytes());
+    root
+}
+
+#[test]
+fn factory_boots_with_root_on_run_and_state_mounted_from_fstab() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("factory.img");
+    run_ok(&[
+        "--rootfs",
+        tiny_rootfs().to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let uuid = fs_uuid(&img);
+    let console = boot(&img, None);
+    assert_layout_mounted(&console, "factory");
+    // The options in effect are the ones the deploy wrote to fstab.
+    let opts: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("TINY-MOUNT: /home "))
+        .collect();
+    assert!(
+        opts[0].contains("noatime") && opts[0].contains("subvol=/state/home"),
+        "{opts:?}"
+    );
+    assert!(console.contains(&format!("root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/default/run rw console=tty0 console=ttyS0,115200")), "{console}");
+    assert!(console.contains("TINY: hostname=tiny"));
+    assert!(!console.contains("mount -a failed"), "{console}");
+    // The image is not modified by a boot test without --persist.
+    assert_no_leftovers(&img, false);
+}
+
+#[test]
+fn boot_test_fails_clearly_when_root_subvolume_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("broken.img");
+    run_ok(&[
+        "--rootfs",
+        tiny_rootfs().to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    {
+        let e = Edit::open(&img);
+        let conf = e.path("extlinux/extlinux.conf");
+        let text = std::fs::read_to_string(&conf)
+            .unwrap()
+            .replace("subvol=systems/default/run", "subvol=systems/missing/run");
+        std::fs::write(&conf, text).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let stderr = run_fails(
+        &[
+            "boot-test",
+            img.to_str().unwrap(),
+            "--timeout",
+            "90",
+            "--accel",
+            "tcg",
+        ],
+        1,
+        &["boot-test of", "failed after", "last console lines"],
+    );
+    assert!(
+        stderr.contains("TINY-INITRAMFS: FAILED") || stderr.contains("powered off"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 90,
+        "failure was only detected by the timeout"
+    );
+}
+
+#[test]
+fn boot_test_errors_before_qemu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.img");
+    run_fails(
+        &["boot-test", missing.to_str().unwrap()],
+        1,
+        &["does not exist"],
+    );
+    let plain = tmp.path().join("plain.img");
+    sh(&format!(
+        "truncate -s 300M {0} && mkfs.btrfs -q {0}",
+        plain.display()
+    ));
+    run_fails(
+        &["boot-test", plain.to_str().unwrap()],
+        1,
+        &["without the btrfs-deploy layout"],
+    );
+    let img = tmp.path().join("d.img");
+    run_ok(&[
+        "--rootfs",
+        tiny_rootfs().to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    run_fails(
+        &["boot-test", img.to_str().unwrap(), "--version", "nope"],
+        1,
+        &["no version nope", "factory"],
+    );
+    run_fails(
+        &["boot-test", img.to_str().unwrap(), "--expect", "("],
+        2,
+        &["invalid --expect"],
+    );
+    assert_no_leftovers(&img, false);
+}
+
+/// Issue 4's scenario: factory → boot → upgrade → boot → rollback → boot →
+/// remove → list → boot; a file put in /state/home survives all of it.
+#[test]
+fn upgrade_rollback_remove_each_followed_by_a_boot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("life.img");
+    let imgs = img.to_str().unwrap();
+    let v1 = tiny_variant(tmp.path(), "factory-rootfs");
+    run_ok(&["--rootfs", v1.to_str().unwrap(), imgs]);
+    {
+        let e = Edit::open(&img);
+        write(&e.path("state/home/kept.txt"), b"from the host\n");
+    }
+    let c = boot(&img, None);
+    assert_layout_mounted(&c, "factory");
+    assert!(c.contains("home-file /home/kept.txt: from the host"), "{c}");
+    assert!(c.contains("issue=factory-rootfs"));
+
+    let v2 = tiny_variant(tmp.path(), "v2-rootfs");
+    run_ok(&["--version", "v2", "--rootfs", v2.to_str().unwrap(), imgs]);
+    let c = boot(&img, None);
+    assert_layout_mounted(&c, "v2");
+    assert!(c.contains("issue=v2-rootfs"), "{c}");
+    assert!(c.contains("home-file /home/kept.txt: from the host"), "{c}");
+    // --version boots another entry without changing the default.
+    let c = boot(&img, Some("factory"));
+    assert_layout_mounted(&c, "factory");
+    assert!(c.contains("issue=factory-rootfs"));
+
+    run_ok(&["set-default", "factory", imgs]);
+    let c = boot(&img, None);
+    assert_layout_mounted(&c, "factory");
+    assert!(c.contains("home-file /home/kept.txt: from the host"));
+
+    run_ok(&["remove", "v2", imgs]);
+    let rows: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["list", imgs, "--json"]).stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1);
+    assert_eq!(rows[0]["label"], "factory");
+    let c = boot(&img, None);
+    assert_layout_mounted(&c, "factory");
+}
