@@ -101,11 +101,15 @@ make_dir() {
 }
 
 # write_file PATH MODE [OWNER:GROUP] < CONTENT: replaces file PATH in the
-# tree atomically. Without OWNER:GROUP an existing file keeps its mode and
-# owner (a new one gets MODE, root:root).
+# tree atomically. The directories on the way are resolved within the tree;
+# a symlink at PATH itself is replaced by the file. Without OWNER:GROUP an
+# existing file keeps its mode and owner (a new one gets MODE, root:root).
 write_file() {
-    _wf_dst=$(tree_path "$1")
-    _wf_dir=${_wf_dst%/*}
+    case $1 in
+    */*) _wf_dir=$(tree_path "${1%/*}") ;;
+    *) _wf_dir=$TREE ;;
+    esac
+    _wf_dst=$_wf_dir/${1##*/}
     [ -d "$_wf_dir" ] || mkdir -p "$_wf_dir" || die "cannot create the directory of $1 in the tree"
     [ ! -d "$_wf_dst" ] || die "$1 is a directory in the tree"
     _wf_tmp=$(mktemp "$_wf_dir/.btrfs-deploy.XXXXXX") || die "cannot create a file next to $1"
@@ -113,7 +117,7 @@ write_file() {
         rm -f "$_wf_tmp"
         die "cannot write $1"
     fi
-    if [ -z "${3:-}" ] && [ -e "$_wf_dst" ]; then
+    if [ -z "${3:-}" ] && [ -f "$_wf_dst" ] && [ ! -L "$_wf_dst" ]; then
         chown --reference="$_wf_dst" "$_wf_tmp" && chmod --reference="$_wf_dst" "$_wf_tmp"
     else
         chown "${3:-0:0}" "$_wf_tmp" && chmod "$2" "$_wf_tmp"

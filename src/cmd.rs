@@ -23,6 +23,7 @@ pub fn prepare(cmd: &mut Command) -> &mut Command {
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            crate::signals::unblock_in_child();
             Ok(())
         });
     }

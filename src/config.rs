@@ -24,14 +24,7 @@ pub const CONFIG_DIR_SETTING: &str = "DEPLOY_CONFIG_DIR";
 pub const RESERVED_PREFIX: &str = "DEPLOY_";
 
 /// Words that make a setting a secret (see [`is_secret`]).
-const SECRET_WORDS: [&str; 6] = [
-    "PASSWORD",
-    "PASSWD",
-    "PASSPHRASE",
-    "SECRET",
-    "TOKEN",
-    "KEY",
-];
+const SECRET_WORDS: [&str; 6] = ["PASSWORD", "PASSWD", "PASSPHRASE", "SECRET", "TOKEN", "KEY"];
 
 /// A deployment config file.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -101,17 +94,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<(PathBuf, Config)>> {
 
 /// Parses config text read from `path`; relative paths become relative to `dir`.
 pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config> {
-    let mut cfg: Config = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
-            .unwrap_or_default();
-        anyhow::anyhow!(
-            "config file {}{line}: {}",
-            path.display(),
-            e.message().trim_end()
-        )
-    })?;
+    let mut cfg: Config = toml::from_str(text).map_err(|e| toml_error(&e, text, path))?;
     for p in [
         &mut cfg.rootfs,
         &mut cfg.kernel,
@@ -130,13 +113,34 @@ pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config> {
         for (k, v) in settings {
             check_setting_name(k)
                 .with_context(|| format!("config file {}: [settings]", path.display()))?;
-            setting_value(v).with_context(|| {
-                format!("config file {}: [settings] {k}", path.display())
-            })?;
+            setting_value(v)
+                .with_context(|| format!("config file {}: [settings] {k}", path.display()))?;
         }
     }
     cfg.dir = Some(dir.to_path_buf());
     Ok(cfg)
+}
+
+/// One line naming the file, the line and the key of a TOML error.
+fn toml_error(e: &toml::de::Error, text: &str, path: &Path) -> anyhow::Error {
+    let msg = e.message().trim_end();
+    let Some(span) = e.span() else {
+        return anyhow::anyhow!("config file {}: {msg}", path.display());
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
+    match key {
+        Some(k) => anyhow::anyhow!(
+            "config file {}, line {line_no}: key `{k}`: {msg}",
+            path.display()
+        ),
+        None => anyhow::anyhow!("config file {}, line {line_no}: {msg}", path.display()),
+    }
 }
 
 /// A `[settings]` value as the string an extension sees.
@@ -160,7 +164,9 @@ pub fn check_setting_name(name: &str) -> Result<()> {
     let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
-        bail!("invalid setting name {name:?}: use letters, digits and _ (not starting with a digit)");
+        bail!(
+            "invalid setting name {name:?}: use letters, digits and _ (not starting with a digit)"
+        );
     }
     if name == "PATH" || name.to_ascii_uppercase().starts_with(RESERVED_PREFIX) {
         bail!("setting name {name} is reserved for the tool");
@@ -257,20 +263,39 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_file() {
-        let msg = format!("{:#}", parse_at("size = \"1G\"\nrotfs = \"x\"\n").unwrap_err());
+        let msg = format!(
+            "{:#}",
+            parse_at("size = \"1G\"\nrotfs = \"x\"\n").unwrap_err()
+        );
         assert!(msg.contains("rotfs"), "{msg}");
         assert!(msg.contains("/cfg/deploy.toml"), "{msg}");
         assert!(msg.contains("line 2"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
     }
 
     #[test]
     fn wrong_type_names_key_and_file() {
-        let msg = format!("{:#}", parse_at("keep = \"three\"\n").unwrap_err());
-        assert!(msg.contains("keep") && msg.contains("/cfg/deploy.toml"), "{msg}");
+        let msg = format!(
+            "{:#}",
+            parse_at("size = \"1G\"\nkeep = \"three\"\n").unwrap_err()
+        );
+        assert!(
+            msg.contains("`keep`") && msg.contains("/cfg/deploy.toml"),
+            "{msg}"
+        );
+        assert!(msg.contains("line 2"), "{msg}");
+        let msg = format!("{:#}", parse_at("wipe = 1\n").unwrap_err());
+        assert!(msg.contains("`wipe`") && msg.contains("bool"), "{msg}");
         let msg = format!("{:#}", parse_at("[settings]\nLIST = [1, 2]\n").unwrap_err());
         assert!(msg.contains("LIST") && msg.contains("array"), "{msg}");
-        let msg = format!("{:#}", parse_at("[settings]\n\"bad-name\" = 1\n").unwrap_err());
-        assert!(msg.contains("bad-name") && msg.contains("/cfg/deploy.toml"), "{msg}");
+        let msg = format!(
+            "{:#}",
+            parse_at("[settings]\n\"bad-name\" = 1\n").unwrap_err()
+        );
+        assert!(
+            msg.contains("bad-name") && msg.contains("/cfg/deploy.toml"),
+            "{msg}"
+        );
         let msg = format!("{:#}", parse_at("[settings]\nDEPLOY_X = 1\n").unwrap_err());
         assert!(msg.contains("reserved"), "{msg}");
     }
@@ -342,8 +367,8 @@ mod tests {
 
     #[test]
     fn set_wins_over_config_settings() {
-        let cfg = parse_at("[settings]\nHOSTNAME = \"cfg\"\nPORT = 22\nON = true\nX = \"x\"\n")
-            .unwrap();
+        let cfg =
+            parse_at("[settings]\nHOSTNAME = \"cfg\"\nPORT = 22\nON = true\nX = \"x\"\n").unwrap();
         let mut args = DeployArgs {
             set: vec!["HOSTNAME=cli".into(), "EXTRA=a=b".into(), "EMPTY=".into()],
             ..Default::default()
@@ -363,7 +388,14 @@ mod tests {
 
     #[test]
     fn malformed_set_is_a_usage_error() {
-        for bad in ["NOEQUALS", "=v", "1X=v", "A-B=v", "PATH=/x", "DEPLOY_VERSION=x"] {
+        for bad in [
+            "NOEQUALS",
+            "=v",
+            "1X=v",
+            "A-B=v",
+            "PATH=/x",
+            "DEPLOY_VERSION=x",
+        ] {
             let mut args = DeployArgs {
                 set: vec![bad.into()],
                 ..Default::default()

@@ -13,7 +13,8 @@ use crate::disk::{self, Disk, TargetKind};
 use crate::kernel::{self, BootFiles, KernelChoice};
 use crate::layout::{self, Layout};
 use crate::{
-    bootloader, btrfs, cmd, fstab, fsutil, lock::TargetLock, state, ui, units, versions, UsageError,
+    bootloader, btrfs, cmd, fstab, fsutil, lock::TargetLock, signals, state, ui, units, versions,
+    UsageError,
 };
 use anyhow::{bail, Context, Result};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -303,7 +304,8 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
         let disk = Disk::open(&work_path, kind, false)?;
         let outcome = build_first_version(plan, &disk.layout, &new.fs_uuid);
         match outcome {
-            Ok(()) => disk.close(),
+            // Until the image is renamed into place, an interruption discards it.
+            Ok(()) => disk.close().and_then(|()| signals::check()),
             Err(e) => {
                 drop(disk);
                 Err(e)
@@ -417,6 +419,7 @@ fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
         }),
     );
     record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
+    signals::check()?;
     publish_version(plan, top, &dir, fs_uuid, true)
 }
 
@@ -538,7 +541,8 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
             .details
             .insert("etc_merge".into(), serde_json::to_value(&report)?);
         record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
-        Ok(())
+        // Last point where an interruption still discards the new version.
+        signals::check()
     })();
     if let Err(e) = result {
         ui::step(format!("Removing the partial version {}", plan.label));
@@ -576,6 +580,7 @@ fn finish_version(
     upgraded_from: Option<&str>,
 ) -> Result<Deployment> {
     let orig = dir.join(layout::ORIG);
+    signals::check()?;
     ui::step("Completing etc/fstab");
     let completion = fstab::complete_file(&orig, fs_uuid)?;
     for mp in &completion.added {
@@ -588,6 +593,7 @@ fn finish_version(
     }
     let seed_from = upgraded_from.map(|_| plan.rootfs.as_path());
     setup_state(top, &orig, &completion.kept_state_dirs, seed_from)?;
+    signals::check()?;
     btrfs::set_readonly(&orig, true)?;
     btrfs::snapshot(&orig, &dir.join(layout::RUN), false)?;
     let (created, created_unix) = deployment::now();

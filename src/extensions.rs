@@ -150,7 +150,11 @@ pub fn read_summary(path: &Path) -> String {
     }
     String::from_utf8_lossy(&head)
         .lines()
-        .find_map(|l| l.trim().strip_prefix(SUMMARY_MARKER).map(|s| s.trim().to_string()))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(SUMMARY_MARKER)
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
@@ -301,7 +305,10 @@ fn run(ext: &Extension, mut c: Command, what: &str) -> Result<Output> {
             },
             TAIL_LINES,
         );
-        let how = match (out.status.code(), std::os::unix::process::ExitStatusExt::signal(&out.status)) {
+        let how = match (
+            out.status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+        ) {
             (Some(code), _) => format!("exit {code}"),
             (None, Some(sig)) => format!("killed by signal {sig}"),
             _ => out.status.to_string(),
@@ -400,7 +407,11 @@ mod tests {
         script(&b, "x.configure", "# summary: from b");
         script(&a, "only-a.configure", "# summary: only a");
         script(&b, "hostname.configure", "# summary: my hostname");
-        let found = find(&names(&["x", "only-a", "hostname"]), &[a.clone(), b.clone()]).unwrap();
+        let found = find(
+            &names(&["x", "only-a", "hostname"]),
+            &[a.clone(), b.clone()],
+        )
+        .unwrap();
         assert_eq!(found[0].configure, b.join("x.configure"));
         assert_eq!(found[0].summary, "from b");
         // The .check belongs to the folder the .configure was found in.
@@ -417,24 +428,42 @@ mod tests {
     #[test]
     fn missing_and_non_executable_extensions_are_errors() {
         let d = tempfile::tempdir().unwrap();
-        let msg = format!("{:#}", find(&names(&["nope"]), &[d.path().into()]).unwrap_err());
-        assert!(msg.contains("nope") && msg.contains(&d.path().display().to_string()), "{msg}");
+        let msg = format!(
+            "{:#}",
+            find(&names(&["nope"]), &[d.path().into()]).unwrap_err()
+        );
+        assert!(
+            msg.contains("nope") && msg.contains(&d.path().display().to_string()),
+            "{msg}"
+        );
         assert!(msg.contains("extensions"), "{msg}");
 
         let p = script(d.path(), "plain.configure", "true");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let msg = format!("{:#}", find(&names(&["plain"]), &[d.path().into()]).unwrap_err());
-        assert!(msg.contains("plain") && msg.contains("not an executable"), "{msg}");
+        let msg = format!(
+            "{:#}",
+            find(&names(&["plain"]), &[d.path().into()]).unwrap_err()
+        );
+        assert!(
+            msg.contains("plain") && msg.contains("not an executable"),
+            "{msg}"
+        );
 
         script(d.path(), "ok.configure", "true");
         let c = script(d.path(), "ok.check", "true");
         std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let msg = format!("{:#}", find(&names(&["ok"]), &[d.path().into()]).unwrap_err());
+        let msg = format!(
+            "{:#}",
+            find(&names(&["ok"]), &[d.path().into()]).unwrap_err()
+        );
         assert!(msg.contains("ok.check"), "{msg}");
 
         let msg = format!("{:#}", find(&names(&["../x"]), &[]).unwrap_err());
         assert!(msg.contains("invalid extension name"), "{msg}");
-        let msg = format!("{:#}", find(&names(&["hostname", "hostname"]), &[]).unwrap_err());
+        let msg = format!(
+            "{:#}",
+            find(&names(&["hostname", "hostname"]), &[]).unwrap_err()
+        );
         assert!(msg.contains("twice"), "{msg}");
         let missing = d.path().join("no-such-dir");
         let msg = format!("{:#}", find(&names(&["hostname"]), &[missing]).unwrap_err());
@@ -459,11 +488,18 @@ mod tests {
         script(
             d.path(),
             "dump.check",
-            &format!("env > {o}/check.env; echo \"$#\" > {o}/check.args", o = out.display()),
+            &format!(
+                "env > {o}/check.env; echo \"$#\" > {o}/check.args",
+                o = out.display()
+            ),
         );
         std::fs::create_dir(&out).unwrap();
         let exts = find(&names(&["dump"]), &[d.path().into()]).unwrap();
-        let c = ctx(&[("HOSTNAME", "box"), ("DB_PASSWORD", "s3cret"), ("SPACES", "a b\nc")]);
+        let c = ctx(&[
+            ("HOSTNAME", "box"),
+            ("DB_PASSWORD", "s3cret"),
+            ("SPACES", "a b\nc"),
+        ]);
         run_checks(&exts, &c).unwrap();
         run_configure(&exts, &tree, &c).unwrap();
         let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
@@ -488,7 +524,8 @@ mod tests {
             }
             // Nothing of our own environment leaks through (but PATH).
             for (k, _) in std::env::vars() {
-                if k != "PATH" && !c.settings.contains_key(&k) {
+                // (PWD is set by the shell itself.)
+                if !["PATH", "PWD"].contains(&k.as_str()) && !c.settings.contains_key(&k) {
                     let leaked = env.lines().any(|l| l.starts_with(&format!("{k}=")));
                     assert!(!leaked, "{k} leaked:\n{env}");
                 }
@@ -535,7 +572,10 @@ mod tests {
         let msg = format!("{:#}", run_configure(&exts, tree, &ctx(&[])).unwrap_err());
         assert!(msg.starts_with("extension bad failed (exit 7): "), "{msg}");
         assert!(msg.ends_with("the real reason"), "{msg}");
-        assert!(msg.contains("noise 40") && !msg.contains("noise 5\n"), "{msg}");
+        assert!(
+            msg.contains("noise 40") && !msg.contains("noise 5\n"),
+            "{msg}"
+        );
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "two\nbad\n");
     }
 
@@ -550,8 +590,14 @@ mod tests {
         );
         let exts = find(&names(&["picky"]), &[d.path().into()]).unwrap();
         run_checks(&exts, &ctx(&[("COLOR", "blue")])).unwrap();
-        let msg = format!("{:#}", run_checks(&exts, &ctx(&[("COLOR", "red")])).unwrap_err());
-        assert!(msg.contains("picky") && msg.contains("COLOR must be blue, not 'red'"), "{msg}");
+        let msg = format!(
+            "{:#}",
+            run_checks(&exts, &ctx(&[("COLOR", "red")])).unwrap_err()
+        );
+        assert!(
+            msg.contains("picky") && msg.contains("COLOR must be blue, not 'red'"),
+            "{msg}"
+        );
         assert!(msg.contains("exit 1"), "{msg}");
     }
 
@@ -560,14 +606,24 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         script(d.path(), "die.configure", "kill -9 $$");
         let exts = find(&names(&["die"]), &[d.path().into()]).unwrap();
-        let msg = format!("{:#}", run_configure(&exts, d.path(), &ctx(&[])).unwrap_err());
-        assert!(msg.contains("extension die failed (killed by signal 9)"), "{msg}");
+        let msg = format!(
+            "{:#}",
+            run_configure(&exts, d.path(), &ctx(&[])).unwrap_err()
+        );
+        assert!(
+            msg.contains("extension die failed (killed by signal 9)"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn summary_is_the_first_summary_line() {
         let d = tempfile::tempdir().unwrap();
-        let p = script(d.path(), "s.configure", "# other\n# summary:  Does things \n# summary: no");
+        let p = script(
+            d.path(),
+            "s.configure",
+            "# other\n# summary:  Does things \n# summary: no",
+        );
         assert_eq!(read_summary(&p), "Does things");
         let p = script(d.path(), "t.configure", "true");
         assert_eq!(read_summary(&p), "");

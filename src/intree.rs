@@ -61,9 +61,7 @@ pub fn run_in_tree(tree: &Path, cmd: &[String]) -> Result<i32> {
     }
     let before = mounts_under(&tree)?;
     let mut session = Session::default();
-    let result = session
-        .setup(&tree)
-        .and_then(|()| run_command(&tree, cmd));
+    let result = session.setup(&tree).and_then(|()| run_command(&tree, cmd));
     let cleanup = session.teardown(&tree, &before);
     match (result, cleanup) {
         (Ok(code), Ok(())) => Ok(code),
@@ -270,8 +268,8 @@ fn new_mounts(now: &[PathBuf], before: &[PathBuf]) -> Vec<PathBuf> {
 /// Mount points strictly under `tree`, in mount order (a path appears once
 /// per mount stacked on it).
 pub fn mounts_under(tree: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("reading /proc/self/mountinfo")?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     Ok(text
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -349,9 +347,8 @@ impl Replaced {
                 r.active = false;
                 bail!("{} is a directory", r.path.display())
             }
-            Ok(_) => std::fs::rename(&r.path, &r.saved).with_context(|| {
-                format!("moving {} to {}", r.path.display(), r.saved.display())
-            })?,
+            Ok(_) => std::fs::rename(&r.path, &r.saved)
+                .with_context(|| format!("moving {} to {}", r.path.display(), r.saved.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::write(&r.absent, b"")
                     .with_context(|| format!("creating {}", r.absent.display()))?;
@@ -384,7 +381,11 @@ impl Replaced {
             .with_context(|| format!("removing {}", self.path.display()))?;
             if has_saved {
                 std::fs::rename(&self.saved, &self.path).with_context(|| {
-                    format!("restoring {} from {}", self.path.display(), self.saved.display())
+                    format!(
+                        "restoring {} from {}",
+                        self.path.display(),
+                        self.saved.display()
+                    )
                 })?;
             }
             if was_absent {
@@ -512,7 +513,10 @@ fn kill_leftovers(tree: &Path) -> Result<()> {
             return Ok(());
         }
         if !reported {
-            tracing::info!("killing processes left running in {}: {pids:?}", tree.display());
+            tracing::info!(
+                "killing processes left running in {}: {pids:?}",
+                tree.display()
+            );
             reported = true;
         }
         if start.elapsed() > KILL_TIMEOUT {
@@ -592,7 +596,10 @@ mod tests {
         eprintln!("{text}");
         assert!(out.status.success(), "child test failed");
         assert!(text.contains("1 passed"), "the child did not run the test");
-        assert!(tree.join("out/child-done").exists(), "the child did not finish");
+        assert!(
+            tree.join("out/child-done").exists(),
+            "the child did not finish"
+        );
     }
 
     #[test]
@@ -633,7 +640,10 @@ mod tests {
         let read = |f: &str| std::fs::read_to_string(tree.join("out").join(f)).unwrap();
         assert!(!read("stat").is_empty());
         assert!(!read("sys").is_empty());
-        assert_eq!(read("resolv"), std::fs::read_to_string("/etc/resolv.conf").unwrap());
+        assert_eq!(
+            read("resolv"),
+            std::fs::read_to_string("/etc/resolv.conf").unwrap()
+        );
         assert_eq!(read("invoke"), "refused ssh start\n");
         assert!(!tree.join("out/started").exists());
         // The background sleep is gone, nothing runs in the tree.
@@ -644,14 +654,21 @@ mod tests {
         assert!(!alive, "background process {bg} survived");
         assert!(processes_in(&tree).is_empty());
         // Nothing mounted under the tree, files restored.
-        assert!(mounts_under(&tree).unwrap().is_empty(), "{:?}", mounts_under(&tree));
+        assert!(
+            mounts_under(&tree).unwrap().is_empty(),
+            "{:?}",
+            mounts_under(&tree)
+        );
         assert!(!tree.join("usr/sbin/policy-rc.d").exists());
         assert_eq!(
             std::fs::read_link(tree.join("etc/resolv.conf")).unwrap(),
             Path::new("../run/systemd/resolve/stub-resolv.conf")
         );
         assert_eq!(std::fs::read_dir(tree.join("etc")).unwrap().count(), 1);
-        assert!(std::fs::read_dir(tree.join("proc")).unwrap().next().is_none());
+        assert!(std::fs::read_dir(tree.join("proc"))
+            .unwrap()
+            .next()
+            .is_none());
 
         // A tree with no resolv.conf, its own policy-rc.d, and no /sys: all
         // restored exactly; the command's own mount is undone too.
@@ -676,7 +693,11 @@ mod tests {
         );
         assert!(std::fs::symlink_metadata(tree.join("etc/resolv.conf")).is_err());
         assert!(!tree.join("sys").exists(), "created /sys not removed");
-        assert!(mounts_under(&tree).unwrap().is_empty(), "{:?}", mounts_under(&tree));
+        assert!(
+            mounts_under(&tree).unwrap().is_empty(),
+            "{:?}",
+            mounts_under(&tree)
+        );
 
         // A command that cannot start: an error, and still everything undone.
         let err = run_in_tree(&tree, &sv(&["/no/such/program"])).unwrap_err();
@@ -693,7 +714,10 @@ mod tests {
     #[test]
     fn bad_arguments() {
         let e = run_in_tree(Path::new("/"), &sv(&["true"])).unwrap_err();
-        assert!(format!("{e:#}").contains("other than the host's /"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("other than the host's /"),
+            "{e:#}"
+        );
         let e = run_in_tree(Path::new("/tmp"), &[]).unwrap_err();
         assert!(e.downcast_ref::<UsageError>().is_some());
         let e = run_in_tree(Path::new("/no/such/tree"), &sv(&["true"])).unwrap_err();
@@ -706,12 +730,21 @@ mod tests {
         let dir = d.path();
         std::fs::write(dir.join("resolv.conf"), "mine").unwrap();
         let r = Replaced::install(dir, "resolv.conf", b"host", 0o644).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("resolv.conf")).unwrap(), "host");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("resolv.conf")).unwrap(),
+            "host"
+        );
         std::mem::forget(r); // as if killed
         let mut r = Replaced::install(dir, "resolv.conf", b"host2", 0o644).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("resolv.conf")).unwrap(), "host2");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("resolv.conf")).unwrap(),
+            "host2"
+        );
         r.restore().unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("resolv.conf")).unwrap(), "mine");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("resolv.conf")).unwrap(),
+            "mine"
+        );
         assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1);
 
         let r = Replaced::install(dir, "policy-rc.d", b"x", 0o755).unwrap();

@@ -20,6 +20,7 @@ pub mod lock;
 pub mod loopdev;
 pub mod mount;
 pub mod rootpath;
+pub mod signals;
 pub mod state;
 pub mod ui;
 pub mod units;
@@ -46,6 +47,7 @@ pub fn run(cli: Cli) -> Result<()> {
         None => {
             let plan = deploy::plan(&cli.deploy)?;
             mount::enter_private_namespace()?;
+            signals::install()?;
             deploy::execute(&plan)
         }
         Some(Command::List { target, json }) => {
@@ -54,10 +56,12 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::SetDefault { label, target }) => {
             mount::enter_private_namespace()?;
+            signals::install()?;
             commands::set_default(&label, &target)
         }
         Some(Command::Remove { label, target }) => {
             mount::enter_private_namespace()?;
+            signals::install()?;
             commands::remove(&label, &target)
         }
         Some(Command::Cleanup { target }) => {

@@ -267,7 +267,10 @@ impl<'a> Engine<'a> {
         }
         match lock(&self.error).take() {
             Some(e) => Err(e),
-            None => Ok(total),
+            None => {
+                crate::signals::check()?;
+                Ok(total)
+            }
         }
     }
 
@@ -321,7 +324,7 @@ impl<'a> Engine<'a> {
     }
 
     fn aborted(&self) -> bool {
-        self.abort.load(Ordering::Relaxed)
+        self.abort.load(Ordering::Relaxed) || crate::signals::interrupted()
     }
 
     fn run_job(&self, job: Job, c: &mut Counts) {
