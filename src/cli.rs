@@ -120,10 +120,27 @@ pub enum Command {
     /// Boot a disk in QEMU and check that the expected text appears on its
     /// serial console.
     BootTest(BootTestArgs),
+    /// Verify a disk's layout invariants and report every problem (exit 1 on any).
+    Check {
+        /// Disk image or block device.
+        target: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove leftovers of an interrupted deploy (TARGET.partial, partial versions).
     Cleanup {
         /// Disk image or block device.
         target: PathBuf,
+    },
+    /// Run a command chrooted in a root tree, with /proc, /sys, /dev mounted,
+    /// a working resolv.conf and service starts prevented (for extensions).
+    RunInTree {
+        /// Root of the tree.
+        tree: PathBuf,
+        /// Command and arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
     },
     /// List the available configure extensions.
     Extensions {

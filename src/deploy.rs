@@ -10,6 +10,7 @@ use crate::cli::DeployArgs;
 use crate::copy::{self, CopyOptions, SyncOptions};
 use crate::deployment::{self, Deployment};
 use crate::disk::{self, Disk, TargetKind};
+use crate::extensions::{self, Extension};
 use crate::kernel::{self, BootFiles, KernelChoice};
 use crate::layout::{self, Layout};
 use crate::{
@@ -17,6 +18,7 @@ use crate::{
     UsageError,
 };
 use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,10 +64,14 @@ pub struct Plan {
     pub checksum: bool,
     /// Bytes the rootfs occupies.
     pub rootfs_bytes: u64,
+    /// Configure extensions to run, in order.
+    pub extensions: Vec<Extension>,
+    /// What extensions see: settings and context.
+    pub ext_context: extensions::Context,
 }
 
 /// Validates the request into a plan. Nothing is written.
-pub fn plan(args: &DeployArgs) -> Result<Plan> {
+pub fn plan(args: &DeployArgs, settings: BTreeMap<String, String>) -> Result<Plan> {
     let target = args.target.clone().ok_or_else(|| {
         UsageError(
             "no TARGET given: name a disk image file or block device (see deploy --help)".into(),
@@ -192,6 +198,18 @@ pub fn plan(args: &DeployArgs) -> Result<Plan> {
         .label
         .clone()
         .unwrap_or_else(|| layout::FACTORY_LABEL.to_string());
+    let exts = extensions::find(&args.extensions, &args.extensions_dir)?;
+    let ext_context = extensions::Context {
+        version: label.clone(),
+        upgrade: new_disk.is_none(),
+        target: target.clone(),
+        settings,
+    };
+    if !exts.is_empty() {
+        let names: Vec<&str> = exts.iter().map(|e| e.name.as_str()).collect();
+        ui::step(format!("Checking extensions: {}", names.join(", ")));
+        extensions::run_checks(&exts, &ext_context)?;
+    }
     Ok(Plan {
         label,
         rootfs,
@@ -207,6 +225,8 @@ pub fn plan(args: &DeployArgs) -> Result<Plan> {
         keep: args.keep,
         checksum: args.checksum,
         rootfs_bytes,
+        extensions: exts,
+        ext_context,
     })
 }
 
@@ -581,6 +601,13 @@ fn finish_version(
 ) -> Result<Deployment> {
     let orig = dir.join(layout::ORIG);
     signals::check()?;
+    if !plan.extensions.is_empty() {
+        for e in &plan.extensions {
+            ui::step(format!("Running extension {}", e.name));
+        }
+        extensions::run_configure(&plan.extensions, &orig, &plan.ext_context)?;
+        signals::check()?;
+    }
     ui::step("Completing etc/fstab");
     let completion = fstab::complete_file(&orig, fs_uuid)?;
     for mp in &completion.added {
@@ -606,6 +633,8 @@ fn finish_version(
         kernel_args: plan.kernel_args.clone(),
         upgraded_from: upgraded_from.map(str::to_string),
         fstab_added: completion.added.clone(),
+        extensions: plan.extensions.iter().map(|e| e.name.clone()).collect(),
+        settings: crate::config::redact(&plan.ext_context.settings),
         ..Default::default()
     };
     if let Some(boot) = &plan.boot {

@@ -4,16 +4,20 @@
 pub mod bootloader;
 pub mod boottest;
 pub mod btrfs;
+pub mod check;
 pub mod cli;
 pub mod cmd;
 pub mod commands;
+pub mod config;
 pub mod copy;
 pub mod deploy;
 pub mod deployment;
 pub mod disk;
 pub mod etcmerge;
+pub mod extensions;
 pub mod fstab;
 pub mod fsutil;
+pub mod intree;
 pub mod kernel;
 pub mod layout;
 pub mod lock;
@@ -45,7 +49,13 @@ pub fn run(cli: Cli) -> Result<()> {
     });
     match cli.command {
         None => {
-            let plan = deploy::plan(&cli.deploy)?;
+            let mut args = cli.deploy.clone();
+            let cfg = config::load(args.config.as_deref())?;
+            if let Some((path, _)) = &cfg {
+                ui::step(format!("Using config {}", path.display()));
+            }
+            let settings = config::apply(&mut args, cfg.as_ref().map(|(_, c)| c))?;
+            let plan = deploy::plan(&args, settings)?;
             mount::enter_private_namespace()?;
             signals::install()?;
             deploy::execute(&plan)
@@ -72,6 +82,20 @@ pub fn run(cli: Cli) -> Result<()> {
             mount::enter_private_namespace()?;
             commands::boot_test(&args)
         }
-        Some(Command::Extensions { .. }) => anyhow::bail!("extensions are not available yet"),
+        Some(Command::Check { target, json }) => {
+            mount::enter_private_namespace()?;
+            check::run(&target, json)
+        }
+        Some(Command::Extensions { extensions_dir }) => {
+            extensions::print_available(&extensions_dir)
+        }
+        Some(Command::RunInTree { tree, cmd }) => {
+            mount::enter_private_namespace()?;
+            let code = intree::run_in_tree(&tree, &cmd)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
     }
 }
