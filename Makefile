@@ -21,7 +21,9 @@ demo: build fixture
 	@rm -f $(DEMO_IMG)
 	$(DEPLOY) --version factory --rootfs $(CACHE)/tiny/rootfs $(DEMO_IMG)
 	$(DEPLOY) list $(DEMO_IMG)
-	$(DEPLOY) boot-test $(DEMO_IMG) --timeout 120
+	$(DEPLOY) boot-test $(DEMO_IMG) --timeout 120 --log $(CACHE)/demo-console.log
+	@echo "--- what the booted system reported (/ and the /state mounts):"
+	@grep -E "^TINY(-MOUNT)?: " $(CACHE)/demo-console.log | tr -d '\r'
 
 lint:
 	cargo fmt --check
@@ -32,6 +34,10 @@ test: deps fixture lint
 
 bench: build fixture
 	scripts/bench.sh $(CACHE)
+
+# The interruption sweep of tests/reliability.rs with many more kill points.
+stress: deps fixture
+	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs scripts/stress.sh
 
 clean:
 	cargo clean

@@ -51,7 +51,9 @@ for_each_entry() {
         '#'*) continue ;;
         esac
         _fe_where="$_fe_manifest line $_fe_n"
-        [ $# -ge 5 ] && [ $# -le 6 ] || die "$_fe_where: expected SRC DEST MODE OWNER GROUP [template], got $# fields"
+        if [ $# -lt 5 ] || [ $# -gt 6 ]; then
+            die "$_fe_where: expected SRC DEST MODE OWNER GROUP [template], got $# fields"
+        fi
         _fe_tpl=no
         if [ $# -eq 6 ]; then
             [ "$6" = template ] || die "$_fe_where: the 6th field can only be 'template', not '$6'"
