@@ -16,7 +16,7 @@ use std::path::PathBuf;
       deploy --rootfs ./rootfs disk.img                 first deploy (version \"factory\")\n  \
       deploy --version v2 --rootfs ./rootfs-v2 disk.img add v2 beside it and make it default\n  \
       deploy list disk.img                              show the versions\n  \
-      deploy set-default factory disk.img              roll back\n  \
+      deploy set-default factory disk.img               roll back\n  \
       deploy boot-test disk.img                         boot it in QEMU and check it comes up"
 )]
 pub struct Cli {

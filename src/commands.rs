@@ -127,7 +127,7 @@ pub fn remove(label: &str, target: &Path) -> Result<()> {
     with_disk(target, false, |disk| {
         let top = &disk.layout;
         require_version(top, label, target)?;
-        remove_version(top, label)?;
+        remove_version(top, label, &btrfs::fs_uuid(&disk.device)?)?;
         ui::step(format!("Removed {label} from {}", target.display()));
         Ok(())
     })
@@ -135,7 +135,7 @@ pub fn remove(label: &str, target: &Path) -> Result<()> {
 
 /// Removes version `label` (never the default): first from the boot menu,
 /// then its subvolumes and files.
-pub fn remove_version(top: &Layout, label: &str) -> Result<()> {
+pub fn remove_version(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
     let default = versions::default_label(top)?;
     if label == default {
         bail!("{label} is the default version: make another one the default first (deploy set-default LABEL TARGET)");
@@ -144,27 +144,12 @@ pub fn remove_version(top: &Layout, label: &str) -> Result<()> {
     let dir = top.version(label);
     let hidden = top.systems().join(format!(".{label}.removing"));
     std::fs::rename(&dir, &hidden).with_context(|| format!("renaming {}", dir.display()))?;
-    let fs_uuid_path = top.extlinux_conf();
-    if fs_uuid_path.exists() {
-        let uuid = fs_uuid_of(top)?;
-        versions::write_boot_config(top, &uuid, &default)?;
+    if top.extlinux_conf().exists() {
+        versions::write_boot_config(top, fs_uuid, &default)?;
     }
     btrfs::sync_fs(&top.top)?;
     btrfs::remove_version_dir(&hidden)?;
     Ok(())
-}
-
-/// The filesystem UUID, read from the mounted filesystem.
-fn fs_uuid_of(top: &Layout) -> Result<String> {
-    let out = crate::cmd::run(
-        "findmnt",
-        &["-n", "-o", "UUID", "--target", &top.top.to_string_lossy()],
-    )?;
-    let uuid = out.trim().to_string();
-    if uuid.is_empty() {
-        bail!("cannot read the filesystem UUID of {}", top.top.display());
-    }
-    Ok(uuid)
 }
 
 /// `deploy cleanup`: removes `TARGET.partial` and half-written versions.

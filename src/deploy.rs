@@ -71,7 +71,13 @@ pub struct Plan {
 }
 
 /// Validates the request into a plan. Nothing is written.
-pub fn plan(args: &DeployArgs, settings: BTreeMap<String, String>) -> Result<Plan> {
+/// `size_from_cli`: whether `--size` was given on the command line (a size
+/// from the config file only matters for new images and is ignored otherwise).
+pub fn plan(
+    args: &DeployArgs,
+    settings: BTreeMap<String, String>,
+    size_from_cli: bool,
+) -> Result<Plan> {
     let target = args.target.clone().ok_or_else(|| {
         UsageError(
             "no TARGET given: name a disk image file or block device (see deploy --help)".into(),
@@ -179,7 +185,7 @@ pub fn plan(args: &DeployArgs, settings: BTreeMap<String, String>) -> Result<Pla
             fs_uuid: uuid::Uuid::new_v4().to_string(),
         })
     } else {
-        if args.size.is_some() {
+        if args.size.is_some() && size_from_cli {
             bail!(
                 "--size applies to a new image only; {} already holds versions",
                 target.display()
@@ -485,6 +491,14 @@ fn check_upgrade_target(plan: &Plan, top: &Layout) -> Result<()> {
         );
     }
     versions::default_label(top)?;
+    if plan.boot.is_none() && !plan.no_default && top.extlinux_conf().exists() {
+        bail!(
+            "{} boots through extlinux, but version {} has no kernel (--no-bootloader): making it the \
+             default would leave nothing to boot; add it with --no-default, or deploy it with a kernel",
+            plan.target.display(),
+            plan.label
+        );
+    }
     Ok(())
 }
 
@@ -575,7 +589,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
     }
     publish_version(plan, top, &dir, &fs_uuid, !plan.no_default)?;
     if let Some(keep) = plan.keep {
-        prune(top, keep, &old)?;
+        prune(top, keep, &old, &fs_uuid)?;
     }
     Ok(())
 }
@@ -685,6 +699,12 @@ fn setup_state(top: &Layout, orig: &Path, kept: &[String], seed_from: Option<&Pa
             }
         }
         if let (Some(rootfs), true) = (seed_from, btrfs::is_subvolume(&state)) {
+            // What extensions wrote there first (their copy wins), then the rootfs's.
+            for s in state::seed_missing(&in_version, &state)
+                .with_context(|| format!("seeding /state/{d}"))?
+            {
+                ui::detail(format!("seeded /state/{d}/{s} (from an extension)"));
+            }
             let src = rootfs.join(d);
             match std::fs::symlink_metadata(&src) {
                 Ok(m) if m.file_type().is_symlink() => bail!(
@@ -785,7 +805,7 @@ fn publish_version(
 }
 
 /// Removes versions beyond `keep`, oldest first, never the default nor `previous`.
-fn prune(top: &Layout, keep: usize, previous: &str) -> Result<()> {
+fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result<()> {
     let all = versions::list(top)?;
     let default = versions::default_label(top)?;
     let mut excess = all.len().saturating_sub(keep);
@@ -797,7 +817,7 @@ fn prune(top: &Layout, keep: usize, previous: &str) -> Result<()> {
             continue;
         }
         ui::step(format!("Removing old version {} (--keep {keep})", v.label));
-        crate::commands::remove_version(top, &v.label)?;
+        crate::commands::remove_version(top, &v.label, fs_uuid)?;
         excess -= 1;
     }
     Ok(())

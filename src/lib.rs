@@ -50,12 +50,13 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         None => {
             let mut args = cli.deploy.clone();
+            let size_from_cli = args.size.is_some();
             let cfg = config::load(args.config.as_deref())?;
             if let Some((path, _)) = &cfg {
                 ui::step(format!("Using config {}", path.display()));
             }
             let settings = config::apply(&mut args, cfg.as_ref().map(|(_, c)| c))?;
-            let plan = deploy::plan(&args, settings)?;
+            let plan = deploy::plan(&args, settings, size_from_cli)?;
             mount::enter_private_namespace()?;
             signals::install()?;
             deploy::execute(&plan)

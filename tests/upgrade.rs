@@ -360,3 +360,42 @@ fn leftovers_of_an_interrupted_upgrade_are_cleaned() {
     run_ok(&["cleanup", &d.img]);
     assert!(!Path::new(&partial).exists());
 }
+
+#[test]
+fn kernel_less_version_cannot_become_the_default_of_a_bootable_disk() {
+    let d = factory();
+    let before = std::fs::read(&d.img).unwrap();
+    run_fails(
+        &[
+            "--version",
+            "nk",
+            "--no-bootloader",
+            "--rootfs",
+            d.v1.to_str().unwrap(),
+            &d.img,
+        ],
+        1,
+        &["has no kernel", "--no-default"],
+    );
+    assert!(
+        std::fs::read(&d.img).unwrap() == before,
+        "refused upgrade changed the image"
+    );
+    run_ok(&[
+        "--version",
+        "nk",
+        "--no-bootloader",
+        "--no-default",
+        "--rootfs",
+        d.v1.to_str().unwrap(),
+        &d.img,
+    ]);
+    assert_eq!(default_of(&d.img), "factory");
+    let m = Inspect::open(Path::new(&d.img));
+    let conf = std::fs::read_to_string(m.path("extlinux/extlinux.conf")).unwrap();
+    assert!(
+        !conf.contains("label nk"),
+        "a version without kernel got a boot entry:\n{conf}"
+    );
+    assert!(m.path("systems/nk/run/etc").is_dir());
+}
