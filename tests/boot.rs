@@ -220,3 +220,52 @@ fn upgrade_rollback_remove_each_followed_by_a_boot() {
     let c = boot(&img, None);
     assert_layout_mounted(&c, "factory");
 }
+
+/// The guest writes a file under /home: it reaches the image only with --persist.
+#[test]
+fn boot_test_modifies_the_image_only_with_persist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("writer");
+    sh(&format!(
+        "cp -a {} {}",
+        tiny_rootfs().display(),
+        root.display()
+    ));
+    write(
+        &root.join("etc/tiny-boot.d/20-write"),
+        b"#!/bin/sh\ndate > /home/booted.txt\nsync\necho wrote\n",
+    );
+    chmod(&root.join("etc/tiny-boot.d/20-write"), 0o755);
+    let img = tmp.path().join("persist.img");
+    run_ok(&["--rootfs", root.to_str().unwrap(), img.to_str().unwrap()]);
+    let before = std::fs::read(&img).unwrap();
+    let imgs = img.to_str().unwrap();
+    run_ok(&[
+        "boot-test",
+        imgs,
+        "--accel",
+        "tcg",
+        "--timeout",
+        "90",
+        "--expect",
+        "TINY-HOOK: wrote",
+    ]);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "boot-test without --persist changed the image"
+    );
+    run_ok(&[
+        "boot-test",
+        imgs,
+        "--accel",
+        "tcg",
+        "--timeout",
+        "90",
+        "--persist",
+    ]);
+    let m = Inspect::open(&img);
+    assert!(
+        m.path("state/home/booted.txt").exists(),
+        "the guest's write did not persist"
+    );
+}
