@@ -338,44 +338,38 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
             }
         }
     })();
-    match (result, partial) {
-        (Ok(()), Some(partial)) => {
-            std::fs::File::open(&partial)?.sync_all()?;
-            std::fs::rename(&partial, &plan.target).with_context(|| {
-                format!(
-                    "renaming {} to {}",
-                    partial.display(),
-                    plan.target.display()
-                )
-            })?;
-            fsutil::fsync_dir(parent_dir(&plan.target))?;
-            drop(lock);
-            ui::step(format!(
-                "Deployed {} to {}",
-                plan.label,
-                plan.target.display()
-            ));
-            Ok(())
-        }
-        (Ok(()), None) => {
-            drop(lock);
-            ui::step(format!(
-                "Deployed {} to {}",
-                plan.label,
-                plan.target.display()
-            ));
-            Ok(())
-        }
-        (Err(e), Some(partial)) => {
-            let _ = std::fs::remove_file(&partial);
-            drop(lock);
-            Err(e)
-        }
-        (Err(e), None) => {
-            drop(lock);
-            Err(e)
+    let result = result.and_then(|()| match &partial {
+        Some(partial) => move_image_into_place(partial, &plan.target),
+        None => Ok(()),
+    });
+    if result.is_err() {
+        if let Some(partial) = &partial {
+            let _ = std::fs::remove_file(partial);
         }
     }
+    drop(lock);
+    result?;
+    ui::step(format!(
+        "Deployed {} to {}",
+        plan.label,
+        plan.target.display()
+    ));
+    Ok(())
+}
+
+/// Makes the finished image durable, then renames it onto the target —
+/// without replacing anything that appeared at the target meanwhile.
+fn move_image_into_place(partial: &Path, target: &Path) -> Result<()> {
+    std::fs::File::open(partial)?.sync_all()?;
+    nix::fcntl::renameat2(
+        None,
+        partial,
+        None,
+        target,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .with_context(|| format!("renaming {} to {}", partial.display(), target.display()))?;
+    fsutil::fsync_dir(parent_dir(target))
 }
 
 fn parent_dir(p: &Path) -> &Path {
