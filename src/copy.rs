@@ -24,7 +24,7 @@ mod engine;
 #[path = "copy/sync.rs"]
 mod sync;
 #[path = "copy/sys.rs"]
-mod sys;
+pub(crate) mod sys;
 #[path = "copy/testing.rs"]
 pub mod testing;
 

@@ -13,6 +13,7 @@ use crate::disk::{self, Disk, TargetKind};
 use crate::extensions::{self, Extension};
 use crate::kernel::{self, BootFiles, KernelChoice};
 use crate::layout::{self, Layout};
+use crate::tarball;
 use crate::{
     bootloader, btrfs, cmd, fstab, fsutil, lock::TargetLock, signals, state, ui, units, versions,
     UsageError,
@@ -25,6 +26,8 @@ use std::sync::Arc;
 
 /// Smallest image this tool creates.
 const MIN_IMAGE: u64 = 256 << 20;
+/// Scratch subvolume (inside the partial version) an archive is extracted to on upgrades.
+const SCRATCH_SOURCE: &str = ".source";
 /// Room kept for Btrfs metadata and system chunks on top of the data.
 const FS_OVERHEAD: u64 = 160 << 20;
 /// Filesystem label written by mkfs.
@@ -52,8 +55,14 @@ pub struct Plan {
     pub kind: TargetKind,
     /// Set for a first deploy; None when adding a version.
     pub new_disk: Option<NewDisk>,
-    /// Kernel files, unless deploying without a bootloader.
+    /// Kernel files found in a rootfs directory at planning time.
     pub boot: Option<BootFiles>,
+    /// Whether the rootfs is an archive (its kernel is found once extracted).
+    pub tarball: bool,
+    /// Deploy without kernel and bootloader.
+    pub no_bootloader: bool,
+    /// Explicit kernel files, if any.
+    pub kernel_choice: KernelChoice,
     /// Kernel arguments after root=...
     pub kernel_args: String,
     /// Leave the default as it is.
@@ -104,17 +113,24 @@ pub fn plan(
     if !args.no_bootloader {
         cmd::require(&[&cmd::EXTLINUX])?;
     }
-    let boot = if args.no_bootloader {
+    let tarball = rootfs.is_file();
+    let kernel_choice = KernelChoice {
+        kernel: args.kernel.clone(),
+        initramfs: args.initramfs.clone(),
+        dtb: args.dtb.clone(),
+    };
+    let boot = if args.no_bootloader || tarball {
         None
     } else {
-        let choice = KernelChoice {
-            kernel: args.kernel.clone(),
-            initramfs: args.initramfs.clone(),
-            dtb: args.dtb.clone(),
-        };
-        Some(kernel::find_boot_files(&rootfs, &choice)?)
+        Some(kernel::find_boot_files(&rootfs, &kernel_choice)?)
     };
-    let (rootfs_bytes, _) = fsutil::tree_usage(&rootfs)?;
+    let rootfs_bytes = if tarball {
+        ui::step(format!("Reading {}", rootfs.display()));
+        tarball::content_size(&rootfs)
+            .with_context(|| format!("reading the archive {}", rootfs.display()))?
+    } else {
+        fsutil::tree_usage(&rootfs)?.0
+    };
 
     let kind = disk::classify(&target)?;
     if kind == TargetKind::File || kind == TargetKind::BlockDevice {
@@ -223,6 +239,9 @@ pub fn plan(
         kind,
         new_disk,
         boot,
+        tarball,
+        no_bootloader: args.no_bootloader,
+        kernel_choice,
         kernel_args: args
             .kernel_args
             .clone()
@@ -247,8 +266,16 @@ pub fn default_size(rootfs_bytes: u64) -> u64 {
 fn check_rootfs(path: &Path) -> Result<PathBuf> {
     let meta = std::fs::metadata(path)
         .with_context(|| format!("rootfs {} does not exist or cannot be read", path.display()))?;
+    if meta.is_file() && tarball::is_tarball(path) {
+        return path
+            .canonicalize()
+            .with_context(|| format!("resolving {}", path.display()));
+    }
     if !meta.is_dir() {
-        bail!("rootfs {} is not a directory", path.display());
+        bail!(
+            "rootfs {} is not a directory nor a tar archive (.tar, .tar.gz, .tar.zst, .tar.xz)",
+            path.display()
+        );
     }
     let canon = path
         .canonicalize()
@@ -398,6 +425,24 @@ fn create_partial_image(partial: &Path, size: u64) -> Result<(TargetLock, std::f
 
 use std::os::unix::fs::OpenOptionsExt;
 
+/// Writes the rootfs (directory or archive) into the empty directory `dst`.
+fn fill_tree(plan: &Plan, dst: &Path, progress: Arc<copy::Progress>) -> Result<copy::CopyStats> {
+    if plan.tarball {
+        tarball::extract(&plan.rootfs, dst, Some(&progress))
+            .with_context(|| format!("extracting {}", plan.rootfs.display()))
+    } else {
+        copy::copy_tree(
+            &plan.rootfs,
+            dst,
+            &CopyOptions {
+                threads: 0,
+                progress: Some(progress),
+            },
+        )
+        .context("copying the rootfs")
+    }
+}
+
 fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
     std::fs::create_dir_all(top.systems())?;
     std::fs::create_dir_all(top.state())?;
@@ -413,15 +458,7 @@ fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
     let progress = Arc::new(copy::Progress::default());
     let stats = {
         let _bar = ui::Progress::start("copying", progress.clone(), plan.rootfs_bytes);
-        copy::copy_tree(
-            &plan.rootfs,
-            &orig,
-            &CopyOptions {
-                threads: 0,
-                progress: Some(progress),
-            },
-        )
-        .context("copying the rootfs")?
+        fill_tree(plan, &orig, progress)?
     };
     ui::detail(format!(
         "{} files, {} directories, {} symlinks, {} written",
@@ -485,7 +522,7 @@ fn check_upgrade_target(plan: &Plan, top: &Layout) -> Result<()> {
         );
     }
     versions::default_label(top)?;
-    if plan.boot.is_none() && !plan.no_default && top.extlinux_conf().exists() {
+    if plan.no_bootloader && !plan.no_default && top.extlinux_conf().exists() {
         bail!(
             "{} boots through extlinux, but version {} has no kernel (--no-bootloader): making it the \
              default would leave nothing to boot; add it with --no-default, or deploy it with a kernel",
@@ -510,6 +547,19 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let orig = dir.join(layout::ORIG);
         btrfs::snapshot(&old_dir.join(layout::ORIG), &orig, false)?;
+        // An archive is first extracted next to it (same filesystem: the
+        // sync then reflinks instead of copying), then synced like a directory.
+        let source = if plan.tarball {
+            let scratch = dir.join(SCRATCH_SOURCE);
+            btrfs::create_subvolume(&scratch)?;
+            ui::step(format!("Extracting {}", plan.rootfs.display()));
+            let progress = Arc::new(copy::Progress::default());
+            let _bar = ui::Progress::start("extracting", progress.clone(), plan.rootfs_bytes);
+            fill_tree(plan, &scratch, progress)?;
+            scratch
+        } else {
+            plan.rootfs.clone()
+        };
         ui::step(format!(
             "Syncing {} into a snapshot of {old}",
             plan.rootfs.display()
@@ -519,7 +569,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
         let stats = {
             let _bar = ui::Progress::start("syncing", progress.clone(), plan.rootfs_bytes);
             copy::sync_tree(
-                &plan.rootfs,
+                &source,
                 &orig,
                 &SyncOptions {
                     checksum: plan.checksum,
@@ -538,7 +588,10 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
             stats.deleted,
             units::format_size(stats.bytes_written)
         ));
-        let mut record = finish_version(plan, top, &dir, &fs_uuid, Some(&old))?;
+        let mut record = finish_version(plan, top, &dir, &fs_uuid, Some((&old, &source)))?;
+        if plan.tarball {
+            btrfs::delete_subvolume(&source)?;
+        }
         record.details.insert("sync".into(), serde_json::json!({
             "unchanged": stats.unchanged, "written": stats.written, "metadata_only": stats.metadata_only,
             "deleted": stats.deleted, "bytes_written": stats.bytes_written,
@@ -605,8 +658,9 @@ fn finish_version(
     top: &Layout,
     dir: &Path,
     fs_uuid: &str,
-    upgraded_from: Option<&str>,
+    upgrade: Option<(&str, &Path)>,
 ) -> Result<Deployment> {
+    let upgraded_from = upgrade.map(|(old, _)| old);
     let orig = dir.join(layout::ORIG);
     signals::check()?;
     if !plan.extensions.is_empty() {
@@ -626,7 +680,7 @@ fn finish_version(
             "/{d} is mounted by an existing fstab entry: kept inside the version"
         ));
     }
-    let seed_from = upgraded_from.map(|_| plan.rootfs.as_path());
+    let seed_from = upgrade.map(|(_, source)| source);
     setup_state(top, &orig, &completion.kept_state_dirs, seed_from)?;
     signals::check()?;
     btrfs::set_readonly(&orig, true)?;
@@ -645,7 +699,16 @@ fn finish_version(
         settings: crate::config::redact(&plan.ext_context.settings),
         ..Default::default()
     };
-    if let Some(boot) = &plan.boot {
+    let found;
+    let boot = match &plan.boot {
+        Some(b) => Some(b),
+        None if plan.tarball && !plan.no_bootloader => {
+            found = kernel::find_boot_files(&orig, &plan.kernel_choice)?;
+            Some(&found)
+        }
+        None => None,
+    };
+    if let Some(boot) = boot {
         ui::step("Installing kernel files");
         fsutil::copy_file_synced(&boot.kernel, &dir.join(layout::KERNEL))?;
         record.has_kernel = true;

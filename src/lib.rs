@@ -26,6 +26,7 @@ pub mod mount;
 pub mod rootpath;
 pub mod signals;
 pub mod state;
+pub mod tarball;
 pub mod ui;
 pub mod units;
 pub mod versions;

@@ -7,14 +7,16 @@
 //! zero all its children are done and its own metadata (times last) is set.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use anyhow::{anyhow, Result};
 
-use super::sys::{self, dst_err, src_err, DataCopy, DataFlags, Kind, Meta, Target};
+use super::sys::{self, dst_err, src_err, At, DataCopy, DataFlags, Kind, Meta, Target};
 use super::Progress;
 
 /// Names handled by one job at most.
@@ -91,6 +93,24 @@ impl DirNode {
             pending: AtomicUsize::new(1),
             parent: None,
         }
+    }
+}
+
+/// Descriptors of a directory node's source and target, opened once per job
+/// so that each entry is looked up by name instead of by full path.
+pub(super) struct DirFds {
+    pub src: File,
+    pub dst: File,
+}
+
+impl DirFds {
+    fn open(node: &DirNode) -> Result<DirFds> {
+        Ok(DirFds {
+            src: sys::open_dir_path(&node.src)
+                .map_err(|e| src_err(e, "opening directory", &node.src))?,
+            dst: sys::open_dir_path(&node.dst)
+                .map_err(|e| dst_err(e, "opening directory", &node.dst))?,
+        })
     }
 }
 
@@ -338,16 +358,21 @@ impl<'a> Engine<'a> {
                 node
             }
             Job::Names(node, names) => {
-                for name in names {
-                    if self.aborted() {
-                        break;
+                match DirFds::open(&node) {
+                    Ok(dirs) => {
+                        for name in names {
+                            if self.aborted() {
+                                break;
+                            }
+                            if let Err(e) = self.entry(&node, &dirs, &name, c) {
+                                self.fail(e);
+                            }
+                            if let Some(p) = self.progress {
+                                p.entries.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                     }
-                    if let Err(e) = self.entry(&node, &name, c) {
-                        self.fail(e);
-                    }
-                    if let Some(p) = self.progress {
-                        p.entries.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(e) => self.fail(e),
                 }
                 node
             }
@@ -412,12 +437,30 @@ impl<'a> Engine<'a> {
         self.schedule(Job::List(Arc::new(child)), c);
     }
 
-    fn entry(&self, node: &Arc<DirNode>, name: &OsString, c: &mut Counts) -> Result<()> {
+    fn entry(
+        &self,
+        node: &Arc<DirNode>,
+        dirs: &DirFds,
+        name: &OsString,
+        c: &mut Counts,
+    ) -> Result<()> {
         let src = node.src.join(name);
         let dst = node.dst.join(name);
+        let cname = CString::new(name.as_bytes())
+            .map_err(|_| anyhow!("{}: name with a NUL byte", src.display()))?;
+        let s = At {
+            dir: &dirs.src,
+            name: &cname,
+            path: &src,
+        };
+        let d = At {
+            dir: &dirs.dst,
+            name: &cname,
+            path: &dst,
+        };
         match node.mode {
-            Mode::Copy => self.copy_entry(node, &src, &dst, c),
-            Mode::Sync => self.sync_entry(node, &src, &dst, c),
+            Mode::Copy => self.copy_entry(node, s, d, c),
+            Mode::Sync => self.sync_entry(node, s, d, c),
         }
     }
 
@@ -429,18 +472,12 @@ impl<'a> Engine<'a> {
     }
 
     /// Copy: creates `dst` from `src` (which does not exist yet in the target).
-    fn copy_entry(
-        &self,
-        node: &Arc<DirNode>,
-        src: &Path,
-        dst: &Path,
-        c: &mut Counts,
-    ) -> Result<()> {
-        let m = sys::lstat(src).map_err(|e| src_err(e, "reading metadata of", src))?;
+    fn copy_entry(&self, node: &Arc<DirNode>, s: At, d: At, c: &mut Counts) -> Result<()> {
+        let m = sys::lstat_at(s).map_err(|e| src_err(e, "reading metadata of", s.path))?;
         if m.kind() == Kind::Dir {
-            self.create_dir(node, src, dst, &m, c)
+            self.create_dir(node, s.path, d.path, &m, c)
         } else {
-            self.create_nondir(src, dst, &m, c)
+            self.create_nondir(s.path, d.path, &m, c, Some((s, d)))
         }
     }
 
@@ -453,7 +490,7 @@ impl<'a> Engine<'a> {
         m: &Meta,
         c: &mut Counts,
     ) -> Result<()> {
-        sys::mkdir(dst).map_err(|e| dst_err(e, "creating directory", dst))?;
+        sys::mkdir(dst, m.mode).map_err(|e| dst_err(e, "creating directory", dst))?;
         c.dirs += 1;
         c.written += 1;
         let child = DirNode::new(src.to_path_buf(), dst.to_path_buf(), *m, Mode::Copy);
@@ -462,13 +499,20 @@ impl<'a> Engine<'a> {
     }
 
     /// Creates the non-directory `dst` from `src`, as a hard link when `src`'s
-    /// inode was already copied.
-    pub fn create_nondir(&self, src: &Path, dst: &Path, m: &Meta, c: &mut Counts) -> Result<()> {
+    /// inode was already copied. `at` addresses both by directory descriptor.
+    pub fn create_nondir(
+        &self,
+        src: &Path,
+        dst: &Path,
+        m: &Meta,
+        c: &mut Counts,
+        at: Option<(At, At)>,
+    ) -> Result<()> {
         if m.nlink <= 1 {
-            return self.make_nondir(src, dst, m, c);
+            return self.make_nondir(src, dst, m, c, at);
         }
         match self.links.claim(m) {
-            Claim::Leader(guard) => self.lead(guard, dst, || self.make_nondir(src, dst, m, c)),
+            Claim::Leader(guard) => self.lead(guard, dst, || self.make_nondir(src, dst, m, c, at)),
             Claim::Follower(slot) => {
                 let target = slot.wait(src)?;
                 std::fs::hard_link(&target, dst)
@@ -502,10 +546,18 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Creates `dst` as a copy of `src` (no hardlink handling).
-    pub fn make_nondir(&self, src: &Path, dst: &Path, m: &Meta, c: &mut Counts) -> Result<()> {
+    /// Creates `dst` as a copy of `src` (no hardlink handling); `at`, when
+    /// given, addresses the same two entries by directory descriptor.
+    pub fn make_nondir(
+        &self,
+        src: &Path,
+        dst: &Path,
+        m: &Meta,
+        c: &mut Counts,
+        at: Option<(At, At)>,
+    ) -> Result<()> {
         match m.kind() {
-            Kind::File => self.copy_file(src, dst, m, c)?,
+            Kind::File => self.copy_file(src, dst, m, c, at)?,
             Kind::Symlink => {
                 let target = sys::read_link(src)?;
                 std::os::unix::fs::symlink(&target, dst)
@@ -524,9 +576,24 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    fn copy_file(&self, src: &Path, dst: &Path, m: &Meta, c: &mut Counts) -> Result<()> {
-        let sf = sys::open_file_read(src).map_err(|e| src_err(e, "opening", src))?;
-        let df = sys::create_file(dst).map_err(|e| dst_err(e, "creating", dst))?;
+    fn copy_file(
+        &self,
+        src: &Path,
+        dst: &Path,
+        m: &Meta,
+        c: &mut Counts,
+        at: Option<(At, At)>,
+    ) -> Result<()> {
+        let (sf, df) = match at {
+            Some((s, d)) => (
+                sys::open_file_read_at(s).map_err(|e| src_err(e, "opening", src))?,
+                sys::create_file_at(d, m.mode).map_err(|e| dst_err(e, "creating", dst))?,
+            ),
+            None => (
+                sys::open_file_read(src).map_err(|e| src_err(e, "opening", src))?,
+                sys::create_file_mode(dst, m.mode).map_err(|e| dst_err(e, "creating", dst))?,
+            ),
+        };
         let data = DataCopy {
             src_path: src,
             dst_path: dst,
@@ -537,7 +604,8 @@ impl<'a> Engine<'a> {
         c.bytes += m.size;
         let x = sys::read_xattrs(Target::fd(&sf))
             .map_err(|e| src_err(e, "reading extended attributes of", src))?;
-        sys::apply_meta(Target::fd(&df), dst, m, &x, None)?;
+        let cur = sys::fstat(&df).map_err(|e| dst_err(e, "reading metadata of", dst))?;
+        sys::apply_meta(Target::fd(&df), dst, m, &x, Some(&cur))?;
         c.files += 1;
         Ok(())
     }
@@ -547,7 +615,8 @@ impl<'a> Engine<'a> {
 pub(super) fn apply_path_meta(src: &Path, dst: &Path, m: &Meta) -> Result<()> {
     let x = sys::read_xattrs(Target::path(src, m.kind()))
         .map_err(|e| src_err(e, "reading extended attributes of", src))?;
-    sys::apply_meta(Target::path(dst, m.kind()), dst, m, &x, None)
+    let cur = sys::lstat(dst).map_err(|e| dst_err(e, "reading metadata of", dst))?;
+    sys::apply_meta(Target::path(dst, m.kind()), dst, m, &x, Some(&cur))
 }
 
 /// Reads the xattrs of source directory `path`.
@@ -560,5 +629,6 @@ pub(super) fn dir_xattrs(path: &Path) -> Result<sys::Xattrs> {
 fn finalize_copied_dir(node: &DirNode) -> Result<()> {
     let x = dir_xattrs(&node.src)?;
     let d = sys::open_dir(&node.dst).map_err(|e| dst_err(e, "opening directory", &node.dst))?;
-    sys::apply_meta(Target::fd(&d), &node.dst, &node.meta, &x, None)
+    let cur = sys::fstat(&d).map_err(|e| dst_err(e, "reading metadata of", &node.dst))?;
+    sys::apply_meta(Target::fd(&d), &node.dst, &node.meta, &x, Some(&cur))
 }

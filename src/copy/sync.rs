@@ -8,30 +8,30 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use super::engine::{dir_xattrs, lock, Claim, Counts, DirNode, Engine, Mode};
-use super::sys::{self, dst_err, src_err, Kind, Meta, Target, Xattrs};
+use super::sys::{self, dst_err, src_err, At, Kind, Meta, Target, Xattrs};
 use super::NoSpaceError;
 
 impl Engine<'_> {
     /// Sync one name of `node`: `src` exists, `dst` may or may not.
+    /// `s` and `d` address the two entries by directory descriptor.
     pub(super) fn sync_entry(
         &self,
         node: &Arc<DirNode>,
-        src: &Path,
-        dst: &Path,
+        s: At,
+        d: At,
         c: &mut Counts,
     ) -> Result<()> {
-        let sm = sys::lstat(src).map_err(|e| src_err(e, "reading metadata of", src))?;
-        let dm = sys::lstat_opt(dst).map_err(|e| src_err(e, "reading metadata of", dst))?;
+        let (src, dst) = (s.path, d.path);
+        let sm = sys::lstat_at(s).map_err(|e| src_err(e, "reading metadata of", src))?;
+        let dm = sys::lstat_at_opt(d).map_err(|e| src_err(e, "reading metadata of", dst))?;
         if sm.kind() == Kind::Dir {
             return self.sync_dir_entry(node, src, dst, &sm, dm, c);
         }
         if sm.nlink <= 1 {
-            return self.sync_nondir(src, dst, &sm, dm, c);
+            return self.sync_nondir(s, d, &sm, dm, c);
         }
         match self.links.claim(&sm) {
-            Claim::Leader(guard) => {
-                self.lead(guard, dst, || self.sync_nondir(src, dst, &sm, dm, c))
-            }
+            Claim::Leader(guard) => self.lead(guard, dst, || self.sync_nondir(s, d, &sm, dm, c)),
             Claim::Follower(slot) => {
                 let leader = slot.wait(src)?;
                 self.sync_follower(&leader, dst, c)
@@ -79,14 +79,8 @@ impl Engine<'_> {
     }
 
     /// Sync a non-directory whose source inode has not been handled yet.
-    fn sync_nondir(
-        &self,
-        src: &Path,
-        dst: &Path,
-        sm: &Meta,
-        dm: Option<Meta>,
-        c: &mut Counts,
-    ) -> Result<()> {
+    fn sync_nondir(&self, s: At, t: At, sm: &Meta, dm: Option<Meta>, c: &mut Counts) -> Result<()> {
+        let (src, dst) = (s.path, t.path);
         let d = match dm {
             Some(d) if d.same_type(sm) => d,
             other => return self.replace_with_copy(src, dst, sm, other, c),
@@ -99,9 +93,9 @@ impl Engine<'_> {
             // give this name an inode of its own.
             return self.break_link(src, dst, sm, &d, c);
         }
-        let sx = sys::read_xattrs(Target::path(src, sm.kind()))
+        let sx = sys::read_xattrs_at(s)
             .map_err(|e| src_err(e, "reading extended attributes of", src))?;
-        let dx = sys::read_xattrs(Target::path(dst, d.kind()))
+        let dx = sys::read_xattrs_at(t)
             .map_err(|e| src_err(e, "reading extended attributes of", dst))?;
         if same_meta(sm, &d, &sx, &dx) {
             c.unchanged += 1;
@@ -163,7 +157,7 @@ impl Engine<'_> {
         dm: Option<Meta>,
         c: &mut Counts,
     ) -> Result<()> {
-        let deleted = self.replace(dst, dm, |p| self.make_nondir(src, p, sm, c))?;
+        let deleted = self.replace(dst, dm, |p| self.make_nondir(src, p, sm, c, None))?;
         c.deleted += deleted;
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! `O_NOFOLLOW`, other entries are handled with the `l*` system calls.
 
 use std::cell::RefCell;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -20,7 +20,7 @@ use super::{NoSpaceError, Progress};
 
 /// The kind of a directory entry, as far as copying is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Kind {
+pub(crate) enum Kind {
     Dir,
     File,
     Symlink,
@@ -30,7 +30,7 @@ pub(super) enum Kind {
 
 /// A point in time with nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Time {
+pub(crate) struct Time {
     pub sec: i64,
     pub nsec: i64,
 }
@@ -47,7 +47,7 @@ impl Time {
 
 /// The metadata of one entry that the engine needs (from `lstat`).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Meta {
+pub(crate) struct Meta {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
@@ -106,12 +106,12 @@ impl Meta {
 }
 
 /// `lstat` of `path`.
-pub(super) fn lstat(path: &Path) -> io::Result<Meta> {
+pub(crate) fn lstat(path: &Path) -> io::Result<Meta> {
     std::fs::symlink_metadata(path).map(|m| Meta::from_std(&m))
 }
 
 /// `lstat` of `path`, `None` when it does not exist.
-pub(super) fn lstat_opt(path: &Path) -> io::Result<Option<Meta>> {
+pub(crate) fn lstat_opt(path: &Path) -> io::Result<Option<Meta>> {
     match lstat(path) {
         Ok(m) => Ok(Some(m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -120,18 +120,18 @@ pub(super) fn lstat_opt(path: &Path) -> io::Result<Option<Meta>> {
 }
 
 /// `fstat` of an open file.
-pub(super) fn fstat(file: &File) -> io::Result<Meta> {
+pub(crate) fn fstat(file: &File) -> io::Result<Meta> {
     file.metadata().map(|m| Meta::from_std(&m))
 }
 
 /// True when `e` means "no space left on device".
-pub(super) fn is_nospace(e: &io::Error) -> bool {
+pub(crate) fn is_nospace(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// An error on the target side: ENOSPC becomes [`NoSpaceError`] naming `path`,
 /// anything else gets the context "`what` `path`".
-pub(super) fn dst_err(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
+pub(crate) fn dst_err(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
     if is_nospace(&e) {
         NoSpaceError {
             path: path.to_path_buf(),
@@ -143,7 +143,7 @@ pub(super) fn dst_err(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
 }
 
 /// An error on the source side, with the context "`what` `path`".
-pub(super) fn src_err(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
+pub(crate) fn src_err(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
     anyhow::Error::new(e).context(format!("{what} {}", path.display()))
 }
 
@@ -170,7 +170,7 @@ fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
 
 /// Opens a regular file for reading without following a symlink and without
 /// updating its access time (when permitted). Fails unless it is a regular file.
-pub(super) fn open_file_read(path: &Path) -> io::Result<File> {
+pub(crate) fn open_file_read(path: &Path) -> io::Result<File> {
     let open = |extra: libc::c_int| {
         OpenOptions::new()
             .read(true)
@@ -190,18 +190,134 @@ pub(super) fn open_file_read(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// An entry addressed by its directory's descriptor and its name: lookups
+/// walk one path component instead of the whole path. `path` is the same
+/// entry by full path, for messages and fallbacks.
+#[derive(Clone, Copy)]
+pub(crate) struct At<'a> {
+    pub dir: &'a File,
+    pub name: &'a CStr,
+    pub path: &'a Path,
+}
+
+/// Opens directory `path` as an `O_PATH` descriptor (for `*at` lookups),
+/// without following a symlink.
+pub(crate) fn open_dir_path(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+fn meta_of_statx(s: &libc::statx) -> Meta {
+    Meta {
+        mode: u32::from(s.stx_mode),
+        uid: s.stx_uid,
+        gid: s.stx_gid,
+        size: s.stx_size,
+        blocks: s.stx_blocks,
+        atime: Time {
+            sec: s.stx_atime.tv_sec,
+            nsec: i64::from(s.stx_atime.tv_nsec),
+        },
+        mtime: Time {
+            sec: s.stx_mtime.tv_sec,
+            nsec: i64::from(s.stx_mtime.tv_nsec),
+        },
+        rdev: libc::makedev(s.stx_rdev_major, s.stx_rdev_minor),
+        dev: libc::makedev(s.stx_dev_major, s.stx_dev_minor),
+        ino: s.stx_ino,
+        nlink: u64::from(s.stx_nlink),
+    }
+}
+
+/// `lstat` of the entry `at` (statx relative to its directory).
+pub(crate) fn lstat_at(at: At) -> io::Result<Meta> {
+    // SAFETY: statx is plain old data; zeroed is valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, NUL-terminated name, writable buffer.
+    cvt(unsafe {
+        libc::statx(
+            at.dir.as_raw_fd(),
+            at.name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            libc::STATX_BASIC_STATS,
+            &mut stx,
+        )
+    })?;
+    Ok(meta_of_statx(&stx))
+}
+
+/// [`lstat_at`], `None` when the entry does not exist.
+pub(crate) fn lstat_at_opt(at: At) -> io::Result<Option<Meta>> {
+    match lstat_at(at) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn openat_file(at: At, flags: libc::c_int, mode: u32) -> io::Result<File> {
+    // SAFETY: valid fd and NUL-terminated name.
+    let fd = unsafe {
+        libc::openat(
+            at.dir.as_raw_fd(),
+            at.name.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned by nobody else.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// [`open_file_read`] relative to a directory descriptor.
+pub(crate) fn open_file_read_at(at: At) -> io::Result<File> {
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK;
+    let file = match openat_file(at, flags | libc::O_NOATIME, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => openat_file(at, flags, 0)?,
+        other => other?,
+    };
+    if fstat(&file)?.kind() != Kind::File {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// [`create_file_mode`] relative to a directory descriptor.
+pub(crate) fn create_file_at(at: At, mode: u32) -> io::Result<File> {
+    openat_file(
+        at,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        mode & 0o777,
+    )
+}
+
 /// Creates a new, empty regular file (mode 0600, fails if anything exists at `path`).
-pub(super) fn create_file(path: &Path) -> io::Result<File> {
+pub(crate) fn create_file(path: &Path) -> io::Result<File> {
+    create_file_mode(path, 0o600)
+}
+
+/// Creates a new, empty regular file with permission bits `mode & 0o777`
+/// (less the umask; fails if anything exists at `path`). Creating a file with
+/// its final permissions usually saves a chmod, which is a transaction on Btrfs.
+pub(crate) fn create_file_mode(path: &Path, mode: u32) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode & 0o777)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
 }
 
 /// Opens a directory without following a symlink (and without touching its atime).
-pub(super) fn open_dir(path: &Path) -> io::Result<File> {
+pub(crate) fn open_dir(path: &Path) -> io::Result<File> {
     let open = |extra: libc::c_int| {
         OpenOptions::new()
             .read(true)
@@ -215,7 +331,7 @@ pub(super) fn open_dir(path: &Path) -> io::Result<File> {
 }
 
 /// The names in directory `path` (without `.` and `..`), sorted.
-pub(super) fn list_dir(path: &Path) -> io::Result<Vec<OsString>> {
+pub(crate) fn list_dir(path: &Path) -> io::Result<Vec<OsString>> {
     use nix::dir::Dir;
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode;
@@ -236,15 +352,17 @@ pub(super) fn list_dir(path: &Path) -> io::Result<Vec<OsString>> {
     Ok(names)
 }
 
-/// Creates a directory with mode 0700 (the real mode is set when it is finalized).
-pub(super) fn mkdir(path: &Path) -> io::Result<()> {
+/// Creates a directory with the permission bits of `mode` plus owner rwx
+/// (less the umask); the exact mode is set when it is finalized.
+pub(crate) fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
     let c = cpath(path)?;
+    let mode = (mode & 0o777) | 0o700;
     // SAFETY: valid NUL-terminated path.
-    cvt(unsafe { libc::mkdir(c.as_ptr(), 0o700) })
+    cvt(unsafe { libc::mkdir(c.as_ptr(), mode as libc::mode_t) })
 }
 
 /// Creates a device node, FIFO or socket of the type in `mode` (permissions 0600).
-pub(super) fn mknod(path: &Path, mode: u32, rdev: u64) -> io::Result<()> {
+pub(crate) fn mknod(path: &Path, mode: u32, rdev: u64) -> io::Result<()> {
     let c = cpath(path)?;
     let mode = (mode & libc::S_IFMT) | 0o600;
     // SAFETY: valid NUL-terminated path.
@@ -252,7 +370,7 @@ pub(super) fn mknod(path: &Path, mode: u32, rdev: u64) -> io::Result<()> {
 }
 
 /// True when `path` is the root of a mount (so a recursive removal must stop there).
-pub(super) fn is_mount_root(path: &Path) -> io::Result<bool> {
+pub(crate) fn is_mount_root(path: &Path) -> io::Result<bool> {
     let c = cpath(path)?;
     // SAFETY: statx is plain old data; zeroed is valid; the path is NUL-terminated.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
@@ -272,7 +390,7 @@ pub(super) fn is_mount_root(path: &Path) -> io::Result<bool> {
 /// Where metadata is read from or applied to: an open file or directory, or a
 /// path that is never followed if it is a symlink.
 #[derive(Clone, Copy)]
-pub(super) enum Target<'a> {
+pub(crate) enum Target<'a> {
     /// An open regular file or directory.
     Fd(RawFd),
     /// A symlink or special file, by path.
@@ -295,7 +413,7 @@ impl<'a> Target<'a> {
 }
 
 /// Extended attributes of an entry: `(name, value)`, sorted by name.
-pub(super) type Xattrs = Vec<(CString, Vec<u8>)>;
+pub(crate) type Xattrs = Vec<(CString, Vec<u8>)>;
 
 fn not_supported(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EOPNOTSUPP)
@@ -382,7 +500,7 @@ fn get_xattr(t: Target, name: &CString) -> io::Result<Option<Vec<u8>>> {
 }
 
 /// All extended attributes of `t`, sorted by name.
-pub(super) fn read_xattrs(t: Target) -> io::Result<Xattrs> {
+pub(crate) fn read_xattrs(t: Target) -> io::Result<Xattrs> {
     let mut out = Vec::new();
     for name in list_xattr_names(t)? {
         if let Some(value) = get_xattr(t, &name)? {
@@ -391,6 +509,64 @@ pub(super) fn read_xattrs(t: Target) -> io::Result<Xattrs> {
     }
     out.sort();
     Ok(out)
+}
+
+/// `listxattrat` and `getxattrat` (Linux 6.13): same number on every
+/// architecture with the common system call table.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+))]
+const SYS_LISTXATTRAT: Option<libc::c_long> = Some(465);
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+)))]
+const SYS_LISTXATTRAT: Option<libc::c_long> = None;
+
+/// False once the kernel said it has no `listxattrat`.
+static XATTRAT: AtomicBool = AtomicBool::new(true);
+
+/// Extended attributes of the entry `at` (never followed), sorted by name.
+///
+/// The common case, an entry without xattrs, costs one `listxattrat` with a
+/// one-component lookup; entries with xattrs, and kernels before 6.13, are
+/// read by path.
+pub(crate) fn read_xattrs_at(at: At) -> io::Result<Xattrs> {
+    let by_path = || {
+        read_xattrs(Target::Path {
+            path: at.path,
+            symlink: true,
+        })
+    };
+    let Some(nr) = SYS_LISTXATTRAT.filter(|_| XATTRAT.load(Ordering::Relaxed)) else {
+        return by_path();
+    };
+    // SAFETY: valid fd and NUL-terminated name; a null buffer of size 0 asks for the size.
+    let r = unsafe {
+        libc::syscall(
+            nr,
+            at.dir.as_raw_fd(),
+            at.name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+            std::ptr::null_mut::<libc::c_char>(),
+            0usize,
+        )
+    };
+    if r == 0 {
+        return Ok(Vec::new());
+    }
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOSYS) => XATTRAT.store(false, Ordering::Relaxed),
+            Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+            _ => return Err(e),
+        }
+    }
+    by_path()
 }
 
 fn set_xattr(t: Target, name: &CString, value: &[u8]) -> io::Result<()> {
@@ -469,7 +645,7 @@ fn set_times(t: Target, atime: Time, mtime: Time) -> io::Result<()> {
 }
 
 /// Sets atime and mtime of `path` (never following a symlink).
-pub(super) fn set_path_times(path: &Path, atime: Time, mtime: Time) -> Result<()> {
+pub(crate) fn set_path_times(path: &Path, atime: Time, mtime: Time) -> Result<()> {
     let t = Target::Path {
         path,
         symlink: true,
@@ -477,11 +653,14 @@ pub(super) fn set_path_times(path: &Path, atime: Time, mtime: Time) -> Result<()
     set_times(t, atime, mtime).map_err(|e| dst_err(e, "setting times of", path))
 }
 
-/// Makes the xattrs of `t` exactly `want`: removes extra ones, sets missing or different ones.
-fn sync_xattrs(t: Target, path: &Path, want: &Xattrs) -> Result<()> {
+/// Makes the xattrs of `t` exactly `want`: removes extra ones, sets missing or
+/// different ones. Returns true when it changed any.
+fn sync_xattrs(t: Target, path: &Path, want: &Xattrs) -> Result<bool> {
     let have = read_xattrs(t).map_err(|e| dst_err(e, "listing extended attributes of", path))?;
+    let mut changed = false;
     for (name, _) in &have {
         if !want.iter().any(|(n, _)| n == name) {
+            changed = true;
             remove_xattr(t, name).map_err(|e| {
                 dst_err(
                     e,
@@ -495,36 +674,44 @@ fn sync_xattrs(t: Target, path: &Path, want: &Xattrs) -> Result<()> {
         if have.iter().any(|(n, v)| n == name && v == value) {
             continue;
         }
+        changed = true;
         set_xattr(t, name, value)
             .map_err(|e| dst_err(e, &format!("setting extended attribute {name:?} on"), path))?;
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// Gives `t` (at `path`, for messages) the ownership, xattrs, mode and times of
 /// `m`/`xattrs`. `current` is the target's present metadata when known (chown
-/// is skipped when the owner already matches).
+/// and chmod are skipped when owner and mode already match: each of them is a
+/// transaction on Btrfs).
 ///
 /// Order matters: chown first (it clears setuid/setgid and
-/// `security.capability`), then xattrs, then chmod, then times.
-pub(super) fn apply_meta(
+/// `security.capability`), then xattrs (an ACL changes the mode), then chmod,
+/// then times.
+pub(crate) fn apply_meta(
     t: Target,
     path: &Path,
     m: &Meta,
     xattrs: &Xattrs,
     current: Option<&Meta>,
 ) -> Result<()> {
-    if current.is_none_or(|c| c.uid != m.uid || c.gid != m.gid) {
+    let chowned = current.is_none_or(|c| c.uid != m.uid || c.gid != m.gid);
+    if chowned {
         chown(t, m.uid, m.gid).map_err(|e| dst_err(e, "changing owner of", path))?;
     }
-    sync_xattrs(t, path, xattrs)?;
-    chmod(t, m.mode).map_err(|e| dst_err(e, "changing mode of", path))?;
+    let xattrs_changed = sync_xattrs(t, path, xattrs)?;
+    let mode_ok =
+        !chowned && !xattrs_changed && current.is_some_and(|c| c.mode & 0o7777 == m.mode & 0o7777);
+    if !mode_ok {
+        chmod(t, m.mode).map_err(|e| dst_err(e, "changing mode of", path))?;
+    }
     set_times(t, m.atime, m.mtime).map_err(|e| dst_err(e, "setting times of", path))
 }
 
 /// Flags shared by all workers that remember what the kernel refused.
 #[derive(Debug)]
-pub(super) struct DataFlags {
+pub(crate) struct DataFlags {
     /// FICLONE may work between source and target.
     pub reflink: AtomicBool,
     /// copy_file_range may work between source and target.
@@ -541,7 +728,7 @@ impl Default for DataFlags {
 }
 
 /// Reflinks the whole of `src` into `dst` (FICLONE).
-pub(super) fn ficlone(src: &File, dst: &File) -> io::Result<()> {
+pub(crate) fn ficlone(src: &File, dst: &File) -> io::Result<()> {
     // SAFETY: FICLONE takes the source fd as its argument.
     cvt(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) })
 }
@@ -551,7 +738,7 @@ fn errno_in(e: &io::Error, list: &[libc::c_int]) -> bool {
 }
 
 /// Paths and counters of one data copy, for messages and progress.
-pub(super) struct DataCopy<'a> {
+pub(crate) struct DataCopy<'a> {
     pub src_path: &'a Path,
     pub dst_path: &'a Path,
     pub flags: &'a DataFlags,
@@ -734,7 +921,7 @@ impl DataCopy<'_> {
 }
 
 /// Compares the contents of two regular files byte by byte.
-pub(super) fn same_content(a: &Path, b: &Path) -> Result<bool> {
+pub(crate) fn same_content(a: &Path, b: &Path) -> Result<bool> {
     let fa = open_file_read(a).map_err(|e| src_err(e, "opening", a))?;
     let fb = open_file_read(b).map_err(|e| src_err(e, "opening", b))?;
     let mut ba = vec![0u8; 128 * 1024];
@@ -769,7 +956,7 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
 
 /// Recursively deletes `path` without following symlinks and without crossing
 /// into another mount. Adds the number of removed entries to `count`.
-pub(super) fn remove_tree_counted(path: &Path, count: &mut u64) -> Result<()> {
+pub(crate) fn remove_tree_counted(path: &Path, count: &mut u64) -> Result<()> {
     let Some(m) = lstat_opt(path).map_err(|e| src_err(e, "reading metadata of", path))? else {
         return Ok(());
     };
@@ -794,6 +981,6 @@ pub(super) fn remove_tree_counted(path: &Path, count: &mut u64) -> Result<()> {
 }
 
 /// Reads a symlink's target.
-pub(super) fn read_link(path: &Path) -> Result<std::path::PathBuf> {
+pub(crate) fn read_link(path: &Path) -> Result<std::path::PathBuf> {
     std::fs::read_link(path).with_context(|| format!("reading symlink {}", path.display()))
 }

@@ -1,0 +1,927 @@
+//! Root filesystems given as tar archives (`--rootfs system.tar.zst`).
+//!
+//! An archive is streamed once, straight into the target directory: no
+//! temporary extraction. Plain tar and gzip, zstd and xz compression are
+//! read (found by magic bytes, not by name) through the `flate2`, `zstd` and
+//! `liblzma` crates; entries are parsed with the `tar` crate and written here
+//! with the same care as the copy engine (design §4): numeric owners, modes
+//! including setuid/setgid/sticky, nanosecond times (PAX), symlinks, hard
+//! links, device nodes, FIFOs, extended attributes (PAX `SCHILY.xattr.*`,
+//! which carries `security.capability` and POSIX ACLs), sparse files (GNU
+//! and PAX sparse formats; runs of zero blocks in other files become holes
+//! too), and directory metadata applied after the directory's content.
+//!
+//! Nothing is ever written outside the target: an entry with an absolute path
+//! or a `..` component, or whose path (or hard-link target) goes through a
+//! symlink, is refused with an error naming it. Directories are walked one
+//! component at a time with `O_NOFOLLOW` and entries are created relative to
+//! the parent directory's descriptor.
+//!
+//! Memory: one read buffer, a small cache of open parent directories, and the
+//! metadata of every directory (applied at the end, ~200 bytes each).
+
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::copy::sys::{self, dst_err, Kind, Meta, Target, Time, Xattrs};
+use crate::copy::{CopyStats, Progress};
+
+/// File name endings recognised as tar archives.
+const SUFFIXES: &[&str] = &[
+    ".tar",
+    ".tar.gz",
+    ".tgz",
+    ".tar.zst",
+    ".tzst",
+    ".tar.zstd",
+    ".tar.xz",
+    ".txz",
+];
+
+/// Size of the read buffer (and of the largest write).
+const BUF_SIZE: usize = 256 * 1024;
+/// Blocks of this size that are all zeros are left as holes.
+const HOLE_BLOCK: usize = 4096;
+/// Parent directories kept open between entries.
+const PARENT_CACHE: usize = 32;
+
+/// The compression of an archive, from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+    Xz,
+}
+
+/// True when `path` is a regular file named `*.tar`, `*.tar.gz`, `*.tgz`,
+/// `*.tar.zst`, `*.tar.xz` (and `.tzst`, `.txz`), or whose first bytes are
+/// those of a tar archive or of a gzip, zstd or xz stream.
+pub fn is_tarball(path: &Path) -> bool {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        _ => return false,
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if SUFFIXES.iter().any(|s| name.ends_with(s)) {
+        return true;
+    }
+    File::open(path)
+        .and_then(|mut f| sniff(&mut f))
+        .is_ok_and(|k| k.is_some())
+}
+
+/// Reads the first bytes of `f` (then rewinds): the compression, or `None`
+/// when it is neither compressed nor a tar archive.
+fn sniff(f: &mut File) -> io::Result<Option<Compression>> {
+    let mut head = [0u8; 512];
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    f.seek(SeekFrom::Start(0))?;
+    let head = &head[..n];
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Some(Compression::Gzip)
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some(Compression::Zstd)
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Some(Compression::Xz)
+    } else if n >= 262 && &head[257..262] == b"ustar" {
+        Some(Compression::None)
+    } else {
+        None
+    })
+}
+
+/// Opens `path` and returns a reader of the decompressed tar stream.
+fn open_stream(path: &Path) -> Result<(Box<dyn Read>, Compression)> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let kind = sniff(&mut f)
+        .with_context(|| format!("reading {}", path.display()))?
+        .ok_or_else(|| {
+            anyhow!(
+                "{} is not a tar archive (plain, gzip, zstd or xz compressed)",
+                path.display()
+            )
+        })?;
+    let buffered = BufReader::with_capacity(BUF_SIZE, f);
+    let reader: Box<dyn Read> = match kind {
+        Compression::None => Box::new(buffered),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(buffered)
+                .with_context(|| format!("starting zstd decompression of {}", path.display()))?,
+        ),
+        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(buffered)),
+    };
+    Ok((reader, kind))
+}
+
+/// Bytes the archive would occupy once extracted: the sizes of its regular
+/// files (real sizes for sparse ones), each rounded up to a 4 KiB block. Reads
+/// (and decompresses) the whole archive once; a plain tar's file data is
+/// skipped with seeks.
+pub fn content_size(path: &Path) -> Result<u64> {
+    content_size_inner(path).with_context(|| format!("reading archive {}", path.display()))
+}
+
+fn content_size_inner(path: &Path) -> Result<u64> {
+    let (reader, kind) = open_stream(path)?;
+    if kind == Compression::None {
+        let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut ar = tar::Archive::new(BufReader::with_capacity(BUF_SIZE, f));
+        return sum_sizes(ar.entries_with_seek()?);
+    }
+    let mut ar = tar::Archive::new(reader);
+    sum_sizes(ar.entries()?)
+}
+
+fn sum_sizes<R: Read>(entries: tar::Entries<'_, R>) -> Result<u64> {
+    let mut total = 0u64;
+    for entry in entries {
+        let mut entry = entry?;
+        let t = entry.header().entry_type();
+        if !(t.is_file() || t.is_gnu_sparse() || t == tar::EntryType::Continuous) {
+            continue;
+        }
+        let pax = Pax::read(&mut entry)?;
+        let size = match (&pax.sparse, t.is_gnu_sparse()) {
+            (Some(s), _) => s.real_size,
+            (None, true) => entry
+                .header()
+                .as_gnu()
+                .map_or(Ok(entry.size()), |g| g.real_size())?,
+            (None, false) => entry.size(),
+        };
+        total = total.saturating_add(size.div_ceil(4096) * 4096);
+    }
+    Ok(total)
+}
+
+/// Streams the archive at `path` into the existing, empty directory `dst`,
+/// preserving everything listed in the module documentation, and gives `dst`
+/// the metadata of the archive's root entry (`./`) when it has one.
+///
+/// Refuses (with an error naming the entry, before writing it) entries with
+/// absolute paths or `..` components, and entries whose path or hard-link
+/// target goes through a symlink. The target full fails with
+/// [`crate::copy::NoSpaceError`] in the error chain.
+pub fn extract(path: &Path, dst: &Path, progress: Option<&Progress>) -> Result<CopyStats> {
+    extract_inner(path, dst, progress)
+        .with_context(|| format!("extracting {} into {}", path.display(), dst.display()))
+}
+
+fn extract_inner(path: &Path, dst: &Path, progress: Option<&Progress>) -> Result<CopyStats> {
+    let root = open_root(dst)?;
+    let (reader, _) = open_stream(path)?;
+    let mut ar = tar::Archive::new(reader);
+    let mut x = Extractor {
+        root,
+        dst,
+        parents: Vec::new(),
+        dirs: Vec::new(),
+        stats: CopyStats::default(),
+        progress,
+        buf: vec![0u8; BUF_SIZE],
+    };
+    for entry in ar
+        .entries()
+        .with_context(|| format!("reading {}", path.display()))?
+    {
+        crate::signals::check()?;
+        let mut entry = entry.with_context(|| format!("reading {}", path.display()))?;
+        x.entry(&mut entry)?;
+        if let Some(p) = progress {
+            p.entries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    x.finish_dirs()?;
+    Ok(x.stats)
+}
+
+/// Opens the target root, which must be an empty real directory.
+fn open_root(dst: &Path) -> Result<File> {
+    let m = sys::lstat(dst).with_context(|| format!("reading metadata of {}", dst.display()))?;
+    if m.kind() != Kind::Dir {
+        bail!("target {} is not a directory", dst.display());
+    }
+    let mut names = std::fs::read_dir(dst).with_context(|| format!("listing {}", dst.display()))?;
+    if names.next().is_some() {
+        bail!("target directory {} is not empty", dst.display());
+    }
+    sys::open_dir(dst).with_context(|| format!("opening {}", dst.display()))
+}
+
+/// The PAX extended header fields of one entry that matter here.
+#[derive(Default)]
+struct Pax {
+    mtime: Option<Time>,
+    atime: Option<Time>,
+    xattrs: Xattrs,
+    sparse: Option<PaxSparse>,
+}
+
+/// A file stored in one of the PAX sparse formats (GNU tar `-S --format=posix`).
+struct PaxSparse {
+    /// The file's real path (the entry's own path is a placeholder).
+    name: Option<Vec<u8>>,
+    real_size: u64,
+    /// Format 1.0 stores the map at the start of the data; 0.x in the header.
+    map_in_data: bool,
+    /// `(offset, length)` of the data segments (0.x formats).
+    map: Vec<(u64, u64)>,
+}
+
+impl Pax {
+    fn read<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Pax> {
+        let mut pax = Pax::default();
+        let Some(exts) = entry.pax_extensions()? else {
+            return Ok(pax);
+        };
+        let (mut major, mut name, mut real_size, mut map) = (None, None, None, Vec::new());
+        let mut offsets = Vec::new();
+        for ext in exts {
+            let ext = ext?;
+            let key = ext.key_bytes();
+            let value = ext.value_bytes();
+            if let Some(xname) = key.strip_prefix(b"SCHILY.xattr.") {
+                let n = CString::new(xname).map_err(|_| anyhow!("xattr name with NUL"))?;
+                pax.xattrs.push((n, value.to_vec()));
+                continue;
+            }
+            match key {
+                b"mtime" => pax.mtime = Some(parse_time(value)?),
+                b"atime" => pax.atime = Some(parse_time(value)?),
+                b"GNU.sparse.major" => major = Some(parse_u64(value)?),
+                b"GNU.sparse.name" => name = Some(value.to_vec()),
+                b"GNU.sparse.realsize" | b"GNU.sparse.size" => real_size = Some(parse_u64(value)?),
+                b"GNU.sparse.map" => {
+                    let nums = value
+                        .split(|b| *b == b',')
+                        .map(parse_u64)
+                        .collect::<Result<Vec<_>>>()?;
+                    map = nums
+                        .chunks(2)
+                        .map(|c| (c[0], *c.get(1).unwrap_or(&0)))
+                        .collect();
+                }
+                b"GNU.sparse.offset" => offsets.push(parse_u64(value)?),
+                b"GNU.sparse.numbytes" => {
+                    let off = offsets
+                        .pop()
+                        .ok_or_else(|| anyhow!("GNU.sparse.numbytes without offset"))?;
+                    map.push((off, parse_u64(value)?));
+                }
+                _ => {}
+            }
+        }
+        pax.xattrs.sort();
+        if let Some(real_size) = real_size {
+            pax.sparse = Some(PaxSparse {
+                name,
+                real_size,
+                map_in_data: major == Some(1),
+                map,
+            });
+        }
+        Ok(pax)
+    }
+}
+
+fn parse_u64(v: &[u8]) -> Result<u64> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| {
+            anyhow!(
+                "bad number {:?} in a PAX header",
+                String::from_utf8_lossy(v)
+            )
+        })
+}
+
+/// Parses a PAX time: `[-]seconds[.fraction]`.
+fn parse_time(v: &[u8]) -> Result<Time> {
+    let s = std::str::from_utf8(v)
+        .map_err(|_| anyhow!("bad time in a PAX header"))?
+        .trim();
+    let bad = || anyhow!("bad time {s:?} in a PAX header");
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (secs, frac) = body.split_once('.').unwrap_or((body, ""));
+    let secs: i64 = secs.parse().map_err(|_| bad())?;
+    let mut nsec: i64 = 0;
+    for (i, c) in frac.chars().take(9).enumerate() {
+        let d = c.to_digit(10).ok_or_else(bad)? as i64;
+        nsec += d * 10i64.pow(8 - i as u32);
+    }
+    Ok(if neg && nsec > 0 {
+        Time {
+            sec: -secs - 1,
+            nsec: 1_000_000_000 - nsec,
+        }
+    } else {
+        Time {
+            sec: if neg { -secs } else { secs },
+            nsec,
+        }
+    })
+}
+
+/// Splits an archive path into its components, refusing absolute paths and
+/// `..`; `.` and empty components are dropped (so `./` is the root).
+fn components<'p>(raw: &'p [u8], what: &str) -> Result<Vec<&'p [u8]>> {
+    let shown = || String::from_utf8_lossy(raw).into_owned();
+    if raw.first() == Some(&b'/') {
+        bail!(
+            "archive {what} {:?} is an absolute path: refusing to write outside the target",
+            shown()
+        );
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => bail!(
+                "archive {what} {:?} contains `..`: refusing to write outside the target",
+                shown()
+            ),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+fn cstring(b: &[u8]) -> Result<CString> {
+    CString::new(b).map_err(|_| anyhow!("path with a NUL byte in the archive"))
+}
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `openat` returning an owned file.
+fn openat(dir: RawFd, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<File> {
+    // SAFETY: valid fd and NUL-terminated name; the returned fd is owned by the File.
+    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    // SAFETY: fd was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`, `None` when it does not exist.
+fn stat_at(dir: RawFd, name: &CStr) -> io::Result<Option<Meta>> {
+    // SAFETY: stat is plain old data.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, NUL-terminated name, writable stat buffer.
+    match check(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }) {
+        Ok(_) => Ok(Some(meta_of_stat(&st))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn meta_of_stat(st: &libc::stat) -> Meta {
+    Meta {
+        mode: st.st_mode,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: Time {
+            sec: st.st_atime,
+            nsec: st.st_atime_nsec,
+        },
+        mtime: Time {
+            sec: st.st_mtime,
+            nsec: st.st_mtime_nsec,
+        },
+        rdev: st.st_rdev,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        nlink: st.st_nlink,
+    }
+}
+
+/// A directory whose metadata is applied once everything is extracted.
+struct PendingDir {
+    comps: Vec<Vec<u8>>,
+    meta: Meta,
+    xattrs: Xattrs,
+}
+
+struct Extractor<'a> {
+    root: File,
+    dst: &'a Path,
+    /// Recently used parent directories: (components joined by '/', O_PATH fd).
+    parents: Vec<(Vec<u8>, File)>,
+    dirs: Vec<PendingDir>,
+    stats: CopyStats,
+    progress: Option<&'a Progress>,
+    buf: Vec<u8>,
+}
+
+impl Extractor<'_> {
+    fn full_path(&self, comps: &[&[u8]]) -> PathBuf {
+        let mut p = self.dst.to_path_buf();
+        for c in comps {
+            p.push(OsStr::from_bytes(c));
+        }
+        p
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
+        let t = entry.header().entry_type();
+        if t.is_pax_global_extensions() || t == tar::EntryType::new(b'V') {
+            return Ok(()); // global PAX header or volume label: nothing to create
+        }
+        let pax = Pax::read(entry)?;
+        let raw_path: Vec<u8> = match pax.sparse.as_ref().and_then(|s| s.name.clone()) {
+            Some(name) => name,
+            None => entry.path_bytes().into_owned(),
+        };
+        let comps = components(&raw_path, "entry")?;
+        let meta = self.entry_meta(entry, &pax)?;
+        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        self.create(entry, t, &comps, &meta, pax)
+            .with_context(|| format!("extracting archive entry {shown:?}"))
+    }
+
+    /// The metadata an entry asks for (owner, mode with its file type, times).
+    fn entry_meta<R: Read>(&self, entry: &tar::Entry<'_, R>, pax: &Pax) -> Result<Meta> {
+        let h = entry.header();
+        let t = h.entry_type();
+        let fmt = if t.is_dir() {
+            libc::S_IFDIR
+        } else if t.is_symlink() {
+            libc::S_IFLNK
+        } else if t.is_character_special() {
+            libc::S_IFCHR
+        } else if t.is_block_special() {
+            libc::S_IFBLK
+        } else if t.is_fifo() {
+            libc::S_IFIFO
+        } else {
+            libc::S_IFREG
+        };
+        let mtime = match pax.mtime {
+            Some(t) => t,
+            None => Time {
+                sec: h.mtime()? as i64,
+                nsec: 0,
+            },
+        };
+        let rdev = if t.is_character_special() || t.is_block_special() {
+            let major = h.device_major()?.unwrap_or(0);
+            let minor = h.device_minor()?.unwrap_or(0);
+            libc::makedev(major, minor)
+        } else {
+            0
+        };
+        Ok(Meta {
+            mode: fmt | (h.mode()? & 0o7777),
+            uid: h.uid()? as u32,
+            gid: h.gid()? as u32,
+            size: 0,
+            blocks: 0,
+            atime: pax.atime.unwrap_or(mtime),
+            mtime,
+            rdev,
+            dev: 0,
+            ino: 0,
+            nlink: 1,
+        })
+    }
+
+    fn create<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        t: tar::EntryType,
+        comps: &[&[u8]],
+        meta: &Meta,
+        pax: Pax,
+    ) -> Result<()> {
+        if t.is_dir() {
+            if let Some((last, parents)) = comps.split_last() {
+                let parent = self.parent(parents)?;
+                let name = cstring(last)?;
+                if !self.make_room(parent, &name, comps, true)? {
+                    // SAFETY: valid fd and name.
+                    check(unsafe { libc::mkdirat(parent, name.as_ptr(), 0o700) })
+                        .map_err(|e| dst_err(e, "creating directory", &self.full_path(comps)))?;
+                    self.stats.dirs += 1;
+                }
+            }
+            self.dirs.push(PendingDir {
+                comps: comps.iter().map(|c| c.to_vec()).collect(),
+                meta: *meta,
+                xattrs: pax.xattrs,
+            });
+            return Ok(());
+        }
+        let Some((last, parents)) = comps.split_last() else {
+            bail!("the archive's root entry is not a directory");
+        };
+        let parent = self.parent(parents)?;
+        let name = cstring(last)?;
+        let path = self.full_path(comps);
+        self.make_room(parent, &name, comps, false)?;
+        if t.is_hard_link() {
+            return self.hard_link(entry, parent, &name, &path);
+        }
+        if t.is_symlink() {
+            let target = entry
+                .link_name_bytes()
+                .ok_or_else(|| anyhow!("symlink without a target"))?;
+            let target = cstring(&target)?;
+            // SAFETY: valid fd and NUL-terminated strings.
+            check(unsafe { libc::symlinkat(target.as_ptr(), parent, name.as_ptr()) })
+                .map_err(|e| dst_err(e, "creating symlink", &path))?;
+            self.stats.symlinks += 1;
+            return self.apply_path_meta(parent, &name, &path, meta, &pax.xattrs);
+        }
+        if t.is_character_special() || t.is_block_special() || t.is_fifo() {
+            let mode = (meta.mode & libc::S_IFMT) | 0o600;
+            // SAFETY: valid fd and name.
+            check(unsafe { libc::mknodat(parent, name.as_ptr(), mode, meta.rdev) })
+                .map_err(|e| dst_err(e, "creating", &path))?;
+            self.stats.specials += 1;
+            return self.apply_path_meta(parent, &name, &path, meta, &pax.xattrs);
+        }
+        if t.is_file() || t.is_gnu_sparse() || t == tar::EntryType::Continuous {
+            return self.regular(entry, parent, &name, &path, meta, pax);
+        }
+        bail!(
+            "unsupported entry type {:?} (only files, directories, links, devices and FIFOs)",
+            t
+        )
+    }
+
+    /// Gives a symlink or special file its owner, xattrs, mode and times.
+    fn apply_path_meta(
+        &self,
+        parent: RawFd,
+        name: &CStr,
+        path: &Path,
+        meta: &Meta,
+        xattrs: &Xattrs,
+    ) -> Result<()> {
+        let cur = stat_at(parent, name)
+            .map_err(|e| dst_err(e, "reading metadata of", path))?
+            .ok_or_else(|| anyhow!("{} vanished", path.display()))?;
+        sys::apply_meta(
+            Target::path(path, meta.kind()),
+            path,
+            meta,
+            xattrs,
+            Some(&cur),
+        )
+    }
+
+    /// Makes `name` in `parent` free for a new entry: removes a non-directory,
+    /// or an empty directory unless the new entry is one too. Returns true when
+    /// a directory is there and the new entry is a directory (kept as is).
+    fn make_room(
+        &mut self,
+        parent: RawFd,
+        name: &CStr,
+        comps: &[&[u8]],
+        dir: bool,
+    ) -> Result<bool> {
+        let path = || self.full_path(comps);
+        let Some(m) =
+            stat_at(parent, name).map_err(|e| dst_err(e, "reading metadata of", &path()))?
+        else {
+            return Ok(false);
+        };
+        match (m.kind() == Kind::Dir, dir) {
+            (true, true) => Ok(true),
+            (true, false) => {
+                // SAFETY: valid fd and name.
+                check(unsafe { libc::unlinkat(parent, name.as_ptr(), libc::AT_REMOVEDIR) })
+                    .map_err(|e| {
+                        anyhow::Error::new(e).context(format!(
+                            "replacing directory {} by a non-directory",
+                            path().display()
+                        ))
+                    })?;
+                self.forget_parents(comps);
+                Ok(false)
+            }
+            (false, _) => {
+                // SAFETY: valid fd and name.
+                check(unsafe { libc::unlinkat(parent, name.as_ptr(), 0) })
+                    .map_err(|e| dst_err(e, "replacing", &path()))?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Drops cached descriptors of the removed directory `comps` and below.
+    fn forget_parents(&mut self, comps: &[&[u8]]) {
+        let key = comps.join(&b'/');
+        self.parents.retain(|(k, _)| {
+            !(k.starts_with(&key) && (k.len() == key.len() || k[key.len()] == b'/'))
+        });
+    }
+
+    /// An O_PATH descriptor of the directory `comps` (relative to the root),
+    /// walked without following symlinks; missing directories are created.
+    fn parent(&mut self, comps: &[&[u8]]) -> Result<RawFd> {
+        if comps.is_empty() {
+            return Ok(self.root.as_raw_fd());
+        }
+        let key = comps.join(&b'/');
+        if let Some(i) = self.parents.iter().position(|(k, _)| *k == key) {
+            return Ok(self.parents[i].1.as_raw_fd());
+        }
+        let mut cur: Option<File> = None;
+        for (i, c) in comps.iter().enumerate() {
+            let at = cur
+                .as_ref()
+                .map_or(self.root.as_raw_fd(), |f| f.as_raw_fd());
+            let next = self.walk_one(at, c, &comps[..=i])?;
+            cur = Some(next);
+        }
+        let dir = cur.ok_or_else(|| anyhow!("internal error: empty parent"))?;
+        if self.parents.len() >= PARENT_CACHE {
+            self.parents.remove(0);
+        }
+        self.parents.push((key, dir));
+        Ok(self.parents.last().map_or(-1, |(_, f)| f.as_raw_fd()))
+    }
+
+    /// Opens directory `name` in `at`, refusing symlinks; creates it if missing.
+    fn walk_one(&self, at: RawFd, name: &[u8], so_far: &[&[u8]]) -> Result<File> {
+        let c = cstring(name)?;
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+        match openat(at, &c, flags, 0) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                // SAFETY: valid fd and name.
+                check(unsafe { libc::mkdirat(at, c.as_ptr(), 0o755) })
+                    .map_err(|e| dst_err(e, "creating directory", &self.full_path(so_far)))?;
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP)) => {
+                let shown = String::from_utf8_lossy(&so_far.join(&b'/')).into_owned();
+                return match stat_at(at, &c) {
+                    Ok(Some(m)) if m.kind() == Kind::Symlink => Err(anyhow!(
+                        "{shown} in the target is a symlink: refusing to write through it"
+                    )),
+                    _ => Err(anyhow!("{shown} in the target is not a directory")),
+                };
+            }
+            Err(e) => return Err(dst_err(e, "opening directory", &self.full_path(so_far))),
+        }
+        openat(at, &c, flags, 0)
+            .map_err(|e| dst_err(e, "opening directory", &self.full_path(so_far)))
+    }
+
+    fn hard_link<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+        parent: RawFd,
+        name: &CStr,
+        path: &Path,
+    ) -> Result<()> {
+        let raw = entry
+            .link_name_bytes()
+            .ok_or_else(|| anyhow!("hard link without a target"))?
+            .into_owned();
+        let tcomps = components(&raw, "hard link target")?;
+        let Some((tlast, tparents)) = tcomps.split_last() else {
+            bail!("hard link to the archive's root");
+        };
+        let tname = cstring(tlast)?;
+        // Keep `parent` valid: resolving the target may evict it from the cache.
+        let parent = openat(parent, c".", libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(|e| dst_err(e, "opening directory of", path))?;
+        let tparent = self.parent(tparents)?;
+        // SAFETY: valid fds and names; flags 0 never follows a symlink.
+        check(unsafe {
+            libc::linkat(
+                tparent,
+                tname.as_ptr(),
+                parent.as_raw_fd(),
+                name.as_ptr(),
+                0,
+            )
+        })
+        .map_err(|e| {
+            dst_err(
+                e,
+                &format!(
+                    "linking to {:?} (earlier in the archive) as",
+                    String::from_utf8_lossy(&raw)
+                ),
+                path,
+            )
+        })?;
+        self.stats.hardlinks += 1;
+        Ok(())
+    }
+
+    fn regular<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        parent: RawFd,
+        name: &CStr,
+        path: &Path,
+        meta: &Meta,
+        pax: Pax,
+    ) -> Result<()> {
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+        // Created with its final permission bits (umask applied), so the mode
+        // usually needs no second change; setuid/setgid come after chown.
+        let f = openat(parent, name, flags, meta.mode & 0o777)
+            .map_err(|e| dst_err(e, "creating", path))?;
+        let size = match &pax.sparse {
+            Some(s) if s.map_in_data => {
+                let map = read_sparse_map(entry)?;
+                self.write_segments(entry, &f, path, &map)?;
+                s.real_size
+            }
+            Some(s) => {
+                self.write_segments(entry, &f, path, &s.map)?;
+                s.real_size
+            }
+            None => {
+                let end = self.write_dense(entry, &f, path, 0, u64::MAX)?;
+                if entry.header().entry_type().is_gnu_sparse() {
+                    entry.header().as_gnu().map_or(Ok(end), |g| g.real_size())?
+                } else {
+                    end
+                }
+            }
+        };
+        f.set_len(size)
+            .map_err(|e| dst_err(e, "setting the size of", path))?;
+        let cur = sys::fstat(&f).map_err(|e| dst_err(e, "reading metadata of", path))?;
+        sys::apply_meta(Target::fd(&f), path, meta, &pax.xattrs, Some(&cur))?;
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        Ok(())
+    }
+
+    /// Writes the data segments `map` (offset, length), read in order from `entry`.
+    fn write_segments<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        f: &File,
+        path: &Path,
+        map: &[(u64, u64)],
+    ) -> Result<()> {
+        for &(off, len) in map {
+            let end = self.write_dense(entry, f, path, off, len)?;
+            if end != off + len {
+                bail!("sparse data ends early in the archive");
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies up to `len` bytes of `entry` into `f` at `off`, leaving blocks of
+    /// zeros as holes. Returns the end offset reached.
+    fn write_dense<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        f: &File,
+        path: &Path,
+        mut off: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let mut left = len;
+        while left > 0 {
+            let want = (self.buf.len() as u64).min(left) as usize;
+            let n = read_full(entry, &mut self.buf[..want])
+                .map_err(|e| anyhow::Error::new(e).context("reading the archive"))?;
+            if n == 0 {
+                break;
+            }
+            write_sparse(f, &self.buf[..n], off).map_err(|e| dst_err(e, "writing", path))?;
+            if let Some(p) = self.progress {
+                p.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            off += n as u64;
+            left -= n as u64;
+        }
+        Ok(off)
+    }
+
+    /// Applies the metadata of every directory entry, after all content.
+    fn finish_dirs(&mut self) -> Result<()> {
+        self.parents.clear();
+        let dirs = std::mem::take(&mut self.dirs);
+        for d in &dirs {
+            let comps: Vec<&[u8]> = d.comps.iter().map(Vec::as_slice).collect();
+            let path = self.full_path(&comps);
+            let file = match comps.split_last() {
+                None => sys::open_dir(self.dst).map_err(|e| dst_err(e, "opening", &path))?,
+                Some((last, parents)) => {
+                    let parent = self.parent(parents)?;
+                    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+                    openat(parent, &cstring(last)?, flags, 0)
+                        .map_err(|e| dst_err(e, "opening directory", &path))?
+                }
+            };
+            let cur = sys::fstat(&file).map_err(|e| dst_err(e, "reading metadata of", &path))?;
+            sys::apply_meta(Target::fd(&file), &path, &d.meta, &d.xattrs, Some(&cur))?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the map of a PAX 1.0 sparse file from the start of its data: decimal
+/// numbers, one per line (count, then offset and length pairs), padded to 512 bytes.
+fn read_sparse_map<R: Read>(entry: &mut R) -> Result<Vec<(u64, u64)>> {
+    let mut consumed = 0usize;
+    let mut line = Vec::new();
+    let mut next_number = |consumed: &mut usize| -> Result<u64> {
+        line.clear();
+        let mut b = [0u8; 1];
+        loop {
+            entry
+                .read_exact(&mut b)
+                .context("reading the map of a sparse file")?;
+            *consumed += 1;
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+            if line.len() > 20 {
+                bail!("bad sparse file map in the archive");
+            }
+        }
+        parse_u64(&line)
+    };
+    let count = next_number(&mut consumed)?;
+    let mut map = Vec::new();
+    for _ in 0..count {
+        let off = next_number(&mut consumed)?;
+        let len = next_number(&mut consumed)?;
+        map.push((off, len));
+    }
+    let pad = (512 - consumed % 512) % 512;
+    io::copy(&mut entry.take(pad as u64), &mut io::sink()).context("reading a sparse file map")?;
+    Ok(map)
+}
+
+/// Reads until `buf` is full or the end of the entry.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Writes `data` at `off`, skipping whole blocks of zeros (they stay holes).
+fn write_sparse(f: &File, data: &[u8], off: u64) -> io::Result<()> {
+    let mut start = 0;
+    while start < data.len() {
+        // Skip zero blocks.
+        let mut i = start;
+        while i < data.len() && is_zero_block(&data[i..(i + HOLE_BLOCK).min(data.len())]) {
+            i = (i + HOLE_BLOCK).min(data.len());
+        }
+        // Gather non-zero blocks.
+        let mut j = i;
+        while j < data.len() && !is_zero_block(&data[j..(j + HOLE_BLOCK).min(data.len())]) {
+            j = (j + HOLE_BLOCK).min(data.len());
+        }
+        if j > i {
+            f.write_all_at(&data[i..j], off + i as u64)?;
+        }
+        start = j;
+    }
+    Ok(())
+}
+
+fn is_zero_block(b: &[u8]) -> bool {
+    b.len() == HOLE_BLOCK && b.iter().all(|x| *x == 0)
+}
