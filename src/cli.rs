@@ -39,7 +39,8 @@ pub struct DeployArgs {
     /// Defaults to "factory" on a new target; required when adding a version.
     #[arg(long = "version", value_name = "LABEL", allow_hyphen_values = true)]
     pub label: Option<String>,
-    /// Root filesystem tree to deploy (a directory).
+    /// Root filesystem to deploy: a directory, or a tar archive (.tar, .tar.gz,
+    /// .tgz, .tar.zst, .tar.xz) streamed straight onto the disk.
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
     /// Size of a new image: bytes or with a suffix (512M, 4G, 4GiB). Default:
