@@ -147,3 +147,51 @@ pub fn wait_for_deletions(top: &Path) -> Result<()> {
     })?;
     Ok(())
 }
+
+/// Bytes of data referenced by the files under `version_dir`, each extent
+/// counted once (`btrfs filesystem du`: exclusive + set shared).
+pub fn referenced_bytes(version_dir: &Path) -> Result<u64> {
+    let out = cmd::run(
+        "btrfs",
+        &[
+            "filesystem",
+            "du",
+            "-s",
+            "--raw",
+            &version_dir.to_string_lossy(),
+        ],
+    )
+    .with_context(|| format!("measuring {}", version_dir.display()))?;
+    parse_du(&out).with_context(|| {
+        format!(
+            "reading `btrfs filesystem du` output for {}",
+            version_dir.display()
+        )
+    })
+}
+
+/// Exclusive + set shared from the summary line of `btrfs filesystem du -s --raw`.
+fn parse_du(out: &str) -> Result<u64> {
+    let line = out.lines().nth(1).context("no summary line")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .take(3)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    match fields[..] {
+        [_total, exclusive, set_shared] => Ok(exclusive + set_shared),
+        _ => anyhow::bail!("unexpected line {line:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_du_summary() {
+        let out = "     Total   Exclusive  Set shared  Filename\n  18493440        4096    18489344  /m/systems/v2\n";
+        assert_eq!(parse_du(out).unwrap(), 18_493_440);
+        assert!(parse_du("Total\n").is_err());
+    }
+}

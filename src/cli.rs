@@ -103,6 +103,10 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also show each version's size and the bytes only it uses (walks
+        /// every file: slower on big systems).
+        #[arg(long)]
+        sizes: bool,
     },
     /// Make LABEL the default version (this is how you roll back).
     SetDefault {

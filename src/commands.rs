@@ -39,10 +39,15 @@ pub struct ListEntry {
     pub upgraded_from: Option<String>,
     /// Unresolved /etc conflicts recorded at deploy time.
     pub etc_conflicts: usize,
+    /// With `--sizes`: bytes of data the version references (orig, run,
+    /// kernel files; each extent counted once, also when other versions
+    /// share it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
 }
 
 /// `deploy list`.
-pub fn list(target: &Path, json: bool) -> Result<()> {
+pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
     let rows = with_disk(target, true, |disk| {
         let default = versions::default_label(&disk.layout)?;
         Ok(versions::list(&disk.layout)?
@@ -60,26 +65,46 @@ pub fn list(target: &Path, json: bool) -> Result<()> {
                     .and_then(|c| c.as_array())
                     .map(|a| a.len())
                     .unwrap_or(0),
+                size_bytes: None,
                 label: v.label,
             })
-            .collect::<Vec<_>>())
+            .map(|mut row| {
+                if sizes {
+                    row.size_bytes =
+                        Some(btrfs::referenced_bytes(&disk.layout.version(&row.label))?);
+                }
+                Ok(row)
+            })
+            .collect::<Result<Vec<_>>>()?)
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
+        let size_head = if sizes {
+            format!("{:<12}", "SIZE")
+        } else {
+            String::new()
+        };
         println!(
-            "{:<3}{:<24}{:<22}{:<28}FROM",
+            "{:<3}{:<24}{:<22}{:<28}{size_head}FROM",
             "", "VERSION", "CREATED", "KERNEL"
         );
         for r in rows {
+            let size_cols = r
+                .size_bytes
+                .map(|b| format!("{:<12}", units::format_size(b)))
+                .unwrap_or_default();
             println!(
-                "{:<3}{:<24}{:<22}{:<28}{}",
+                "{:<3}{:<24}{:<22}{:<28}{size_cols}{}",
                 if r.default { "*" } else { "" },
                 r.label,
                 r.created,
                 r.kernel_version.as_deref().unwrap_or("-"),
                 r.upgraded_from.as_deref().unwrap_or("-")
             );
+        }
+        if sizes {
+            println!("(SIZE: data the version references; versions share unchanged files, so sizes do not add up)");
         }
     }
     Ok(())

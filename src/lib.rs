@@ -62,9 +62,13 @@ pub fn run(cli: Cli) -> Result<()> {
             signals::install()?;
             deploy::execute(&plan)
         }
-        Some(Command::List { target, json }) => {
+        Some(Command::List {
+            target,
+            json,
+            sizes,
+        }) => {
             mount::enter_private_namespace()?;
-            commands::list(&target, json)
+            commands::list(&target, json, sizes)
         }
         Some(Command::SetDefault { label, target }) => {
             mount::enter_private_namespace()?;

@@ -119,6 +119,19 @@ fn upgrade_syncs_delta_shares_extents_and_merges_etc() {
         "disk grew by {growth} for {changed} changed bytes"
     );
 
+    // `list --sizes`: each version references its data once (orig and run share it):
+    // factory's 100 kB tool was replaced by a 1 MiB one and a 2 MiB file was added.
+    let rows: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["list", &d.img, "--json", "--sizes"]).stdout).unwrap();
+    let (f, v) = (
+        rows[0]["size_bytes"].as_u64().unwrap(),
+        rows[1]["size_bytes"].as_u64().unwrap(),
+    );
+    assert!(f > 8 << 20 && f < 9 << 20, "factory size {f}");
+    assert!(
+        v > f + (2 << 20) + (800 << 10) && v < f + changed + (256 << 10),
+        "v2 size {v}, factory {f}"
+    );
     let m = Inspect::open(Path::new(&d.img));
     assert_eq!(
         std::fs::read_link(m.path("systems/default")).unwrap(),
