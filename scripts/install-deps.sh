@@ -3,7 +3,7 @@
 # crate, the tools it runs, and QEMU for boot tests. Quick when all is there.
 set -euo pipefail
 pkgs=(btrfs-progs extlinux syslinux-common qemu-system-x86 libbtrfsutil-dev libclang-dev
-      pkg-config cpio zstd xz-utils kmod acl attr rsync util-linux gcc make)
+      pkg-config cpio zstd xz-utils kmod acl attr rsync util-linux gcc make strace e2fsprogs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

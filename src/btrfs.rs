@@ -139,6 +139,10 @@ pub fn probe_fs_type(device: &Path) -> Result<Option<String>> {
 /// Waits until deleted subvolumes on the filesystem at `top` are cleaned up,
 /// so their space is really free (deletion is asynchronous in Btrfs).
 pub fn wait_for_deletions(top: &Path) -> Result<()> {
+    // BTRFS_IOC_SYNC commits and wakes the cleaner; without it, `subvolume
+    // sync` waits for the next periodic commit (30 s by default).
+    cmd::run("btrfs", &["filesystem", "sync", &top.to_string_lossy()])
+        .with_context(|| format!("committing {}", top.display()))?;
     cmd::run("btrfs", &["subvolume", "sync", &top.to_string_lossy()]).with_context(|| {
         format!(
             "waiting for deleted subvolumes on {} to be cleaned",

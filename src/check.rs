@@ -149,10 +149,9 @@ pub fn run(target: &Path, json: bool) -> Result<()> {
     }
     if report.warnings > 0 {
         eprintln!(
-            "{}: layout ok, {} warning(s): run `deploy cleanup {}`",
+            "{}: no problems, {} warning(s) (see above)",
             target.display(),
-            report.warnings,
-            target.display()
+            report.warnings
         );
     }
     Ok(())
@@ -180,11 +179,16 @@ pub fn check(target: &Path) -> Result<Report> {
         ),
     }
     let mut findings = Vec::new();
-    let disk = Disk::open(target, kind, true)?;
-    let inspected = inspect(&disk);
-    // Unmount and detach before `btrfs check`: it must not run while mounted.
-    disk.close()?;
-    findings.extend(inspected?);
+    match Disk::open(target, kind, true) {
+        Ok(disk) => {
+            let inspected = inspect(&disk);
+            // Unmount and detach before `btrfs check`: it must not run while mounted.
+            disk.close()?;
+            findings.extend(inspected?);
+        }
+        // A filesystem that does not mount is a finding; `btrfs check` says more.
+        Err(e) => findings.push(Finding::problem("mount", format!("{e:#}"))),
+    }
     if kind == TargetKind::File {
         let partial = layout::image_partial(target);
         if std::fs::symlink_metadata(&partial).is_ok() {
@@ -218,6 +222,13 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
         out.push(Finding::warning(
             "leftovers",
             format!("systems/{name} is left by an interrupted deploy: run deploy cleanup"),
+        ));
+    }
+    let conf_tmp = top.extlinux_dir().join(".extlinux.conf.tmp");
+    if std::fs::symlink_metadata(&conf_tmp).is_ok() {
+        out.push(Finding::warning(
+            "leftovers",
+            "extlinux/.extlinux.conf.tmp is left by an interrupted deploy: run deploy cleanup",
         ));
     }
     for name in &scan.unexpected {
@@ -604,7 +615,33 @@ fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Ve
         install,
         "SYSLINUX installed",
     ));
+    // The menu's "(default)" mark is written just before the switch: a
+    // mismatch only means an interrupted switch, and the `default` entry
+    // boots systems/default whatever the mark says.
+    if let (Some(marked), Ok(current)) =
+        (menu_default(&conf), std::fs::read_link(top.default_link()))
+    {
+        let current = current.to_string_lossy();
+        if marked != current {
+            out.push(Finding::warning(
+                "bootloader menu",
+                format!(
+                    "the menu marks {marked} as the default but systems/default -> {current} \
+                     (an interrupted switch?): run deploy set-default {current} to rewrite it"
+                ),
+            ));
+        }
+    }
     out
+}
+
+/// The label that an extlinux.conf's menu text marks `(default)`.
+pub fn menu_default(conf: &str) -> Option<String> {
+    conf.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("say")?;
+        let label = rest.trim().strip_suffix("(default)")?.trim();
+        (!label.is_empty()).then(|| label.to_string())
+    })
 }
 
 /// One `label` block of an extlinux.conf.
@@ -841,6 +878,19 @@ mod tests {
             p,
             ["entry `label factory` lacks rootflags=subvol=systems/factory/run"]
         );
+    }
+
+    #[test]
+    fn menu_default_mark() {
+        assert_eq!(
+            menu_default(&conf(&["factory", "v2"], "v2")).as_deref(),
+            Some("v2")
+        );
+        assert_eq!(
+            menu_default(&conf(&["factory", "v2"], "factory")).as_deref(),
+            Some("factory")
+        );
+        assert_eq!(menu_default("label default\n"), None);
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub struct ListEntry {
 pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
     let rows = with_disk(target, true, |disk| {
         let default = versions::default_label(&disk.layout)?;
-        Ok(versions::list(&disk.layout)?
+        versions::list(&disk.layout)?
             .into_iter()
             .map(|v| ListEntry {
                 default: v.label == default,
@@ -75,7 +75,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 }
                 Ok(row)
             })
-            .collect::<Result<Vec<_>>>()?)
+            .collect::<Result<Vec<_>>>()
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -197,6 +197,24 @@ pub fn cleanup(target: &Path) -> Result<()> {
                 if n.starts_with('.') && n.ends_with(".removing") {
                     btrfs::remove_version_dir(&name.path())?;
                 }
+            }
+            // Temp files of an interrupted atomic replace.
+            let top = &disk.layout;
+            for tmp in [
+                top.systems().join(".default.tmp"),
+                top.extlinux_dir().join(".extlinux.conf.tmp"),
+            ] {
+                if std::fs::symlink_metadata(&tmp).is_ok() {
+                    std::fs::remove_file(&tmp)
+                        .with_context(|| format!("removing {}", tmp.display()))?;
+                }
+            }
+            // A kill between publishing a version and rewriting the menu
+            // leaves the menu without it: rewrite it from the disk.
+            if top.extlinux_conf().exists() {
+                let default = versions::default_label(top)?;
+                versions::write_boot_config(top, &btrfs::fs_uuid(&disk.device)?, &default)?;
+                btrfs::sync_fs(&top.top)?;
             }
             if removed.is_empty() {
                 ui::step(format!("{} has no leftovers", target.display()));

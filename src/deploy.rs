@@ -134,6 +134,9 @@ pub fn plan(
 
     let kind = disk::classify(&target)?;
     if kind == TargetKind::File || kind == TargetKind::BlockDevice {
+        // A running deploy holds the lock and has the image attached: name
+        // it, rather than suggest detaching its loop device.
+        drop(disk::lock_existing(&target)?);
         disk::ensure_not_in_use(&target, kind)?;
     }
     let is_new = match kind {

@@ -248,6 +248,11 @@ pub fn print_available(extra_dirs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// PID 1 of an extension's PID namespace: runs the extension as its child
+/// (so the extension can be signalled like any process) and exits with its
+/// status (128+N when killed by signal N).
+const REAPER_SCRIPT: &str = r#""$@" & wait $!"#;
+
 /// The `PATH` handed to extensions: the caller's, else a standard one.
 fn child_path() -> String {
     std::env::var("PATH")
@@ -260,7 +265,23 @@ fn child_path() -> String {
 /// applied (the caller's environment is not passed on).
 fn command(ext: &Extension, program: &Path, ctx: &Context, tree: Option<&Path>) -> Result<Command> {
     let helper = std::env::current_exe().context("finding the deploy executable")?;
-    let mut c = Command::new(program);
+    let mut c = match tree {
+        // A `.configure` runs in its own PID namespace (with a /proc of its
+        // own), under a shell that is its PID 1 and waits for it. When the
+        // extension ends — or deploy is killed, which kills unshare, which
+        // kills that PID 1 — the kernel kills whatever it left running, so
+        // no stray process keeps the target mounted.
+        Some(_) => {
+            let unshare =
+                cmd::which("unshare").context("`unshare` not found: install util-linux")?;
+            let mut c = Command::new(unshare);
+            c.args(["--pid", "--fork", "--kill-child", "--mount-proc", "--"])
+                .args(["/bin/sh", "-c", REAPER_SCRIPT, "reaper"])
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
     c.env_clear();
     c.envs(&ctx.settings);
     c.env("PATH", child_path());

@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result};
 use loopdev::{LoopControl, LoopDevice};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// A loop device attached to a backing file; detached on [`LoopGuard::close`]
@@ -22,7 +23,11 @@ impl LoopGuard {
         // Another process may grab the device we were offered: retry a few times.
         for _ in 0..10 {
             let dev = control.next_free().context("finding a free loop device")?;
-            match dev.with().autoclear(true).read_only(read_only).attach(file) {
+            let attached = match configure(&dev, file, read_only) {
+                Some(r) => r,
+                None => dev.with().autoclear(true).read_only(read_only).attach(file),
+            };
+            match attached {
                 Ok(()) => {
                     let path = dev.path().context("loop device without a path")?;
                     tracing::debug!(device = %path.display(), file = %file.display(), "attached");
@@ -72,5 +77,65 @@ impl Drop for LoopGuard {
         if let Err(e) = self.detach() {
             tracing::warn!("{e:#}");
         }
+    }
+}
+
+/// `struct loop_info64` of linux/loop.h.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// `struct loop_config` of linux/loop.h.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// Attaches with one LOOP_CONFIGURE (Linux 5.8+): backing file and
+/// auto-clear are set atomically, so a `kill -9` at any moment cannot leave
+/// a device attached without auto-clear (LOOP_SET_FD then LOOP_SET_STATUS64
+/// has that window). `None` when the kernel lacks LOOP_CONFIGURE.
+fn configure(dev: &LoopDevice, file: &Path, read_only: bool) -> Option<std::io::Result<()>> {
+    let backing = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(file)
+    {
+        Ok(f) => f,
+        Err(e) => return Some(Err(e)),
+    };
+    // SAFETY: all-zero is a valid value of these plain C structs.
+    let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+    cfg.fd = backing.as_raw_fd() as u32;
+    cfg.info.flags = LO_FLAGS_AUTOCLEAR | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
+    // SAFETY: the ioctl reads a properly laid out loop_config.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, &cfg) };
+    if rc == 0 {
+        return Some(Ok(()));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOTTY) | Some(libc::EINVAL) => None,
+        _ => Some(Err(e)),
     }
 }
