@@ -272,7 +272,11 @@ rsync_upgrade() {
     DUR=$(elapsed "$t0" "$t1")
 }
 
-copy_image() { cp --reflink=auto --sparse=always "$1" "$2"; }
+copy_image() {
+    sync
+    cp --reflink=auto --sparse=always "$1" "$2"
+    sync
+}
 
 # ------------------------------------------------------------------ measure
 RESULT_LINES=()

@@ -218,6 +218,83 @@ fn count_kind(c: &mut Counts, m: &Meta) {
     }
 }
 
+/// Copy into `dst` every entry of `src` whose path does not exist in `dst`
+/// yet, preserving everything (design §3: seeding `/state` with what a new
+/// version ships). Entries already in `dst`, files or directories, are left
+/// exactly as they are; directories present on both sides are searched
+/// further; a symlink in `dst` is never followed. Each missing entry is built
+/// under a temporary name beside its place and renamed into it, so an
+/// interruption never leaves a half-copied entry under the real name.
+/// Returns the paths seeded, relative to `dst`, in sorted order.
+///
+/// Only what is missing is read and written (the cost is a walk of `src`
+/// plus the missing data). Hard links between two different seeded entries
+/// become separate files; within one seeded directory they are kept.
+pub fn copy_missing(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<Vec<PathBuf>> {
+    let mut seeded = Vec::new();
+    check_roots_exist(src, dst)
+        .and_then(|_| missing_into(src, dst, Path::new(""), opts, &mut seeded))
+        .with_context(|| {
+            format!(
+                "copying what {} lacks from {}",
+                dst.display(),
+                src.display()
+            )
+        })?;
+    Ok(seeded)
+}
+
+fn missing_into(
+    src: &Path,
+    dst: &Path,
+    rel: &Path,
+    opts: &CopyOptions,
+    seeded: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let (sdir, ddir) = (src.join(rel), dst.join(rel));
+    let names = sys::list_dir(&sdir).map_err(|e| src_err(e, "listing directory", &sdir))?;
+    for name in names {
+        crate::signals::check()?;
+        let (s, d) = (sdir.join(&name), ddir.join(&name));
+        let sm = sys::lstat(&s).map_err(|e| src_err(e, "reading metadata of", &s))?;
+        match sys::lstat_opt(&d).map_err(|e| src_err(e, "reading metadata of", &d))? {
+            None => {
+                seed_one(&s, &d, &sm, opts)?;
+                seeded.push(rel.join(&name));
+            }
+            Some(dm) if dm.kind() == Kind::Dir && sm.kind() == Kind::Dir => {
+                missing_into(src, dst, &rel.join(&name), opts, seeded)?;
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Copies `s` to a temporary name beside `d`, then renames it to `d`.
+fn seed_one(s: &Path, d: &Path, sm: &Meta, opts: &CopyOptions) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let parent = d.parent().unwrap_or(Path::new("/"));
+    let tmp = parent.join(format!(".btrfs-deploy-seed.{}.{n}", std::process::id()));
+    let made = if sm.kind() == Kind::Dir {
+        sys::mkdir(&tmp, 0o700)
+            .map_err(|e| dst_err(e, "creating directory", &tmp))
+            .and_then(|()| run_copy(s, &tmp, sm, opts, Vec::new()).map(drop))
+    } else {
+        let engine = Engine::new(1, opts.progress.as_deref(), false);
+        engine.make_nondir(s, &tmp, sm, &mut Counts::default(), None)
+    };
+    let result = made.and_then(|()| {
+        std::fs::rename(&tmp, d)
+            .map_err(|e| dst_err(e, &format!("renaming {} to", tmp.display()), d))
+    });
+    if result.is_err() {
+        let _ = sys::remove_tree_counted(&tmp, &mut 0);
+    }
+    result
+}
+
 /// Make `dst` (a snapshot of an older tree) identical to `src`, touching only
 /// what differs.
 ///
@@ -258,11 +335,20 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     sys::remove_tree_counted(path, &mut 0)
 }
 
+/// Default workers: one per CPU, but at least 4 and at most 16. Copying and
+/// syncing a tree wait on I/O (cold metadata and small-file reads) much more
+/// than they compute, so a few more workers than CPUs keep the disk busy;
+/// beyond 16, Btrfs tree locks make more workers slower.
+const MIN_THREADS: usize = 4;
+const MAX_THREADS: usize = 16;
+
 fn thread_count(n: usize) -> usize {
     if n > 0 {
         n
     } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(MIN_THREADS, MAX_THREADS)
     }
 }
 

@@ -124,13 +124,6 @@ pub fn plan(
     } else {
         Some(kernel::find_boot_files(&rootfs, &kernel_choice)?)
     };
-    let rootfs_bytes = if tarball {
-        ui::step(format!("Reading {}", rootfs.display()));
-        tarball::content_size(&rootfs)
-            .with_context(|| format!("reading the archive {}", rootfs.display()))?
-    } else {
-        fsutil::tree_usage(&rootfs)?.0
-    };
 
     let kind = disk::classify(&target)?;
     if kind == TargetKind::File || kind == TargetKind::BlockDevice {
@@ -171,6 +164,17 @@ pub fn plan(
         },
     };
 
+    // What the rootfs occupies: sizes a new image and drives progress. An
+    // archive is always read (that also rejects unsafe entries up front); a
+    // directory is walked only for a new image, an upgrade does not need it.
+    let rootfs_bytes = if tarball {
+        ui::step(format!("Reading {}", rootfs.display()));
+        tarball::content_size(&rootfs)?
+    } else if is_new {
+        fsutil::tree_usage(&rootfs)?.0
+    } else {
+        0
+    };
     let new_disk = if is_new {
         let needed = rootfs_bytes + rootfs_bytes / 10 + FS_OVERHEAD;
         let size = match &args.size {
@@ -432,7 +436,6 @@ use std::os::unix::fs::OpenOptionsExt;
 fn fill_tree(plan: &Plan, dst: &Path, progress: Arc<copy::Progress>) -> Result<copy::CopyStats> {
     if plan.tarball {
         tarball::extract(&plan.rootfs, dst, Some(&progress))
-            .with_context(|| format!("extracting {}", plan.rootfs.display()))
     } else {
         copy::copy_tree(
             &plan.rootfs,

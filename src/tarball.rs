@@ -135,7 +135,9 @@ fn open_stream(path: &Path) -> Result<(Box<dyn Read>, Compression)> {
 /// Bytes the archive would occupy once extracted: the sizes of its regular
 /// files (real sizes for sparse ones), each rounded up to a 4 KiB block. Reads
 /// (and decompresses) the whole archive once; a plain tar's file data is
-/// skipped with seeks.
+/// skipped with seeks. Fails, like [`extract`], on entries with absolute
+/// paths or `..` components, so a plan can refuse such an archive before
+/// writing anything (symlink tricks are only caught while extracting).
 pub fn content_size(path: &Path) -> Result<u64> {
     content_size_inner(path).with_context(|| format!("reading archive {}", path.display()))
 }
@@ -156,10 +158,21 @@ fn sum_sizes<R: Read>(entries: tar::Entries<'_, R>) -> Result<u64> {
     for entry in entries {
         let mut entry = entry?;
         let t = entry.header().entry_type();
+        let pax = Pax::read(&mut entry)?;
+        // Refuse escaping paths now, before anything is written.
+        let raw = match pax.sparse.as_ref().and_then(|s| s.name.clone()) {
+            Some(name) => name,
+            None => entry.path_bytes().into_owned(),
+        };
+        components(&raw, "entry")?;
+        if t.is_hard_link() {
+            if let Some(target) = entry.link_name_bytes() {
+                components(&target, "hard link target")?;
+            }
+        }
         if !(t.is_file() || t.is_gnu_sparse() || t == tar::EntryType::Continuous) {
             continue;
         }
-        let pax = Pax::read(&mut entry)?;
         let size = match (&pax.sparse, t.is_gnu_sparse()) {
             (Some(s), _) => s.real_size,
             (None, true) => entry
@@ -924,4 +937,370 @@ fn write_sparse(f: &File, data: &[u8], off: u64) -> io::Result<()> {
 
 fn is_zero_block(b: &[u8]) -> bool {
     b.len() == HOLE_BLOCK && b.iter().all(|x| *x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Archives are made with GNU tar (as root: owners, devices, trusted xattrs).
+
+    use super::*;
+    use crate::copy::testing::{assert_trees_equal, make_test_tree, pseudo_random};
+    use crate::copy::NoSpaceError;
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
+
+    /// A source tree like a rootfs, without the socket (tar cannot store one).
+    fn source(t: &tempfile::TempDir) -> PathBuf {
+        let src = t.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        make_test_tree(&src).unwrap();
+        let run = src.join("run");
+        let m = std::fs::symlink_metadata(&run).unwrap();
+        std::fs::remove_file(run.join("socket")).unwrap();
+        crate::copy::testing::set_times(
+            &run,
+            (m.atime(), m.atime_nsec()),
+            (m.mtime(), m.mtime_nsec()),
+        )
+        .unwrap();
+        src
+    }
+
+    /// `tar --xattrs --xattrs-include='*' --numeric-owner -cpf ARCHIVE EXTRA -C SRC .`
+    fn tar_c(src: &Path, archive: &Path, extra: &[&str]) {
+        let out = Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-cpf"])
+            .arg(archive)
+            .args(extra)
+            .arg("-C")
+            .arg(src)
+            .arg(".")
+            .output()
+            .expect("running tar");
+        assert!(
+            out.status.success(),
+            "tar failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn new_dir(t: &tempfile::TempDir, name: &str) -> PathBuf {
+        let d = t.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+
+    fn ino(p: &Path) -> u64 {
+        std::fs::symlink_metadata(p).unwrap().ino()
+    }
+
+    fn check_variant(name: &str, flags: &[&str]) {
+        let t = tempfile::tempdir().unwrap();
+        let src = source(&t);
+        let archive = t.path().join(name);
+        tar_c(&src, &archive, flags);
+        assert!(is_tarball(&archive), "{name} not recognised");
+        let dst = new_dir(&t, "dst");
+        let progress = Progress::default();
+        let stats = extract(&archive, &dst, Some(&progress)).unwrap();
+        assert_trees_equal(&src, &dst);
+        // 15 regular files, 3 more names of hard-linked ones, 3 devices + a FIFO, 5 symlinks.
+        assert_eq!(stats.files, 15, "{name}: {stats:?}");
+        assert_eq!(stats.hardlinks, 3, "{name}: {stats:?}");
+        assert_eq!(stats.specials, 3, "{name}: {stats:?}");
+        assert_eq!(stats.symlinks, 5, "{name}: {stats:?}");
+        assert_eq!(stats.dirs, 24, "{name}: {stats:?}");
+        assert_eq!(progress.bytes.load(Ordering::Relaxed), stats.bytes);
+        assert_eq!(
+            progress.entries.load(Ordering::Relaxed),
+            15 + 3 + 3 + 5 + 24 + 1
+        );
+        assert_eq!(
+            ino(&dst.join("usr/bin/perl")),
+            ino(&dst.join("usr/share/doc/perl-copy"))
+        );
+        let su = std::fs::metadata(dst.join("usr/bin/su")).unwrap();
+        assert_eq!(su.mode() & 0o7777, 0o4755);
+        // Runs of zeros become holes.
+        let sparse = std::fs::metadata(dst.join("var/sparse.img")).unwrap();
+        assert_eq!(sparse.len(), 16 << 20);
+        assert!(sparse.blocks() * 512 < 1 << 20, "{name}: not sparse");
+    }
+
+    #[test]
+    fn extracts_plain_tar_with_everything_preserved() {
+        check_variant("rootfs.tar", &[]);
+    }
+
+    #[test]
+    fn extracts_gzip() {
+        check_variant("rootfs.tar.gz", &["-z"]);
+    }
+
+    #[test]
+    fn extracts_zstd() {
+        check_variant("rootfs.tar.zst", &["--zstd"]);
+    }
+
+    #[test]
+    fn extracts_xz() {
+        check_variant("rootfs.tar.xz", &["-J"]);
+    }
+
+    #[test]
+    fn extracts_pax_sparse_files() {
+        let t = tempfile::tempdir().unwrap();
+        let src = source(&t);
+        // Data after a hole, a hole at the start, and a file that ends in data.
+        let f = std::fs::File::create(src.join("var/holes")).unwrap();
+        f.write_all_at(&pseudo_random(10_000, 3), 5 << 20).unwrap();
+        f.write_all_at(b"end", (9 << 20) - 3).unwrap();
+        drop(f);
+        crate::copy::testing::set_times(&src.join("var/holes"), (1, 0), (2, 3)).unwrap();
+        let var = std::fs::symlink_metadata(src.join("var")).unwrap();
+        crate::copy::testing::set_times(&src.join("var"), (1, 0), (var.mtime(), 0)).unwrap();
+        let archive = t.path().join("sparse.tar");
+        tar_c(&src, &archive, &["-S"]);
+        let dst = new_dir(&t, "dst");
+        extract(&archive, &dst, None).unwrap();
+        assert_trees_equal(&src, &dst);
+        let holes = std::fs::metadata(dst.join("var/holes")).unwrap();
+        assert_eq!(holes.len(), 9 << 20);
+        assert!(holes.blocks() * 512 < 1 << 20);
+    }
+
+    #[test]
+    fn content_size_counts_file_blocks_once() {
+        let t = tempfile::tempdir().unwrap();
+        let src = source(&t);
+        let mut expected = 0u64;
+        let mut seen = std::collections::HashSet::new();
+        let out = Command::new("find")
+            .arg(&src)
+            .args(["-type", "f", "-printf", "%i %s\\n"])
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let (inode, size) = line.split_once(' ').unwrap();
+            if seen.insert(inode.to_string()) {
+                expected += size.parse::<u64>().unwrap().div_ceil(4096) * 4096;
+            }
+        }
+        for (name, flags) in [("a.tar", &[][..]), ("a.tar.zst", &["--zstd"][..])] {
+            let archive = t.path().join(name);
+            tar_c(&src, &archive, flags);
+            assert_eq!(content_size(&archive).unwrap(), expected, "{name}");
+        }
+        // Escaping paths are refused at planning time already.
+        let work = new_dir(&t, "work");
+        std::fs::create_dir(work.join("sub")).unwrap();
+        std::fs::write(work.join("escape"), b"evil").unwrap();
+        let evil = t.path().join("evil.tar.gz");
+        tar_in(
+            &work.join("sub"),
+            &["-P", "-czf", evil.to_str().unwrap(), "../escape"],
+        );
+        let err = content_size(&evil).unwrap_err();
+        assert!(format!("{err:#}").contains("contains `..`"), "{err:#}");
+    }
+
+    #[test]
+    fn recognises_archives_by_name_and_content() {
+        let t = tempfile::tempdir().unwrap();
+        let src = source(&t);
+        let disguised = t.path().join("rootfs.img");
+        tar_c(&src, &disguised, &["--zstd"]);
+        assert!(is_tarball(&disguised));
+        let plain = t.path().join("rootfs.bin");
+        tar_c(&src, &plain, &[]);
+        assert!(is_tarball(&plain));
+        let other = t.path().join("notes.txt");
+        std::fs::write(&other, b"hello").unwrap();
+        assert!(!is_tarball(&other));
+        let dir = new_dir(&t, "x.tar");
+        assert!(!is_tarball(&dir));
+        assert!(!is_tarball(&t.path().join("missing.tar")));
+        let err = extract(&other, &new_dir(&t, "dst"), None).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("is not a tar archive"),
+            "{err:#}"
+        );
+    }
+
+    /// Runs `tar ARGS` in `dir`, asserting success.
+    fn tar_in(dir: &Path, args: &[&str]) {
+        let out = Command::new("tar")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tar {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Extracts `archive` into a fresh `dst` beside a sibling `outside` dir;
+    /// asserts the error mentions `needle` and nothing appeared in `outside`.
+    fn assert_refused(t: &tempfile::TempDir, archive: &Path, needle: &str) {
+        let base = new_dir(t, "target-base");
+        let dst = base.join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        let err = extract(archive, &dst, None).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(needle), "{msg}");
+        let outside: Vec<_> = std::fs::read_dir(t.path().join("outside"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(outside.is_empty(), "written outside: {outside:?}");
+        assert!(!base.join("escape").exists());
+    }
+
+    #[test]
+    fn refuses_dotdot_entries() {
+        let t = tempfile::tempdir().unwrap();
+        new_dir(&t, "outside");
+        let work = new_dir(&t, "work");
+        std::fs::create_dir(work.join("sub")).unwrap();
+        std::fs::write(work.join("escape"), b"evil").unwrap();
+        let archive = t.path().join("evil.tar");
+        // -P keeps the leading "../" that GNU tar would strip.
+        tar_in(
+            &work.join("sub"),
+            &["-P", "-cf", archive.to_str().unwrap(), "../escape"],
+        );
+        assert_refused(&t, &archive, "contains `..`");
+    }
+
+    #[test]
+    fn refuses_absolute_entries() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = new_dir(&t, "outside");
+        std::fs::write(outside.join("abs"), b"evil").unwrap();
+        let archive = t.path().join("abs.tar");
+        tar_in(
+            t.path(),
+            &[
+                "-P",
+                "-cf",
+                archive.to_str().unwrap(),
+                outside.join("abs").to_str().unwrap(),
+            ],
+        );
+        std::fs::remove_file(outside.join("abs")).unwrap();
+        assert_refused(&t, &archive, "is an absolute path");
+    }
+
+    #[test]
+    fn refuses_to_write_through_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = new_dir(&t, "outside");
+        // First member: link -> the outside directory; then link/file.
+        let a = new_dir(&t, "a");
+        std::os::unix::fs::symlink(&outside, a.join("link")).unwrap();
+        let archive = t.path().join("through.tar");
+        tar_in(&a, &["-cf", archive.to_str().unwrap(), "link"]);
+        let b = new_dir(&t, "b");
+        std::fs::create_dir(b.join("link")).unwrap();
+        std::fs::write(b.join("link/file"), b"evil").unwrap();
+        tar_in(&b, &["-rf", archive.to_str().unwrap(), "link/file"]);
+        assert_refused(&t, &archive, "is a symlink: refusing to write through it");
+    }
+
+    #[test]
+    fn refuses_hard_link_through_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = new_dir(&t, "outside");
+        std::fs::write(outside.join("secret"), b"secret").unwrap();
+        let a = new_dir(&t, "a");
+        std::os::unix::fs::symlink(&outside, a.join("link")).unwrap();
+        let archive = t.path().join("hl.tar");
+        tar_in(&a, &["-cf", archive.to_str().unwrap(), "link"]);
+        // A hard link whose target is link/secret.
+        let b = new_dir(&t, "b");
+        std::fs::create_dir(b.join("link")).unwrap();
+        std::fs::write(b.join("link/secret"), b"x").unwrap();
+        std::fs::hard_link(b.join("link/secret"), b.join("grab")).unwrap();
+        tar_in(
+            &b,
+            &["-rf", archive.to_str().unwrap(), "link/secret", "grab"],
+        );
+        // link/secret itself is refused first; the outside file stays untouched.
+        let base = new_dir(&t, "target-base");
+        let dst = base.join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        let err = extract(&archive, &dst, None).unwrap_err();
+        assert!(format!("{err:#}").contains("symlink"), "{err:#}");
+        assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"secret");
+        assert_eq!(
+            std::fs::metadata(outside.join("secret")).unwrap().nlink(),
+            1
+        );
+    }
+
+    #[test]
+    fn later_members_replace_earlier_ones() {
+        let t = tempfile::tempdir().unwrap();
+        let a = new_dir(&t, "a");
+        std::fs::write(a.join("f"), b"old").unwrap();
+        let archive = t.path().join("dup.tar");
+        tar_in(&a, &["-cf", archive.to_str().unwrap(), "f"]);
+        std::fs::remove_file(a.join("f")).unwrap();
+        std::os::unix::fs::symlink("target", a.join("f")).unwrap();
+        tar_in(&a, &["-rf", archive.to_str().unwrap(), "f"]);
+        let dst = new_dir(&t, "dst");
+        extract(&archive, &dst, None).unwrap();
+        assert_eq!(
+            std::fs::read_link(dst.join("f")).unwrap(),
+            Path::new("target")
+        );
+    }
+
+    #[test]
+    fn refuses_a_non_empty_target() {
+        let t = tempfile::tempdir().unwrap();
+        let src = source(&t);
+        let archive = t.path().join("a.tar");
+        tar_c(&src, &archive, &[]);
+        let dst = new_dir(&t, "dst");
+        std::fs::write(dst.join("x"), b"x").unwrap();
+        let err = extract(&archive, &dst, None).unwrap_err();
+        assert!(format!("{err:#}").contains("is not empty"), "{err:#}");
+    }
+
+    #[test]
+    fn full_target_is_a_no_space_error() {
+        let t = tempfile::tempdir().unwrap();
+        let a = new_dir(&t, "a");
+        std::fs::write(a.join("big"), pseudo_random(4 << 20, 9)).unwrap();
+        let archive = t.path().join("big.tar.zst");
+        tar_c(&a, &archive, &["--zstd"]);
+        let dst = new_dir(&t, "small");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dst,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1M"),
+        )
+        .expect("mounting a tmpfs (run the tests as root)");
+        let err = extract(&archive, &dst, None).unwrap_err();
+        let _ = nix::mount::umount2(&dst, nix::mount::MntFlags::MNT_DETACH);
+        let nospace = err.chain().find_map(|e| e.downcast_ref::<NoSpaceError>());
+        assert!(nospace.is_some(), "{err:#}");
+        assert!(format!("{err:#}").contains("no space left"), "{err:#}");
+    }
+
+    #[test]
+    fn parses_pax_times() {
+        let t = parse_time(b"1600000000.123456789").unwrap();
+        assert_eq!((t.sec, t.nsec), (1_600_000_000, 123_456_789));
+        let t = parse_time(b"12.5").unwrap();
+        assert_eq!((t.sec, t.nsec), (12, 500_000_000));
+        let t = parse_time(b"-1.25").unwrap();
+        assert_eq!((t.sec, t.nsec), (-2, 750_000_000));
+        assert!(parse_time(b"x").is_err());
+    }
 }

@@ -51,13 +51,23 @@ impl Progress {
                 thread: None,
             };
         }
-        let bar = ProgressBar::new(total_bytes.max(1));
-        bar.set_style(
-            ProgressStyle::with_template(
+        // Without a known total (an upgrade does not measure the rootfs
+        // first) the bar becomes a counter.
+        let (bar, template) = if total_bytes == 0 {
+            (
+                ProgressBar::new_spinner(),
+                "    {spinner} {msg} {bytes} {binary_bytes_per_sec}",
+            )
+        } else {
+            (
+                ProgressBar::new(total_bytes),
                 "    {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
             )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        };
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         bar.set_message(what.to_string());
         let (b, s) = (bar.clone(), stop.clone());
@@ -65,7 +75,8 @@ impl Progress {
             while !s.load(Ordering::Relaxed) {
                 let bytes = counters.bytes.load(Ordering::Relaxed);
                 let entries = counters.entries.load(Ordering::Relaxed);
-                b.set_position(bytes.min(b.length().unwrap_or(bytes)));
+                b.set_position(b.length().map_or(bytes, |len| bytes.min(len)));
+                b.tick();
                 b.set_message(format!("{entries} files"));
                 std::thread::sleep(Duration::from_millis(150));
             }

@@ -561,7 +561,8 @@ pub(crate) fn read_xattrs_at(at: At) -> io::Result<Xattrs> {
     if r < 0 {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::ENOSYS) => XATTRAT.store(false, Ordering::Relaxed),
+            // Old kernel, or a seccomp filter (containers) that refuses unknown calls.
+            Some(libc::ENOSYS) | Some(libc::EPERM) => XATTRAT.store(false, Ordering::Relaxed),
             Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
             _ => return Err(e),
         }

@@ -731,3 +731,48 @@ fn inherited_default_acls_do_not_leak_into_the_copy() {
     sync_tree(&src, &old, &sync_opts(false)).unwrap();
     assert_trees_equal(&src, &old);
 }
+
+#[test]
+fn copy_missing_adds_only_what_is_missing() {
+    let t = tmp();
+    let (src, dst) = src_dst(&t);
+    make_test_tree(&src).unwrap();
+    // dst already has some of it, different: kept as is.
+    write(&dst.join("etc/hostname"), b"mine\n");
+    std::fs::create_dir_all(dst.join("usr/bin")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent", dst.join("var")).unwrap();
+    let seeded = copy_missing(&src, &dst, &copy_opts(2)).unwrap();
+    assert_eq!(std::fs::read(dst.join("etc/hostname")).unwrap(), b"mine\n");
+    assert_eq!(
+        std::fs::read_link(dst.join("var")).unwrap(),
+        Path::new("/nonexistent")
+    );
+    assert!(seeded.contains(&PathBuf::from("usr/bin/su")), "{seeded:?}");
+    assert!(seeded.contains(&PathBuf::from("home")), "{seeded:?}");
+    assert!(!seeded.iter().any(|p| p.starts_with("var")), "{seeded:?}");
+    assert!(!seeded.contains(&PathBuf::from("etc/hostname")));
+    // Seeded entries are exact copies, metadata included.
+    for rel in ["home", "dev", "run", "usr/lib", "etc/acl-dir"] {
+        let d = tree_diff(&src.join(rel), &dst.join(rel), false);
+        assert!(d.is_empty(), "{rel}: {d:?}");
+    }
+    let su = std::fs::symlink_metadata(dst.join("usr/bin/su")).unwrap();
+    assert_eq!(su.mode() & 0o7777, 0o4755);
+    assert_eq!(
+        std::fs::read(dst.join("usr/bin/ping")).unwrap(),
+        std::fs::read(src.join("usr/bin/ping")).unwrap()
+    );
+    // No temporary names are left.
+    let out = Command::new("find")
+        .arg(&dst)
+        .args(["-name", ".btrfs-deploy-seed*"])
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A second run finds nothing missing.
+    assert!(copy_missing(&src, &dst, &copy_opts(2)).unwrap().is_empty());
+}
