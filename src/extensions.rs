@@ -312,6 +312,7 @@ fn run(ext: &Extension, mut c: Command, what: &str) -> Result<Output> {
             .collect()),
         "running"
     );
+    let wrapped = Path::new(c.get_program()).file_name() == Some(std::ffi::OsStr::new("unshare"));
     let out = c
         .output()
         .with_context(|| format!("starting extension {} ({:?})", ext.name, c.get_program()))?;
@@ -330,6 +331,10 @@ fn run(ext: &Extension, mut c: Command, what: &str) -> Result<Output> {
             out.status.code(),
             std::os::unix::process::ExitStatusExt::signal(&out.status),
         ) {
+            // Under the PID-1 reaper shell, a signal death comes back as 128+N.
+            (Some(code), _) if wrapped && (129..=192).contains(&code) => {
+                format!("killed by signal {}", code - 128)
+            }
             (Some(code), _) => format!("exit {code}"),
             (None, Some(sig)) => format!("killed by signal {sig}"),
             _ => out.status.to_string(),
