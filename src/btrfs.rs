@@ -99,18 +99,48 @@ pub fn sync_fs(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Filesystem UUID of the Btrfs on `device`.
-pub fn fs_uuid(device: &Path) -> Result<String> {
-    let out = cmd::run(
-        "blkid",
-        &["-p", "-o", "value", "-s", "UUID", &device.to_string_lossy()],
-    )
-    .with_context(|| format!("reading the filesystem UUID of {}", device.display()))?;
-    Ok(out.trim().to_string())
+/// `struct btrfs_ioctl_fs_info_args` (linux/btrfs.h): 1024 bytes, fsid at offset 16.
+#[repr(C)]
+struct FsInfoArgs {
+    max_id: u64,
+    num_devices: u64,
+    fsid: [u8; 16],
+    rest: [u8; 1024 - 32],
+}
+
+nix::ioctl_read!(btrfs_fs_info, 0x94, 31, FsInfoArgs);
+
+/// Filesystem UUID of the Btrfs mounted at `top` (BTRFS_IOC_FS_INFO: no
+/// device probing, no child process).
+pub fn mounted_fs_uuid(top: &Path) -> Result<String> {
+    let f = std::fs::File::open(top).with_context(|| format!("opening {}", top.display()))?;
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut args: FsInfoArgs = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctl fills a properly sized and laid out struct.
+    unsafe { btrfs_fs_info(f.as_raw_fd(), &mut args) }
+        .with_context(|| format!("reading the filesystem UUID of {}", top.display()))?;
+    Ok(uuid::Uuid::from_bytes(args.fsid).hyphenated().to_string())
+}
+
+/// Offset of the Btrfs superblock's magic on its device.
+const BTRFS_MAGIC_OFFSET: u64 = 0x10000 + 0x40;
+
+/// True when `device` carries the Btrfs superblock magic.
+fn has_btrfs_magic(device: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(device)
+        .and_then(|f| f.read_exact_at(&mut magic, BTRFS_MAGIC_OFFSET))
+        .map(|()| &magic == b"_BHRfS_M")
+        .unwrap_or(false)
 }
 
 /// Filesystem type found on `device` by probing, if any.
 pub fn probe_fs_type(device: &Path) -> Result<Option<String>> {
+    // The common case, without starting blkid.
+    if has_btrfs_magic(device) {
+        return Ok(Some("btrfs".to_string()));
+    }
     let out = std::process::Command::new("blkid")
         .args(["-p", "-o", "value", "-s", "TYPE"])
         .arg(device)
@@ -191,6 +221,19 @@ fn parse_du(out: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognises_the_superblock_magic() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        assert!(!has_btrfs_magic(&p));
+        f.write_all_at(b"_BHRfS_M", BTRFS_MAGIC_OFFSET).unwrap();
+        assert!(has_btrfs_magic(&p));
+        assert!(!has_btrfs_magic(&d.path().join("missing")));
+    }
 
     #[test]
     fn parses_du_summary() {

@@ -216,7 +216,7 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
         ));
         return Ok(out);
     }
-    let fs_uuid = btrfs::fs_uuid(&disk.device)?;
+    let fs_uuid = disk.fs_uuid()?;
     let scan = scan_systems(&top.systems())?;
     for name in &scan.leftovers {
         out.push(Finding::warning(

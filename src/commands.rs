@@ -133,7 +133,7 @@ pub fn set_default(label: &str, target: &Path) -> Result<()> {
     with_disk(target, false, |disk| {
         let top = &disk.layout;
         require_version(top, label, target)?;
-        let fs_uuid = btrfs::fs_uuid(&disk.device)?;
+        let fs_uuid = disk.fs_uuid()?;
         if versions::write_boot_config(top, &fs_uuid, label)? {
             btrfs::sync_fs(&top.top)?;
         }
@@ -152,7 +152,7 @@ pub fn remove(label: &str, target: &Path) -> Result<()> {
     with_disk(target, false, |disk| {
         let top = &disk.layout;
         require_version(top, label, target)?;
-        remove_version(top, label, &btrfs::fs_uuid(&disk.device)?)?;
+        remove_version(top, label, &disk.fs_uuid()?)?;
         ui::step(format!("Removed {label} from {}", target.display()));
         Ok(())
     })
@@ -213,7 +213,7 @@ pub fn cleanup(target: &Path) -> Result<()> {
             // leaves the menu without it: rewrite it from the disk.
             if top.extlinux_conf().exists() {
                 let default = versions::default_label(top)?;
-                versions::write_boot_config(top, &btrfs::fs_uuid(&disk.device)?, &default)?;
+                versions::write_boot_config(top, &disk.fs_uuid()?, &default)?;
                 btrfs::sync_fs(&top.top)?;
             }
             if removed.is_empty() {

@@ -545,7 +545,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
     cleanup_partial_versions(top)?;
     // Space of versions deleted earlier (or just now) must be free before writing.
     btrfs::wait_for_deletions(&top.top)?;
-    let fs_uuid = btrfs::fs_uuid(&disk.device)?;
+    let fs_uuid = disk.fs_uuid()?;
     let old = versions::default_label(top)?;
     let old_dir = top.version(&old);
     let dir = top.partial_version(&plan.label);

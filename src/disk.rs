@@ -164,6 +164,11 @@ impl Disk {
         })
     }
 
+    /// UUID of the mounted filesystem.
+    pub fn fs_uuid(&self) -> Result<String> {
+        crate::btrfs::mounted_fs_uuid(&self.layout.top)
+    }
+
     /// Commits, unmounts and detaches, reporting any failure.
     pub fn close(mut self) -> Result<()> {
         if !self.read_only {
