@@ -88,7 +88,7 @@ pub fn ensure_not_in_use(target: &Path, kind: TargetKind) -> Result<()> {
             }
         }
         TargetKind::File => {
-            if let Some(loopdev) = attached_loop(target)? {
+            if let Some(loopdev) = attached_loop_settled(target)? {
                 bail!(
                     "{} is in use: it is attached to {loopdev} (detach it with `losetup -d {loopdev}` if nothing uses it)",
                     target.display()
@@ -103,6 +103,30 @@ pub fn ensure_not_in_use(target: &Path, kind: TargetKind) -> Result<()> {
 fn sys_block_name(maj: u32, min: u32) -> Option<String> {
     let link = std::fs::read_link(format!("/sys/dev/block/{maj}:{min}")).ok()?;
     link.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// How long a loop device with auto-clear may take to go away after its
+/// last user died (the kernel tears down a dead process's mounts and the
+/// device asynchronously).
+const AUTOCLEAR_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Like [`attached_loop`], but gives a device that is set to auto-clear
+/// (typically left by a deploy killed a moment ago) time to detach.
+fn attached_loop_settled(file: &Path) -> Result<Option<String>> {
+    let deadline = std::time::Instant::now() + AUTOCLEAR_SETTLE;
+    loop {
+        let Some(dev) = attached_loop(file)? else {
+            return Ok(None);
+        };
+        let name = dev.trim_start_matches("/dev/");
+        let autoclear = std::fs::read_to_string(format!("/sys/block/{name}/loop/autoclear"))
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false);
+        if !autoclear || std::time::Instant::now() >= deadline {
+            return Ok(Some(dev));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The loop device a file is attached to, if any.
