@@ -1137,46 +1137,6 @@ fn switches_are_ordered_for_power_cuts_and_leave_config_and_link_consistent() {
 
 // ------------------------------------------------------------ deploy check
 
-/// A fingerprint of every byte of a (sparse) file: its length and a hash of
-/// its non-zero 4 KiB blocks with their offsets, read from its data segments
-/// only (SEEK_DATA/SEEK_HOLE), so a 400 MiB image holding 30 MiB is quick.
-fn fingerprint(p: &Path) -> (u64, u64) {
-    use std::hash::Hasher;
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::fd::AsRawFd;
-    let mut f = std::fs::File::open(p).unwrap();
-    let len = f.metadata().unwrap().len();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let mut pos: i64 = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        // SAFETY: plain lseek on an open descriptor.
-        let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: no data after pos
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
-        f.seek(SeekFrom::Start(data as u64)).unwrap();
-        let mut at = data as u64;
-        while at < hole as u64 {
-            let n = ((hole as u64 - at) as usize).min(buf.len());
-            f.read_exact(&mut buf[..n]).unwrap();
-            // Blocks of zeros are skipped like holes, so the fingerprint
-            // depends on the bytes only, not on what is allocated.
-            for (i, block) in buf[..n].chunks(4096).enumerate() {
-                if block.iter().any(|b| *b != 0) {
-                    h.write_u64(at + i as u64 * 4096);
-                    h.write(block);
-                }
-            }
-            at += n as u64;
-        }
-        pos = hole;
-    }
-    (len, h.finish())
-}
-
 #[test]
 fn check_passes_on_a_good_disk_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
