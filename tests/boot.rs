@@ -6,31 +6,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// Boots `img` (optionally a given version) and returns the console text.
-fn boot(img: &Path, version: Option<&str>) -> String {
-    let log = PathBuf::from(format!("{}.console.log", img.display()));
-    let mut args = vec![
-        "boot-test",
-        img.to_str().unwrap(),
-        "--timeout",
-        "120",
-        "--accel",
-        "tcg",
-        "--log",
-        log.to_str().unwrap(),
-    ];
-    if let Some(v) = version {
-        args.extend(["--version", v]);
-    }
-    let out = run_ok(&args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("boot-test passed") && stdout.contains(" s "),
-        "{stdout}"
-    );
-    std::fs::read_to_string(&log).unwrap()
-}
-
 /// The `TINY-MOUNT: <mountpoint> <root in fs> ...` lines, as (mountpoint, root).
 fn mounts(console: &str) -> Vec<(String, String)> {
     console
@@ -82,7 +57,7 @@ fn factory_boots_with_root_on_run_and_state_mounted_from_fstab() {
         img.to_str().unwrap(),
     ]);
     let uuid = fs_uuid(&img);
-    let console = boot(&img, None);
+    let console = boot_console(&img, None);
     assert_layout_mounted(&console, "factory");
     // The options in effect are the ones the deploy wrote to fstab.
     let opts: Vec<&str> = console
@@ -191,24 +166,24 @@ fn upgrade_rollback_remove_each_followed_by_a_boot() {
         let e = Edit::open(&img);
         write(&e.path("state/home/kept.txt"), b"from the host\n");
     }
-    let c = boot(&img, None);
+    let c = boot_console(&img, None);
     assert_layout_mounted(&c, "factory");
     assert!(c.contains("home-file /home/kept.txt: from the host"), "{c}");
     assert!(c.contains("issue=factory-rootfs"));
 
     let v2 = tiny_variant(tmp.path(), "v2-rootfs");
     run_ok(&["--version", "v2", "--rootfs", v2.to_str().unwrap(), imgs]);
-    let c = boot(&img, None);
+    let c = boot_console(&img, None);
     assert_layout_mounted(&c, "v2");
     assert!(c.contains("issue=v2-rootfs"), "{c}");
     assert!(c.contains("home-file /home/kept.txt: from the host"), "{c}");
     // --version boots another entry without changing the default.
-    let c = boot(&img, Some("factory"));
+    let c = boot_console(&img, Some("factory"));
     assert_layout_mounted(&c, "factory");
     assert!(c.contains("issue=factory-rootfs"));
 
     run_ok(&["set-default", "factory", imgs]);
-    let c = boot(&img, None);
+    let c = boot_console(&img, None);
     assert_layout_mounted(&c, "factory");
     assert!(c.contains("home-file /home/kept.txt: from the host"));
 
@@ -217,7 +192,7 @@ fn upgrade_rollback_remove_each_followed_by_a_boot() {
         serde_json::from_slice(&run_ok(&["list", imgs, "--json"]).stdout).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 1);
     assert_eq!(rows[0]["label"], "factory");
-    let c = boot(&img, None);
+    let c = boot_console(&img, None);
     assert_layout_mounted(&c, "factory");
 }
 

@@ -1398,18 +1398,7 @@ fn boot_reports_hostname_and_the_users_home_on_state() {
         &format!("INSTALL_FILES_MANIFEST={}", site.join("manifest").display()),
         img.to_str().unwrap(),
     ]);
-    let log = tmp.path().join("console.log");
-    run_ok(&[
-        "boot-test",
-        img.to_str().unwrap(),
-        "--timeout",
-        "120",
-        "--accel",
-        "tcg",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    let console = read(&log);
+    let console = boot_console(&img, None);
     assert!(console.contains("TINY: hostname=booted-box"), "{console}");
     assert!(
         console.contains("home-of-alice: 1001:1001 750"),

@@ -426,3 +426,28 @@ pub fn fingerprint(p: &Path) -> (u64, u64) {
     }
     (len, h.finish())
 }
+
+/// Boots `img` (optionally a given version) and returns the console text.
+pub fn boot_console(img: &Path, version: Option<&str>) -> String {
+    let log = PathBuf::from(format!("{}.console.log", img.display()));
+    let mut args = vec![
+        "boot-test",
+        img.to_str().unwrap(),
+        "--timeout",
+        "120",
+        "--accel",
+        "tcg",
+        "--log",
+        log.to_str().unwrap(),
+    ];
+    if let Some(v) = version {
+        args.extend(["--version", v]);
+    }
+    let out = run_ok(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("boot-test passed") && stdout.contains(" s "),
+        "{stdout}"
+    );
+    std::fs::read_to_string(&log).unwrap()
+}
