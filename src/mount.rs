@@ -10,6 +10,42 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static IN_PRIVATE_NS: AtomicBool = AtomicBool::new(false);
 
+/// Temporary mount points are named `<prefix><pid>.<random>` in the temp
+/// directory, so ones left by a killed deploy can be recognised.
+const MOUNT_DIR_PREFIX: &str = "btrfs-deploy.";
+
+/// Removes the empty mount-point directories left by deploys that were
+/// killed (`kill -9` cannot run cleanup). Only directories whose owning
+/// process is gone are touched, and only with `rmdir`: a directory that is
+/// not empty is left alone. Returns how many were removed.
+pub fn remove_stale_mount_dirs() -> usize {
+    remove_stale_mount_dirs_in(&std::env::temp_dir())
+}
+
+fn remove_stale_mount_dirs_in(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(MOUNT_DIR_PREFIX)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let owner_alive = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|comm| comm.trim() == "deploy" || pid == std::process::id())
+            .unwrap_or(false);
+        if !owner_alive && std::fs::remove_dir(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Moves this process into a new mount namespace whose mounts do not
 /// propagate to the host. Must run before any thread is started.
 pub fn enter_private_namespace() -> Result<()> {
@@ -46,7 +82,7 @@ impl MountGuard {
         data: &str,
     ) -> Result<MountGuard> {
         let dir = tempfile::Builder::new()
-            .prefix("btrfs-deploy.")
+            .prefix(&format!("{MOUNT_DIR_PREFIX}{}.", std::process::id()))
             .tempdir()
             .context("creating a temporary mount point")?
             .keep();
@@ -188,6 +224,24 @@ pub fn unescape_mount(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removes_only_empty_dirs_of_dead_owners() {
+        let d = tempfile::tempdir().unwrap();
+        let dead = d.path().join("btrfs-deploy.4194304999.abc");
+        let dead_full = d.path().join("btrfs-deploy.4194304998.abc");
+        let mine = d
+            .path()
+            .join(format!("btrfs-deploy.{}.abc", std::process::id()));
+        let other = d.path().join("unrelated.4194304999");
+        for p in [&dead, &dead_full, &mine, &other] {
+            std::fs::create_dir(p).unwrap();
+        }
+        std::fs::write(dead_full.join("f"), b"x").unwrap();
+        assert_eq!(remove_stale_mount_dirs_in(d.path()), 1);
+        assert!(!dead.exists());
+        assert!(dead_full.exists() && mine.exists() && other.exists());
+    }
 
     #[test]
     fn unescapes_octal() {

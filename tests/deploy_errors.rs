@@ -237,3 +237,41 @@ fn unknown_option_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no TARGET"));
 }
+
+#[test]
+fn mount_point_of_a_killed_deploy_is_removed_by_the_next_run() {
+    let (tmp, rootfs, img) = setup();
+    sh(&format!("head -c 300M /dev/urandom > {rootfs}/usr/blob"));
+    let mut child = deploy()
+        .args(["-q", "--rootfs", &rootfs, &img])
+        .spawn()
+        .unwrap();
+    let prefix = format!("btrfs-deploy.{}.", child.id());
+    let temp = std::env::temp_dir();
+    let ours = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&temp)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    while ours().is_empty() {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "the deploy never created its mount point"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !ours().is_empty(),
+        "kill -9 cannot remove the mount point directory"
+    );
+    run_ok(&["cleanup", &img]);
+    assert!(ours().is_empty(), "the next run left {:?}", ours());
+    assert_no_leftovers(Path::new(&img), false);
+    drop(tmp);
+}
