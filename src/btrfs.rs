@@ -171,7 +171,8 @@ pub fn probe_fs_type(device: &Path) -> Result<Option<String>> {
 pub fn wait_for_deletions(top: &Path) -> Result<()> {
     // BTRFS_IOC_SYNC commits and wakes the cleaner; without it, `subvolume
     // sync` waits for the next periodic commit (30 s by default).
-    cmd::run("btrfs", &["filesystem", "sync", &top.to_string_lossy()])
+    libbtrfsutil::sync(top)
+        .map_err(|e| e.os_error())
         .with_context(|| format!("committing {}", top.display()))?;
     cmd::run("btrfs", &["subvolume", "sync", &top.to_string_lossy()]).with_context(|| {
         format!(
