@@ -167,17 +167,7 @@ pub fn check(target: &Path) -> Result<Report> {
     }
     let _lock = disk::lock_existing(target)?;
     disk::ensure_not_in_use(target, kind)?;
-    match btrfs::probe_fs_type(target)? {
-        Some(t) if t == "btrfs" => {}
-        Some(t) => bail!(
-            "{} holds a {t} filesystem, not a btrfs-deploy disk",
-            target.display()
-        ),
-        None => bail!(
-            "{} holds no filesystem: it is not a btrfs-deploy disk",
-            target.display()
-        ),
-    }
+    disk::require_btrfs(target)?;
     let mut findings = Vec::new();
     match Disk::open(target, kind, true) {
         Ok(disk) => {

@@ -333,17 +333,7 @@ fn open_checked<T>(
     f: impl FnOnce(&Disk) -> Result<T>,
 ) -> Result<T> {
     disk::ensure_not_in_use(target, kind)?;
-    match btrfs::probe_fs_type(target)? {
-        Some(t) if t == "btrfs" => {}
-        Some(t) => bail!(
-            "{} holds a {t} filesystem, not a btrfs-deploy disk",
-            target.display()
-        ),
-        None => bail!(
-            "{} holds no filesystem: it is not a btrfs-deploy disk",
-            target.display()
-        ),
-    }
+    disk::require_btrfs(target)?;
     let disk = Disk::open(target, kind, read_only)?;
     if !disk.layout.exists() {
         drop(disk);
@@ -352,15 +342,5 @@ fn open_checked<T>(
             target.display()
         );
     }
-    let result = f(&disk);
-    match result {
-        Ok(v) => {
-            disk.close()?;
-            Ok(v)
-        }
-        Err(e) => {
-            drop(disk);
-            Err(e)
-        }
-    }
+    disk.run(f)
 }

@@ -361,16 +361,10 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
         } else {
             TargetKind::File
         };
-        let disk = Disk::open(&work_path, kind, false)?;
-        let outcome = build_first_version(plan, &disk.layout, &new.fs_uuid);
-        match outcome {
-            // Until the image is renamed into place, an interruption discards it.
-            Ok(()) => disk.close().and_then(|()| signals::check()),
-            Err(e) => {
-                drop(disk);
-                Err(e)
-            }
-        }
+        Disk::open(&work_path, kind, false)?
+            .run(|disk| build_first_version(plan, &disk.layout, &new.fs_uuid))?;
+        // Until the image is renamed into place, an interruption discards it.
+        signals::check()
     })();
     let result = result.and_then(|()| match &partial {
         Some(partial) => move_image_into_place(partial, &plan.target),
@@ -490,25 +484,9 @@ fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
 /// first inspected read-only, so a refused upgrade leaves it byte-identical.
 fn deploy_upgrade(plan: &Plan) -> Result<()> {
     let kind = plan.kind;
-    let lock = disk::lock_existing(&plan.target)?;
-    let check = Disk::open(&plan.target, kind, true)?;
-    let checked = check_upgrade_target(plan, &check.layout);
-    check.close()?;
-    checked?;
-    let disk = Disk::open(&plan.target, kind, false)?;
-    let result = upgrade_on(plan, &disk);
-    match result {
-        Ok(()) => {
-            disk.close()?;
-            drop(lock);
-            Ok(())
-        }
-        Err(e) => {
-            drop(disk);
-            drop(lock);
-            Err(e)
-        }
-    }
+    let _lock = disk::lock_existing(&plan.target)?;
+    Disk::open(&plan.target, kind, true)?.run(|check| check_upgrade_target(plan, &check.layout))?;
+    Disk::open(&plan.target, kind, false)?.run(|disk| upgrade_on(plan, disk))
 }
 
 /// What can be checked on the mounted target without writing to it.

@@ -49,6 +49,22 @@ pub fn classify(target: &Path) -> Result<TargetKind> {
     }
 }
 
+/// Fails unless `target` holds a Btrfs (the only filesystem a btrfs-deploy
+/// disk can hold), naming what it holds instead.
+pub fn require_btrfs(target: &Path) -> Result<()> {
+    match crate::btrfs::probe_fs_type(target)? {
+        Some(t) if t == "btrfs" => Ok(()),
+        Some(t) => bail!(
+            "{} holds a {t} filesystem, not a btrfs-deploy disk",
+            target.display()
+        ),
+        None => bail!(
+            "{} holds no filesystem: it is not a btrfs-deploy disk",
+            target.display()
+        ),
+    }
+}
+
 /// Locks an existing target exclusively (fails at once if another deploy holds it).
 pub fn lock_existing(target: &Path) -> Result<TargetLock> {
     let file =
@@ -186,6 +202,21 @@ impl Disk {
             mount: Some(mount),
             loopdev,
         })
+    }
+
+    /// Runs `f` on the open disk, then closes it (reporting close errors)
+    /// when `f` succeeded, or drops it (best-effort teardown) when it failed.
+    pub fn run<T>(self, f: impl FnOnce(&Disk) -> Result<T>) -> Result<T> {
+        match f(&self) {
+            Ok(v) => {
+                self.close()?;
+                Ok(v)
+            }
+            Err(e) => {
+                drop(self);
+                Err(e)
+            }
+        }
     }
 
     /// UUID of the mounted filesystem.

@@ -170,23 +170,6 @@ impl Drop for MountGuard {
     }
 }
 
-/// True when `path` is a mount point in this namespace.
-pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(canon) = path.canonicalize() else {
-        return false;
-    };
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|s| {
-            s.lines().any(|l| {
-                l.split(' ')
-                    .nth(4)
-                    .map(|mp| Path::new(&unescape_mount(mp)) == canon)
-                    .unwrap_or(false)
-            })
-        })
-        .unwrap_or(false)
-}
-
 /// Devices (`major:minor`) mounted anywhere on the host, from the initial
 /// namespace's view (`/proc/1/mountinfo`), falling back to ours.
 pub fn mounted_devices() -> Vec<String> {
