@@ -71,7 +71,7 @@ fn factory_boots_with_root_on_run_and_state_mounted_from_fstab() {
     assert!(console.contains(&format!("root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/default/run rw console=tty0 console=ttyS0,115200")), "{console}");
     assert!(console.contains("TINY: hostname=tiny"));
     assert!(!console.contains("mount -a failed"), "{console}");
-    // The image is not modified by a boot test without --persist.
+    // Nothing of the deploy or the boot test is left attached or mounted.
     assert_no_leftovers(&img, false);
 }
 
