@@ -1,38 +1,27 @@
 //! btrfs-deploy: write a Linux root filesystem onto a disk with a versioned
 //! Btrfs layout, add versions, switch and roll back atomically, boot-test.
 
-pub mod bootloader;
-pub mod boottest;
-pub mod btrfs;
-pub mod check;
+//! The folders follow one deploy (design §2): `cli` and `config` parse,
+//! `app` runs each command, `target` opens the disk, `store` owns the
+//! versioned layout on it, `build` writes a version's tree, `boot` makes it
+//! bootable, `boottest` boots it in QEMU; `util` holds small shared helpers.
+
+pub(crate) mod app;
+pub(crate) mod boot;
+pub(crate) mod boottest;
+pub mod build;
 pub mod cli;
-pub mod cmd;
-pub mod commands;
-pub mod config;
-pub mod copy;
-pub mod deploy;
-pub mod deployment;
-pub mod disk;
-pub mod etcmerge;
-pub mod extensions;
-pub mod fstab;
-pub mod fsutil;
-pub mod intree;
-pub mod kernel;
-pub mod layout;
-pub mod lock;
-pub mod loopdev;
-pub mod mount;
-pub mod rootpath;
-pub mod signals;
-pub mod state;
-pub mod tarball;
-pub mod ui;
-pub mod units;
-pub mod versions;
+pub(crate) mod config;
+pub(crate) mod store;
+pub(crate) mod target;
+pub(crate) mod util;
 
 use anyhow::Result;
+use app::{check, commands, deploy};
+use build::{extensions, intree};
 use cli::{Cli, Command};
+use target::mount;
+use util::{signals, ui};
 
 /// A mistake in how the command was called (exit status 2).
 #[derive(Debug, thiserror::Error)]

@@ -140,7 +140,8 @@ fn upgrade_syncs_delta_shares_extents_and_merges_etc() {
     let orig2 = m.path("systems/v2/orig");
     // Content matches the new rootfs, deletions included.
     for sub in ["usr", "dev", "boot", "empty"] {
-        let diff = btrfs_deploy::copy::testing::tree_diff(&v2.join(sub), &orig2.join(sub), false);
+        let diff =
+            btrfs_deploy::build::copy::testing::tree_diff(&v2.join(sub), &orig2.join(sub), false);
         assert!(diff.is_empty(), "{sub} differs: {diff:?}");
     }
     assert!(!orig2.join("usr/bin/sgid").exists());

@@ -32,9 +32,6 @@ impl TargetLock {
             Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
         }
     }
-
-    /// Releases the lock.
-    pub fn close(self) {}
 }
 
 /// Finds the process holding a lock on the inode of `meta`, from /proc/locks.
@@ -83,7 +80,7 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("in use by process"), "{msg}");
         assert!(msg.contains(&std::process::id().to_string()), "{msg}");
-        first.close();
+        drop(first);
         TargetLock::acquire(File::open(&p).unwrap(), &p).unwrap();
     }
 }

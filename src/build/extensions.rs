@@ -12,7 +12,9 @@
 //!   for `.configure`); nothing else of the caller's environment. stdin is
 //!   empty; a failure carries the tail of stderr.
 
-use crate::{cmd, config, ui};
+use crate::config;
+use crate::util::cmd;
+use crate::util::ui;
 use anyhow::{bail, Context as _, Result};
 use std::collections::BTreeMap;
 use std::io::Read;

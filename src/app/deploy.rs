@@ -6,18 +6,26 @@
 //! kernel files → rename .partial to <L> → sync → bootloader config → switch
 //! systems/default → sync → unmount, detach (→ rename image.partial to image).
 
+use crate::boot::extlinux;
+use crate::build::copy::{self, CopyOptions, SyncOptions};
+use crate::build::extensions::{self, Extension};
+use crate::build::fstab;
+use crate::build::kernel::{self, BootFiles, KernelChoice};
+use crate::build::state;
+use crate::build::tarball;
 use crate::cli::DeployArgs;
-use crate::copy::{self, CopyOptions, SyncOptions};
-use crate::deployment::{self, Deployment};
-use crate::disk::{self, Disk, TargetKind};
-use crate::extensions::{self, Extension};
-use crate::kernel::{self, BootFiles, KernelChoice};
-use crate::layout::{self, Layout};
-use crate::tarball;
-use crate::{
-    bootloader, btrfs, cmd, fstab, fsutil, lock::TargetLock, signals, state, ui, units, versions,
-    UsageError,
-};
+use crate::store::btrfs;
+use crate::store::deployment::{self, Deployment};
+use crate::store::layout::{self, Layout};
+use crate::store::versions;
+use crate::target::disk::{self, Disk, TargetKind};
+use crate::target::lock::TargetLock;
+use crate::util::cmd;
+use crate::util::fsutil;
+use crate::util::signals;
+use crate::util::ui;
+use crate::util::units;
+use crate::UsageError;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -252,7 +260,7 @@ pub fn plan(
         kernel_args: args
             .kernel_args
             .clone()
-            .unwrap_or_else(|| bootloader::DEFAULT_KERNEL_ARGS.into()),
+            .unwrap_or_else(|| extlinux::DEFAULT_KERNEL_ARGS.into()),
         no_default: args.no_default,
         keep: args.keep,
         checksum: args.checksum,
@@ -584,7 +592,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
             "Carrying local /etc changes of {old} into {}",
             plan.label
         ));
-        let report = crate::etcmerge::merge_etc(
+        let report = crate::build::etcmerge::merge_etc(
             &old_dir.join(layout::ORIG).join("etc"),
             &old_dir.join(layout::RUN).join("etc"),
             &dir.join(layout::ORIG).join("etc"),
@@ -831,7 +839,7 @@ fn publish_version(
     if versions::write_boot_config(top, fs_uuid, &default_label)? {
         // On Btrfs ldlinux.sys lives in the boot area; ldlinux.c32 is the file it installs.
         if !top.extlinux_dir().join("ldlinux.c32").exists() {
-            bootloader::install(top)?;
+            extlinux::install(top)?;
         }
         btrfs::sync_fs(&top.top)?;
     } else {
@@ -858,7 +866,7 @@ fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result<()>
             continue;
         }
         ui::step(format!("Removing old version {} (--keep {keep})", v.label));
-        crate::commands::remove_version(top, &v.label, fs_uuid)?;
+        crate::app::commands::remove_version(top, &v.label, fs_uuid)?;
         excess -= 1;
     }
     Ok(())

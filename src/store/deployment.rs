@@ -53,7 +53,7 @@ impl Deployment {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut text = serde_json::to_string_pretty(self)?;
         text.push('\n');
-        crate::fsutil::write_atomic(path, text.as_bytes(), 0o644)
+        crate::util::fsutil::write_atomic(path, text.as_bytes(), 0o644)
     }
 }
 

@@ -15,10 +15,14 @@
 //!
 //! The rules are pure functions over text and lists, unit-tested below.
 
-use crate::deployment::Deployment;
-use crate::disk::{self, Disk, TargetKind};
-use crate::layout::{self, Layout};
-use crate::{btrfs, cmd, fstab, rootpath, units};
+use crate::build::fstab;
+use crate::store::btrfs;
+use crate::store::deployment::Deployment;
+use crate::store::layout::{self, Layout};
+use crate::target::disk::{self, Disk, TargetKind};
+use crate::util::cmd;
+use crate::util::rootpath;
+use crate::util::units;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -807,16 +811,16 @@ mod tests {
     }
 
     fn conf(labels: &[&str], default: &str) -> String {
-        let entries: Vec<crate::bootloader::Entry> = labels
+        let entries: Vec<crate::boot::extlinux::Entry> = labels
             .iter()
-            .map(|l| crate::bootloader::Entry {
+            .map(|l| crate::boot::extlinux::Entry {
                 label: l.to_string(),
                 initramfs: true,
                 dtb: false,
-                args: crate::bootloader::DEFAULT_KERNEL_ARGS.into(),
+                args: crate::boot::extlinux::DEFAULT_KERNEL_ARGS.into(),
             })
             .collect();
-        crate::bootloader::render(UUID, &entries, default).unwrap()
+        crate::boot::extlinux::render(UUID, &entries, default).unwrap()
     }
 
     fn labels(l: &[&str]) -> Vec<String> {

@@ -31,8 +31,8 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::copy::sys::{self, dst_err, Kind, Meta, Target, Time, Xattrs};
-use crate::copy::{CopyStats, Progress};
+use crate::build::copy::sys::{self, dst_err, Kind, Meta, Target, Time, Xattrs};
+use crate::build::copy::{CopyStats, Progress};
 
 /// File name endings recognised as tar archives.
 const SUFFIXES: &[&str] = &[
@@ -193,7 +193,7 @@ fn sum_sizes<R: Read>(entries: tar::Entries<'_, R>) -> Result<u64> {
 /// Refuses (with an error naming the entry, before writing it) entries with
 /// absolute paths or `..` components, and entries whose path or hard-link
 /// target goes through a symlink. The target full fails with
-/// [`crate::copy::NoSpaceError`] in the error chain.
+/// [`crate::build::copy::NoSpaceError`] in the error chain.
 pub fn extract(path: &Path, dst: &Path, progress: Option<&Progress>) -> Result<CopyStats> {
     extract_inner(path, dst, progress)
         .with_context(|| format!("extracting {} into {}", path.display(), dst.display()))
@@ -216,7 +216,7 @@ fn extract_inner(path: &Path, dst: &Path, progress: Option<&Progress>) -> Result
         .entries()
         .with_context(|| format!("reading {}", path.display()))?
     {
-        crate::signals::check()?;
+        crate::util::signals::check()?;
         let mut entry = entry.with_context(|| format!("reading {}", path.display()))?;
         x.entry(&mut entry)?;
         if let Some(p) = progress {
@@ -944,8 +944,8 @@ mod tests {
     //! Archives are made with GNU tar (as root: owners, devices, trusted xattrs).
 
     use super::*;
-    use crate::copy::testing::{assert_trees_equal, make_test_tree, pseudo_random};
-    use crate::copy::NoSpaceError;
+    use crate::build::copy::testing::{assert_trees_equal, make_test_tree, pseudo_random};
+    use crate::build::copy::NoSpaceError;
     use std::os::unix::fs::MetadataExt;
     use std::process::Command;
 
@@ -957,7 +957,7 @@ mod tests {
         let run = src.join("run");
         let m = std::fs::symlink_metadata(&run).unwrap();
         std::fs::remove_file(run.join("socket")).unwrap();
-        crate::copy::testing::set_times(
+        crate::build::copy::testing::set_times(
             &run,
             (m.atime(), m.atime_nsec()),
             (m.mtime(), m.mtime_nsec()),
@@ -1056,9 +1056,9 @@ mod tests {
         f.write_all_at(&pseudo_random(10_000, 3), 5 << 20).unwrap();
         f.write_all_at(b"end", (9 << 20) - 3).unwrap();
         drop(f);
-        crate::copy::testing::set_times(&src.join("var/holes"), (1, 0), (2, 3)).unwrap();
+        crate::build::copy::testing::set_times(&src.join("var/holes"), (1, 0), (2, 3)).unwrap();
         let var = std::fs::symlink_metadata(src.join("var")).unwrap();
-        crate::copy::testing::set_times(&src.join("var"), (1, 0), (var.mtime(), 0)).unwrap();
+        crate::build::copy::testing::set_times(&src.join("var"), (1, 0), (var.mtime(), 0)).unwrap();
         let archive = t.path().join("sparse.tar");
         tar_c(&src, &archive, &["-S"]);
         let dst = new_dir(&t, "dst");

@@ -1,10 +1,10 @@
 //! Opening a deploy target: classify it, lock it, attach a loop device for an
 //! image file, and mount the top-level subvolume in our private namespace.
 
-use crate::layout::Layout;
-use crate::lock::TargetLock;
-use crate::loopdev::LoopGuard;
-use crate::mount::MountGuard;
+use crate::store::layout::Layout;
+use crate::target::lock::TargetLock;
+use crate::target::loopdev::LoopGuard;
+use crate::target::mount::MountGuard;
 use anyhow::{bail, Context, Result};
 use nix::mount::MsFlags;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -52,7 +52,7 @@ pub fn classify(target: &Path) -> Result<TargetKind> {
 /// Fails unless `target` holds a Btrfs (the only filesystem a btrfs-deploy
 /// disk can hold), naming what it holds instead.
 pub fn require_btrfs(target: &Path) -> Result<()> {
-    match crate::btrfs::probe_fs_type(target)? {
+    match crate::store::btrfs::probe_fs_type(target)? {
         Some(t) if t == "btrfs" => Ok(()),
         Some(t) => bail!(
             "{} holds a {t} filesystem, not a btrfs-deploy disk",
@@ -95,7 +95,7 @@ pub fn ensure_not_in_use(target: &Path, kind: TargetKind) -> Result<()> {
                     }
                 }
             }
-            let mounted = crate::mount::mounted_devices();
+            let mounted = crate::target::mount::mounted_devices();
             if devs.iter().any(|d| mounted.contains(d)) {
                 bail!(
                     "{} is mounted (or one of its partitions is): unmount it before deploying to it",
@@ -219,15 +219,16 @@ impl Disk {
         }
     }
 
-    /// UUID of the mounted filesystem.
+    /// UUID of the filesystem, from its on-disk superblock (never from the
+    /// mount: a mounted clone of the same image gets a temporary one).
     pub fn fs_uuid(&self) -> Result<String> {
-        crate::btrfs::mounted_fs_uuid(&self.layout.top)
+        crate::store::btrfs::superblock_fs_uuid(&self.device)
     }
 
     /// Commits, unmounts and detaches, reporting any failure.
     pub fn close(mut self) -> Result<()> {
         if !self.read_only {
-            crate::btrfs::sync_fs(&self.layout.top)?;
+            crate::store::btrfs::sync_fs(&self.layout.top)?;
         }
         if let Some(m) = self.mount.take() {
             m.close()?;

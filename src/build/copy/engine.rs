@@ -288,7 +288,7 @@ impl<'a> Engine<'a> {
         match lock(&self.error).take() {
             Some(e) => Err(e),
             None => {
-                crate::signals::check()?;
+                crate::util::signals::check()?;
                 Ok(total)
             }
         }
@@ -344,7 +344,7 @@ impl<'a> Engine<'a> {
     }
 
     fn aborted(&self) -> bool {
-        self.abort.load(Ordering::Relaxed) || crate::signals::interrupted()
+        self.abort.load(Ordering::Relaxed) || crate::util::signals::interrupted()
     }
 
     fn run_job(&self, job: Job, c: &mut Counts) {

@@ -1,14 +1,15 @@
 //! The bootloader: `extlinux.conf` rendered from `templates/`, written
 //! atomically, and SYSLINUX installed into `/extlinux` of the top level.
 
-use crate::layout::{self, Layout};
-use crate::{cmd, fsutil};
+use crate::store::layout::{self, Layout};
+use crate::util::cmd;
+use crate::util::fsutil;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
 
 /// The template, compiled into the binary so an installed `deploy` needs no data files.
-const TEMPLATE: &str = include_str!("../templates/extlinux.conf.tera");
+const TEMPLATE: &str = include_str!("../../templates/extlinux.conf.tera");
 
 /// Kernel arguments used when none are given: the last `console=` becomes
 /// /dev/console, so a headless box or a boot test reads the serial line.

@@ -1,8 +1,8 @@
 //! Btrfs operations: formatting, subvolumes, snapshots, read-only flags and
 //! committing the filesystem to disk.
 
-use crate::cmd;
-use anyhow::{Context, Result};
+use crate::util::cmd;
+use anyhow::{bail, Context, Result};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -78,7 +78,7 @@ pub fn remove_version_dir(dir: &Path) -> Result<()> {
         if meta.is_dir() && is_subvolume(&path) {
             delete_subvolume(&path)?;
         } else if meta.is_dir() {
-            crate::copy::remove_tree(&path)?;
+            crate::build::copy::remove_tree(&path)?;
         } else {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
@@ -99,27 +99,27 @@ pub fn sync_fs(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `struct btrfs_ioctl_fs_info_args` (linux/btrfs.h): 1024 bytes, fsid at offset 16.
-#[repr(C)]
-struct FsInfoArgs {
-    max_id: u64,
-    num_devices: u64,
-    fsid: [u8; 16],
-    rest: [u8; 1024 - 32],
-}
+/// Offset of the primary Btrfs superblock on its device.
+const BTRFS_SUPER_OFFSET: u64 = 0x10000;
 
-nix::ioctl_read!(btrfs_fs_info, 0x94, 31, FsInfoArgs);
-
-/// Filesystem UUID of the Btrfs mounted at `top` (BTRFS_IOC_FS_INFO: no
-/// device probing, no child process).
-pub fn mounted_fs_uuid(top: &Path) -> Result<String> {
-    let f = std::fs::File::open(top).with_context(|| format!("opening {}", top.display()))?;
-    // SAFETY: all-zero is a valid value of this plain C struct.
-    let mut args: FsInfoArgs = unsafe { std::mem::zeroed() };
-    // SAFETY: the ioctl fills a properly sized and laid out struct.
-    unsafe { btrfs_fs_info(f.as_raw_fd(), &mut args) }
-        .with_context(|| format!("reading the filesystem UUID of {}", top.display()))?;
-    Ok(uuid::Uuid::from_bytes(args.fsid).hyphenated().to_string())
+/// Filesystem UUID (`fsid`) read from the primary superblock on `device`.
+///
+/// A filesystem's identity comes from its disk, never from a mount: since
+/// Linux 6.7 a second mounted clone of one golden image (same fsid) gets a
+/// temporary random UUID in the kernel, which must never reach a boot entry.
+pub fn superblock_fs_uuid(device: &Path) -> Result<String> {
+    use std::os::unix::fs::FileExt;
+    // csum[32], fsid[16] at 32, bytenr[8], flags[8], magic[8] at 64.
+    let mut sb = [0u8; 72];
+    std::fs::File::open(device)
+        .and_then(|f| f.read_exact_at(&mut sb, BTRFS_SUPER_OFFSET))
+        .with_context(|| format!("reading the Btrfs superblock of {}", device.display()))?;
+    if &sb[64..72] != b"_BHRfS_M" {
+        bail!("{} holds no Btrfs superblock", device.display());
+    }
+    let mut fsid = [0u8; 16];
+    fsid.copy_from_slice(&sb[32..48]);
+    Ok(uuid::Uuid::from_bytes(fsid).hyphenated().to_string())
 }
 
 /// Offset of the Btrfs superblock's magic on its device.

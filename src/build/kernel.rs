@@ -2,10 +2,10 @@
 //! "Kernel and boot").
 //!
 //! Everything is looked up *inside* the rootfs with symlinks resolved against
-//! the rootfs root ([`crate::rootpath`]), never against the host. Paths given
+//! the rootfs root ([`crate::util::rootpath`]), never against the host. Paths given
 //! explicitly by the user (`--kernel`, `--initramfs`, `--dtb`) are host paths.
 
-use crate::rootpath;
+use crate::util::rootpath;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 use std::fs;

@@ -35,8 +35,6 @@ pub const PARTIAL_SUFFIX: &str = ".partial";
 pub const IMAGE_PARTIAL_SUFFIX: &str = ".partial";
 /// Label of the first version when none is given.
 pub const FACTORY_LABEL: &str = "factory";
-/// Comment line that precedes the fstab lines the tool adds.
-pub const FSTAB_MARK: &str = "# Added by btrfs-deploy";
 
 /// Paths of the layout below a mounted top-level subvolume.
 #[derive(Debug, Clone)]

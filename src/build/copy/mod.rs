@@ -19,13 +19,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-#[path = "copy/engine.rs"]
 mod engine;
-#[path = "copy/sync.rs"]
 mod sync;
-#[path = "copy/sys.rs"]
 pub(crate) mod sys;
-#[path = "copy/testing.rs"]
 pub mod testing;
 
 use engine::{Counts, DirNode, Engine, Mode};
@@ -254,7 +250,7 @@ fn missing_into(
     let (sdir, ddir) = (src.join(rel), dst.join(rel));
     let names = sys::list_dir(&sdir).map_err(|e| src_err(e, "listing directory", &sdir))?;
     for name in names {
-        crate::signals::check()?;
+        crate::util::signals::check()?;
         let (s, d) = (sdir.join(&name), ddir.join(&name));
         let sm = sys::lstat(&s).map_err(|e| src_err(e, "reading metadata of", &s))?;
         match sys::lstat_opt(&d).map_err(|e| src_err(e, "reading metadata of", &d))? {
@@ -395,5 +391,4 @@ fn check_dir(path: &Path, what: &str) -> Result<Meta> {
 }
 
 #[cfg(test)]
-#[path = "copy/tests.rs"]
 mod tests;

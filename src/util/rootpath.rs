@@ -16,7 +16,7 @@
 //!   (`lstat` + `readlink`) and return the host path of the final target,
 //!   which callers need to name, compare or dedupe files.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -40,9 +40,10 @@ const OPENAT2_RETRIES: usize = 16;
 /// The returned path is `root` joined with symlink-free components, so it
 /// always lies inside `root`. It is an error if the target (or a directory on
 /// the way) does not exist; use [`try_resolve_in_root`] to test existence.
+#[cfg(test)]
 pub fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf> {
     try_resolve_in_root(root, rel)?.ok_or_else(|| {
-        anyhow!(
+        anyhow::anyhow!(
             "{} does not exist inside {} (symlinks resolved within that root)",
             rel.display(),
             root.display()
@@ -65,6 +66,7 @@ pub fn try_resolve_in_root(root: &Path, rel: &Path) -> Result<Option<PathBuf>> {
 /// without `openat2` it falls back to [`resolve_in_root`] and an `O_NOFOLLOW`
 /// open. Files created through `O_CREAT` get mode 0644 (minus the umask).
 /// `O_NOFOLLOW` in `flags` refuses a symlink as the last component.
+#[cfg(test)]
 pub fn open_in_root(root: &Path, rel: &Path, flags: libc::c_int) -> Result<File> {
     open_io(root, rel, flags)
         .with_context(|| format!("opening {} inside {}", rel.display(), root.display()))

@@ -62,6 +62,7 @@ pub struct MergeReport {
 
 impl MergeReport {
     /// True when the merge produced no conflict.
+    #[cfg(test)]
     pub fn is_clean(&self) -> bool {
         self.conflicts.is_empty()
     }

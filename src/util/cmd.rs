@@ -23,7 +23,7 @@ pub fn prepare(cmd: &mut Command) -> &mut Command {
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            crate::signals::unblock_in_child();
+            crate::util::signals::unblock_in_child();
             Ok(())
         });
     }
@@ -79,11 +79,6 @@ pub struct Tool {
 /// `mkfs.btrfs`.
 pub const MKFS_BTRFS: Tool = Tool {
     program: "mkfs.btrfs",
-    package: "btrfs-progs",
-};
-/// `btrfs`.
-pub const BTRFS: Tool = Tool {
-    program: "btrfs",
     package: "btrfs-progs",
 };
 /// `extlinux`.

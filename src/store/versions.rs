@@ -1,9 +1,9 @@
 //! The versions on a disk: which exist, which is the default, their boot
 //! entries, and the switch of the default.
 
-use crate::bootloader::{self, Entry};
-use crate::deployment::Deployment;
-use crate::layout::{self, Layout};
+use crate::boot::extlinux::{self, Entry};
+use crate::store::deployment::Deployment;
+use crate::store::layout::{self, Layout};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -86,12 +86,12 @@ pub fn write_boot_config(layout: &Layout, fs_uuid: &str, default_label: &str) ->
     if entries.is_empty() {
         return Ok(false);
     }
-    let conf = bootloader::render(fs_uuid, &entries, default_label)?;
-    bootloader::write_config(layout, &conf)?;
+    let conf = extlinux::render(fs_uuid, &entries, default_label)?;
+    extlinux::write_config(layout, &conf)?;
     Ok(true)
 }
 
 /// Makes `label` the default with one atomic rename of `systems/default`.
 pub fn switch_default(layout: &Layout, label: &str) -> Result<()> {
-    crate::fsutil::replace_symlink(&layout.default_link(), Path::new(label))
+    crate::util::fsutil::replace_symlink(&layout.default_link(), Path::new(label))
 }

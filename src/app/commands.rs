@@ -1,9 +1,12 @@
 //! The subcommands that manage versions on an existing disk: list,
 //! set-default, remove, cleanup.
 
-use crate::disk::{self, Disk, TargetKind};
-use crate::layout::{self, Layout};
-use crate::{btrfs, ui, units, versions};
+use crate::store::btrfs;
+use crate::store::layout::{self, Layout};
+use crate::store::versions;
+use crate::target::disk::{self, Disk, TargetKind};
+use crate::util::ui;
+use crate::util::units;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -182,7 +185,7 @@ pub fn cleanup(target: &Path) -> Result<()> {
     let partial = layout::image_partial(target);
     if partial.exists() {
         let f = std::fs::File::open(&partial)?;
-        let lock = crate::lock::TargetLock::acquire(f, &partial)?;
+        let lock = crate::target::lock::TargetLock::acquire(f, &partial)?;
         std::fs::remove_file(&partial)
             .with_context(|| format!("removing {}", partial.display()))?;
         drop(lock);
@@ -190,7 +193,7 @@ pub fn cleanup(target: &Path) -> Result<()> {
     }
     if target.exists() {
         with_disk(target, false, |disk| {
-            let removed = crate::deploy::cleanup_partial_versions(&disk.layout)?;
+            let removed = crate::app::deploy::cleanup_partial_versions(&disk.layout)?;
             for name in std::fs::read_dir(disk.layout.systems())? {
                 let name = name?;
                 let n = name.file_name().to_string_lossy().into_owned();
@@ -251,7 +254,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     if args.timeout == 0 {
         return Err(crate::UsageError("--timeout must be at least 1 second".into()).into());
     }
-    if crate::cmd::which(boottest::QEMU_BINARY).is_none() {
+    if crate::util::cmd::which(boottest::QEMU_BINARY).is_none() {
         bail!(
             "{} not found: install the Debian package {}",
             boottest::QEMU_BINARY,

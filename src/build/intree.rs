@@ -11,13 +11,14 @@
 //!   (including when the original was a symlink or absent), whatever happens.
 //!
 //! The caller runs in a private mount namespace
-//! ([`crate::mount::enter_private_namespace`]), so even a crash leaves no
+//! ([`crate::target::mount::enter_private_namespace`]), so even a crash leaves no
 //! mount behind on the host. A crash can leave the two replaced files: the
 //! originals are kept next to them (`.resolv.conf.btrfs-deploy-saved`, ...)
 //! and put back by the next run.
 
-use crate::mount::{unescape_mount, MountGuard};
-use crate::{rootpath, UsageError};
+use crate::target::mount::{unescape_mount, MountGuard};
+use crate::util::rootpath;
+use crate::UsageError;
 use anyhow::{bail, Context, Result};
 use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};

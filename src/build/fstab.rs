@@ -4,7 +4,7 @@
 //! `/` and for the state directories are appended after one comment line, so
 //! completing twice adds nothing the second time.
 
-use crate::rootpath;
+use crate::util::rootpath;
 use anyhow::{bail, Context, Result};
 use std::fs::{self, OpenOptions, Permissions};
 use std::io::{ErrorKind, Write};

@@ -165,7 +165,9 @@ pub struct BootTestOutcome {
     pub reason: String,
     /// The last [`TAIL_LINES`] console lines.
     pub tail: Vec<String>,
-    /// The whole console text (ANSI escapes and `\r` stripped).
+    /// The whole console text (ANSI escapes and `\r` stripped); the
+    /// command itself streams the console instead, tests read this.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub console: String,
 }
 
@@ -716,8 +718,8 @@ impl<'a> Session<'a> {
             elapsed,
             accel_used: self.accel,
             reason: String::new(),
-            tail: self.console.tail(TAIL_LINES),
             console: self.console.full_text(),
+            tail: self.console.tail(TAIL_LINES),
         };
         match end {
             SessionEnd::Passed => {

@@ -1,7 +1,7 @@
 //! The shared `/state` subvolumes: seeding entries a new version ships that
 //! `/state` lacks, without ever rewriting what is already there.
 
-use crate::copy::{self, CopyOptions};
+use crate::build::copy::{self, CopyOptions};
 use anyhow::{Context, Result};
 use std::path::Path;
 

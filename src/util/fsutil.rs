@@ -61,7 +61,7 @@ pub fn copy_file_synced(src: &Path, dst: &Path) -> Result<u64> {
     let mut out =
         std::fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
     let n = std::io::copy(&mut input, &mut out)
-        .map_err(crate::fsutil::name_enospc)
+        .map_err(crate::util::fsutil::name_enospc)
         .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     out.sync_all()
         .with_context(|| format!("syncing {}", dst.display()))?;

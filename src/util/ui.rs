@@ -42,7 +42,11 @@ pub struct Progress {
 
 impl Progress {
     /// Shows progress of `counters` against an expected `total_bytes`.
-    pub fn start(what: &str, counters: Arc<crate::copy::Progress>, total_bytes: u64) -> Progress {
+    pub fn start(
+        what: &str,
+        counters: Arc<crate::build::copy::Progress>,
+        total_bytes: u64,
+    ) -> Progress {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if !enabled() || !std::io::stderr().is_terminal() {
             return Progress {

@@ -1,0 +1,5 @@
+//! One module per command: the deploy flow, the version commands, `check`.
+
+pub(crate) mod check;
+pub(crate) mod commands;
+pub(crate) mod deploy;

@@ -1,0 +1,3 @@
+//! Making a disk bootable: the SYSLINUX/extlinux backend.
+
+pub(crate) mod extlinux;

@@ -1,0 +1,12 @@
+//! Writing a version's tree: copying or extracting the rootfs, configure
+//! extensions, fstab completion, state directories, the /etc merge and the
+//! kernel files.
+
+pub mod copy;
+pub(crate) mod etcmerge;
+pub(crate) mod extensions;
+pub(crate) mod fstab;
+pub(crate) mod intree;
+pub(crate) mod kernel;
+pub(crate) mod state;
+pub(crate) mod tarball;

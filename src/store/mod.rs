@@ -1,0 +1,7 @@
+//! The versioned layout on a disk: its paths, the subvolume operations,
+//! the per-version record, and the versions themselves.
+
+pub(crate) mod btrfs;
+pub(crate) mod deployment;
+pub(crate) mod layout;
+pub(crate) mod versions;

@@ -1,0 +1,6 @@
+//! Opening a target: the disk or image, its lock, its loop device, mounts.
+
+pub(crate) mod disk;
+pub(crate) mod lock;
+pub(crate) mod loopdev;
+pub(crate) mod mount;
