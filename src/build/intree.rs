@@ -605,7 +605,7 @@ mod tests {
 
     #[test]
     fn runs_a_command_in_the_tree_and_cleans_up() {
-        const NAME: &str = "intree::tests::runs_a_command_in_the_tree_and_cleans_up";
+        const NAME: &str = "build::intree::tests::runs_a_command_in_the_tree_and_cleans_up";
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root");
             return;
