@@ -6,6 +6,24 @@
 //! versioned layout on it, `build` writes a version's tree, `boot` makes it
 //! bootable, `boottest` boots it in QEMU; `util` holds small shared helpers.
 
+/// `println!` that never panics: output that cannot be written (a closed
+/// pipe: `deploy list | head -1`) is dropped and the work goes on, so a
+/// closed stdout or stderr never interrupts a write to a disk.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics (see `outln!`).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub(crate) mod app;
 pub(crate) mod boot;
 pub(crate) mod boottest;

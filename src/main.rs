@@ -19,7 +19,8 @@ fn main() -> ExitCode {
     match btrfs_deploy::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             if e.downcast_ref::<btrfs_deploy::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

@@ -298,7 +298,7 @@ fn list_set_default_remove_keep_and_no_default() {
 #[test]
 fn failed_upgrade_leaves_the_old_default_and_no_partial() {
     let d = factory();
-    // A v2 whose /home is a symlink to / is refused after the sync started.
+    // A v2 whose /home is a symlink to / is refused (at planning).
     let bad = d.dir.join("bad");
     sh(&format!("cp -a {} {}", d.v1.display(), bad.display()));
     sh(&format!(

@@ -127,7 +127,7 @@ impl Report {
 pub fn run(target: &Path, json: bool) -> Result<()> {
     let report = check(target)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.to_text());
     }
@@ -152,7 +152,7 @@ pub fn run(target: &Path, json: bool) -> Result<()> {
         );
     }
     if report.warnings > 0 {
-        eprintln!(
+        errln!(
             "{}: no problems, {} warning(s) (see above)",
             target.display(),
             report.warnings

@@ -81,23 +81,26 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
             .collect::<Result<Vec<_>>>()
     })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         let size_head = if sizes {
             format!("{:<12}", "SIZE")
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "{:<3}{:<24}{:<22}{:<28}{size_head}FROM",
-            "", "VERSION", "CREATED", "KERNEL"
+            "",
+            "VERSION",
+            "CREATED",
+            "KERNEL"
         );
         for r in rows {
             let size_cols = r
                 .size_bytes
                 .map(|b| format!("{:<12}", units::format_size(b)))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "{:<3}{:<24}{:<22}{:<28}{size_cols}{}",
                 if r.default { "*" } else { "" },
                 r.label,
@@ -107,7 +110,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
             );
         }
         if sizes {
-            println!("(SIZE: data the version references; versions share unchanged files, so sizes do not add up)");
+            outln!("(SIZE: data the version references; versions share unchanged files, so sizes do not add up)");
         }
     }
     Ok(())
@@ -183,12 +186,7 @@ pub fn remove_version(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
 /// `deploy cleanup`: removes `TARGET.partial` and half-written versions.
 pub fn cleanup(target: &Path) -> Result<()> {
     let partial = layout::image_partial(target);
-    if partial.exists() {
-        let f = std::fs::File::open(&partial)?;
-        let lock = crate::target::lock::TargetLock::acquire(f, &partial)?;
-        std::fs::remove_file(&partial)
-            .with_context(|| format!("removing {}", partial.display()))?;
-        drop(lock);
+    if crate::target::partial::remove_leftover(&partial)? {
         ui::step(format!("Removed {}", partial.display()));
     }
     if target.exists() {
@@ -305,7 +303,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     ));
     let outcome = boottest::run(&opts)?;
     if outcome.passed {
-        println!(
+        outln!(
             "boot-test passed: /{}/ appeared after {:.1} s (accel {})",
             args.expect,
             outcome.elapsed.as_secs_f64(),
@@ -313,11 +311,11 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
         );
         Ok(())
     } else {
-        eprintln!("--- last console lines ---");
+        errln!("--- last console lines ---");
         for l in &outcome.tail {
-            eprintln!("{l}");
+            errln!("{l}");
         }
-        eprintln!("---");
+        errln!("---");
         bail!(
             "boot-test of {} failed after {:.1} s: {}",
             args.target.display(),

@@ -19,7 +19,7 @@ use crate::store::deployment::{self, Deployment};
 use crate::store::layout::{self, Layout};
 use crate::store::versions;
 use crate::target::disk::{self, Disk, TargetKind};
-use crate::target::lock::TargetLock;
+use crate::target::partial;
 use crate::util::cmd;
 use crate::util::fsutil;
 use crate::util::signals;
@@ -116,6 +116,7 @@ pub fn plan(
         }
     }
     let rootfs = check_rootfs(&rootfs_arg)?;
+    check_target_outside(&target, &rootfs)?;
     require_root()?;
     cmd::require(&[&cmd::MKFS_BTRFS, &cmd::BLKID])?;
     if !args.no_bootloader {
@@ -298,12 +299,47 @@ fn check_rootfs(path: &Path) -> Result<PathBuf> {
     if canon == Path::new("/") {
         bail!("rootfs is the host's / : give the directory of the system to deploy");
     }
+    for name in std::iter::once("etc").chain(layout::STATE_DIRS) {
+        match std::fs::symlink_metadata(canon.join(name)) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                tarball::check_top_entry(name, tarball::TopKind::Symlink)?
+            }
+            Ok(_) => tarball::check_top_entry(name, tarball::TopKind::Other)?,
+            Err(_) => {}
+        }
+    }
     let mut entries =
         std::fs::read_dir(&canon).with_context(|| format!("reading rootfs {}", canon.display()))?;
     if entries.next().is_none() {
         bail!("rootfs {} is empty", canon.display());
     }
     Ok(canon)
+}
+
+/// Refuses a target (or its `.partial`) inside the rootfs directory: the
+/// image would be copied into itself.
+fn check_target_outside(target: &Path, rootfs: &Path) -> Result<()> {
+    if !rootfs.is_dir() {
+        return Ok(());
+    }
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(dir) = parent.canonicalize() else {
+        return Ok(()); // classify() names a missing directory
+    };
+    if dir.starts_with(rootfs) {
+        return Err(UsageError(format!(
+            "target {} is inside the rootfs {}: the image would be copied into itself; \
+             put the image outside the rootfs",
+            target.display(),
+            rootfs.display()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn require_root() -> Result<()> {
@@ -350,10 +386,9 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
             None,
         ),
         _ => {
-            let partial = layout::image_partial(&plan.target);
-            let (lock, file) = create_partial_image(&partial, new.size)?;
-            drop(file);
-            (partial.clone(), lock, Some(partial))
+            let path = layout::image_partial(&plan.target);
+            let (lock, file) = partial::create(&path, new.size)?;
+            (path.clone(), lock, Some((path, file)))
         }
     };
     ui::step(format!(
@@ -375,12 +410,12 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
         signals::check()
     })();
     let result = result.and_then(|()| match &partial {
-        Some(partial) => move_image_into_place(partial, &plan.target),
+        Some((path, file)) => move_image_into_place(path, file, &plan.target),
         None => Ok(()),
     });
     if result.is_err() {
-        if let Some(partial) = &partial {
-            let _ = std::fs::remove_file(partial);
+        if let Some((path, file)) = &partial {
+            partial::remove_if_same(path, file);
         }
     }
     drop(lock);
@@ -395,8 +430,9 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
 
 /// Makes the finished image durable, then renames it onto the target —
 /// without replacing anything that appeared at the target meanwhile.
-fn move_image_into_place(partial: &Path, target: &Path) -> Result<()> {
-    std::fs::File::open(partial)?.sync_all()?;
+fn move_image_into_place(partial: &Path, file: &std::fs::File, target: &Path) -> Result<()> {
+    file.sync_all()
+        .with_context(|| format!("syncing {}", partial.display()))?;
     nix::fcntl::renameat2(
         None,
         partial,
@@ -413,26 +449,6 @@ fn parent_dir(p: &Path) -> &Path {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
 }
-
-/// Creates (or takes over a stale) `<target>.partial`, locked, sized sparse.
-fn create_partial_image(partial: &Path, size: u64) -> Result<(TargetLock, std::fs::File)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(partial)
-        .with_context(|| format!("creating {}", partial.display()))?;
-    let lock = TargetLock::acquire(file.try_clone()?, partial)?;
-    file.set_len(0)
-        .with_context(|| format!("truncating {}", partial.display()))?;
-    file.set_len(size)
-        .with_context(|| format!("sizing {}", partial.display()))?;
-    Ok((lock, file))
-}
-
-use std::os::unix::fs::OpenOptionsExt;
 
 /// Writes the rootfs (directory or archive) into the empty directory `dst`.
 fn fill_tree(plan: &Plan, dst: &Path, progress: Arc<copy::Progress>) -> Result<copy::CopyStats> {

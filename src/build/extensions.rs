@@ -234,19 +234,19 @@ pub fn print_available(extra_dirs: &[PathBuf]) -> Result<()> {
     let exts = available(extra_dirs)?;
     let width = exts.iter().map(|e| e.name.len()).max().unwrap_or(0).max(4);
     if exts.is_empty() {
-        println!("No extensions found.");
+        outln!("No extensions found.");
     } else {
-        println!("{:width$}  SUMMARY", "NAME");
+        outln!("{:width$}  SUMMARY", "NAME");
         for e in &exts {
-            println!("{:width$}  {}", e.name, e.summary);
+            outln!("{:width$}  {}", e.name, e.summary);
         }
     }
-    println!();
-    println!(
+    outln!("");
+    outln!(
         "Searched (later folders override earlier ones): {}",
         joined(&search_path(extra_dirs))
     );
-    println!("Use: deploy -e NAME --set KEY=VALUE ...  (settings: docs/extensions.md)");
+    outln!("Use: deploy -e NAME --set KEY=VALUE ...  (settings: docs/extensions.md)");
     Ok(())
 }
 

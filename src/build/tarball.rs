@@ -164,7 +164,17 @@ fn sum_sizes<R: Read>(entries: tar::Entries<'_, R>) -> Result<u64> {
             Some(name) => name,
             None => entry.path_bytes().into_owned(),
         };
-        components(&raw, "entry")?;
+        let comps = components(&raw, "entry")?;
+        if let [top] = comps.as_slice() {
+            let kind = if t.is_dir() {
+                TopKind::Dir
+            } else if t.is_symlink() {
+                TopKind::Symlink
+            } else {
+                TopKind::Other
+            };
+            check_top_entry(&String::from_utf8_lossy(top), kind)?;
+        }
         if t.is_hard_link() {
             if let Some(target) = entry.link_name_bytes() {
                 components(&target, "hard link target")?;
@@ -360,6 +370,39 @@ fn parse_time(v: &[u8]) -> Result<Time> {
 
 /// Splits an archive path into its components, refusing absolute paths and
 /// `..`; `.` and empty components are dropped (so `./` is the root).
+/// What a top-level entry of a rootfs is, for [`check_top_entry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopKind {
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// Anything else (regular file, device, ...).
+    Other,
+}
+
+/// Refuses a rootfs whose `/etc` or a state directory (`/home`, `/var`, ...)
+/// is not a real directory, the same way for a first deploy and an upgrade,
+/// at planning: the /etc merge of every later upgrade and the `/state`
+/// subvolumes need real directories there, and a disk must never be left
+/// in a shape it cannot be upgraded from.
+pub fn check_top_entry(name: &str, kind: TopKind) -> Result<()> {
+    let what = if name == "etc" {
+        "/etc must be a real directory (the /etc merge of every later upgrade works on it); \
+         make it one, e.g. move usr/etc to etc in the rootfs"
+    } else if crate::store::layout::STATE_DIRS.contains(&name) {
+        "state directories (/home /root /opt /srv /var) must be real directories: they become \
+         the shared /state subvolumes; make it a directory in the rootfs"
+    } else {
+        return Ok(());
+    };
+    match kind {
+        TopKind::Dir => Ok(()),
+        TopKind::Symlink => bail!("the rootfs's /{name} is a symlink: {what}"),
+        TopKind::Other => bail!("the rootfs's /{name} is not a directory: {what}"),
+    }
+}
+
 fn components<'p>(raw: &'p [u8], what: &str) -> Result<Vec<&'p [u8]>> {
     let shown = || String::from_utf8_lossy(raw).into_owned();
     if raw.first() == Some(&b'/') {

@@ -36,6 +36,15 @@ pub fn classify(target: &Path) -> Result<TargetKind> {
                 bail!("target {} is a dangling symlink", target.display());
             }
             let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if is_device_dir(parent) {
+                bail!(
+                    "target {} does not exist, and under {} only an existing block device can be \
+                     a target (an image file is never created there): check the device name \
+                     (lsblk), or create its partition nodes (partx -a DISK)",
+                    target.display(),
+                    parent.display()
+                );
+            }
             if !parent.is_dir() {
                 bail!(
                     "cannot create {}: directory {} does not exist",
@@ -47,6 +56,31 @@ pub fn classify(target: &Path) -> Result<TargetKind> {
         }
         Err(e) => Err(e).with_context(|| format!("reading target {}", target.display())),
     }
+}
+
+/// True when `dir` is `/dev` or below, or on a device filesystem.
+fn is_device_dir(dir: &Path) -> bool {
+    let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    if canon.starts_with("/dev") {
+        return true;
+    }
+    // The mount holding `canon` (longest mount point that prefixes it).
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut best: Option<(usize, bool)> = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(mp), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else {
+            continue;
+        };
+        let mp = mp.replace("\\040", " ");
+        if canon.starts_with(&mp) && best.is_none_or(|(len, _)| mp.len() >= len) {
+            best = Some((mp.len(), *fstype == "devtmpfs"));
+        }
+    }
+    best.is_some_and(|(_, dev)| dev)
 }
 
 /// Fails unless `target` holds a Btrfs (the only filesystem a btrfs-deploy

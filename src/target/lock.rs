@@ -8,7 +8,8 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-/// A held `flock` on the target file or device; released on drop or close.
+/// A held `flock` on the target file or device; released on drop.
+#[derive(Debug)]
 pub struct TargetLock {
     _lock: Flock<File>,
 }
@@ -74,9 +75,8 @@ mod tests {
         let p = dir.path().join("t");
         std::fs::write(&p, b"x").unwrap();
         let first = TargetLock::acquire(File::open(&p).unwrap(), &p).unwrap();
-        let err = TargetLock::acquire(File::open(&p).unwrap(), &p)
-            .err()
-            .expect("second lock must fail");
+        let err =
+            TargetLock::acquire(File::open(&p).unwrap(), &p).expect_err("second lock must fail");
         let msg = err.to_string();
         assert!(msg.contains("in use by process"), "{msg}");
         assert!(msg.contains(&std::process::id().to_string()), "{msg}");

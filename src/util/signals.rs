@@ -26,10 +26,10 @@ pub fn install() -> Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || loop {
         let Ok(sig) = sigs.wait() else { continue };
         if RECEIVED.swap(sig as i32, Ordering::SeqCst) != 0 {
-            eprintln!("error: {sig} received again: exiting without cleaning up (run `deploy cleanup TARGET`)");
+            errln!("error: {sig} received again: exiting without cleaning up (run `deploy cleanup TARGET`)");
             std::process::exit(128 + sig as i32);
         }
-        eprintln!("==> {sig} received: stopping and cleaning up (send it again to exit at once)");
+        errln!("==> {sig} received: stopping and cleaning up (send it again to exit at once)");
     })?;
     Ok(())
 }

@@ -22,14 +22,14 @@ pub fn enabled() -> bool {
 /// Announces a step of the work.
 pub fn step(msg: impl AsRef<str>) {
     if enabled() {
-        eprintln!("==> {}", msg.as_ref());
+        errln!("==> {}", msg.as_ref());
     }
 }
 
 /// A detail under the current step.
 pub fn detail(msg: impl AsRef<str>) {
     if enabled() {
-        eprintln!("    {}", msg.as_ref());
+        errln!("    {}", msg.as_ref());
     }
 }
 
