@@ -83,6 +83,9 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<(PathBuf, Config)>> {
             p
         }
     };
+    if std::fs::symlink_metadata(&path).is_ok() {
+        crate::util::trust::require_trusted(&path, "config file")?;
+    }
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading config file {}", path.display()))?;
     let abs = std::path::absolute(&path)

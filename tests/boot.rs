@@ -86,7 +86,7 @@ fn boot_test_fails_clearly_when_root_subvolume_is_missing() {
     ]);
     {
         let e = Edit::open(&img);
-        let conf = e.path("extlinux/extlinux.conf");
+        let conf = e.path("systems/factory/default-entry.conf");
         let text = std::fs::read_to_string(&conf)
             .unwrap()
             .replace("subvol=systems/default/run", "subvol=systems/missing/run");

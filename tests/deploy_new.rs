@@ -200,7 +200,12 @@ fn factory_deploy_writes_the_whole_layout() {
 
     // Bootloader.
     let conf = std::fs::read_to_string(m.path("extlinux/extlinux.conf")).unwrap();
-    assert!(conf.contains(&format!("append root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/default/run rw console=tty0 console=ttyS0,115200")), "{conf}");
+    assert!(
+        conf.contains("\ninclude /systems/default/default-entry.conf\n"),
+        "{conf}"
+    );
+    let entry = std::fs::read_to_string(m.path("systems/factory/default-entry.conf")).unwrap();
+    assert!(entry.contains(&format!("label default\n  kernel /systems/default/kernel\n  initrd /systems/default/initramfs\n  append root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/default/run rw console=tty0 console=ttyS0,115200")), "{entry}");
     assert!(
         conf.contains(
             "label factory\n  kernel /systems/factory/kernel\n  initrd /systems/factory/initramfs"

@@ -303,3 +303,74 @@ fn a_mounted_clone_never_lends_its_uuid_to_an_upgrade() {
         "{console}"
     );
 }
+
+#[test]
+fn config_and_extensions_others_can_write_are_never_run_as_root() {
+    let d = tempfile::tempdir().unwrap();
+    let rootfs = small_rootfs(d.path());
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let marker = d.path().join("pwned");
+    let evil = shared.join("evil.configure");
+    write(
+        &evil,
+        format!("#!/bin/sh\ntouch {}\n", marker.display()).as_bytes(),
+    );
+    chmod(&evil, 0o755);
+    write(
+        &shared.join("deploy.toml"),
+        format!(
+            "rootfs = \"{}\"\nno_bootloader = true\nextensions_dirs = [\".\"]\nextensions = [\"evil\"]\n",
+            rootfs.display()
+        )
+        .as_bytes(),
+    );
+    let img = d.path().join("x.img");
+    let deploy_in = |dir: &Path| {
+        let out = deploy()
+            .current_dir(dir)
+            .arg(img.to_str().unwrap())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A world-writable folder (no sticky bit), a group-writable config,
+    // a config owned by another user, a world-writable extension.
+    let setups: [(&str, &str); 4] = [
+        ("chmod 0777 {s}", "is writable by everyone"),
+        (
+            "chmod 0755 {s}; chmod 0664 {s}/deploy.toml",
+            "writable by its group",
+        ),
+        (
+            "chmod 0644 {s}/deploy.toml; chown 4242 {s}/deploy.toml",
+            "belongs to uid 4242",
+        ),
+        (
+            "chown 0 {s}/deploy.toml; chmod 0777 {s}/evil.configure",
+            "is writable by everyone",
+        ),
+    ];
+    for (setup, msg) in setups {
+        sh(&setup.replace("{s}", shared.to_str().unwrap()));
+        let (code, err) = deploy_in(&shared);
+        assert_eq!(code, Some(1), "{setup}: {err}");
+        assert!(
+            err.contains(msg) && err.contains("DEPLOY_ALLOW_UNSAFE_PATHS"),
+            "{setup}: {err}"
+        );
+        assert!(!marker.exists(), "{setup}: the extension ran");
+        assert!(!img.exists());
+    }
+    // Made safe, the same config works and runs the extension.
+    sh(&format!(
+        "chmod 0755 {0} {0}/evil.configure",
+        shared.display()
+    ));
+    let (code, err) = deploy_in(&shared);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(marker.exists());
+}

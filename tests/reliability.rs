@@ -1016,22 +1016,19 @@ const SYMLINKS: &[&str] = &["symlink", "symlinkat"];
 /// the default link created beside, renamed, its directory fsynced, syncfs.
 fn assert_switch_order(calls: &[(String, String)], from: usize, label: &str) -> usize {
     let ctx = || format!("{calls:#?}");
-    let f1 = find_call(calls, from, &["fsync"], |a| {
-        a.contains("/extlinux/.extlinux.conf.tmp>")
-    })
-    .unwrap_or_else(|| panic!("no fsync of the config temp file: {}", ctx()));
-    let r1 = find_call(calls, f1, RENAMES, |a| {
-        a.contains("/.extlinux.conf.tmp\"") && a.contains("/extlinux/extlinux.conf\"")
-    })
-    .unwrap_or_else(|| panic!("no rename of the config after its fsync: {}", ctx()));
-    let d1 = find_call(calls, r1, &["fsync"], |a| a.contains("/extlinux>"))
-        .unwrap_or_else(|| panic!("no fsync of extlinux/ after the rename: {}", ctx()));
-    let s1 = find_call(calls, d1, &["syncfs"], |_| true)
-        .unwrap_or_else(|| panic!("no syncfs after the config: {}", ctx()));
+    // The version's own `default` entry, if (re)written, is committed first.
+    let mut start = from;
+    if let Some(e) = find_call(calls, from, RENAMES, |a| {
+        a.contains(&format!("/systems/{label}/.default-entry.conf.tmp\""))
+    }) {
+        start = e;
+    }
+    let s1 = find_call(calls, start, &["syncfs"], |_| true)
+        .unwrap_or_else(|| panic!("no syncfs before the switch: {}", ctx()));
     let l2 = find_call(calls, s1, SYMLINKS, |a| {
         a.starts_with(&format!("\"{label}\"")) && a.contains("/systems/.default.tmp\"")
     })
-    .unwrap_or_else(|| panic!("no new default link after the config syncfs: {}", ctx()));
+    .unwrap_or_else(|| panic!("no new default link after the syncfs: {}", ctx()));
     let r2 = find_call(calls, l2, RENAMES, |a| {
         a.contains("/systems/.default.tmp\"") && a.contains("/systems/default\"")
     })
@@ -1100,16 +1097,33 @@ fn switches_are_ordered_for_power_cuts_and_leave_config_and_link_consistent() {
     })
     .expect("rename of the version");
     assert!(kernel < publish && record < publish);
+    // Committed before it is renamed into place.
+    let before = find_call(&calls, kernel.max(record), &["syncfs"], |_| true).unwrap();
+    assert!(
+        before < publish,
+        "no commit between the content and its rename"
+    );
     let dir = find_call(&calls, publish, &["fsync"], |a| a.contains("/systems>")).unwrap();
     let committed = find_call(&calls, dir, &["syncfs"], |_| true).unwrap();
-    assert_switch_order(&calls, committed, "v2");
+    // Then the menu lists it (and its default entry exists), committed.
+    let menu = find_call(&calls, committed, RENAMES, |a| {
+        a.contains("/.extlinux.conf.tmp\"") && a.contains("/extlinux/extlinux.conf\"")
+    })
+    .expect("menu rewritten after the publish");
+    assert_switch_order(&calls, menu, "v2");
 
     // set-default (the rollback): config first, then the link.
     let log = strace(
         &["set-default", "factory", &imgs],
         &tmp.path().join("sd.log"),
     );
-    assert_switch_order(&traced(&log), 0, "factory");
+    let calls = traced(&log);
+    assert_switch_order(&calls, 0, "factory");
+    // Switching never rewrites the boot menu: the rename is the switch.
+    assert!(
+        find_call(&calls, 0, RENAMES, |a| a.contains("extlinux.conf")).is_none(),
+        "set-default rewrote the boot menu: {calls:#?}"
+    );
 
     // And the result is consistent: the link, the menu's mark and the
     // default entry agree, nothing temporary is left.
@@ -1120,11 +1134,11 @@ fn switches_are_ordered_for_power_cuts_and_leave_config_and_link_consistent() {
             std::fs::read_link(m.path("systems/default")).unwrap(),
             Path::new(label)
         );
-        let conf = std::fs::read_to_string(m.path("extlinux/extlinux.conf")).unwrap();
+        let entry = std::fs::read_to_string(m.path("systems/default/default-entry.conf")).unwrap();
         assert!(
-            conf.contains(&format!("say   {label}   (default)"))
-                && conf.contains(&format!("# the default version ({label})")),
-            "{conf}"
+            entry.contains(&format!("the default is {label}."))
+                && entry.contains("label default\n  kernel /systems/default/kernel"),
+            "{entry}"
         );
         assert!(!m.path("systems/.default.tmp").exists());
         assert!(!m.path("extlinux/.extlinux.conf.tmp").exists());

@@ -198,14 +198,17 @@ fn upgrade_syncs_delta_shares_extents_and_merges_etc() {
         b"seeded\n"
     );
     assert_eq!(std::fs::read_dir(orig2.join("home")).unwrap().count(), 0);
-    // Boot config has both versions and marks v2.
+    // Boot config has both versions; the default entry, reached through
+    // systems/default, is v2's.
     let conf = std::fs::read_to_string(m.path("extlinux/extlinux.conf")).unwrap();
     assert!(
         conf.contains("label factory\n")
             && conf.contains("label v2\n")
-            && conf.contains("say   v2   (default)"),
+            && conf.contains("include /systems/default/default-entry.conf\n"),
         "{conf}"
     );
+    let entry = std::fs::read_to_string(m.path("systems/default/default-entry.conf")).unwrap();
+    assert!(entry.contains("the default is v2."), "{entry}");
 }
 
 #[test]
@@ -241,8 +244,8 @@ fn list_set_default_remove_keep_and_no_default() {
     assert_eq!(default_of(&d.img), "factory");
     {
         let m = Inspect::open(Path::new(&d.img));
-        let conf = std::fs::read_to_string(m.path("extlinux/extlinux.conf")).unwrap();
-        assert!(conf.contains("say   factory   (default)"), "{conf}");
+        let entry = std::fs::read_to_string(m.path("systems/default/default-entry.conf")).unwrap();
+        assert!(entry.contains("the default is factory."), "{entry}");
     }
     run_fails(
         &["set-default", "nope", &d.img],
@@ -368,9 +371,12 @@ fn leftovers_of_an_interrupted_upgrade_are_cleaned() {
     let m = Inspect::open(Path::new(&d.img));
     assert!(!m.path("systems/.v9.partial").exists());
     drop(m);
-    // A stale image .partial is removed by cleanup too.
+    // A stale image .partial of an interrupted first deploy (deploy marks
+    // the files it makes) is removed by cleanup too.
     let partial = format!("{}.partial", d.img);
     write(Path::new(&partial), b"stale");
+    chmod(Path::new(&partial), 0o600);
+    setxattr(Path::new(&partial), "user.btrfs-deploy.partial", b"1");
     run_ok(&["cleanup", &d.img]);
     assert!(!Path::new(&partial).exists());
 }

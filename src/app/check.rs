@@ -588,9 +588,17 @@ fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Ve
             )]
         }
     };
+    // The `default` entry is included through systems/default.
+    let conf = crate::boot::extlinux::expand_includes(&conf, &top.top);
+    let mut problems: Vec<String> = conf
+        .lines()
+        .filter_map(|l| l.strip_prefix("# include "))
+        .map(|l| format!("included file {l}"))
+        .collect();
+    problems.extend(boot_config_problems(&conf, fs_uuid, &with_kernel));
     let mut out = vec![Finding::from_problems(
         "bootloader config",
-        boot_config_problems(&conf, fs_uuid, &with_kernel),
+        problems,
         format!(
             "entries: default, {} (root=UUID={fs_uuid})",
             with_kernel.join(", ")
@@ -609,33 +617,7 @@ fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Ve
         install,
         "SYSLINUX installed",
     ));
-    // The menu's "(default)" mark is written just before the switch: a
-    // mismatch only means an interrupted switch, and the `default` entry
-    // boots systems/default whatever the mark says.
-    if let (Some(marked), Ok(current)) =
-        (menu_default(&conf), std::fs::read_link(top.default_link()))
-    {
-        let current = current.to_string_lossy();
-        if marked != current {
-            out.push(Finding::warning(
-                "bootloader menu",
-                format!(
-                    "the menu marks {marked} as the default but systems/default -> {current} \
-                     (an interrupted switch?): run deploy set-default {current} to rewrite it"
-                ),
-            ));
-        }
-    }
     out
-}
-
-/// The label that an extlinux.conf's menu text marks `(default)`.
-pub fn menu_default(conf: &str) -> Option<String> {
-    conf.lines().find_map(|l| {
-        let rest = l.trim().strip_prefix("say")?;
-        let label = rest.trim().strip_suffix("(default)")?.trim();
-        (!label.is_empty()).then(|| label.to_string())
-    })
 }
 
 /// One `label` block of an extlinux.conf.
@@ -820,7 +802,12 @@ mod tests {
                 args: crate::boot::extlinux::DEFAULT_KERNEL_ARGS.into(),
             })
             .collect();
-        crate::boot::extlinux::render(UUID, &entries, default).unwrap()
+        let main = crate::boot::extlinux::render(UUID, &entries).unwrap();
+        let d = entries.iter().find(|e| e.label == default).unwrap();
+        main.replace(
+            &format!("include /systems/default/{}\n", layout::DEFAULT_ENTRY),
+            &crate::boot::extlinux::render_default_entry(UUID, d).unwrap(),
+        )
     }
 
     fn labels(l: &[&str]) -> Vec<String> {
@@ -872,19 +859,6 @@ mod tests {
             p,
             ["entry `label factory` lacks rootflags=subvol=systems/factory/run"]
         );
-    }
-
-    #[test]
-    fn menu_default_mark() {
-        assert_eq!(
-            menu_default(&conf(&["factory", "v2"], "v2")).as_deref(),
-            Some("v2")
-        );
-        assert_eq!(
-            menu_default(&conf(&["factory", "v2"], "factory")).as_deref(),
-            Some("factory")
-        );
-        assert_eq!(menu_default("label default\n"), None);
     }
 
     #[test]

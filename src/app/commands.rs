@@ -3,11 +3,12 @@
 
 use crate::store::btrfs;
 use crate::store::layout::{self, Layout};
+use crate::store::lifecycle;
 use crate::store::versions;
 use crate::target::disk::{self, Disk, TargetKind};
 use crate::util::ui;
 use crate::util::units;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::Path;
 
@@ -133,18 +134,12 @@ fn require_version(top: &Layout, label: &str, target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `deploy set-default`: the rollback. Writes the boot config (so the menu
-/// marks the new default), then one atomic rename of `systems/default`.
+/// `deploy set-default`: the rollback, one atomic rename of `systems/default`.
 pub fn set_default(label: &str, target: &Path) -> Result<()> {
     with_disk(target, false, |disk| {
         let top = &disk.layout;
         require_version(top, label, target)?;
-        let fs_uuid = disk.fs_uuid()?;
-        if versions::write_boot_config(top, &fs_uuid, label)? {
-            btrfs::sync_fs(&top.top)?;
-        }
-        versions::switch_default(top, Path::new(label).to_str().unwrap_or(label))?;
-        btrfs::sync_fs(&top.top)?;
+        lifecycle::switch(top, label, &disk.fs_uuid()?)?;
         ui::step(format!(
             "{label} is now the default on {}",
             target.display()
@@ -158,32 +153,14 @@ pub fn remove(label: &str, target: &Path) -> Result<()> {
     with_disk(target, false, |disk| {
         let top = &disk.layout;
         require_version(top, label, target)?;
-        remove_version(top, label, &disk.fs_uuid()?)?;
+        lifecycle::remove(top, label, &disk.fs_uuid()?)?;
         ui::step(format!("Removed {label} from {}", target.display()));
         Ok(())
     })
 }
 
-/// Removes version `label` (never the default): first from the boot menu,
-/// then its subvolumes and files.
-pub fn remove_version(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
-    let default = versions::default_label(top)?;
-    if label == default {
-        bail!("{label} is the default version: make another one the default first (deploy set-default LABEL TARGET)");
-    }
-    // Hide it from the boot config before deleting anything it refers to.
-    let dir = top.version(label);
-    let hidden = top.systems().join(format!(".{label}.removing"));
-    std::fs::rename(&dir, &hidden).with_context(|| format!("renaming {}", dir.display()))?;
-    if top.extlinux_conf().exists() {
-        versions::write_boot_config(top, fs_uuid, &default)?;
-    }
-    btrfs::sync_fs(&top.top)?;
-    btrfs::remove_version_dir(&hidden)?;
-    Ok(())
-}
-
-/// `deploy cleanup`: removes `TARGET.partial` and half-written versions.
+/// `deploy cleanup`: removes `TARGET.partial` and what interrupted deploys
+/// and removes left on the disk.
 pub fn cleanup(target: &Path) -> Result<()> {
     let partial = layout::image_partial(target);
     if crate::target::partial::remove_leftover(&partial)? {
@@ -191,32 +168,7 @@ pub fn cleanup(target: &Path) -> Result<()> {
     }
     if target.exists() {
         with_disk(target, false, |disk| {
-            let removed = crate::app::deploy::cleanup_partial_versions(&disk.layout)?;
-            for name in std::fs::read_dir(disk.layout.systems())? {
-                let name = name?;
-                let n = name.file_name().to_string_lossy().into_owned();
-                if n.starts_with('.') && n.ends_with(".removing") {
-                    btrfs::remove_version_dir(&name.path())?;
-                }
-            }
-            // Temp files of an interrupted atomic replace.
-            let top = &disk.layout;
-            for tmp in [
-                top.systems().join(".default.tmp"),
-                top.extlinux_dir().join(".extlinux.conf.tmp"),
-            ] {
-                if std::fs::symlink_metadata(&tmp).is_ok() {
-                    std::fs::remove_file(&tmp)
-                        .with_context(|| format!("removing {}", tmp.display()))?;
-                }
-            }
-            // A kill between publishing a version and rewriting the menu
-            // leaves the menu without it: rewrite it from the disk.
-            if top.extlinux_conf().exists() {
-                let default = versions::default_label(top)?;
-                versions::write_boot_config(top, &disk.fs_uuid()?, &default)?;
-                btrfs::sync_fs(&top.top)?;
-            }
+            let removed = lifecycle::cleanup(&disk.layout, &disk.fs_uuid()?)?;
             if removed.is_empty() {
                 ui::step(format!("{} has no leftovers", target.display()));
             }

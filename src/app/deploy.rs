@@ -17,6 +17,7 @@ use crate::cli::DeployArgs;
 use crate::store::btrfs;
 use crate::store::deployment::{self, Deployment};
 use crate::store::layout::{self, Layout};
+use crate::store::lifecycle;
 use crate::store::versions;
 use crate::target::disk::{self, Disk, TargetKind};
 use crate::target::partial;
@@ -544,7 +545,7 @@ fn check_upgrade_target(plan: &Plan, top: &Layout) -> Result<()> {
 fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
     let top = &disk.layout;
     check_upgrade_target(plan, top)?;
-    cleanup_partial_versions(top)?;
+    lifecycle::remove_partial_versions(top)?;
     // Space of versions deleted earlier (or just now) must be free before writing.
     btrfs::wait_for_deletions(&top.top)?;
     let fs_uuid = disk.fs_uuid()?;
@@ -644,7 +645,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
     }
     publish_version(plan, top, &dir, &fs_uuid, !plan.no_default)?;
     if let Some(keep) = plan.keep {
-        prune(top, keep, &old, &fs_uuid)?;
+        lifecycle::prune(top, keep, &old, &fs_uuid)?;
     }
     Ok(())
 }
@@ -825,14 +826,8 @@ fn copy_dir_metadata(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Renames `.partial` to the label, then writes the boot config and switches
-/// the default. The order keeps the disk bootable at every instant:
-/// 1. the version directory is complete and committed (syncfs) before
-///    anything refers to it;
-/// 2. extlinux.conf is replaced atomically (temp + fsync + rename + dir
-///    fsync) and committed: old or new config, both boot the current default;
-/// 3. the default symlink is replaced by one rename and committed: the last
-///    change, and the only one that changes what boots.
+/// Publishes the finished version and, when asked (or when it is the
+/// first), makes it the default: the order is `lifecycle`'s.
 fn publish_version(
     plan: &Plan,
     top: &Layout,
@@ -840,68 +835,11 @@ fn publish_version(
     fs_uuid: &str,
     make_default: bool,
 ) -> Result<()> {
-    let final_dir = top.version(&plan.label);
-    std::fs::rename(dir, &final_dir)
-        .with_context(|| format!("renaming {} to {}", dir.display(), final_dir.display()))?;
-    fsutil::fsync_dir(&top.systems())?;
-    btrfs::sync_fs(&top.top)?;
     let first = std::fs::symlink_metadata(top.default_link()).is_err();
-    let default_label = if make_default || first {
-        plan.label.clone()
-    } else {
-        versions::default_label(top)?
-    };
-    ui::step("Writing the bootloader configuration");
-    if versions::write_boot_config(top, fs_uuid, &default_label)? {
-        // On Btrfs ldlinux.sys lives in the boot area; ldlinux.c32 is the file it installs.
-        if !top.extlinux_dir().join("ldlinux.c32").exists() {
-            extlinux::install(top)?;
-        }
-        btrfs::sync_fs(&top.top)?;
-    } else {
-        ui::detail("no version has a kernel: no bootloader installed");
-    }
+    lifecycle::publish(top, dir, &plan.label, fs_uuid)?;
     if make_default || first {
         ui::step(format!("Switching the default to {}", plan.label));
-        versions::switch_default(top, &plan.label)?;
-        btrfs::sync_fs(&top.top)?;
+        lifecycle::switch(top, &plan.label, fs_uuid)?;
     }
     Ok(())
-}
-
-/// Removes versions beyond `keep`, oldest first, never the default nor `previous`.
-fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result<()> {
-    let all = versions::list(top)?;
-    let default = versions::default_label(top)?;
-    let mut excess = all.len().saturating_sub(keep);
-    for v in &all {
-        if excess == 0 {
-            break;
-        }
-        if v.label == default || v.label == previous {
-            continue;
-        }
-        ui::step(format!("Removing old version {} (--keep {keep})", v.label));
-        crate::app::commands::remove_version(top, &v.label, fs_uuid)?;
-        excess -= 1;
-    }
-    Ok(())
-}
-
-/// Removes versions left half-written by an interrupted deploy.
-pub fn cleanup_partial_versions(top: &Layout) -> Result<Vec<String>> {
-    let mut removed = Vec::new();
-    for e in std::fs::read_dir(top.systems())? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.')
-            && name.ends_with(layout::PARTIAL_SUFFIX)
-            && e.file_type()?.is_dir()
-        {
-            ui::step(format!("Removing {name}, left by an interrupted deploy"));
-            btrfs::remove_version_dir(&e.path())?;
-            removed.push(name);
-        }
-    }
-    Ok(removed)
 }

@@ -8,8 +8,10 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
 
-/// The template, compiled into the binary so an installed `deploy` needs no data files.
+/// The templates, compiled into the binary so an installed `deploy` needs no
+/// data files: the menu, and each version's `default` entry.
 const TEMPLATE: &str = include_str!("../../templates/extlinux.conf.tera");
+const DEFAULT_ENTRY_TEMPLATE: &str = include_str!("../../templates/extlinux-default.conf.tera");
 
 /// Kernel arguments used when none are given: the last `console=` becomes
 /// /dev/console, so a headless box or a boot test reads the serial line.
@@ -31,21 +33,68 @@ pub struct Entry {
     pub args: String,
 }
 
-/// Renders the configuration for `entries`, whose default is `default_label`.
-pub fn render(fs_uuid: &str, entries: &[Entry], default_label: &str) -> Result<String> {
-    let default = entries
-        .iter()
-        .find(|e| e.label == default_label)
-        .with_context(|| format!("default version {default_label} has no boot entry"))?;
+/// Renders the menu for `entries`: one entry per version, and the
+/// `default` entry included from `/systems/default/default-entry.conf`.
+/// Nothing in it depends on which version is the default.
+pub fn render(fs_uuid: &str, entries: &[Entry]) -> Result<String> {
     let mut ctx = tera::Context::new();
     ctx.insert("fs_uuid", fs_uuid);
     ctx.insert("versions", entries);
-    ctx.insert("default_label", default_label);
-    ctx.insert("default_initramfs", &default.initramfs);
-    ctx.insert("default_dtb", &default.dtb);
-    ctx.insert("default_args", &default.args);
+    ctx.insert("entry_file", layout::DEFAULT_ENTRY);
     ctx.insert("timeout", &PROMPT_TIMEOUT);
     tera::Tera::one_off(TEMPLATE, &ctx, false).context("rendering templates/extlinux.conf.tera")
+}
+
+/// Renders version `v`'s `default` entry (kernel, initramfs and dtb through
+/// `systems/default`, `v`'s kernel arguments).
+pub fn render_default_entry(fs_uuid: &str, v: &Entry) -> Result<String> {
+    let mut ctx = tera::Context::new();
+    ctx.insert("fs_uuid", fs_uuid);
+    ctx.insert("v", v);
+    ctx.insert("entry_file", layout::DEFAULT_ENTRY);
+    tera::Tera::one_off(DEFAULT_ENTRY_TEMPLATE, &ctx, false)
+        .context("rendering templates/extlinux-default.conf.tera")
+}
+
+/// Writes version `v`'s `default` entry into `systems/<label>/` durably,
+/// unless it is already there with this content.
+pub fn write_default_entry(layout: &Layout, fs_uuid: &str, v: &Entry) -> Result<()> {
+    let path = layout.version(&v.label).join(layout::DEFAULT_ENTRY);
+    let content = render_default_entry(fs_uuid, v)?;
+    if std::fs::read_to_string(&path).is_ok_and(|c| c == content) {
+        return Ok(());
+    }
+    fsutil::write_atomic(&path, content.as_bytes(), 0o644)
+}
+
+/// `conf` with each `include /PATH` line replaced by the file's content read
+/// below `top` (symlinks such as `systems/default` followed, as SYSLINUX
+/// does); an unreadable include becomes a `# include ... missing` line.
+pub fn expand_includes(conf: &str, top: &Path) -> String {
+    let mut out = String::new();
+    for line in conf.lines() {
+        let t = line.trim();
+        let inc = t
+            .split_once(char::is_whitespace)
+            .filter(|(k, _)| k.eq_ignore_ascii_case("include"))
+            .map(|(_, p)| p.trim().trim_start_matches('/'));
+        match inc {
+            Some(rel) => match std::fs::read_to_string(top.join(rel)) {
+                Ok(text) => {
+                    out.push_str(&text);
+                    if !text.ends_with('\n') {
+                        out.push('\n');
+                    }
+                }
+                Err(e) => out.push_str(&format!("# include /{rel} missing ({e})\n")),
+            },
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Writes the configuration durably (temp file, fsync, rename, directory
@@ -86,24 +135,44 @@ mod tests {
     }
 
     #[test]
-    fn renders_default_and_one_entry_per_version() {
-        let conf = render("1234", &[entry("factory", true), entry("v2", false)], "v2").unwrap();
+    fn renders_one_entry_per_version_and_includes_the_default_entry() {
+        let conf = render("1234", &[entry("factory", true), entry("v2", false)]).unwrap();
         assert!(conf.starts_with("# Written by btrfs-deploy"));
         assert!(conf.contains("\nserial 0 115200\n"));
         assert!(conf.contains("\ndefault default\n"));
-        assert!(conf.contains("label default\n  # the default version (v2)"));
-        assert!(conf
-            .contains("rootflags=subvol=systems/default/run rw console=tty0 console=ttyS0,115200"));
+        assert!(conf.contains("\ninclude /systems/default/default-entry.conf\n"));
+        assert!(!conf.contains("label default"), "{conf}");
         assert!(conf.contains("label factory\n  kernel /systems/factory/kernel\n  initrd /systems/factory/initramfs\n"));
         assert!(conf.contains("label v2\n  kernel /systems/v2/kernel\n  append root=UUID=1234"));
-        assert!(conf.contains("say   v2   (default)"));
-        assert!(!conf.contains("say   factory   (default)"));
-        // The default entry of v2 has no initramfs either.
-        assert!(!conf.contains("initrd /systems/default/initramfs"));
+        assert!(conf.contains("say   v2\n"));
+        assert!(!conf.contains("(default)"));
     }
 
     #[test]
-    fn default_must_have_an_entry() {
-        assert!(render("u", &[entry("a", true)], "b").is_err());
+    fn the_default_entry_follows_its_version() {
+        let e = render_default_entry("1234", &entry("v2", false)).unwrap();
+        assert!(e.contains("label default\n  kernel /systems/default/kernel\n  append root=UUID=1234 rootfstype=btrfs rootflags=subvol=systems/default/run rw console=tty0 console=ttyS0,115200\n"), "{e}");
+        assert!(!e.contains("initrd"), "v2 has no initramfs: {e}");
+        let e = render_default_entry("1234", &entry("factory", true)).unwrap();
+        assert!(e.contains("  initrd /systems/default/initramfs\n"), "{e}");
+    }
+
+    #[test]
+    fn includes_are_expanded_through_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("systems/v2")).unwrap();
+        std::os::unix::fs::symlink("v2", d.path().join("systems/default")).unwrap();
+        std::fs::write(
+            d.path().join("systems/v2/default-entry.conf"),
+            "label default\n",
+        )
+        .unwrap();
+        let x = expand_includes(
+            "a\ninclude /systems/default/default-entry.conf\nb\n",
+            d.path(),
+        );
+        assert_eq!(x, "a\nlabel default\nb\n");
+        let x = expand_includes("INCLUDE /nope.conf\n", d.path());
+        assert!(x.starts_with("# include /nope.conf missing"), "{x}");
     }
 }

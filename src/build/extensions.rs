@@ -193,7 +193,11 @@ pub fn find(names: &[String], extra_dirs: &[PathBuf]) -> Result<Vec<Extension>> 
                 joined(&dirs)
             );
         };
-        found.push(load(name, dir)?);
+        let ext = load(name, dir)?;
+        for program in std::iter::once(&ext.configure).chain(ext.check.as_ref()) {
+            crate::util::trust::require_trusted(program, "extension")?;
+        }
+        found.push(ext);
     }
     Ok(found)
 }

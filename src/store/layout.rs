@@ -29,6 +29,9 @@ pub const INITRAMFS: &str = "initramfs";
 pub const DTB: &str = "dtb";
 /// Per-version record of what was deployed.
 pub const DEPLOYMENT_JSON: &str = "deployment.json";
+/// In `systems/<label>/`: the SYSLINUX `default` entry for when this
+/// version is the default; extlinux.conf includes it through `systems/default`.
+pub const DEFAULT_ENTRY: &str = "default-entry.conf";
 /// Suffix of a version directory that is still being written.
 pub const PARTIAL_SUFFIX: &str = ".partial";
 /// Suffix of a new image file that is still being written.

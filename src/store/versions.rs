@@ -1,11 +1,9 @@
-//! The versions on a disk: which exist, which is the default, their boot
-//! entries, and the switch of the default.
+//! The versions on a disk: which exist and which is the default. Changing
+//! them is `lifecycle`'s.
 
-use crate::boot::extlinux::{self, Entry};
 use crate::store::deployment::Deployment;
 use crate::store::layout::{self, Layout};
 use anyhow::{bail, Context, Result};
-use std::path::Path;
 
 /// One complete version on disk.
 #[derive(Debug, Clone)]
@@ -62,36 +60,4 @@ pub fn default_label(layout: &Layout) -> Result<String> {
         );
     }
     Ok(label)
-}
-
-/// Boot entries of every version that has a kernel.
-pub fn boot_entries(versions: &[Version]) -> Vec<Entry> {
-    versions
-        .iter()
-        .filter(|v| v.deployment.has_kernel)
-        .map(|v| Entry {
-            label: v.label.clone(),
-            initramfs: v.deployment.has_initramfs,
-            dtb: v.deployment.has_dtb,
-            args: v.deployment.kernel_args.clone(),
-        })
-        .collect()
-}
-
-/// Rewrites the bootloader config for the versions on disk, with
-/// `default_label` marked as the default. No-op when no version has a kernel.
-pub fn write_boot_config(layout: &Layout, fs_uuid: &str, default_label: &str) -> Result<bool> {
-    let versions = list(layout)?;
-    let entries = boot_entries(&versions);
-    if entries.is_empty() {
-        return Ok(false);
-    }
-    let conf = extlinux::render(fs_uuid, &entries, default_label)?;
-    extlinux::write_config(layout, &conf)?;
-    Ok(true)
-}
-
-/// Makes `label` the default with one atomic rename of `systems/default`.
-pub fn switch_default(layout: &Layout, label: &str) -> Result<()> {
-    crate::util::fsutil::replace_symlink(&layout.default_link(), Path::new(label))
 }

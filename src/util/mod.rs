@@ -5,5 +5,6 @@ pub(crate) mod cmd;
 pub(crate) mod fsutil;
 pub(crate) mod rootpath;
 pub(crate) mod signals;
+pub(crate) mod trust;
 pub(crate) mod ui;
 pub(crate) mod units;

@@ -1,0 +1,200 @@
+//! The life of a version on a disk — publish, switch, remove, clean up — and
+//! the one durable order every command follows (deploy, `set-default`,
+//! `remove`, `--keep`, `cleanup`). "Commit" is a Btrfs transaction commit
+//! (`BTRFS_IOC_SYNC`): everything before it is on disk before anything after.
+//!
+//! - **publish** L: the content of `systems/.L.partial` is complete (tree,
+//!   orig read-only, run, kernel files, `deployment.json`) → commit → rename
+//!   `.L.partial` to `L` → commit → the boot menu lists L and L's
+//!   `default-entry.conf` exists → commit. A power cut before the first
+//!   rename leaves a `.partial` that nothing boots; after it, a complete L.
+//! - **switch** to L: L's `default-entry.conf` present → commit → replace
+//!   the `systems/default` symlink by one rename → commit. The boot menu
+//!   reaches the default entry, its kernel, initramfs, dtb and arguments all
+//!   through `systems/default`, so that rename is the whole switch.
+//! - **remove** L (never the default): the menu without L → commit → rename
+//!   L to `.L.removing` → commit → delete its subvolumes and files → commit.
+//! - **cleanup**: delete `.L.partial` and `.L.removing` leftovers and temp
+//!   files of interrupted atomic replaces, then rewrite the menu from what is
+//!   on disk → commit.
+
+use crate::boot::extlinux;
+use crate::store::btrfs;
+use crate::store::layout::{self, Layout};
+use crate::store::versions::{self, Version};
+use crate::util::{fsutil, ui};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// Publishes the finished `partial` directory as version `label`.
+pub fn publish(top: &Layout, partial: &Path, label: &str, fs_uuid: &str) -> Result<()> {
+    btrfs::sync_fs(&top.top)?;
+    let final_dir = top.version(label);
+    std::fs::rename(partial, &final_dir)
+        .with_context(|| format!("renaming {} to {}", partial.display(), final_dir.display()))?;
+    fsutil::fsync_dir(&top.systems())?;
+    btrfs::sync_fs(&top.top)?;
+    ui::step("Writing the bootloader configuration");
+    if write_boot_menu(top, fs_uuid, None)? {
+        // On Btrfs ldlinux.sys lives in the boot area; ldlinux.c32 is the file it installs.
+        if !top.extlinux_dir().join("ldlinux.c32").exists() {
+            extlinux::install(top)?;
+        }
+        btrfs::sync_fs(&top.top)?;
+    } else {
+        ui::detail("no version has a kernel: no bootloader installed");
+    }
+    Ok(())
+}
+
+/// Makes `label` the default: one rename of `systems/default`.
+pub fn switch(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
+    let all = versions::list(top)?;
+    let Some(v) = all.iter().find(|v| v.label == label) else {
+        bail!("no complete version {label} on this disk");
+    };
+    let any_kernel = all.iter().any(|v| v.deployment.has_kernel);
+    if any_kernel && !v.deployment.has_kernel {
+        bail!(
+            "version {label} has no kernel (deployed with --no-bootloader) but the disk boots \
+             through its menu: making it the default would leave nothing to boot"
+        );
+    }
+    if v.deployment.has_kernel {
+        extlinux::write_default_entry(top, fs_uuid, &entry_of(v))?;
+        btrfs::sync_fs(&top.top)?;
+    }
+    fsutil::replace_symlink(&top.default_link(), Path::new(label))?;
+    btrfs::sync_fs(&top.top)
+}
+
+/// Removes version `label`, which must not be the default.
+pub fn remove(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
+    let default = versions::default_label(top)?;
+    if label == default {
+        bail!("{label} is the default version: make another one the default first (deploy set-default LABEL TARGET)");
+    }
+    // Out of the menu before anything it refers to goes.
+    if top.extlinux_conf().exists() {
+        write_boot_menu(top, fs_uuid, Some(label))?;
+        btrfs::sync_fs(&top.top)?;
+    }
+    let dir = top.version(label);
+    let hidden = top.systems().join(format!(".{label}{REMOVING_SUFFIX}"));
+    std::fs::rename(&dir, &hidden).with_context(|| format!("renaming {}", dir.display()))?;
+    btrfs::sync_fs(&top.top)?;
+    btrfs::remove_version_dir(&hidden)?;
+    btrfs::sync_fs(&top.top)
+}
+
+/// Removes versions beyond `keep`, oldest first, never the default nor
+/// `previous` (the default before this deploy, the rollback target).
+pub fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result<()> {
+    let all = versions::list(top)?;
+    let default = versions::default_label(top)?;
+    let mut excess = all.len().saturating_sub(keep);
+    for v in &all {
+        if excess == 0 {
+            break;
+        }
+        if v.label == default || v.label == previous {
+            continue;
+        }
+        ui::step(format!("Removing old version {} (--keep {keep})", v.label));
+        remove(top, &v.label, fs_uuid)?;
+        excess -= 1;
+    }
+    Ok(())
+}
+
+/// Suffix of a version being removed (`systems/.<label>.removing`).
+const REMOVING_SUFFIX: &str = ".removing";
+
+/// Removes versions left half-written by an interrupted deploy
+/// (`systems/.<label>.partial`). Returns their names.
+pub fn remove_partial_versions(top: &Layout) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(top.systems())? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.')
+            && name.ends_with(layout::PARTIAL_SUFFIX)
+            && e.file_type()?.is_dir()
+        {
+            ui::step(format!("Removing {name}, left by an interrupted deploy"));
+            btrfs::remove_version_dir(&e.path())?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
+/// Everything an interruption can leave: partial versions, versions being
+/// removed, temp files of atomic replaces; then the menu is rewritten from
+/// what is on disk. Returns what was removed.
+pub fn cleanup(top: &Layout, fs_uuid: &str) -> Result<Vec<String>> {
+    let mut removed = remove_partial_versions(top)?;
+    for e in std::fs::read_dir(top.systems())? {
+        let e = e?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with('.') && n.ends_with(REMOVING_SUFFIX) {
+            ui::step(format!("Removing {n}, left by an interrupted remove"));
+            btrfs::remove_version_dir(&e.path())?;
+            removed.push(n);
+        }
+    }
+    let mut temps = vec![
+        top.systems().join(".default.tmp"),
+        top.extlinux_dir().join(".extlinux.conf.tmp"),
+    ];
+    for v in versions::list(top)? {
+        temps.push(
+            top.version(&v.label)
+                .join(format!(".{}.tmp", layout::DEFAULT_ENTRY)),
+        );
+    }
+    for tmp in temps {
+        if std::fs::symlink_metadata(&tmp).is_ok() {
+            std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+            removed.push(tmp.display().to_string());
+        }
+    }
+    // A cut between publishing a version and rewriting the menu leaves the
+    // menu without it: rewrite it from the disk.
+    if top.extlinux_conf().exists() {
+        write_boot_menu(top, fs_uuid, None)?;
+    }
+    btrfs::sync_fs(&top.top)?;
+    Ok(removed)
+}
+
+fn entry_of(v: &Version) -> extlinux::Entry {
+    extlinux::Entry {
+        label: v.label.clone(),
+        initramfs: v.deployment.has_initramfs,
+        dtb: v.deployment.has_dtb,
+        args: v.deployment.kernel_args.clone(),
+    }
+}
+
+/// Rewrites the boot menu for the versions on disk (except `without`), and
+/// makes sure each has its `default-entry.conf` (disks made before those
+/// files existed get them here). Returns false when no version has a kernel
+/// (nothing is written then). Does not commit.
+pub fn write_boot_menu(top: &Layout, fs_uuid: &str, without: Option<&str>) -> Result<bool> {
+    let all = versions::list(top)?;
+    let entries: Vec<extlinux::Entry> = all
+        .iter()
+        .filter(|v| v.deployment.has_kernel && Some(v.label.as_str()) != without)
+        .map(entry_of)
+        .collect();
+    if entries.is_empty() {
+        return Ok(false);
+    }
+    for e in &entries {
+        extlinux::write_default_entry(top, fs_uuid, e)?;
+    }
+    let conf = extlinux::render(fs_uuid, &entries)?;
+    extlinux::write_config(top, &conf)?;
+    Ok(true)
+}
