@@ -1337,10 +1337,14 @@ fn check_reports_each_broken_invariant_by_name() {
             line: ("PROBLEM", "state", "/state/srv is not a subvolume"),
         },
         Broken {
-            what: "menu marks another default",
-            edit: |e| sh_in(e, "ln -sfn v2 systems/default"),
-            code: 0,
-            line: ("warning", "bootloader menu", "marks factory as the default"),
+            what: "default entry of the default version missing",
+            edit: |e| sh_in(e, "rm systems/factory/default-entry.conf"),
+            code: 1,
+            line: (
+                "PROBLEM",
+                "bootloader config",
+                "included file /systems/default/default-entry.conf missing",
+            ),
         },
     ];
     let good_print = fingerprint(&good);
