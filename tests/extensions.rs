@@ -363,23 +363,6 @@ fn users_script() {
         &[("USERS_NAME", "user"), ("USERS_PASSWORD_HASH", HASH)],
     );
     assert!(read(&t.join("etc/shadow")).contains(&format!("\nuser:{HASH}:19000:0:99999:7:::\n")));
-    // SOURCE_DATE_EPOCH, when given, is the day written for a new entry.
-    configure_ok(
-        "users",
-        &t,
-        &[("USERS_NAME", "dora"), ("SOURCE_DATE_EPOCH", "1700000000")],
-    );
-    assert!(read(&t.join("etc/shadow")).contains("\ndora:!:19675:0:99999:7:::\n"));
-    check_fails(
-        "users",
-        &[("USERS_NAME", "a"), ("SOURCE_DATE_EPOCH", "yesterday")],
-        "SOURCE_DATE_EPOCH",
-    );
-    check_fails(
-        "users",
-        &[("USERS_NAME", "a"), ("SOURCE_DATE_EPOCH", "0170")],
-        "leading zeros",
-    );
     // User names of 32 characters, as documented.
     let name32 = format!("a{}", "b".repeat(30)) + "c";
     assert_eq!(name32.len(), 32);
