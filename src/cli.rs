@@ -147,6 +147,18 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
+    /// (Internal, for the shipped extensions' checks.) Validates one IP
+    /// address, or address/prefix with --prefix, with a strict parser (no
+    /// leading zeros, no malformed `::`); exit 1 saying what is wrong.
+    #[command(hide = true)]
+    CheckIp {
+        /// Require a /prefix length after the address.
+        #[arg(long)]
+        prefix: bool,
+        /// The address.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+    },
     /// List the available configure extensions.
     Extensions {
         /// Additional folder with extensions (repeatable).

@@ -55,6 +55,10 @@ pub fn run(cli: Cli) -> Result<()> {
     } else {
         1
     });
+    if let Some(Command::CheckIp { prefix, value }) = &cli.command {
+        // No side effect of any kind: this runs at planning time.
+        return extensions::check_ip(value, *prefix);
+    }
     if nix::unistd::geteuid().is_root() {
         // Empty mount points of deploys that were killed; never a mount.
         mount::remove_stale_mount_dirs();
@@ -103,6 +107,8 @@ pub fn run(cli: Cli) -> Result<()> {
             mount::enter_private_namespace()?;
             check::run(&target, json)
         }
+        // (Returned above, before any side effect.)
+        Some(Command::CheckIp { prefix, value }) => extensions::check_ip(&value, prefix),
         Some(Command::Extensions { extensions_dir }) => {
             extensions::print_available(&extensions_dir)
         }

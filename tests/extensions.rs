@@ -29,14 +29,15 @@ fn shipped_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("extensions")
 }
 
-/// Runs a shipped extension program directly with exactly `env` (+ PATH).
+const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs a shipped extension program directly with exactly `env` (+ PATH and
+/// DEPLOY_RUN_IN_TREE, which deploy always gives; `env` may override them).
 fn run_script(program: &str, tree: Option<&Path>, env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(shipped_dir().join(program));
     c.env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", STD_PATH)
+        .env("DEPLOY_RUN_IN_TREE", env!("CARGO_BIN_EXE_deploy"))
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null());
     if let Some(t) = tree {
@@ -278,6 +279,20 @@ fn ssh_keys_script() {
         &[("SSH_AUTHORIZED_KEYS", KEY1), ("SSH_KEYS_USER", "Bad Name")],
         "not a valid user name",
     );
+    // 32 characters, as documented (and as useradd allows); 33 are too many.
+    let name32 = format!("u{}", "2".repeat(31));
+    check_ok(
+        "ssh-keys",
+        &[("SSH_AUTHORIZED_KEYS", KEY1), ("SSH_KEYS_USER", &name32)],
+    );
+    check_fails(
+        "ssh-keys",
+        &[
+            ("SSH_AUTHORIZED_KEYS", KEY1),
+            ("SSH_KEYS_USER", &format!("{name32}3")),
+        ],
+        "not a valid user name",
+    );
 }
 
 #[test]
@@ -308,8 +323,12 @@ fn users_script() {
     assert!(group.contains("wheel:x:10:alice\n"), "{group}");
     assert!(group.ends_with("alice:x:1001:\n"), "{group}");
     let shadow = read(&t.join("etc/shadow"));
-    assert!(shadow.contains(&format!("\nalice:{HASH}:")), "{shadow}");
-    assert!(shadow.ends_with(":0:99999:7:::\n"), "{shadow}");
+    // No "last changed" day for a new entry: nothing depends on the date
+    // (and not 0, which would force a password change at the first login).
+    assert!(
+        shadow.ends_with(&format!("\nalice:{HASH}::0:99999:7:::\n")),
+        "{shadow}"
+    );
     assert_eq!(owner_mode(&t.join("etc/shadow")), (0, 42, 0o100640));
     let gshadow = read(&t.join("etc/gshadow"));
     assert!(gshadow.contains("audio:*::user,alice\n") && gshadow.ends_with("alice:!::\n"));
@@ -336,7 +355,30 @@ fn users_script() {
             .count(),
         1
     );
-    assert!(read(&t.join("etc/shadow")).contains(&format!("\nbob:{HASH}:")));
+    assert!(read(&t.join("etc/shadow")).contains(&format!("\nbob:{HASH}::0:99999:7:::\n")));
+    // An entry of the rootfs gets the hash and keeps its other fields.
+    configure_ok(
+        "users",
+        &t,
+        &[("USERS_NAME", "user"), ("USERS_PASSWORD_HASH", HASH)],
+    );
+    assert!(read(&t.join("etc/shadow")).contains(&format!("\nuser:{HASH}:19000:0:99999:7:::\n")));
+    // User names of 32 characters, as documented.
+    let name32 = format!("a{}", "b".repeat(30)) + "c";
+    assert_eq!(name32.len(), 32);
+    configure_ok("users", &t, &[("USERS_NAME", &name32)]);
+    assert!(read(&t.join("etc/passwd")).contains(&format!("\n{name32}:x:")));
+    check_ok("users", &[("USERS_NAME", &format!("{}$", &name32[..31]))]);
+    check_fails(
+        "users",
+        &[("USERS_NAME", &format!("{name32}d"))],
+        "not a valid user name",
+    );
+    check_fails(
+        "users",
+        &[("USERS_NAME", &format!("{name32}$"))],
+        "not a valid user name",
+    );
     configure_fails(
         "users",
         &t,
@@ -372,6 +414,53 @@ fn users_script() {
         &[("USERS_NAME", "a"), ("USERS_SHELL", "bash")],
         "absolute path",
     );
+}
+
+/// A folder with a `date` that answers as if it were 40 days later (to put
+/// first in PATH: a deploy "on another day").
+fn another_day(dir: &Path) -> String {
+    let bin = dir.join("another-day");
+    let real = ["/usr/bin/date", "/bin/date"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap();
+    write(
+        &bin.join("date"),
+        format!(
+            "#!/bin/sh\ncase \" $* \" in\n\
+             *\" -d\"* | *\" --date\"* | *\" -r\"* | *\" --reference\"* | *\" -s\"* | *\" --set\"*) exec {real} \"$@\" ;;\n\
+             esac\nexec {real} -d \"@$(( $({real} +%s) + 40 * 86400 ))\" \"$@\"\n"
+        )
+        .as_bytes(),
+    );
+    chmod(&bin.join("date"), 0o755);
+    let path = format!("{}:{STD_PATH}", bin.display());
+    // The fake works.
+    let later: u64 = sh(&format!("PATH={path} date +%s")).trim().parse().unwrap();
+    let now: u64 = sh("date +%s").trim().parse().unwrap();
+    assert!(later >= now + 39 * 86400, "{later} {now}");
+    path
+}
+
+#[test]
+fn users_script_writes_the_same_shadow_on_any_day() {
+    let d = tempfile::tempdir().unwrap();
+    let later = another_day(d.path());
+    let mut shadows = Vec::new();
+    for (i, path) in [STD_PATH, &later].into_iter().enumerate() {
+        let t = etc_tree(&d.path().join(i.to_string()));
+        for env in [
+            vec![("USERS_NAME", "alice"), ("USERS_PASSWORD_HASH", HASH)],
+            vec![("USERS_NAME", "bob")],
+            vec![("USERS_NAME", "user"), ("USERS_PASSWORD_HASH", HASH)],
+        ] {
+            let mut env = env.clone();
+            env.push(("PATH", path));
+            configure_ok("users", &t, &env);
+        }
+        shadows.push(read(&t.join("etc/shadow")));
+    }
+    assert_eq!(shadows[0], shadows[1]);
 }
 
 #[test]
@@ -418,6 +507,92 @@ fn network_script() {
     check_fails("network", &s("static", ""), "needs NETWORK_ADDRESS");
     check_fails("network", &s("static", "10.0.0.300/24"), "NETWORK_ADDRESS");
     check_fails("network", &s("static", "10.0.0.3"), "prefix length");
+    // A real parser, not a regex: each valid value next to invalid ones
+    // that look like it.
+    for ok in [
+        "10.0.2.15/24",
+        "10.0.2.0/32",
+        "10.0.2.15/0",
+        "2001:db8::10/64",
+        "::ffff:10.0.2.15/128",
+        "1::/64",
+        "fd00::1:2:3:4:5:6/64",
+        "10.0.2.15/24 fd00::10/64",
+    ] {
+        check_ok("network", &s("static", ok));
+    }
+    for (bad, needle) in [
+        ("10.0.2.015/24", "not an IPv4 address"),
+        ("010.0.2.15/24", "not an IPv4 address"),
+        (
+            "10.0.2.15/33",
+            "prefix length must be a number from 0 to 32",
+        ),
+        ("10.0.2.15/024", "prefix length must be a number"),
+        ("10.0.2.15/", "prefix length must be a number"),
+        ("1:::2/64", "not an IPv6 address"),
+        (":1:2:3:4:5:6:7/64", "not an IPv6 address"),
+        ("1:2:3:4:5:6:7:/64", "not an IPv6 address"),
+        ("1::2::3/64", "not an IPv6 address"),
+        ("1:2:3:4:5:6:7:8:9/64", "not an IPv6 address"),
+        (
+            "fd00::1/129",
+            "prefix length must be a number from 0 to 128",
+        ),
+        ("fe80::1%eth0/64", "zone index"),
+        ("0.0.0.0/8", "unspecified"),
+        ("10.0.2.15/24 1:::2/64", "'1:::2'"),
+    ] {
+        check_fails("network", &s("static", bad), needle);
+        check_fails("network", &s("static", bad), "NETWORK_ADDRESS: ");
+    }
+    let gw = |g: &'static str| {
+        [
+            ("NETWORK_INTERFACES", "eth0"),
+            ("NETWORK_MODE", "static"),
+            ("NETWORK_ADDRESS", "10.0.2.15/24"),
+            ("NETWORK_GATEWAY", g),
+        ]
+    };
+    check_ok("network", &gw("10.0.2.2"));
+    check_ok("network", &gw("fe80::1"));
+    for bad in ["10.0.2.02", "10.0.2.2/24", "1:::2", "224.0.0.1"] {
+        check_fails("network", &gw(bad), "NETWORK_GATEWAY: ");
+    }
+    let dns = |v: &'static str| [("NETWORK_INTERFACES", "eth0"), ("NETWORK_DNS", v)];
+    check_ok("network", &dns("1.1.1.1 2606:4700::1111 ::ffff:8.8.8.8"));
+    for bad in [
+        "1.1.1.01",
+        "1.1.1.1/32",
+        ":1:2:3:4:5:6:7",
+        "2606:4700:::1111",
+        "ff02::fb",
+    ] {
+        check_fails("network", &dns(bad), "NETWORK_DNS: ");
+    }
+    // The check needs the deploy executable that parses addresses: without
+    // it, it says so (it never lets a value through unchecked).
+    check_fails(
+        "network",
+        &[
+            ("NETWORK_INTERFACES", "eth0"),
+            ("NETWORK_DNS", "1.1.1.1"),
+            ("DEPLOY_RUN_IN_TREE", ""),
+        ],
+        "DEPLOY_RUN_IN_TREE",
+    );
+    // Two interfaces (or patterns) that would share one file are refused.
+    check_fails(
+        "network",
+        &[("NETWORK_INTERFACES", "en* en?")],
+        "'en*' and 'en?' would both be written to /etc/systemd/network/10-en_.network",
+    );
+    check_fails(
+        "network",
+        &[("NETWORK_INTERFACES", "eth0 eth1 eth0")],
+        "'eth0' is listed twice",
+    );
+    check_ok("network", &[("NETWORK_INTERFACES", "en* eth0 wl?")]);
     check_fails("network", &s("dhcp", "10.0.0.3/8"), "NETWORK_MODE is dhcp");
     check_fails(
         "network",
@@ -436,6 +611,112 @@ fn network_script() {
         ],
         "exactly one interface",
     );
+}
+
+#[test]
+fn network_dns_reaches_the_resolver_the_tree_uses() {
+    let d = tempfile::tempdir().unwrap();
+    let dns = [
+        ("NETWORK_INTERFACES", "eth0"),
+        ("NETWORK_DNS", "192.0.2.53 2001:db8::53"),
+    ];
+    let header = "# Written by the btrfs-deploy network extension (NETWORK_DNS).\n";
+
+    // No systemd-resolved (a stock minimal Debian 12): /etc/resolv.conf,
+    // keeping the rootfs's other lines, replacing its nameservers.
+    let t = etc_tree(&d.path().join("plain"));
+    write(
+        &t.join("etc/resolv.conf"),
+        b"search example.org\nnameserver 10.9.9.9\noptions edns0\n",
+    );
+    chmod(&t.join("etc/resolv.conf"), 0o644);
+    let out = configure_ok("network", &t, &dns);
+    assert!(out.contains("/etc/resolv.conf"), "{out}");
+    let want = format!(
+        "{header}search example.org\noptions edns0\nnameserver 192.0.2.53\nnameserver 2001:db8::53\n"
+    );
+    assert_eq!(read(&t.join("etc/resolv.conf")), want);
+    assert_eq!(owner_mode(&t.join("etc/resolv.conf")), (0, 0, 0o100644));
+    // Idempotent.
+    configure_ok("network", &t, &dns);
+    assert_eq!(read(&t.join("etc/resolv.conf")), want);
+    // The .network file has them too (for when resolved is added later).
+    assert!(read(&t.join("etc/systemd/network/10-eth0.network"))
+        .ends_with("DNS=192.0.2.53\nDNS=2001:db8::53\n"));
+    // No resolv.conf at all: created.
+    std::fs::remove_file(t.join("etc/resolv.conf")).unwrap();
+    configure_ok("network", &t, &dns);
+    assert_eq!(
+        read(&t.join("etc/resolv.conf")),
+        format!("{header}nameserver 192.0.2.53\nnameserver 2001:db8::53\n")
+    );
+    // More than glibc's 3 servers would be silently cut: refused.
+    configure_fails(
+        "network",
+        &t,
+        &[
+            ("NETWORK_INTERFACES", "eth0"),
+            ("NETWORK_DNS", "192.0.2.1 192.0.2.2 192.0.2.3 192.0.2.4"),
+        ],
+        "3 at most",
+    );
+    // Without NETWORK_DNS, resolv.conf is left alone.
+    configure_ok("network", &t, &[("NETWORK_INTERFACES", "eth0")]);
+    assert!(read(&t.join("etc/resolv.conf")).contains("nameserver 192.0.2.53\n"));
+
+    // A link out of the tree (hostile, or a host path): never followed,
+    // replaced by a file in the tree.
+    let t = etc_tree(&d.path().join("hostile"));
+    let host = d.path().join("host-resolv.conf");
+    write(&host, b"nameserver 10.0.0.1\n");
+    symlink(&host, t.join("etc/resolv.conf")).unwrap();
+    configure_ok("network", &t, &dns);
+    assert_eq!(read(&host), "nameserver 10.0.0.1\n");
+    assert!(!std::fs::symlink_metadata(t.join("etc/resolv.conf"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(read(&t.join("etc/resolv.conf"))
+        .ends_with("nameserver 192.0.2.53\nnameserver 2001:db8::53\n"));
+    // A link to itself does not stop it either.
+    let t = etc_tree(&d.path().join("loop"));
+    symlink("/etc/resolv.conf", t.join("etc/resolv.conf")).unwrap();
+    configure_ok("network", &t, &dns);
+    assert!(read(&t.join("etc/resolv.conf")).starts_with(header));
+
+    // systemd-resolved in the tree, owning /etc/resolv.conf: DNS= is what
+    // it reads; the link stays, and more than 3 servers are fine.
+    let t = etc_tree(&d.path().join("resolved"));
+    write(&t.join("usr/lib/systemd/systemd-resolved"), b"\x7fELF");
+    symlink("usr/lib", t.join("lib")).unwrap();
+    symlink(
+        "../run/systemd/resolve/stub-resolv.conf",
+        t.join("etc/resolv.conf"),
+    )
+    .unwrap();
+    let many = [
+        ("NETWORK_INTERFACES", "eth0"),
+        ("NETWORK_DNS", "192.0.2.1 192.0.2.2 192.0.2.3 192.0.2.4"),
+    ];
+    let out = configure_ok("network", &t, &many);
+    assert!(out.contains("systemd-resolved"), "{out}");
+    assert_eq!(
+        std::fs::read_link(t.join("etc/resolv.conf")).unwrap(),
+        Path::new("../run/systemd/resolve/stub-resolv.conf")
+    );
+    assert!(read(&t.join("etc/systemd/network/10-eth0.network")).contains("DNS=192.0.2.4\n"));
+    assert!(!t.join("run").exists());
+    // The same link without systemd-resolved installed would dangle: replaced.
+    let t = etc_tree(&d.path().join("dangling"));
+    symlink(
+        "../run/systemd/resolve/stub-resolv.conf",
+        t.join("etc/resolv.conf"),
+    )
+    .unwrap();
+    let out = run_script("network.configure", Some(&t), &dns);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no systemd-resolved"));
+    assert!(read(&t.join("etc/resolv.conf")).ends_with("nameserver 2001:db8::53\n"));
 }
 
 /// A tree with unit files like a merged-/usr Debian.
@@ -715,6 +996,7 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
         "NETWORK_MODE=static".into(),
         "NETWORK_ADDRESS=10.1.2.3/24".into(),
         "NETWORK_GATEWAY=10.1.2.1".into(),
+        "NETWORK_DNS=10.1.2.53".into(),
         "SYSTEMD_ENABLE=demo".into(),
         "SYSTEMD_MASK=getty@tty1.service".into(),
         "SYSTEMD_UNITS_METHOD=links".into(),
@@ -747,7 +1029,15 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_ok(&argv);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Running extension users"), "{stderr}");
+    // Each extension is announced once, as it runs (its lines under it).
+    for e in SHIPPED {
+        let step = format!("==> Running extension {e}\n");
+        assert_eq!(stderr.matches(&step).count(), 1, "{step}{stderr}");
+    }
+    assert!(
+        stderr.contains("==> Running extension network\n    network: eth0: static"),
+        "{stderr}"
+    );
     // Secrets never reach the output either.
     assert!(!stderr.contains("hunter2-secret") && !stderr.contains(HASH));
     assert_no_leftovers(&img, false);
@@ -779,7 +1069,9 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
         .is_none());
     // network
     assert!(read(&orig.join("etc/systemd/network/10-eth0.network"))
-        .contains("Address=10.1.2.3/24\nGateway=10.1.2.1\n"));
+        .contains("Address=10.1.2.3/24\nGateway=10.1.2.1\nDNS=10.1.2.53\n"));
+    // The tiny system has no systemd-resolved: its resolver reads resolv.conf.
+    assert!(read(&orig.join("etc/resolv.conf")).ends_with("\nnameserver 10.1.2.53\n"));
     // systemd-units
     assert_eq!(
         std::fs::read_link(orig.join("etc/systemd/system/multi-user.target.wants/demo.service"))
@@ -1364,6 +1656,70 @@ fn upgrade_runs_extensions_with_upgrade_context_and_seeds_state() {
         .unwrap()
         .next()
         .is_none());
+}
+
+/// Every file under `root` (relative path, type, mode, owner, content or
+/// link target), for comparing two trees.
+fn tree_listing(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = walk(root)
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let what = if m.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else if m.is_file() {
+                String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned()
+            } else {
+                String::new()
+            };
+            format!(
+                "{} {:o} {}:{} {what}",
+                p.strip_prefix(root).unwrap().display(),
+                m.mode(),
+                m.uid(),
+                m.gid()
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn same_settings_on_another_day_give_the_same_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = tiny_copy(tmp.path(), "rootfs");
+    let img = tmp.path().join("disk.img");
+    let later = another_day(tmp.path());
+    let argv = |label: &'static str| {
+        vec![
+            "--rootfs".to_string(),
+            rootfs.to_str().unwrap().into(),
+            "--no-bootloader".into(),
+            "--version".into(),
+            label.into(),
+            "-e".into(),
+            "users".into(),
+            "--set".into(),
+            "USERS_NAME=alice".into(),
+            "--set".into(),
+            "USERS_UID=1001".into(),
+            "--set".into(),
+            format!("USERS_PASSWORD_HASH={HASH}"),
+            img.to_str().unwrap().into(),
+        ]
+    };
+    let a = argv("day1");
+    run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = argv("day41");
+    let out = deploy().env("PATH", &later).args(&a).output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    let m = Inspect::open(&img);
+    let etc1 = tree_listing(&m.path("systems/day1/orig/etc"));
+    let etc2 = tree_listing(&m.path("systems/day41/orig/etc"));
+    assert!(etc1.iter().any(|l| l.contains(&format!("alice:{HASH}:"))));
+    assert_eq!(etc1, etc2);
 }
 
 #[test]

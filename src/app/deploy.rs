@@ -673,9 +673,7 @@ fn finish_version(
     let orig = dir.join(layout::ORIG);
     signals::check()?;
     if !plan.extensions.is_empty() {
-        for e in &plan.extensions {
-            ui::step(format!("Running extension {}", e.name));
-        }
+        // (run_configure announces each extension as it starts it.)
         extensions::run_configure(&plan.extensions, &orig, &plan.ext_context)?;
         signals::check()?;
     }

@@ -392,6 +392,60 @@ pub fn run_configure(exts: &[Extension], tree: &Path, ctx: &Context) -> Result<(
     Ok(())
 }
 
+/// `deploy check-ip [--prefix] VALUE` (hidden; used by the shipped
+/// extensions' checks through `DEPLOY_RUN_IN_TREE`): accepts exactly what
+/// the kernel and systemd-networkd accept as a unicast address: IPv4 as four
+/// decimal numbers 0-255 without leading zeros (`010` would be octal to
+/// some tools and is refused by others), IPv6 in RFC 4291 text form (one
+/// `::` at most, eight groups of up to four hex digits, an IPv4 tail), no
+/// zone (`%eth0`). With `prefix`, a `/N` is required: decimal, no leading
+/// zero, at most 32 (IPv4) or 128 (IPv6). The unspecified and multicast
+/// addresses are refused (networkd gives `0.0.0.0/N` another meaning).
+pub fn check_ip(value: &str, prefix: bool) -> Result<()> {
+    use std::net::IpAddr;
+    let (addr, len) = match value.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (value, None),
+    };
+    let ip: IpAddr = match addr.parse() {
+        Ok(ip) => ip,
+        Err(_) if addr.contains('%') => {
+            bail!("'{value}': a zone index (%...) is not supported, give the address only")
+        }
+        Err(_) if addr.contains(':') => bail!(
+            "'{addr}' is not an IPv6 address (up to eight groups of 1-4 hex digits separated by ':', \
+             at most one '::' standing for missing groups)"
+        ),
+        Err(_) => bail!(
+            "'{addr}' is not an IPv4 address (four numbers 0-255 separated by '.', without leading zeros)"
+        ),
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    match (prefix, len) {
+        (true, None) => {
+            bail!("'{value}' has no prefix length (e.g. 192.168.1.10/24 or 2001:db8::10/64)")
+        }
+        (false, Some(_)) => bail!("'{value}': expected an address without a /prefix length"),
+        (true, Some(l)) => {
+            let ok = !l.is_empty()
+                && l.bytes().all(|b| b.is_ascii_digit())
+                && (l == "0" || !l.starts_with('0'))
+                && l.parse::<u32>().is_ok_and(|n| n <= max);
+            if !ok {
+                bail!("'{value}': the prefix length must be a number from 0 to {max}");
+            }
+        }
+        (false, None) => {}
+    }
+    if ip.is_unspecified() {
+        bail!("'{value}' is the unspecified address, not a host's address");
+    }
+    if ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        bail!("'{value}' is a multicast or broadcast address, not a host's address");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -680,5 +734,101 @@ mod tests {
             assert!(!e.summary.is_empty(), "{want} has no summary");
             assert!(e.check.is_some(), "{want} has no .check");
         }
+    }
+
+    #[test]
+    fn check_ip_accepts_what_networkd_accepts() {
+        for ok in [
+            "10.0.2.15",
+            "192.168.1.1",
+            "255.255.255.254",
+            "1.2.3.0",
+            "2001:db8::10",
+            "::1",
+            "1::",
+            "fe80::1",
+            "1:2:3:4:5:6:7:8",
+            "1::8",
+            "::ffff:10.0.0.1",
+            "64:ff9b::192.0.2.33",
+            "2606:4700::1111",
+            "FD00::A",
+        ] {
+            check_ip(ok, false).unwrap_or_else(|e| panic!("{ok}: {e:#}"));
+        }
+        for ok in [
+            "10.0.2.15/24",
+            "10.0.2.15/0",
+            "10.0.2.15/32",
+            "fd00::10/64",
+            "fd00::10/128",
+            "::1/0",
+        ] {
+            check_ip(ok, true).unwrap_or_else(|e| panic!("{ok}: {e:#}"));
+        }
+    }
+
+    #[test]
+    fn check_ip_refuses_near_misses() {
+        let bad = |v: &str, prefix: bool, needle: &str| {
+            let msg = format!("{:#}", check_ip(v, prefix).expect_err(v));
+            assert!(msg.contains(needle), "{v}: {msg}");
+        };
+        // IPv4: leading zeros (octal to inet_aton), ranges, shapes.
+        for v in [
+            "10.0.2.015",
+            "010.0.2.15",
+            "10.0.2.00",
+            "10.0.2.256",
+            "10.0.2",
+            "10.0.2.1.5",
+            "10.0.2.",
+            "1.2.3.-4",
+            "+1.2.3.4",
+            "0x1.2.3.4",
+            " 1.2.3.4",
+            "1.2.3.4 ",
+        ] {
+            bad(v, false, "not an IPv4 address");
+        }
+        // IPv6: compression forms and group shapes.
+        for v in [
+            "1:::2",
+            ":1:2:3:4:5:6:7",
+            "1:2:3:4:5:6:7:",
+            "1::2::3",
+            "1:2:3:4:5:6:7:8:9",
+            "1:2:3:4:5:6:7",
+            "12345::",
+            "g::1",
+            "::ffff:10.0.0.015",
+            "1:2:3:4:5:6:7:8::",
+            ":::",
+        ] {
+            bad(v, false, "not an IPv6 address");
+        }
+        bad("fe80::1%eth0", false, "zone index");
+        // Prefix lengths.
+        for v in [
+            "10.0.2.15/33",
+            "10.0.2.15/024",
+            "10.0.2.15/",
+            "10.0.2.15/-1",
+            "10.0.2.15/+8",
+            "fd00::1/129",
+            "fd00::1/6 4",
+            "10.0.2.15/24/8",
+        ] {
+            bad(v, true, "prefix length must be a number");
+        }
+        bad("10.0.2.15", true, "has no prefix length");
+        bad("10.0.2.15/24", false, "without a /prefix");
+        for v in ["0.0.0.0", "::"] {
+            bad(v, false, "unspecified");
+        }
+        for v in ["224.0.0.1", "ff02::1", "255.255.255.255"] {
+            bad(v, false, "multicast or broadcast");
+        }
+        bad("0.0.0.0/24", true, "unspecified");
     }
 }
