@@ -55,10 +55,6 @@ pub fn run(cli: Cli) -> Result<()> {
     } else {
         1
     });
-    if nix::unistd::geteuid().is_root() {
-        // Empty mount points of deploys that were killed; never a mount.
-        mount::remove_stale_mount_dirs();
-    }
     match cli.command {
         None => {
             let mut args = cli.deploy.clone();
