@@ -59,10 +59,6 @@ pub fn run(cli: Cli) -> Result<()> {
         // No side effect of any kind: this runs at planning time.
         return extensions::check_ip(value, *prefix);
     }
-    if nix::unistd::geteuid().is_root() {
-        // Empty mount points of deploys that were killed; never a mount.
-        mount::remove_stale_mount_dirs();
-    }
     match cli.command {
         None => {
             let mut args = cli.deploy.clone();

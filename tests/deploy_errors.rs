@@ -238,40 +238,52 @@ fn unknown_option_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no TARGET"));
 }
 
+/// Mount points live on a tmpfs private to the deploy's mount namespace:
+/// no other process sees them (so none can remove one and detach a live
+/// mount), and a `kill -9` leaves nothing on the host to sweep.
 #[test]
-fn mount_point_of_a_killed_deploy_is_removed_by_the_next_run() {
+fn mount_points_are_private_and_a_killed_deploy_leaves_none_on_the_host() {
     let (tmp, rootfs, img) = setup();
     sh(&format!("head -c 300M /dev/urandom > {rootfs}/usr/blob"));
     let mut child = deploy()
         .args(["-q", "--rootfs", &rootfs, &img])
         .spawn()
         .unwrap();
-    let prefix = format!("btrfs-deploy.{}.", child.id());
-    let temp = std::env::temp_dir();
-    let ours = || -> Vec<std::path::PathBuf> {
-        std::fs::read_dir(&temp)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            .map(|e| e.path())
-            .collect()
+    let pid = child.id();
+    let prefix = format!("btrfs-deploy.{pid}.");
+    let host_view = || -> Vec<String> {
+        let mut seen = Vec::new();
+        for dir in [
+            std::env::temp_dir(),
+            Path::new("/run/btrfs-deploy").to_path_buf(),
+        ] {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    seen.push(e.path().display().to_string());
+                }
+            }
+        }
+        seen.retain(|p| p.contains(&prefix));
+        seen
     };
+    // Wait until the deploy has its image mounted (seen in its own namespace).
     let started = std::time::Instant::now();
-    while ours().is_empty() {
+    loop {
+        let mi = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+        if mi.contains(&format!("/run/btrfs-deploy/{prefix}")) {
+            break;
+        }
         assert!(
             started.elapsed().as_secs() < 30,
-            "the deploy never created its mount point"
+            "the deploy never mounted under its private /run/btrfs-deploy:\n{mi}"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    assert!(host_view().is_empty(), "the host sees {:?}", host_view());
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        !ours().is_empty(),
-        "kill -9 cannot remove the mount point directory"
-    );
+    assert!(host_view().is_empty(), "kill -9 left {:?}", host_view());
     run_ok(&["cleanup", &img]);
-    assert!(ours().is_empty(), "the next run left {:?}", ours());
     assert_no_leftovers(Path::new(&img), false);
     drop(tmp);
 }

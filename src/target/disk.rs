@@ -227,8 +227,33 @@ impl Disk {
         if read_only {
             flags |= MsFlags::MS_RDONLY;
         }
-        let mount = MountGuard::mount_temp(&device, "btrfs", flags, "subvolid=5")
-            .with_context(|| format!("mounting the Btrfs on {}", target.display()))?;
+        let mount = match MountGuard::mount_temp(&device, "btrfs", flags, "subvolid=5") {
+            Ok(m) => m,
+            // After a power cut the filesystem may hold a log tree, which
+            // Btrfs will not replay on read-only media: look at it as of
+            // its last commit instead (what our write order keeps
+            // consistent), without writing to it.
+            Err(first) if read_only => {
+                let m = MountGuard::mount_temp(
+                    &device,
+                    "btrfs",
+                    flags,
+                    "subvolid=5,rescue=nologreplay",
+                )
+                .map_err(|_| first)
+                .with_context(|| format!("mounting the Btrfs on {}", target.display()))?;
+                crate::util::ui::detail(format!(
+                    "{} holds an unreplayed log (a power cut?): shown as of its last commit; \
+                     the next deploy, set-default or cleanup replays it",
+                    target.display()
+                ));
+                m
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("mounting the Btrfs on {}", target.display()))
+            }
+        };
         Ok(Disk {
             layout: Layout::new(mount.path()),
             device,

@@ -10,40 +10,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static IN_PRIVATE_NS: AtomicBool = AtomicBool::new(false);
 
-/// Temporary mount points are named `<prefix><pid>.<random>` in the temp
-/// directory, so ones left by a killed deploy can be recognised.
+/// Temporary mount points are named `<prefix><pid>.<random>`.
 const MOUNT_DIR_PREFIX: &str = "btrfs-deploy.";
 
-/// Removes the empty mount-point directories left by deploys that were
-/// killed (`kill -9` cannot run cleanup). Only directories whose owning
-/// process is gone are touched, and only with `rmdir`: a directory that is
-/// not empty is left alone. Returns how many were removed.
-pub fn remove_stale_mount_dirs() -> usize {
-    remove_stale_mount_dirs_in(&std::env::temp_dir())
-}
+/// Where the private tmpfs holding our mount points is mounted (inside our
+/// namespace only; on the host this stays an empty directory).
+const MOUNT_ROOT: &str = "/run/btrfs-deploy";
 
-fn remove_stale_mount_dirs_in(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(MOUNT_DIR_PREFIX)
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let owner_alive = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|comm| comm.trim() == "deploy" || pid == std::process::id())
-            .unwrap_or(false);
-        if !owner_alive && std::fs::remove_dir(entry.path()).is_ok() {
-            removed += 1;
-        }
-    }
-    removed
+/// The folder mount points are made in: the private tmpfs once the private
+/// namespace is entered, else the temp directory.
+static MOUNT_BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Mounts a tmpfs on [`MOUNT_ROOT`] inside our private namespace: mount
+/// points made there are invisible to every other process, so no other
+/// process can remove one (which, since Linux 3.18, would detach our mount),
+/// and they vanish with the namespace, even after `kill -9`: nothing to sweep.
+fn mount_private_base() -> Result<PathBuf> {
+    let root = Path::new(MOUNT_ROOT);
+    std::fs::create_dir_all(root).with_context(|| format!("creating {MOUNT_ROOT}"))?;
+    mount(
+        Some("btrfs-deploy"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0700,size=1m"),
+    )
+    .with_context(|| format!("mounting a private tmpfs on {MOUNT_ROOT}"))?;
+    Ok(root.to_path_buf())
 }
 
 /// Moves this process into a new mount namespace whose mounts do not
@@ -61,6 +54,8 @@ pub fn enter_private_namespace() -> Result<()> {
         None::<&str>,
     )
     .context("making / a private mount in the new namespace")?;
+    let base = mount_private_base()?;
+    let _ = MOUNT_BASE.set(base);
     IN_PRIVATE_NS.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -83,7 +78,7 @@ impl MountGuard {
     ) -> Result<MountGuard> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{MOUNT_DIR_PREFIX}{}.", std::process::id()))
-            .tempdir()
+            .tempdir_in(MOUNT_BASE.get().cloned().unwrap_or_else(std::env::temp_dir))
             .context("creating a temporary mount point")?
             .keep();
         let mut guard = MountGuard {
@@ -207,24 +202,6 @@ pub fn unescape_mount(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn removes_only_empty_dirs_of_dead_owners() {
-        let d = tempfile::tempdir().unwrap();
-        let dead = d.path().join("btrfs-deploy.4194304999.abc");
-        let dead_full = d.path().join("btrfs-deploy.4194304998.abc");
-        let mine = d
-            .path()
-            .join(format!("btrfs-deploy.{}.abc", std::process::id()));
-        let other = d.path().join("unrelated.4194304999");
-        for p in [&dead, &dead_full, &mine, &other] {
-            std::fs::create_dir(p).unwrap();
-        }
-        std::fs::write(dead_full.join("f"), b"x").unwrap();
-        assert_eq!(remove_stale_mount_dirs_in(d.path()), 1);
-        assert!(!dead.exists());
-        assert!(dead_full.exists() && mine.exists() && other.exists());
-    }
 
     #[test]
     fn unescapes_octal() {
