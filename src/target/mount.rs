@@ -27,6 +27,20 @@ static MOUNT_BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 /// and they vanish with the namespace, even after `kill -9`: nothing to sweep.
 fn mount_private_base() -> Result<PathBuf> {
     let root = Path::new(MOUNT_ROOT);
+    // A deploy started by a deploy (an extension's `run-in-tree`) inherits
+    // its parent's private tmpfs, whose mount points it needs: reuse it.
+    let inherited = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-");
+            f.get(4) == Some(&MOUNT_ROOT)
+                && sep.and_then(|i| f.get(i + 2)) == Some(&"btrfs-deploy")
+        });
+    if inherited {
+        return Ok(root.to_path_buf());
+    }
     std::fs::create_dir_all(root).with_context(|| format!("creating {MOUNT_ROOT}"))?;
     mount(
         Some("btrfs-deploy"),
