@@ -452,3 +452,62 @@ fn read_only_commands_work_on_a_disk_with_an_unreplayed_log() {
     drop(look);
     assert_no_leftovers(&cut, false);
 }
+
+/// A mounted Btrfs shows an anonymous device number in mountinfo: it must
+/// still be seen as mounted. A mounted disk is never formatted (`--wipe` or
+/// not), while adding a version to it (a device upgrading the disk it runs
+/// from) and reading it keep working. The filesystem made on a device is
+/// reported with the device's size.
+#[test]
+fn a_mounted_btrfs_device_is_never_wiped_but_can_be_upgraded() {
+    let d = tempfile::tempdir().unwrap();
+    let rootfs = small_rootfs(d.path());
+    let r = rootfs.to_str().unwrap();
+    let backing = d.path().join("disk.raw");
+    sh(&format!("truncate -s 1100M {}", backing.display()));
+    let dev = sh(&format!("losetup --find --show {}", backing.display()))
+        .trim()
+        .to_string();
+    let detach = scopeguard(dev.clone());
+    let out = run_ok(&["--rootfs", r, "--no-bootloader", &dev]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Creating a 1.1 GiB Btrfs"), "{err}");
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    sh(&format!(
+        "mount -o subvol=systems/factory/run {dev} {}",
+        mnt.display()
+    ));
+    let before = fingerprint(&backing);
+    run_fails(
+        &["--wipe", "--rootfs", r, "--no-bootloader", &dev],
+        1,
+        &["is mounted", "never formatted"],
+    );
+    assert_eq!(fingerprint(&backing), before, "a refused --wipe wrote");
+    // On the device: list and a new version work while it is mounted.
+    let out = run_ok(&["list", &dev]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("factory"));
+    run_ok(&["--version", "v2", "--rootfs", r, "--no-bootloader", &dev]);
+    let out = deploy().args(["check", &dev]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("skipped") && text.contains("is mounted"),
+        "{text}"
+    );
+    sh(&format!("umount {}", mnt.display()));
+    drop(detach);
+}
+
+/// Detaches a loop device when dropped.
+struct LoopDetach(String);
+impl Drop for LoopDetach {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+fn scopeguard(dev: String) -> LoopDetach {
+    LoopDetach(dev)
+}

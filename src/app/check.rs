@@ -195,7 +195,17 @@ pub fn check(target: &Path) -> Result<Report> {
             ));
         }
     }
-    findings.push(btrfs_check(target));
+    if disk::is_mounted(target)? {
+        findings.push(Finding::warning(
+            "btrfs check",
+            format!(
+                "skipped: {} is mounted, and `btrfs check` must not run on a mounted filesystem",
+                target.display()
+            ),
+        ));
+    } else {
+        findings.push(btrfs_check(target));
+    }
     Ok(Report::new(target, findings))
 }
 

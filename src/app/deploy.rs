@@ -163,6 +163,17 @@ pub fn plan(
                 ),
             }
         }
+        TargetKind::BlockDevice if disk::is_mounted(&target)? => {
+            if args.wipe || btrfs::probe_fs_type(&target)?.as_deref() != Some("btrfs") {
+                bail!(
+                    "{} is mounted (or one of its partitions is): unmount it first; a mounted \
+                     disk is never formatted, --wipe or not",
+                    target.display()
+                );
+            }
+            // On a device: a new version next to the running one.
+            false
+        }
         TargetKind::BlockDevice => match btrfs::probe_fs_type(&target)? {
             None => true,
             Some(_) if args.wipe => true,
@@ -392,9 +403,15 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
             (path.clone(), lock, Some((path, file)))
         }
     };
+    // On a block device the filesystem fills the device, whatever the
+    // default image size would have been: say what is really made.
+    let made = match plan.kind {
+        TargetKind::BlockDevice => disk::block_device_size(&plan.target)?,
+        _ => new.size,
+    };
     ui::step(format!(
         "Creating a {} Btrfs for {} (version {})",
-        units::format_size(new.size),
+        units::format_size(made),
         plan.target.display(),
         plan.label
     ));

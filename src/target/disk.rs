@@ -106,48 +106,58 @@ pub fn lock_existing(target: &Path) -> Result<TargetLock> {
     TargetLock::acquire(file, target)
 }
 
-/// Fails when `target` is in use: a mounted block device (or one of its
-/// partitions), or an image file already attached to a loop device.
+/// Fails when `target` is an image file already attached to a loop device.
+/// A block device may be mounted (on a device, the disk it runs from is):
+/// callers that must not work on a mounted disk ask [`is_mounted`].
 pub fn ensure_not_in_use(target: &Path, kind: TargetKind) -> Result<()> {
+    if kind == TargetKind::File {
+        if let Some(loopdev) = attached_loop_settled(target)? {
+            bail!(
+                "{} is in use: it is attached to {loopdev} (detach it with `losetup -d {loopdev}` if nothing uses it)",
+                target.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Size in bytes of block device `dev` (BLKGETSIZE64).
+pub fn block_device_size(dev: &Path) -> Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    let f = std::fs::File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    let mut size = 0u64;
+    // SAFETY: the ioctl writes one u64 into `size`.
+    unsafe { blkgetsize64(f.as_raw_fd(), &mut size) }
+        .with_context(|| format!("reading the size of {}", dev.display()))?;
+    Ok(size)
+}
+
+/// True when block device `target`, or one of its partitions, is mounted
+/// (seen by the device number or by the mount source, as Btrfs mounts show
+/// an anonymous device number).
+pub fn is_mounted(target: &Path) -> Result<bool> {
     let meta =
         std::fs::metadata(target).with_context(|| format!("reading {}", target.display()))?;
-    match kind {
-        TargetKind::BlockDevice => {
-            let rdev = meta.rdev();
-            let (maj, min) = (libc::major(rdev), libc::minor(rdev));
-            let name = sys_block_name(maj, min);
-            let mut devs = vec![format!("{maj}:{min}")];
-            if let Some(name) = &name {
-                // Partitions of the device.
-                if let Ok(rd) = std::fs::read_dir(format!("/sys/class/block/{name}")) {
-                    for e in rd.flatten() {
-                        if let Ok(dev) = std::fs::read_to_string(e.path().join("dev")) {
-                            if e.path().join("partition").exists() {
-                                devs.push(dev.trim().to_string());
-                            }
-                        }
+    if !meta.file_type().is_block_device() {
+        return Ok(false);
+    }
+    let rdev = meta.rdev();
+    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+    let mut devs = vec![format!("{maj}:{min}")];
+    if let Some(name) = sys_block_name(maj, min) {
+        if let Ok(rd) = std::fs::read_dir(format!("/sys/class/block/{name}")) {
+            for e in rd.flatten() {
+                if let Ok(dev) = std::fs::read_to_string(e.path().join("dev")) {
+                    if e.path().join("partition").exists() {
+                        devs.push(dev.trim().to_string());
                     }
                 }
             }
-            let mounted = crate::target::mount::mounted_devices();
-            if devs.iter().any(|d| mounted.contains(d)) {
-                bail!(
-                    "{} is mounted (or one of its partitions is): unmount it before deploying to it",
-                    target.display()
-                );
-            }
         }
-        TargetKind::File => {
-            if let Some(loopdev) = attached_loop_settled(target)? {
-                bail!(
-                    "{} is in use: it is attached to {loopdev} (detach it with `losetup -d {loopdev}` if nothing uses it)",
-                    target.display()
-                );
-            }
-        }
-        TargetKind::Missing => {}
     }
-    Ok(())
+    let mounted = crate::target::mount::mounted_devices();
+    Ok(devs.iter().any(|d| mounted.contains(d)))
 }
 
 fn sys_block_name(maj: u32, min: u32) -> Option<String> {

@@ -27,6 +27,20 @@ static MOUNT_BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 /// and they vanish with the namespace, even after `kill -9`: nothing to sweep.
 fn mount_private_base() -> Result<PathBuf> {
     let root = Path::new(MOUNT_ROOT);
+    // A deploy started by a deploy (an extension's `run-in-tree`) inherits
+    // its parent's private tmpfs, whose mount points it needs: reuse it.
+    let inherited = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-");
+            f.get(4) == Some(&MOUNT_ROOT)
+                && sep.and_then(|i| f.get(i + 2)) == Some(&"btrfs-deploy")
+        });
+    if inherited {
+        return Ok(root.to_path_buf());
+    }
     std::fs::create_dir_all(root).with_context(|| format!("creating {MOUNT_ROOT}"))?;
     mount(
         Some("btrfs-deploy"),
@@ -168,12 +182,36 @@ impl Drop for MountGuard {
 /// Devices (`major:minor`) mounted anywhere on the host, from the initial
 /// namespace's view (`/proc/1/mountinfo`), falling back to ours.
 pub fn mounted_devices() -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string("/proc/1/mountinfo")
         .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
         .unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(2).map(str::to_string))
-        .collect()
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let fields: Vec<&str> = l.split(' ').collect();
+        if let Some(dev) = fields.get(2) {
+            out.push(dev.to_string());
+        }
+        // Btrfs shows an anonymous device number (0:N) in the third field:
+        // the mount source names the real block device.
+        let source = fields
+            .iter()
+            .position(|f| *f == "-")
+            .and_then(|i| fields.get(i + 2));
+        if let Some(source) = source.filter(|s| s.starts_with("/dev/")) {
+            if let Ok(m) = std::fs::metadata(unescape_mount(source)) {
+                if m.file_type().is_block_device() {
+                    out.push(format!(
+                        "{}:{}",
+                        libc::major(m.rdev()),
+                        libc::minor(m.rdev())
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Decodes the octal escapes of /proc mount tables.
