@@ -41,6 +41,12 @@ use cli::{Cli, Command};
 use target::mount;
 use util::{signals, ui};
 
+/// An error message as the user should see it: paths below the tool's
+/// private mount points named as the user knows them.
+pub fn user_message(msg: &str) -> String {
+    target::mount::user_paths(msg)
+}
+
 /// A mistake in how the command was called (exit status 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -20,7 +20,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            let msg = btrfs_deploy::user_message(&format!("{e:#}"));
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
             if e.downcast_ref::<btrfs_deploy::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

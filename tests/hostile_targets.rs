@@ -511,3 +511,38 @@ impl Drop for LoopDetach {
 fn scopeguard(dev: String) -> LoopDetach {
     LoopDetach(dev)
 }
+
+#[test]
+fn errors_name_paths_as_the_user_knows_them() {
+    let d = tempfile::tempdir().unwrap();
+    let rootfs = small_rootfs(d.path());
+    let img = d.path().join("x.img");
+    run_ok(&[
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--no-bootloader",
+        img.to_str().unwrap(),
+    ]);
+    // An etc/fstab that is a directory cannot be completed.
+    let bad = d.path().join("bad");
+    sh(&format!("cp -a {} {}", rootfs.display(), bad.display()));
+    std::fs::remove_file(bad.join("etc/fstab")).unwrap();
+    std::fs::create_dir(bad.join("etc/fstab")).unwrap();
+    let err = run_fails(
+        &[
+            "--version",
+            "v2",
+            "--rootfs",
+            bad.to_str().unwrap(),
+            "--no-bootloader",
+            img.to_str().unwrap(),
+        ],
+        1,
+        &["etc/fstab of version v2"],
+    );
+    assert!(
+        !err.contains("/run/btrfs-deploy") && !err.contains(".partial"),
+        "{err}"
+    );
+    assert_no_leftovers(&img, false);
+}

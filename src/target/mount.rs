@@ -35,8 +35,7 @@ fn mount_private_base() -> Result<PathBuf> {
         .any(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let sep = f.iter().position(|x| *x == "-");
-            f.get(4) == Some(&MOUNT_ROOT)
-                && sep.and_then(|i| f.get(i + 2)) == Some(&"btrfs-deploy")
+            f.get(4) == Some(&MOUNT_ROOT) && sep.and_then(|i| f.get(i + 2)) == Some(&"btrfs-deploy")
         });
     if inherited {
         return Ok(root.to_path_buf());
@@ -214,6 +213,41 @@ pub fn mounted_devices() -> Vec<String> {
     out
 }
 
+/// `msg` with the paths below our private mount points rewritten as the
+/// user knows them: `etc/fstab of version v2` rather than
+/// `/run/btrfs-deploy/btrfs-deploy.123.xyz/systems/.v2.partial/orig/etc/fstab`.
+pub fn user_paths(msg: &str) -> String {
+    static RES: std::sync::OnceLock<[(regex::Regex, &str); 3]> = std::sync::OnceLock::new();
+    let res = RES.get_or_init(|| {
+        let base = regex::escape(MOUNT_ROOT) + r"/" + &regex::escape(MOUNT_DIR_PREFIX) + r"[0-9]+\.[A-Za-z0-9_]+";
+        [
+            (
+                regex::Regex::new(&format!(
+                    r"{base}/systems/\.?([A-Za-z0-9][A-Za-z0-9._-]*?)(?:\.partial)?/(?:orig|run)/([^\s:,;]+)"
+                ))
+                .expect("valid regex"),
+                "$2 of version $1",
+            ),
+            (
+                regex::Regex::new(&format!(
+                    r"{base}/systems/\.?([A-Za-z0-9][A-Za-z0-9._-]*?)(?:\.partial)?(?:/(?:orig|run))?/?([\s:,;]|$)"
+                ))
+                .expect("valid regex"),
+                "version $1$2",
+            ),
+            (
+                regex::Regex::new(&format!(r"{base}/?")).expect("valid regex"),
+                "(the disk) /",
+            ),
+        ]
+    });
+    let mut s = msg.to_string();
+    for (re, rep) in res.iter() {
+        s = re.replace_all(&s, *rep).into_owned();
+    }
+    s
+}
+
 /// Decodes the octal escapes of /proc mount tables.
 pub fn unescape_mount(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -240,6 +274,30 @@ pub fn unescape_mount(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_paths_become_what_the_user_knows() {
+        let b = "/run/btrfs-deploy/btrfs-deploy.123.aBc9";
+        assert_eq!(
+            user_paths(&format!(
+                "writing {b}/systems/.v2.partial/orig/etc/fstab: denied"
+            )),
+            "writing etc/fstab of version v2: denied"
+        );
+        assert_eq!(
+            user_paths(&format!("reading {b}/systems/factory/run/etc/passwd")),
+            "reading etc/passwd of version factory"
+        );
+        assert_eq!(
+            user_paths(&format!("removing {b}/systems/.v1.2.partial")),
+            "removing version v1.2"
+        );
+        assert_eq!(
+            user_paths(&format!("creating {b}/state/home")),
+            "creating (the disk) /state/home"
+        );
+        assert_eq!(user_paths("plain /tmp/x"), "plain /tmp/x");
+    }
 
     #[test]
     fn unescapes_octal() {
