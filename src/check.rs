@@ -119,11 +119,12 @@ impl Report {
     }
 }
 
-/// Checks `target` and prints a report; an error (exit 1) when anything is wrong.
+/// Checks `target` and prints a report; a [`crate::Verdict`] (exit 3) when
+/// anything is wrong, an error (exit 1) when the check could not run.
 pub fn run(target: &Path, json: bool) -> Result<()> {
     let report = check(target)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::json::print(&report)?;
     } else {
         print!("{}", report.to_text());
     }
@@ -134,18 +135,22 @@ pub fn run(target: &Path, json: bool) -> Result<()> {
             .filter(|f| f.status == Status::Problem)
             .map(|f| f.name.clone())
             .collect();
-        bail!(
-            "{} has {} problem{} ({}){}",
-            target.display(),
-            report.problems,
-            if report.problems == 1 { "" } else { "s" },
-            first.join(", "),
-            if report.warnings > 0 {
-                format!(" and {} warning(s)", report.warnings)
-            } else {
-                String::new()
-            }
-        );
+        return Err(crate::Verdict {
+            code: crate::EXIT_CHECK_PROBLEMS,
+            message: format!(
+                "{} has {} problem{} ({}){}",
+                target.display(),
+                report.problems,
+                if report.problems == 1 { "" } else { "s" },
+                first.join(", "),
+                if report.warnings > 0 {
+                    format!(" and {} warning(s)", report.warnings)
+                } else {
+                    String::new()
+                }
+            ),
+        }
+        .into());
     }
     if report.warnings > 0 {
         eprintln!(

@@ -1,6 +1,7 @@
 //! btrfs-deploy: write a Linux root filesystem onto a disk with a versioned
 //! Btrfs layout, add versions, switch and roll back atomically, boot-test.
 
+pub(crate) mod about;
 pub mod bootloader;
 pub mod boottest;
 pub mod btrfs;
@@ -17,7 +18,9 @@ pub mod etcmerge;
 pub mod extensions;
 pub mod fstab;
 pub mod fsutil;
+pub(crate) mod generate;
 pub mod intree;
+pub mod json;
 pub mod kernel;
 pub mod layout;
 pub mod lock;
@@ -26,6 +29,7 @@ pub mod mount;
 pub mod rootpath;
 pub mod signals;
 pub mod state;
+pub mod summary;
 pub mod tarball;
 pub mod ui;
 pub mod units;
@@ -38,6 +42,24 @@ use cli::{Cli, Command};
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
+
+/// Exit status of `deploy check` when the disk has problems.
+pub const EXIT_CHECK_PROBLEMS: u8 = 3;
+/// Exit status of `deploy boot-test` when the guest did not reach the
+/// expected text (timeout, panic, bootloader error, `--fail-on`, power-off).
+pub const EXIT_BOOT_TEST_FAILED: u8 = 4;
+
+/// A command that ran to its end with a negative answer (check found
+/// problems, the boot-test guest failed): its own exit status, distinct
+/// from errors (1) and usage errors (2).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Verdict {
+    /// Exit status: [`EXIT_CHECK_PROBLEMS`] or [`EXIT_BOOT_TEST_FAILED`].
+    pub code: u8,
+    /// What was found.
+    pub message: String,
+}
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -54,6 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         None => {
+            let started = std::time::Instant::now();
             let mut args = cli.deploy.clone();
             let size_from_cli = args.size.is_some();
             let cfg = config::load(args.config.as_deref())?;
@@ -64,7 +87,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let plan = deploy::plan(&args, settings, size_from_cli)?;
             mount::enter_private_namespace()?;
             signals::install()?;
-            deploy::execute(&plan)
+            let outcome = deploy::execute(&plan)?;
+            if args.json {
+                json::print(&summary::Summary::new(&plan, &outcome, started.elapsed()))?;
+            }
+            Ok(())
         }
         Some(Command::List {
             target,
@@ -96,8 +123,22 @@ pub fn run(cli: Cli) -> Result<()> {
             mount::enter_private_namespace()?;
             check::run(&target, json)
         }
-        Some(Command::Extensions { extensions_dir }) => {
-            extensions::print_available(&extensions_dir)
+        Some(Command::Extensions {
+            extensions_dir,
+            json,
+        }) => extensions::print_available(&extensions_dir, json),
+        Some(Command::Version { json }) => about::print(json),
+        Some(Command::GenerateMan { dir }) => {
+            for f in generate::man_pages(&dir)? {
+                ui::detail(f.display().to_string());
+            }
+            Ok(())
+        }
+        Some(Command::GenerateCompletions { dir }) => {
+            for f in generate::completions(&dir)? {
+                ui::detail(f.display().to_string());
+            }
+            Ok(())
         }
         Some(Command::RunInTree { tree, cmd }) => {
             mount::enter_private_namespace()?;

@@ -20,7 +20,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<btrfs_deploy::UsageError>().is_some() {
+            if let Some(v) = e.downcast_ref::<btrfs_deploy::Verdict>() {
+                ExitCode::from(v.code)
+            } else if e.downcast_ref::<btrfs_deploy::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)

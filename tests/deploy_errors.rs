@@ -81,8 +81,9 @@ fn invalid_labels_are_usage_errors() {
 fn bad_sizes() {
     let (_tmp, rootfs, img) = setup();
     for bad in ["0", "-1G", "1Q", "abc"] {
+        // `=` passes a value that starts with "-".
         run_fails(
-            &["--size", bad, "--rootfs", &rootfs, &img],
+            &[&format!("--size={bad}"), "--rootfs", &rootfs, &img],
             2,
             &["invalid --size"],
         );
