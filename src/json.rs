@@ -41,16 +41,31 @@ mod tests {
     struct Body {
         name: &'static str,
         n: u32,
+        // Sorts before "format": must still come after it.
+        alpha: bool,
     }
 
     #[test]
     fn format_comes_first_and_fields_follow() {
-        let text = to_string(&Body { name: "x", n: 3 }).unwrap();
+        let text = to_string(&Body {
+            name: "x",
+            n: 3,
+            alpha: true,
+        })
+        .unwrap();
         assert!(
             text.trim_start().starts_with("{\n  \"format\": 1,"),
             "{text}"
         );
+        let keys: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix('"')?.split('"').next())
+            .collect();
+        assert_eq!(keys, ["format", "name", "n", "alpha"], "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v, serde_json::json!({"format": 1, "name": "x", "n": 3}));
+        assert_eq!(
+            v,
+            serde_json::json!({"format": 1, "name": "x", "n": 3, "alpha": true})
+        );
     }
 }
