@@ -27,10 +27,17 @@ pub fn to_string<T: Serialize>(body: &T) -> Result<String> {
     })?)
 }
 
-/// Prints `body` with the format field on stdout.
+/// Prints `body` with the format field on stdout. A closed pipe (`| head`)
+/// is not an error.
 pub fn print<T: Serialize>(body: &T) -> Result<()> {
-    println!("{}", to_string(body)?);
-    Ok(())
+    use std::io::Write;
+    let text = to_string(body)?;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
