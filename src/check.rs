@@ -932,7 +932,14 @@ mod tests {
         assert!(t.contains("ok      a: fine\n"), "{t}");
         assert!(t.contains("warning leftovers: x\n"), "{t}");
         assert!(t.contains("PROBLEM default: dangling\n"), "{t}");
-        let j = serde_json::to_value(&r).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&crate::json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(j["format"], 1);
+        assert_eq!(
+            (j["ok"].clone(), j["problems"].clone()),
+            (false.into(), 1.into())
+        );
+        assert_eq!(j["target"], "d.img");
         assert_eq!(j["findings"][2]["status"], "problem");
     }
 }

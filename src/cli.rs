@@ -231,3 +231,87 @@ pub struct BootTestArgs {
     #[arg(long, value_name = "REGEX")]
     pub fail_on: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("deploy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn an_option_is_never_taken_as_a_value() {
+        for (args, name) in [
+            (&["--version", "--rootfs", "r", "x.img"][..], "--version"),
+            (&["--size", "--rootfs", "r", "x.img"], "--size"),
+            (&["--kernel-args", "--wipe", "x.img"], "--kernel-args"),
+            (
+                &["--rootfs", "r", "--version", "-e", "x", "x.img"],
+                "--version",
+            ),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidValue, "{args:?}: {e}");
+            assert_eq!(e.exit_code(), 2);
+            let text = e.to_string();
+            assert!(
+                text.contains("a value is required") && text.contains(name),
+                "{args:?}: {text}"
+            );
+        }
+        // A value that starts with "-" is given with "=".
+        let cli = parse(&["--kernel-args=-s quiet", "--size=-1G", "x.img"]).unwrap();
+        assert_eq!(cli.deploy.kernel_args.as_deref(), Some("-s quiet"));
+        assert_eq!(cli.deploy.size.as_deref(), Some("-1G"));
+    }
+
+    #[test]
+    fn a_target_named_like_a_subcommand_follows_double_dash() {
+        let cli = parse(&["--", "list"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.deploy.target, Some(PathBuf::from("list")));
+        let cli = parse(&["list", "d.img"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::List { .. })));
+    }
+
+    #[test]
+    fn dash_v_is_the_tool_version_and_long_version_the_label() {
+        let e = parse(&["-V"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DisplayVersion);
+        assert_eq!(
+            e.to_string(),
+            format!("deploy {}\n", env!("CARGO_PKG_VERSION"))
+        );
+        let cli = parse(&["--version", "v2", "d.img"]).unwrap();
+        assert_eq!(cli.deploy.label.as_deref(), Some("v2"));
+        let cli = parse(&["version", "--json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Version { json: true })));
+    }
+
+    #[test]
+    fn json_flags() {
+        assert!(
+            parse(&["--json", "--rootfs", "r", "d.img"])
+                .unwrap()
+                .deploy
+                .json
+        );
+        for sub in ["list", "check"] {
+            let cli = parse(&[sub, "d.img", "--json"]).unwrap();
+            assert!(
+                matches!(
+                    cli.command,
+                    Some(Command::List { json: true, .. } | Command::Check { json: true, .. })
+                ),
+                "{sub}"
+            );
+        }
+        let cli = parse(&["extensions", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Extensions { json: true, .. })
+        ));
+    }
+}

@@ -89,7 +89,11 @@ pub fn run(cli: Cli) -> Result<()> {
             signals::install()?;
             let outcome = deploy::execute(&plan)?;
             if args.json {
-                json::print(&summary::Summary::new(&plan, &outcome, started.elapsed()))?;
+                json::print(&summary::Summary::new(
+                    &plan.target,
+                    &outcome,
+                    started.elapsed(),
+                ))?;
             }
             Ok(())
         }

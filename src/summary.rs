@@ -1,6 +1,6 @@
 //! `deploy --json`: the summary of a finished deploy (docs/json.md).
 
-use crate::deploy::{Outcome, Plan};
+use crate::deploy::Outcome;
 use serde::Serialize;
 
 /// Data and entries written into the new version.
@@ -44,8 +44,12 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The summary of `outcome`, a run of `plan` that took `elapsed`.
-    pub fn new(plan: &Plan, outcome: &Outcome, elapsed: std::time::Duration) -> Summary {
+    /// The summary of `outcome`, a deploy to `target` that took `elapsed`.
+    pub fn new(
+        target: &std::path::Path,
+        outcome: &Outcome,
+        elapsed: std::time::Duration,
+    ) -> Summary {
         let rec = &outcome.record;
         let (kind, stats) = match rec.details.get("sync") {
             Some(s) => ("upgrade", s.clone()),
@@ -64,8 +68,8 @@ impl Summary {
             }
         };
         Summary {
-            label: plan.label.clone(),
-            target: plan.target.display().to_string(),
+            label: rec.label.clone(),
+            target: target.display().to_string(),
             kind,
             default: outcome.is_default,
             upgraded_from: rec.upgraded_from.clone(),
@@ -83,5 +87,75 @@ impl Summary {
             removed: outcome.removed.clone(),
             duration_secs: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deployment::Deployment;
+    use serde_json::json;
+
+    fn plan_summary(record: Deployment, removed: Vec<String>) -> serde_json::Value {
+        let outcome = Outcome {
+            record,
+            is_default: true,
+            removed,
+        };
+        let s = Summary::new(
+            std::path::Path::new("disk.img"),
+            &outcome,
+            std::time::Duration::from_millis(1500),
+        );
+        serde_json::from_str(&crate::json::to_string(&s).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn upgrade_summary_shape() {
+        let mut rec = Deployment {
+            label: "v2".into(),
+            upgraded_from: Some("factory".into()),
+            kernel_version: Some("6.1".into()),
+            extensions: vec!["hostname".into()],
+            ..Default::default()
+        };
+        rec.details.insert(
+            "sync".into(),
+            json!({"unchanged": 10, "written": 2, "metadata_only": 1, "deleted": 0, "bytes_written": 4096}),
+        );
+        rec.details.insert(
+            "etc_merge".into(),
+            json!({"carried": [], "merged": [], "conflicts": [
+                {"path": "a.conf", "reason": "r", "local_copy": "a.conf.deploy-local"}]}),
+        );
+        let v = plan_summary(rec, vec!["old".into()]);
+        assert_eq!(
+            v,
+            json!({
+                "format": 1, "label": "v2", "target": "disk.img", "kind": "upgrade",
+                "default": true, "upgraded_from": "factory", "kernel_version": "6.1",
+                "extensions": ["hostname"], "written": {"bytes": 4096, "files": 2},
+                "stats": {"unchanged": 10, "written": 2, "metadata_only": 1, "deleted": 0, "bytes_written": 4096},
+                "conflicts": [{"path": "a.conf", "reason": "r", "local_copy": "a.conf.deploy-local"}],
+                "removed": ["old"], "duration_secs": 1.5
+            })
+        );
+    }
+
+    #[test]
+    fn new_summary_counts_the_copy() {
+        let mut rec = Deployment {
+            label: "v2".into(),
+            ..Default::default()
+        };
+        rec.details.insert(
+            "copy".into(),
+            json!({"files": 7, "dirs": 3, "symlinks": 1, "specials": 0, "hardlinks": 0, "bytes": 1234}),
+        );
+        let v = plan_summary(rec, vec![]);
+        assert_eq!(v["kind"], "new");
+        assert_eq!(v["written"], json!({"bytes": 1234, "files": 7}));
+        assert_eq!(v["upgraded_from"], serde_json::Value::Null);
+        assert_eq!(v["conflicts"], json!([]));
     }
 }
