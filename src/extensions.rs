@@ -190,9 +190,17 @@ pub fn read_summary(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The folders as a list for messages; a folder that does not exist (the
+/// shipped one of an incomplete install) is marked "(missing)".
 fn joined(dirs: &[PathBuf]) -> String {
     dirs.iter()
-        .map(|d| d.display().to_string())
+        .map(|d| {
+            if d.is_dir() {
+                d.display().to_string()
+            } else {
+                format!("{} (missing)", d.display())
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
