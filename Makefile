@@ -4,20 +4,89 @@ export PATH := $(HOME)/.cargo/bin:$(PATH):/usr/sbin:/sbin
 DEPLOY = target/release/deploy
 DEMO_IMG = $(CACHE)/demo.img
 
-.PHONY: all build deps fixture demo test lint unit-test bench stress clean
+# Where `make install` puts things (DESTDIR is prepended to each).
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+DATADIR ?= $(PREFIX)/share
+MANDIR ?= $(DATADIR)/man
+DOCDIR ?= $(DATADIR)/doc/btrfs-deploy
+# The binary finds its extensions at <bindir>/../share/btrfs-deploy/extensions.
+EXTDIR = $(BINDIR)/../share/btrfs-deploy/extensions
+BASHCOMPDIR ?= $(DATADIR)/bash-completion/completions
+ZSHCOMPDIR ?= $(DATADIR)/zsh/site-functions
+FISHCOMPDIR ?= $(DATADIR)/fish/vendor_completions.d
+DEB_ROOT = target/deb-root
+
+.PHONY: all build deps fixture demo test lint unit-test bench stress clean \
+	install install-built uninstall deb deb-chroot deb-test
 
 all: build
 
 deps:
-	@scripts/install-deps.sh
+	@scripts/install-deps.sh build
 
-fixture: deps
+fixture:
 	@scripts/build-tiny-system.sh $(CACHE)
 
 build: deps
 	cargo build --release
 
+# Build, then install the binary, the shipped extensions, man pages for
+# deploy and every subcommand, bash/zsh/fish completions and the docs.
+install: build
+	@$(MAKE) --no-print-directory install-built
+
+# Install $(DEPLOY) as it is (no build step; the install test uses this).
+install-built:
+	install -D -m 755 $(DEPLOY) $(DESTDIR)$(BINDIR)/deploy
+	install -d $(DESTDIR)$(EXTDIR)
+	for f in extensions/*; do \
+	  if [ -x "$$f" ]; then m=755; else m=644; fi; \
+	  install -m $$m "$$f" $(DESTDIR)$(EXTDIR)/; \
+	done
+	$(DEPLOY) generate-man $(DESTDIR)$(MANDIR)/man1
+	chmod 644 $(DESTDIR)$(MANDIR)/man1/deploy*.1
+	t=$$(mktemp -d) && $(DEPLOY) generate-completions $$t && \
+	  install -D -m 644 $$t/deploy.bash $(DESTDIR)$(BASHCOMPDIR)/deploy && \
+	  install -D -m 644 $$t/_deploy $(DESTDIR)$(ZSHCOMPDIR)/_deploy && \
+	  install -D -m 644 $$t/deploy.fish $(DESTDIR)$(FISHCOMPDIR)/deploy.fish; \
+	  r=$$?; rm -rf $$t; exit $$r
+	install -D -m 644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -d $(DESTDIR)$(DOCDIR)/docs
+	install -m 644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/deploy
+	rm -rf $(DESTDIR)$(EXTDIR) $(DESTDIR)$(DOCDIR)
+	-rmdir $(DESTDIR)$(BINDIR)/../share/btrfs-deploy 2>/dev/null
+	rm -f $(DESTDIR)$(MANDIR)/man1/deploy.1 $(DESTDIR)$(MANDIR)/man1/deploy-*.1
+	rm -f $(DESTDIR)$(BASHCOMPDIR)/deploy $(DESTDIR)$(ZSHCOMPDIR)/_deploy \
+	  $(DESTDIR)$(FISHCOMPDIR)/deploy.fish
+
+# The Debian package (cargo-deb), from the files `make install` lays out
+# under /usr, into target/debian/.
+deb: build
+	@scripts/install-deps.sh deb
+	rm -rf $(DEB_ROOT)
+	@$(MAKE) --no-print-directory install-built DESTDIR=$(CURDIR)/$(DEB_ROOT) PREFIX=/usr \
+	  ZSHCOMPDIR=/usr/share/zsh/vendor-completions
+	gzip -9n $(DEB_ROOT)/usr/share/man/man1/*.1
+	rm -f target/debian/btrfs-deploy_*.deb
+	cargo deb --no-build
+
+# A clean Debian 12 chroot (debootstrap), kept in $(CACHE)/debian12.
+deb-chroot:
+	@scripts/install-deps.sh deb
+	@scripts/build-deb-chroot.sh $(CACHE)
+
+# Installs the package into a copy of that chroot and deploys from inside it.
+deb-test: deb deb-chroot fixture
+	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs DEPLOY_DEB_CHROOT=$(CACHE)/debian12 \
+	  cargo test --release --test package -- --test-threads=1
+
 demo: build fixture
+	@scripts/install-deps.sh demo
 	@rm -f $(DEMO_IMG)
 	$(DEPLOY) --version factory --rootfs $(CACHE)/tiny/rootfs $(DEMO_IMG)
 	$(DEPLOY) list $(DEMO_IMG)
@@ -25,18 +94,22 @@ demo: build fixture
 	@echo "--- what the booted system reported (/ and the /state mounts):"
 	@grep -E "^TINY(-MOUNT)?: " $(CACHE)/demo-console.log | tr -d '\r'
 
-lint:
+lint: deps
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
-test: deps fixture lint
-	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs cargo test --release -- --test-threads=2
+test: fixture lint deb deb-chroot
+	@scripts/install-deps.sh test
+	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs DEPLOY_DEB_CHROOT=$(CACHE)/debian12 \
+	  cargo test --release -- --test-threads=2
 
 bench: build fixture
+	@scripts/install-deps.sh demo
 	scripts/bench.sh $(CACHE)
 
 # The interruption sweep of tests/reliability.rs with many more kill points.
-stress: deps fixture
+stress: fixture
+	@scripts/install-deps.sh test
 	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs scripts/stress.sh
 
 clean:

@@ -1,9 +1,32 @@
 #!/usr/bin/env bash
-# Installs what btrfs-deploy needs on a Debian 12 host: build tools for the
-# crate, the tools it runs, and QEMU for boot tests. Quick when all is there.
+# install-deps.sh [build|demo|test|deb|all]
+#
+# Installs, on a Debian 12 host, what one make target needs, without
+# recommended packages (--no-install-recommends), and nothing when all is
+# there already:
+#   build  the crate's build dependencies (and checks for cargo)
+#   demo   build + what `deploy` runs: btrfs-progs, extlinux, QEMU
+#   deb    dpkg-dev (dpkg-shlibdeps), debootstrap, cargo-deb
+#   test   demo + deb + the tools the integration tests use
+#   all    everything above (the default)
+# (`make fixture`: scripts/build-tiny-system.sh installs its own.)
 set -euo pipefail
-pkgs=(btrfs-progs extlinux syslinux-common qemu-system-x86 libbtrfsutil-dev libclang-dev
-      pkg-config cpio zstd xz-utils kmod acl attr rsync util-linux gcc make strace e2fsprogs)
+what=${1:-all}
+build=(libbtrfsutil-dev libclang-dev pkg-config gcc make)
+run=(btrfs-progs mount util-linux extlinux syslinux-common kmod)
+qemu=(qemu-system-x86)
+deb=(dpkg-dev debootstrap)
+tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils)
+case $what in
+  build) pkgs=("${build[@]}") ;;
+  demo) pkgs=("${build[@]}" "${run[@]}" "${qemu[@]}") ;;
+  deb) pkgs=("${build[@]}" "${deb[@]}") ;;
+  test | all) pkgs=("${build[@]}" "${run[@]}" "${qemu[@]}" "${deb[@]}" "${tests[@]}") ;;
+  *)
+    echo "install-deps: unknown target '$what': use build, demo, deb, test or all" >&2
+    exit 2
+    ;;
+esac
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,11 +38,28 @@ if ((${#missing[@]})); then
   fi
   echo "install-deps: installing ${missing[*]}"
   apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
-  echo "install-deps: cargo not found: install Rust (https://rustup.rs) or apt-get install cargo" >&2
-  exit 1
+cargo=cargo
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    cargo=$HOME/.cargo/bin/cargo
+  else
+    echo "install-deps: cargo not found: install Rust (https://rustup.rs) or apt-get install cargo" >&2
+    exit 1
+  fi
 fi
-modprobe loop 2>/dev/null || true
-modprobe btrfs 2>/dev/null || true
+case $what in
+  deb | test | all)
+    if ! "$cargo" deb --version >/dev/null 2>&1; then
+      echo "install-deps: installing cargo-deb (cargo install, a few minutes)"
+      "$cargo" install --locked cargo-deb --version '^3'
+    fi
+    ;;
+esac
+case $what in
+  demo | test | all)
+    modprobe loop 2>/dev/null || true
+    modprobe btrfs 2>/dev/null || true
+    ;;
+esac

@@ -1,7 +1,7 @@
 //! Command-line types (clap). Parsing only: validation happens when the
 //! arguments are resolved into a plan.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 /// Deploy a Linux root filesystem onto a disk image or block device with a
@@ -10,6 +10,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(
     name = "deploy",
+    version,
     disable_version_flag = true,
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  \
@@ -17,13 +18,20 @@ use std::path::PathBuf;
       deploy --version v2 --rootfs ./rootfs-v2 disk.img add v2 beside it and make it default\n  \
       deploy list disk.img                              show the versions\n  \
       deploy set-default factory disk.img               roll back\n  \
-      deploy boot-test disk.img                         boot it in QEMU and check it comes up"
+      deploy boot-test disk.img                         boot it in QEMU and check it comes up\n\n\
+      A value that starts with \"-\" is given with \"=\" (--kernel-args=-s). A target named like a\n\
+      subcommand follows \"--\": deploy --rootfs ./rootfs -- list\n\n\
+      Exit status: 0 success, 1 error, 2 usage error, 3 check found problems, 4 boot-test guest\n\
+      did not reach the expected text."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub deploy: DeployArgs,
+    /// Print the tool's version (--version is the label of a deploy).
+    #[arg(short = 'V', action = ArgAction::Version)]
+    pub tool_version: (),
     /// Print debug output (commands run, decisions taken).
     #[arg(long, short = 'v', global = true)]
     pub verbose: bool,
@@ -37,7 +45,7 @@ pub struct Cli {
 pub struct DeployArgs {
     /// Label of the version to write: [A-Za-z0-9][A-Za-z0-9._-]{0,63}, not "default".
     /// Defaults to "factory" on a new target; required when adding a version.
-    #[arg(long = "version", value_name = "LABEL", allow_hyphen_values = true)]
+    #[arg(long = "version", value_name = "LABEL")]
     pub label: Option<String>,
     /// Root filesystem to deploy: a directory, or a tar archive (.tar, .tar.gz,
     /// .tgz, .tar.zst, .tar.xz) streamed straight onto the disk.
@@ -45,7 +53,7 @@ pub struct DeployArgs {
     pub rootfs: Option<PathBuf>,
     /// Size of a new image: bytes or with a suffix (512M, 4G, 4GiB). Default:
     /// room for the rootfs, one upgrade and metadata.
-    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    #[arg(long, value_name = "SIZE")]
     pub size: Option<String>,
     /// Deployment config file (TOML). Default: ./deploy.toml when present.
     #[arg(long, value_name = "FILE")]
@@ -55,7 +63,7 @@ pub struct DeployArgs {
     pub set: Vec<String>,
     /// Kernel arguments after root=..., replacing the default
     /// "console=tty0 console=ttyS0,115200".
-    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    #[arg(long, value_name = "ARGS")]
     pub kernel_args: Option<String>,
     /// Kernel image to boot (host path), instead of the one found in the rootfs.
     #[arg(long, value_name = "PATH")]
@@ -88,6 +96,9 @@ pub struct DeployArgs {
     /// Additional folder with extensions (repeatable).
     #[arg(long, value_name = "DIR")]
     pub extensions_dir: Vec<PathBuf>,
+    /// Print a JSON summary of the deploy on stdout (docs/json.md).
+    #[arg(long)]
+    pub json: bool,
     /// Disk image file or block device to deploy to.
     #[arg(value_name = "TARGET")]
     pub target: Option<PathBuf>,
@@ -125,7 +136,7 @@ pub enum Command {
     /// Boot a disk in QEMU and check that the expected text appears on its
     /// serial console.
     BootTest(BootTestArgs),
-    /// Verify a disk's layout invariants and report every problem (exit 1 on any).
+    /// Verify a disk's layout invariants and report every problem (exit 3 on any).
     Check {
         /// Disk image or block device.
         target: PathBuf,
@@ -164,6 +175,28 @@ pub enum Command {
         /// Additional folder with extensions (repeatable).
         #[arg(long, value_name = "DIR")]
         extensions_dir: Vec<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the tool's version (--json: with the build details).
+    Version {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the man pages of deploy and every subcommand into DIR (used by
+    /// `make install`).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Output folder (created if missing).
+        dir: PathBuf,
+    },
+    /// Write bash, zsh and fish completions into DIR (used by `make install`).
+    #[command(hide = true)]
+    GenerateCompletions {
+        /// Output folder (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -209,4 +242,88 @@ pub struct BootTestArgs {
     /// (repeatable; kernel panics and bootloader errors always fail it).
     #[arg(long, value_name = "REGEX")]
     pub fail_on: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("deploy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn an_option_is_never_taken_as_a_value() {
+        for (args, name) in [
+            (&["--version", "--rootfs", "r", "x.img"][..], "--version"),
+            (&["--size", "--rootfs", "r", "x.img"], "--size"),
+            (&["--kernel-args", "--wipe", "x.img"], "--kernel-args"),
+            (
+                &["--rootfs", "r", "--version", "-e", "x", "x.img"],
+                "--version",
+            ),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidValue, "{args:?}: {e}");
+            assert_eq!(e.exit_code(), 2);
+            let text = e.to_string();
+            assert!(
+                text.contains("a value is required") && text.contains(name),
+                "{args:?}: {text}"
+            );
+        }
+        // A value that starts with "-" is given with "=".
+        let cli = parse(&["--kernel-args=-s quiet", "--size=-1G", "x.img"]).unwrap();
+        assert_eq!(cli.deploy.kernel_args.as_deref(), Some("-s quiet"));
+        assert_eq!(cli.deploy.size.as_deref(), Some("-1G"));
+    }
+
+    #[test]
+    fn a_target_named_like_a_subcommand_follows_double_dash() {
+        let cli = parse(&["--", "list"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.deploy.target, Some(PathBuf::from("list")));
+        let cli = parse(&["list", "d.img"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::List { .. })));
+    }
+
+    #[test]
+    fn dash_v_is_the_tool_version_and_long_version_the_label() {
+        let e = parse(&["-V"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DisplayVersion);
+        assert_eq!(
+            e.to_string(),
+            format!("deploy {}\n", env!("CARGO_PKG_VERSION"))
+        );
+        let cli = parse(&["--version", "v2", "d.img"]).unwrap();
+        assert_eq!(cli.deploy.label.as_deref(), Some("v2"));
+        let cli = parse(&["version", "--json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Version { json: true })));
+    }
+
+    #[test]
+    fn json_flags() {
+        assert!(
+            parse(&["--json", "--rootfs", "r", "d.img"])
+                .unwrap()
+                .deploy
+                .json
+        );
+        for sub in ["list", "check"] {
+            let cli = parse(&[sub, "d.img", "--json"]).unwrap();
+            assert!(
+                matches!(
+                    cli.command,
+                    Some(Command::List { json: true, .. } | Command::Check { json: true, .. })
+                ),
+                "{sub}"
+            );
+        }
+        let cli = parse(&["extensions", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Extensions { json: true, .. })
+        ));
+    }
 }

@@ -35,10 +35,11 @@ pub(crate) mod target;
 pub(crate) mod util;
 
 use anyhow::Result;
-use app::{check, commands, deploy};
+use app::{about, check, commands, deploy, generate, summary};
 use build::{extensions, intree};
 use cli::{Cli, Command};
 use target::mount;
+use util::json;
 use util::{signals, ui};
 
 /// An error message as the user should see it: paths below the tool's
@@ -51,6 +52,24 @@ pub fn user_message(msg: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
+
+/// Exit status of `deploy check` when the disk has problems.
+pub const EXIT_CHECK_PROBLEMS: u8 = 3;
+/// Exit status of `deploy boot-test` when the guest did not reach the
+/// expected text (timeout, panic, bootloader error, `--fail-on`, power-off).
+pub const EXIT_BOOT_TEST_FAILED: u8 = 4;
+
+/// A command that ran to its end with a negative answer (check found
+/// problems, the boot-test guest failed): its own exit status, distinct
+/// from errors (1) and usage errors (2).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Verdict {
+    /// Exit status: [`EXIT_CHECK_PROBLEMS`] or [`EXIT_BOOT_TEST_FAILED`].
+    pub code: u8,
+    /// What was found.
+    pub message: String,
+}
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -67,6 +86,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         None => {
+            let started = std::time::Instant::now();
             let mut args = cli.deploy.clone();
             let size_from_cli = args.size.is_some();
             let cfg = config::load(args.config.as_deref())?;
@@ -77,7 +97,15 @@ pub fn run(cli: Cli) -> Result<()> {
             let plan = deploy::plan(&args, settings, size_from_cli)?;
             mount::enter_private_namespace()?;
             signals::install()?;
-            deploy::execute(&plan)
+            let outcome = deploy::execute(&plan)?;
+            if args.json {
+                json::print(&summary::Summary::new(
+                    &plan.target,
+                    &outcome,
+                    started.elapsed(),
+                ))?;
+            }
+            Ok(())
         }
         Some(Command::List {
             target,
@@ -109,10 +137,23 @@ pub fn run(cli: Cli) -> Result<()> {
             mount::enter_private_namespace()?;
             check::run(&target, json)
         }
-        // (Returned above, before any side effect.)
         Some(Command::CheckIp { prefix, value }) => extensions::check_ip(&value, prefix),
-        Some(Command::Extensions { extensions_dir }) => {
-            extensions::print_available(&extensions_dir)
+        Some(Command::Extensions {
+            extensions_dir,
+            json,
+        }) => extensions::print_available(&extensions_dir, json),
+        Some(Command::Version { json }) => about::print(json),
+        Some(Command::GenerateMan { dir }) => {
+            for f in generate::man_pages(&dir)? {
+                ui::detail(f.display().to_string());
+            }
+            Ok(())
+        }
+        Some(Command::GenerateCompletions { dir }) => {
+            for f in generate::completions(&dir)? {
+                ui::detail(f.display().to_string());
+            }
+            Ok(())
         }
         Some(Command::RunInTree { tree, cmd }) => {
             mount::enter_private_namespace()?;

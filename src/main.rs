@@ -22,7 +22,9 @@ fn main() -> ExitCode {
             use std::io::Write as _;
             let msg = btrfs_deploy::user_message(&format!("{e:#}"));
             let _ = writeln!(std::io::stderr(), "error: {msg}");
-            if e.downcast_ref::<btrfs_deploy::UsageError>().is_some() {
+            if let Some(v) = e.downcast_ref::<btrfs_deploy::Verdict>() {
+                ExitCode::from(v.code)
+            } else if e.downcast_ref::<btrfs_deploy::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)

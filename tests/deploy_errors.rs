@@ -68,21 +68,30 @@ fn invalid_labels_are_usage_errors() {
         "-x",
         &"x".repeat(65),
     ] {
+        // `=`: the value reaches the label check even when it starts with "-".
         run_fails(
-            &["--version", bad, "--rootfs", &rootfs, &img],
+            &[&format!("--version={bad}"), "--rootfs", &rootfs, &img],
             2,
             &["invalid --version"],
         );
         assert_untouched(&img);
     }
+    // Without `=`, a value that starts with "-" is refused by the parser.
+    run_fails(
+        &["--version", "-x", "--rootfs", &rootfs, &img],
+        2,
+        &["unexpected argument '-x'"],
+    );
+    assert_untouched(&img);
 }
 
 #[test]
 fn bad_sizes() {
     let (_tmp, rootfs, img) = setup();
     for bad in ["0", "-1G", "1Q", "abc"] {
+        // `=` passes a value that starts with "-".
         run_fails(
-            &["--size", bad, "--rootfs", &rootfs, &img],
+            &[&format!("--size={bad}"), "--rootfs", &rootfs, &img],
             2,
             &["invalid --size"],
         );

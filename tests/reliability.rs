@@ -1200,7 +1200,7 @@ fn check_passes_on_a_good_disk_and_changes_nothing() {
 struct Broken {
     what: &'static str,
     edit: fn(&Edit),
-    /// Exit code of `deploy check`.
+    /// Exit code of `deploy check` (3: problems found).
     code: i32,
     /// The output line: status, then the check's name and the needle.
     line: (&'static str, &'static str, &'static str),
@@ -1228,19 +1228,19 @@ fn check_reports_each_broken_invariant_by_name() {
         Broken {
             what: "dangling default",
             edit: |e| sh_in(e, "ln -sfn nope systems/default"),
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "default", "systems/default -> nope is dangling"),
         },
         Broken {
             what: "absolute default",
             edit: |e| sh_in(e, "ln -sfn /systems/factory systems/default"),
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "default", "must be a relative link"),
         },
         Broken {
             what: "missing kernel",
             edit: |e| sh_in(e, "rm systems/factory/kernel"),
-            code: 1,
+            code: 3,
             line: (
                 "PROBLEM",
                 "version factory: boot files",
@@ -1250,7 +1250,7 @@ fn check_reports_each_broken_invariant_by_name() {
         Broken {
             what: "missing initramfs",
             edit: |e| sh_in(e, "rm systems/v2/initramfs"),
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "version v2: boot files", "initramfs is missing"),
         },
         Broken {
@@ -1273,19 +1273,19 @@ fn check_reports_each_broken_invariant_by_name() {
                     "sed -i '\\| /home btrfs|d' systems/factory/run/etc/fstab",
                 )
             },
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "version factory: fstab", "no entry mounts /home"),
         },
         Broken {
             what: "fstab missing /",
             edit: |e| sh_in(e, "sed -i '\\| / btrfs|d' systems/v2/run/etc/fstab"),
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "version v2: fstab", "no entry mounts /"),
         },
         Broken {
             what: "conf missing an entry",
             edit: |e| sh_in(e, "sed -i '/^label v2$/,/append/d' extlinux/extlinux.conf"),
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "bootloader config", "no `label v2` entry"),
         },
         Broken {
@@ -1296,13 +1296,13 @@ fn check_reports_each_broken_invariant_by_name() {
                     "sed -i 's/root=UUID=[0-9a-f-]*/root=UUID=0000/' extlinux/extlinux.conf",
                 )
             },
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "bootloader config", "lacks root=UUID="),
         },
         Broken {
             what: "orig made writable",
             edit: |e| sh_in(e, "btrfs property set -ts systems/factory/orig ro false"),
-            code: 1,
+            code: 3,
             line: (
                 "PROBLEM",
                 "version factory: orig",
@@ -1312,7 +1312,7 @@ fn check_reports_each_broken_invariant_by_name() {
         Broken {
             what: "run made read-only",
             edit: |e| sh_in(e, "btrfs property set -ts systems/v2/run ro true"),
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "version v2: run", "is read-only"),
         },
         Broken {
@@ -1323,7 +1323,7 @@ fn check_reports_each_broken_invariant_by_name() {
                     "sed -i 's/\"label\": \"v2\"/\"label\": \"v3\"/' systems/v2/deployment.json",
                 )
             },
-            code: 1,
+            code: 3,
             line: (
                 "PROBLEM",
                 "version v2: deployment.json",
@@ -1333,7 +1333,7 @@ fn check_reports_each_broken_invariant_by_name() {
         Broken {
             what: "state subvolume missing",
             edit: |e| sh_in(e, "btrfs subvolume delete -c state/srv >/dev/null"),
-            code: 1,
+            code: 3,
             line: ("PROBLEM", "state", "/state/srv is not a subvolume"),
         },
         Broken {
@@ -1374,7 +1374,7 @@ fn check_reports_each_broken_invariant_by_name() {
                 b.code
             ));
         }
-        if b.code == 1 && !stderr.contains("problem") {
+        if b.code == 3 && !stderr.contains("problem") {
             failures.push(format!("{}: no summary error: {stderr}", b.what));
         }
         if fingerprint(&img) != before {
@@ -1440,7 +1440,7 @@ fn check_reports_a_damaged_filesystem() {
     let out = deploy().arg("check").arg(&img).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
     assert!(stdout.contains("PROBLEM mount: "), "{stdout}");
     assert!(
         stdout.contains("PROBLEM btrfs check: `btrfs check --readonly")

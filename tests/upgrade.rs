@@ -123,6 +123,7 @@ fn upgrade_syncs_delta_shares_extents_and_merges_etc() {
     // factory's 100 kB tool was replaced by a 1 MiB one and a 2 MiB file was added.
     let rows: serde_json::Value =
         serde_json::from_slice(&run_ok(&["list", &d.img, "--json", "--sizes"]).stdout).unwrap();
+    let rows = &rows["versions"];
     let (f, v) = (
         rows[0]["size_bytes"].as_u64().unwrap(),
         rows[1]["size_bytes"].as_u64().unwrap(),
@@ -223,6 +224,8 @@ fn list_set_default_remove_keep_and_no_default() {
 
     let out = run_ok(&["list", &d.img, "--json"]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows["format"], 1);
+    let rows = &rows["versions"];
     let labels: Vec<&str> = rows
         .as_array()
         .unwrap()
@@ -285,6 +288,7 @@ fn list_set_default_remove_keep_and_no_default() {
     run_ok(&["--version", "v4", "--keep", "2", "--rootfs", v2s, &d.img]);
     let rows: serde_json::Value =
         serde_json::from_slice(&run_ok(&["list", &d.img, "--json"]).stdout).unwrap();
+    let rows = &rows["versions"];
     let labels: Vec<&str> = rows
         .as_array()
         .unwrap()

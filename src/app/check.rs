@@ -123,13 +123,17 @@ impl Report {
     }
 }
 
-/// Checks `target` and prints a report; an error (exit 1) when anything is wrong.
+/// Checks `target` and prints a report; a [`crate::Verdict`] (exit 3) when
+/// anything is wrong, an error (exit 1) when the check could not run.
 pub fn run(target: &Path, json: bool) -> Result<()> {
     let report = check(target)?;
     if json {
-        outln!("{}", serde_json::to_string_pretty(&report)?);
+        crate::util::json::print(&report)?;
     } else {
-        print!("{}", report.to_text());
+        {
+            use std::io::Write as _;
+            let _ = write!(std::io::stdout().lock(), "{}", report.to_text());
+        }
     }
     if !report.ok {
         let first: Vec<String> = report
@@ -138,18 +142,22 @@ pub fn run(target: &Path, json: bool) -> Result<()> {
             .filter(|f| f.status == Status::Problem)
             .map(|f| f.name.clone())
             .collect();
-        bail!(
-            "{} has {} problem{} ({}){}",
-            target.display(),
-            report.problems,
-            if report.problems == 1 { "" } else { "s" },
-            first.join(", "),
-            if report.warnings > 0 {
-                format!(" and {} warning(s)", report.warnings)
-            } else {
-                String::new()
-            }
-        );
+        return Err(crate::Verdict {
+            code: crate::EXIT_CHECK_PROBLEMS,
+            message: format!(
+                "{} has {} problem{} ({}){}",
+                target.display(),
+                report.problems,
+                if report.problems == 1 { "" } else { "s" },
+                first.join(", "),
+                if report.warnings > 0 {
+                    format!(" and {} warning(s)", report.warnings)
+                } else {
+                    String::new()
+                }
+            ),
+        }
+        .into());
     }
     if report.warnings > 0 {
         errln!(
@@ -915,7 +923,14 @@ mod tests {
         assert!(t.contains("ok      a: fine\n"), "{t}");
         assert!(t.contains("warning leftovers: x\n"), "{t}");
         assert!(t.contains("PROBLEM default: dangling\n"), "{t}");
-        let j = serde_json::to_value(&r).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&crate::util::json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(j["format"], 1);
+        assert_eq!(
+            (j["ok"].clone(), j["problems"].clone()),
+            (false.into(), 1.into())
+        );
+        assert_eq!(j["target"], "d.img");
         assert_eq!(j["findings"][2]["status"], "problem");
     }
 }

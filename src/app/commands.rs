@@ -50,6 +50,15 @@ pub struct ListEntry {
     pub size_bytes: Option<u64>,
 }
 
+/// What `deploy list --json` prints (with `"format"`).
+#[derive(Debug, Serialize)]
+pub struct ListReport {
+    /// The target as given.
+    pub target: String,
+    /// The versions, oldest first.
+    pub versions: Vec<ListEntry>,
+}
+
 /// `deploy list`.
 pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
     let rows = with_disk(target, true, |disk| {
@@ -82,7 +91,10 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
             .collect::<Result<Vec<_>>>()
     })?;
     if json {
-        outln!("{}", serde_json::to_string_pretty(&rows)?);
+        crate::util::json::print(&ListReport {
+            target: target.display().to_string(),
+            versions: rows,
+        })?;
     } else {
         let size_head = if sizes {
             format!("{:<12}", "SIZE")
@@ -268,12 +280,16 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
             errln!("{l}");
         }
         errln!("---");
-        bail!(
-            "boot-test of {} failed after {:.1} s: {}",
-            args.target.display(),
-            outcome.elapsed.as_secs_f64(),
-            outcome.reason
-        )
+        Err(crate::Verdict {
+            code: crate::EXIT_BOOT_TEST_FAILED,
+            message: format!(
+                "boot-test of {} failed after {:.1} s: {}",
+                args.target.display(),
+                outcome.elapsed.as_secs_f64(),
+                outcome.reason
+            ),
+        }
+        .into())
     }
 }
 

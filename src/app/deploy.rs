@@ -380,8 +380,19 @@ fn check_free_space(target: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// What a finished deploy did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The new version's record, as saved in its `deployment.json`.
+    pub record: Deployment,
+    /// Whether the new version is now the default.
+    pub is_default: bool,
+    /// Versions removed by `--keep`.
+    pub removed: Vec<String>,
+}
+
 /// Runs a planned deploy.
-pub fn execute(plan: &Plan) -> Result<()> {
+pub fn execute(plan: &Plan) -> Result<Outcome> {
     match &plan.new_disk {
         Some(new) => deploy_new(plan, new),
         None => deploy_upgrade(plan),
@@ -390,7 +401,7 @@ pub fn execute(plan: &Plan) -> Result<()> {
 
 /// First deploy: everything is built on `<target>.partial` (or on the block
 /// device) and the image appears at the target only once complete.
-fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
+fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
     let (work_path, lock, partial) = match plan.kind {
         TargetKind::BlockDevice => (
             plan.target.clone(),
@@ -415,21 +426,22 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
         plan.target.display(),
         plan.label
     ));
-    let result = (|| -> Result<()> {
+    let result = (|| -> Result<Deployment> {
         btrfs::mkfs(&work_path, &new.fs_uuid, FS_LABEL)?;
         let kind = if plan.kind == TargetKind::BlockDevice {
             TargetKind::BlockDevice
         } else {
             TargetKind::File
         };
-        Disk::open(&work_path, kind, false)?
+        let record = Disk::open(&work_path, kind, false)?
             .run(|disk| build_first_version(plan, &disk.layout, &new.fs_uuid))?;
         // Until the image is renamed into place, an interruption discards it.
-        signals::check()
+        signals::check()?;
+        Ok(record)
     })();
-    let result = result.and_then(|()| match &partial {
-        Some((path, file)) => move_image_into_place(path, file, &plan.target),
-        None => Ok(()),
+    let result = result.and_then(|record| match &partial {
+        Some((path, file)) => move_image_into_place(path, file, &plan.target).map(|()| record),
+        None => Ok(record),
     });
     if result.is_err() {
         if let Some((path, file)) = &partial {
@@ -437,13 +449,17 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
         }
     }
     drop(lock);
-    result?;
+    let record = result?;
     ui::step(format!(
         "Deployed {} to {}",
         plan.label,
         plan.target.display()
     ));
-    Ok(())
+    Ok(Outcome {
+        record,
+        is_default: true,
+        removed: Vec::new(),
+    })
 }
 
 /// Makes the finished image durable, then renames it onto the target —
@@ -485,7 +501,7 @@ fn fill_tree(plan: &Plan, dst: &Path, progress: Arc<copy::Progress>) -> Result<c
     }
 }
 
-fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
+fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<Deployment> {
     std::fs::create_dir_all(top.systems())?;
     std::fs::create_dir_all(top.state())?;
     let dir = top.partial_version(&plan.label);
@@ -519,12 +535,13 @@ fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
     );
     record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
     signals::check()?;
-    publish_version(plan, top, &dir, fs_uuid, true)
+    publish_version(plan, top, &dir, fs_uuid, true)?;
+    Ok(record)
 }
 
 /// Adds a version next to the existing ones (design §3). The target is
 /// first inspected read-only, so a refused upgrade leaves it byte-identical.
-fn deploy_upgrade(plan: &Plan) -> Result<()> {
+fn deploy_upgrade(plan: &Plan) -> Result<Outcome> {
     let kind = plan.kind;
     let _lock = disk::lock_existing(&plan.target)?;
     Disk::open(&plan.target, kind, true)?.run(|check| check_upgrade_target(plan, &check.layout))?;
@@ -559,7 +576,7 @@ fn check_upgrade_target(plan: &Plan, top: &Layout) -> Result<()> {
     Ok(())
 }
 
-fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
+fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
     let top = &disk.layout;
     check_upgrade_target(plan, top)?;
     lifecycle::remove_partial_versions(top)?;
@@ -569,7 +586,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
     let old = versions::default_label(top)?;
     let old_dir = top.version(&old);
     let dir = top.partial_version(&plan.label);
-    let result = (|| -> Result<()> {
+    let result = (|| -> Result<Deployment> {
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let orig = dir.join(layout::ORIG);
         btrfs::snapshot(&old_dir.join(layout::ORIG), &orig, false)?;
@@ -649,22 +666,31 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
             .insert("etc_merge".into(), serde_json::to_value(&report)?);
         record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
         // Last point where an interruption still discards the new version.
-        signals::check()
+        signals::check()?;
+        Ok(record)
     })();
-    if let Err(e) = result {
-        ui::step(format!("Removing the partial version {}", plan.label));
-        if let Err(ce) =
-            btrfs::remove_version_dir(&dir).and_then(|()| btrfs::wait_for_deletions(&top.top))
-        {
-            tracing::warn!("removing partial version {}: {ce:#}", dir.display());
+    let record = match result {
+        Ok(record) => record,
+        Err(e) => {
+            ui::step(format!("Removing the partial version {}", plan.label));
+            if let Err(ce) =
+                btrfs::remove_version_dir(&dir).and_then(|()| btrfs::wait_for_deletions(&top.top))
+            {
+                tracing::warn!("removing partial version {}: {ce:#}", dir.display());
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     publish_version(plan, top, &dir, &fs_uuid, !plan.no_default)?;
-    if let Some(keep) = plan.keep {
-        lifecycle::prune(top, keep, &old, &fs_uuid)?;
-    }
-    Ok(())
+    let removed = match plan.keep {
+        Some(keep) => lifecycle::prune(top, keep, &old, &fs_uuid)?,
+        None => Vec::new(),
+    };
+    Ok(Outcome {
+        record,
+        is_default: !plan.no_default,
+        removed,
+    })
 }
 
 /// State dirs that have a `/state` subvolume (the others are mounted from

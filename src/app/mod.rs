@@ -1,5 +1,8 @@
 //! One module per command: the deploy flow, the version commands, `check`.
 
+pub(crate) mod about;
 pub(crate) mod check;
 pub(crate) mod commands;
 pub(crate) mod deploy;
+pub(crate) mod generate;
+pub(crate) mod summary;

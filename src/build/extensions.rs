@@ -62,20 +62,52 @@ pub struct Context {
     pub settings: BTreeMap<String, String>,
 }
 
-/// The project's extensions folder: the installed copy
-/// (`<exe dir>/../share/btrfs-deploy/extensions`) when it exists, else the
-/// source tree's `extensions/`.
+/// The folder of the shipped extensions. An installed `deploy` (in
+/// `<prefix>/bin`) uses `<prefix>/share/btrfs-deploy/extensions`
+/// ([`INSTALLED_DIR`] next to the executable, so a `DESTDIR` copy finds its
+/// own). Only a binary still inside the cargo build folder it was built in
+/// falls back to the source tree's `extensions/`.
 pub fn project_dir() -> PathBuf {
-    if let Some(bin) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        let installed = bin.join(INSTALLED_DIR);
-        if installed.is_dir() {
-            return installed.canonicalize().unwrap_or(installed);
+    let exe = std::env::current_exe().ok();
+    shipped_dir(
+        exe.as_deref(),
+        Path::new(env!("DEPLOY_BUILD_DIR")),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("extensions"),
+    )
+}
+
+/// [`project_dir`] for an executable at `exe`, built in `build_dir`, from a
+/// source tree whose extensions are in `source`.
+fn shipped_dir(exe: Option<&Path>, build_dir: &Path, source: &Path) -> PathBuf {
+    let Some(bin) = exe.and_then(Path::parent) else {
+        return source.to_path_buf();
+    };
+    let installed = bin.join(INSTALLED_DIR);
+    if installed.is_dir() {
+        return installed.canonicalize().unwrap_or(installed);
+    }
+    let in_build_tree =
+        !build_dir.as_os_str().is_empty() && exe.is_some_and(|e| e.starts_with(build_dir));
+    if in_build_tree {
+        source.to_path_buf()
+    } else {
+        // Installed without its extensions: say where they belong.
+        normalize(&installed)
+    }
+}
+
+/// `a/bin/../share` as `a/share` (the path may not exist, so no canonicalize).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
         }
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("extensions")
+    out
 }
 
 /// The folders searched, lowest precedence first: the project's folder,
@@ -160,9 +192,17 @@ pub fn read_summary(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The folders as a list for messages; a folder that does not exist (the
+/// shipped one of an incomplete install) is marked "(missing)".
 fn joined(dirs: &[PathBuf]) -> String {
     dirs.iter()
-        .map(|d| d.display().to_string())
+        .map(|d| {
+            if d.is_dir() {
+                d.display().to_string()
+            } else {
+                format!("{} (missing)", d.display())
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -233,9 +273,45 @@ pub fn available(extra_dirs: &[PathBuf]) -> Result<Vec<Extension>> {
     Ok(all.into_values().collect())
 }
 
+/// One extension in `deploy extensions --json`.
+#[derive(Debug, serde::Serialize)]
+pub struct ExtensionInfo {
+    /// Name, as given to `-e`.
+    pub name: String,
+    /// One-line summary.
+    pub summary: String,
+    /// The `<name>.configure` program.
+    pub configure: PathBuf,
+    /// The `<name>.check` program, or null.
+    pub check: Option<PathBuf>,
+}
+
+/// What `deploy extensions --json` prints (with `"format"`).
+#[derive(Debug, serde::Serialize)]
+pub struct ExtensionsReport {
+    /// Folders searched, lowest precedence first.
+    pub search_path: Vec<PathBuf>,
+    /// Available extensions, by name.
+    pub extensions: Vec<ExtensionInfo>,
+}
+
 /// `deploy extensions`: prints the available extensions with their summary.
-pub fn print_available(extra_dirs: &[PathBuf]) -> Result<()> {
+pub fn print_available(extra_dirs: &[PathBuf], json: bool) -> Result<()> {
     let exts = available(extra_dirs)?;
+    if json {
+        return crate::util::json::print(&ExtensionsReport {
+            search_path: search_path(extra_dirs),
+            extensions: exts
+                .into_iter()
+                .map(|e| ExtensionInfo {
+                    name: e.name,
+                    summary: e.summary,
+                    configure: e.configure,
+                    check: e.check,
+                })
+                .collect(),
+        });
+    }
     let width = exts.iter().map(|e| e.name.len()).max().unwrap_or(0).max(4);
     if exts.is_empty() {
         outln!("No extensions found.");
@@ -480,6 +556,33 @@ mod tests {
         assert!(p[0].ends_with("extensions"), "{p:?}");
         assert!(p[0].join("hostname.configure").exists(), "{p:?}");
         assert_eq!(&p[1..], &[PathBuf::from("/a"), PathBuf::from("/b")]);
+    }
+
+    #[test]
+    fn installed_binary_uses_its_share_folder_and_never_the_source_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let source = d.path().join("src-tree/extensions");
+        let build = d.path().join("src-tree/target/release");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::create_dir_all(&build).unwrap();
+        // In the build folder, nothing installed next to it: the source tree.
+        let exe = build.join("deploy");
+        assert_eq!(shipped_dir(Some(&exe), &build, &source), source);
+        let test_exe = build.join("deps/btrfs_deploy-0123");
+        assert_eq!(shipped_dir(Some(&test_exe), &build, &source), source);
+        // Installed under a prefix without its extensions: the prefix's
+        // folder (missing), never the source tree.
+        let prefix = d.path().join("dest/usr/local");
+        std::fs::create_dir_all(prefix.join("bin")).unwrap();
+        let installed = prefix.join("bin/deploy");
+        let want = prefix.join("share/btrfs-deploy/extensions");
+        assert_eq!(shipped_dir(Some(&installed), &build, &source), want);
+        // With them: that folder.
+        std::fs::create_dir_all(&want).unwrap();
+        assert_eq!(
+            shipped_dir(Some(&installed), &build, &source),
+            want.canonicalize().unwrap()
+        );
     }
 
     #[test]

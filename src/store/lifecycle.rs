@@ -89,10 +89,12 @@ pub fn remove(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
 
 /// Removes versions beyond `keep`, oldest first, never the default nor
 /// `previous` (the default before this deploy, the rollback target).
-pub fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result<()> {
+/// Returns the labels removed.
+pub fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result<Vec<String>> {
     let all = versions::list(top)?;
     let default = versions::default_label(top)?;
     let mut excess = all.len().saturating_sub(keep);
+    let mut removed = Vec::new();
     for v in &all {
         if excess == 0 {
             break;
@@ -102,9 +104,10 @@ pub fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result
         }
         ui::step(format!("Removing old version {} (--keep {keep})", v.label));
         remove(top, &v.label, fs_uuid)?;
+        removed.push(v.label.clone());
         excess -= 1;
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// Suffix of a version being removed (`systems/.<label>.removing`).

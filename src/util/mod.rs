@@ -3,6 +3,7 @@
 
 pub(crate) mod cmd;
 pub(crate) mod fsutil;
+pub(crate) mod json;
 pub(crate) mod rootpath;
 pub(crate) mod signals;
 pub(crate) mod trust;

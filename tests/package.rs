@@ -1,0 +1,191 @@
+//! The Debian package (`make deb`) in a clean Debian 12 chroot (`make
+//! deb-chroot`, cached in .cache/debian12): apt installs it, `deploy --help`,
+//! `man -w deploy` and `deploy extensions` work, and a deploy of the tiny
+//! system from inside the chroot (with /dev bound) succeeds.
+//!
+//! The cached chroot is never changed: the test works on an overlay of it,
+//! in a private mount namespace (`unshare -m`), so nothing stays mounted.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The .deb under test: `DEPLOY_DEB`, else the one `make deb` wrote.
+fn package() -> PathBuf {
+    if let Some(p) = std::env::var_os("DEPLOY_DEB") {
+        return PathBuf::from(p);
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
+    let want = format!("btrfs-deploy_{}-1_amd64.deb", env!("CARGO_PKG_VERSION"));
+    let p = dir.join(&want);
+    assert!(
+        p.is_file(),
+        "{} missing: run `make deb` (or `make deb-test`)",
+        p.display()
+    );
+    p
+}
+
+/// The cached clean chroot.
+fn chroot_base() -> PathBuf {
+    let p = std::env::var_os("DEPLOY_DEB_CHROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/debian12"));
+    assert!(
+        p.join(".stamp").is_file(),
+        "Debian 12 chroot missing at {}: run `make deb-chroot` (scripts/build-deb-chroot.sh .cache)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `steps` (name, shell command run in the chroot) inside an overlay of
+/// the chroot with the package copied to /tmp/pkg.deb, the tiny system at
+/// /tiny (read-only) and `out` at /out. Each step's stdout, stderr and exit
+/// status land in `out/<name>.{stdout,stderr,rc}`.
+fn in_chroot(out: &Path, steps: &[(&str, &str)]) {
+    let work = tempfile::tempdir().unwrap();
+    let mut script = format!(
+        r#"set -eu
+base={base}; w={work}; out={out}
+mkdir -p $w/upper $w/work $w/root
+mount -t overlay overlay -o lowerdir=$base,upperdir=$w/upper,workdir=$w/work $w/root
+r=$w/root
+mount --rbind /dev $r/dev
+mount -t proc proc $r/proc
+mount -t sysfs sysfs $r/sys
+mkdir -p $r/tiny $r/out
+mount --bind {tiny} $r/tiny
+mount -o remount,bind,ro $r/tiny
+mount --bind $out $r/out
+cp {deb} $r/tmp/pkg.deb
+step() {{
+  set +e
+  chroot $r /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+    /bin/sh -c "$2" >$out/$1.stdout 2>$out/$1.stderr
+  echo $? >$out/$1.rc
+  set -e
+}}
+"#,
+        base = chroot_base().display(),
+        work = work.path().display(),
+        out = out.display(),
+        tiny = tiny_rootfs().display(),
+        deb = package().display(),
+    );
+    for (name, cmd) in steps {
+        script.push_str(&format!("step {name} '{}'\n", cmd.replace('\'', r"'\''")));
+    }
+    let st = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "bash", "-c", &script])
+        .status()
+        .unwrap();
+    assert!(st.success(), "setting up the chroot failed");
+}
+
+struct Step {
+    rc: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn step(out: &Path, name: &str) -> Step {
+    let read = |ext: &str| std::fs::read_to_string(out.join(format!("{name}.{ext}"))).unwrap();
+    Step {
+        rc: read("rc").trim().parse().unwrap(),
+        stdout: read("stdout"),
+        stderr: read("stderr"),
+    }
+}
+
+fn ok(out: &Path, name: &str) -> Step {
+    let s = step(out, name);
+    assert_eq!(s.rc, 0, "{name} failed:\n{}{}", s.stdout, s.stderr);
+    s
+}
+
+#[test]
+fn package_installs_and_deploys_in_a_clean_debian_12() {
+    let deb = package();
+    // Control fields: what the binary needs, and what a boot needs.
+    let field = |f: &str| sh(&format!("dpkg-deb -f {} {f}", deb.display()));
+    let depends = field("Depends");
+    for d in ["btrfs-progs", "libbtrfsutil1", "libc6", "mount"] {
+        assert!(depends.contains(d), "Depends lacks {d}: {depends}");
+    }
+    let recommends = field("Recommends");
+    for r in ["extlinux", "syslinux-common", "qemu-system-x86", "ovmf"] {
+        assert!(recommends.contains(r), "Recommends lacks {r}: {recommends}");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    in_chroot(
+        &out,
+        &[
+            ("before", "command -v deploy || echo absent"),
+            (
+                "install",
+                "apt-get install -y -q --no-install-recommends /tmp/pkg.deb",
+            ),
+            ("help", "deploy --help"),
+            ("man", "man -w deploy && man -w deploy-list"),
+            ("version", "deploy version --json"),
+            ("extensions", "deploy extensions"),
+            (
+                "deploy",
+                "cd /tmp && deploy --json --rootfs /tiny /out/disk.img",
+            ),
+            ("list", "deploy list --json /out/disk.img"),
+            (
+                "completion",
+                "ls /usr/share/bash-completion/completions/deploy",
+            ),
+        ],
+    );
+    assert_eq!(ok(&out, "before").stdout.trim(), "absent");
+    ok(&out, "install");
+    assert!(ok(&out, "help").stdout.contains("Usage: deploy"));
+    let man = ok(&out, "man").stdout;
+    assert!(
+        man.contains("/usr/share/man/man1/deploy.1.gz")
+            && man.contains("/usr/share/man/man1/deploy-list.1.gz"),
+        "{man}"
+    );
+    // The package holds the binary under test (same commit): not a stale one.
+    let v: serde_json::Value = serde_json::from_str(&ok(&out, "version").stdout).unwrap();
+    let host = Command::new(env!("CARGO_BIN_EXE_deploy"))
+        .args(["version", "--json"])
+        .output()
+        .unwrap();
+    let host: serde_json::Value = serde_json::from_slice(&host.stdout).unwrap();
+    assert_eq!(
+        v["git_commit"], host["git_commit"],
+        "the package is from another commit: run `make deb`"
+    );
+    let ext = ok(&out, "extensions").stdout;
+    for name in ["hostname", "users", "ssh-keys", "network", "fstab"] {
+        assert!(ext.contains(name), "{name} missing:\n{ext}");
+    }
+    assert!(ext.contains("/usr/share/btrfs-deploy/extensions"), "{ext}");
+    let d = ok(&out, "deploy");
+    let summary: serde_json::Value =
+        serde_json::from_str(&d.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", d.stdout, d.stderr));
+    assert_eq!(summary["kind"], "new");
+    assert_eq!(summary["label"], "factory");
+    let list: serde_json::Value = serde_json::from_str(&ok(&out, "list").stdout).unwrap();
+    assert_eq!(list["versions"][0]["label"], "factory");
+    ok(&out, "completion");
+
+    // The image made inside the chroot is a good disk for the host's deploy.
+    let img = out.join("disk.img");
+    run_ok(&["check", img.to_str().unwrap()]);
+    assert_no_leftovers(&img, false);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(tmp.path().to_str().unwrap()),
+        "a mount of the test is left:\n{mounts}"
+    );
+}
