@@ -676,6 +676,74 @@ fn rows() -> Vec<Row> {
     ]
 }
 
+/// Rows of issue 10 ("odd and hostile input", defects 4, 8, 12).
+fn odd_input_rows() -> Vec<Row> {
+    let row = |what, args, code, needles, unchanged, not_created| Row {
+        what,
+        args,
+        code,
+        needles,
+        unchanged,
+        not_created,
+        no_dac: false,
+    };
+    let none: &[&str] = &[];
+    let good: &[&str] = &["good.img"];
+    let empty_match: &[&str] = &["matches the empty string", "at least one character"];
+    let mut rows = Vec::new();
+    // ---- boot-test patterns that match the empty string (defect 4)
+    for (what, args) in [
+        (
+            "boot-test --expect ''",
+            &["boot-test", "--expect", "", GOOD] as &'static [&'static str],
+        ),
+        (
+            "boot-test --expect 'login:|'",
+            &["boot-test", "--expect", "login:|", GOOD],
+        ),
+        (
+            "boot-test --expect 'x*'",
+            &["boot-test", "--expect", "x*", GOOD],
+        ),
+        (
+            "boot-test --expect '^'",
+            &["boot-test", "--expect", "^", GOOD],
+        ),
+        (
+            "boot-test --expect '(?:)'",
+            &["boot-test", "--expect", "(?:)", GOOD],
+        ),
+        (
+            "boot-test --fail-on ''",
+            &["boot-test", "--fail-on", "", GOOD],
+        ),
+        (
+            "boot-test --fail-on 'panic|'",
+            &["boot-test", "--fail-on", "panic|", GOOD],
+        ),
+    ] {
+        rows.push(row(what, args, 2, empty_match, good, none));
+    }
+    // ---- smaller items (defect 12)
+    rows.push(row(
+        "boot-test --memory 0",
+        &["boot-test", "--memory", "0", GOOD],
+        2,
+        &["--memory 0 MiB is too small", "at least 64"],
+        good,
+        none,
+    ));
+    rows.push(row(
+        "boot-test --memory 32",
+        &["boot-test", "--memory", "32", GOOD],
+        2,
+        &["--memory 32 MiB is too small"],
+        good,
+        none,
+    ));
+    rows
+}
+
 fn expand(f: &Fixture, a: &str) -> String {
     match a.strip_prefix('@') {
         Some(rel) => f.p(rel),
@@ -706,7 +774,8 @@ fn every_bad_input_is_refused_clearly_and_changes_nothing() {
         .iter()
         .filter_map(|t| t.strip_prefix("losetup -d ").map(str::to_string))
         .collect();
-    let rows = rows();
+    let mut rows = rows();
+    rows.extend(odd_input_rows());
     assert!(rows.len() >= 30, "the table has {} rows", rows.len());
     let mut failures = Vec::new();
     let started = std::time::Instant::now();

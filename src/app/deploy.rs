@@ -672,6 +672,9 @@ fn finish_version(
             "/{d} is mounted by an existing fstab entry: kept inside the version"
         ));
     }
+    for w in &completion.warnings {
+        ui::warn(w);
+    }
     let seed_from = upgrade.map(|(_, source)| source);
     setup_state(top, &orig, &completion.kept_state_dirs, seed_from)?;
     signals::check()?;
@@ -687,6 +690,7 @@ fn finish_version(
         kernel_args: plan.kernel_args.clone(),
         upgraded_from: upgraded_from.map(str::to_string),
         fstab_added: completion.added.clone(),
+        warnings: completion.warnings.clone(),
         extensions: plan.extensions.iter().map(|e| e.name.clone()).collect(),
         settings: crate::config::redact(&plan.ext_context.settings),
         ..Default::default()

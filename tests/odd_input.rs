@@ -1,0 +1,123 @@
+//! Odd input that deploys (issue 10): rootfs fstabs the completion must get
+//! right, and what `deploy` and `deploy check` say about them.
+
+mod common;
+use common::*;
+
+/// Defect 9: `tmpfs /var/log` in the rootfs's fstab. The added `/var` line
+/// must come before it, or the tiny system's `mount -a` (file order) mounts
+/// /var/log on the empty /var of the version, then hides it under /var.
+#[test]
+fn added_entries_keep_mount_a_order_and_a_var_log_tmpfs_boots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    sh(&format!(
+        "cp -a {} {}",
+        tiny_rootfs().display(),
+        root.display()
+    ));
+    std::fs::create_dir_all(root.join("var/log")).unwrap();
+    let vendor = "# tiny test system with logs in RAM\n\
+                  tmpfs\t/var/log\ttmpfs\tdefaults,size=1m\t0 0\n";
+    write(&root.join("etc/fstab"), vendor.as_bytes());
+    // Reports the filesystem type of /var/log and of the directory above it.
+    write(
+        &root.join("etc/tiny-boot.d/20-varlog"),
+        b"#!/bin/sh\necho \"varlog=$(awk '$2 == \"/var/log\" { t = $3 } END { print t }' /proc/mounts) \
+          var=$(awk '$2 == \"/var\" { t = $3 } END { print t }' /proc/mounts) \
+          last=$(awk '$2 ~ /^\\/var/ { t = $2 } END { print t }' /proc/mounts)\"\n",
+    );
+    chmod(&root.join("etc/tiny-boot.d/20-varlog"), 0o755);
+    let img = tmp.path().join("disk.img");
+    run_ok(&["--rootfs", root.to_str().unwrap(), img.to_str().unwrap()]);
+    let fstab = {
+        let m = Inspect::open(&img);
+        std::fs::read_to_string(m.path("systems/factory/run/etc/fstab")).unwrap()
+    };
+    let points: Vec<&str> = fstab
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        points,
+        ["/", "/var", "/var/log", "/home", "/root", "/opt", "/srv"],
+        "{fstab}"
+    );
+    assert!(fstab.contains("tmpfs\t/var/log\ttmpfs\tdefaults,size=1m\t0 0\n"));
+    let console = boot_console(&img, None);
+    assert!(!console.contains("mount -a failed"), "{console}");
+    // /var/log is the tmpfs, mounted after (on top of) /var from /state/var.
+    assert!(
+        console.contains("TINY-HOOK: varlog=tmpfs var=btrfs last=/var/log"),
+        "{console}"
+    );
+    assert_no_leftovers(&img, false);
+}
+
+/// Defect 8: a `/` entry naming another device (as cloud images ship). The
+/// deploy keeps it (existing entries win), warns naming the line, the risk
+/// and the fix, records the warning in deployment.json; `deploy check`
+/// reports the same as a warning and passes.
+#[test]
+fn a_root_entry_naming_another_device_warns_and_check_agrees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    make_rootfs(&root);
+    let line = "UUID=dead-beef / ext4 errors=remount-ro 0 1";
+    write(
+        &root.join("etc/fstab"),
+        format!("# cloud image\n{line}\n").as_bytes(),
+    );
+    let img = tmp.path().join("disk.img");
+    let r = root.to_str().unwrap();
+    let i = img.to_str().unwrap();
+    for (args, label) in [
+        (vec!["--rootfs", r, i], "factory"),
+        (vec!["--version", "v2", "--rootfs", r, i], "v2"),
+    ] {
+        let out = run_ok(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let warning = stderr
+            .lines()
+            .find(|l| l.starts_with("warning: "))
+            .unwrap_or_else(|| panic!("no warning:\n{stderr}"));
+        for needle in [
+            "etc/fstab line 2",
+            line,
+            "will not mount its own root",
+            "remove that line",
+        ] {
+            assert!(warning.contains(needle), "{needle:?} not in {warning}");
+        }
+        let m = Inspect::open(&img);
+        let record: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(m.path(&format!("systems/{label}/deployment.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            record["warnings"][0].as_str(),
+            warning.strip_prefix("warning: "),
+            "{record}"
+        );
+        let fstab =
+            std::fs::read_to_string(m.path(&format!("systems/{label}/run/etc/fstab"))).unwrap();
+        assert!(fstab.contains(&format!("{line}\n")), "kept: {fstab}");
+        assert!(!fstab.contains(" / btrfs "), "no second / entry: {fstab}");
+    }
+    let out = run_ok(&["check", i]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for label in ["factory", "v2"] {
+        let finding = stdout
+            .lines()
+            .find(|l| l.contains(&format!("version {label}: fstab")))
+            .unwrap_or_else(|| panic!("no fstab finding for {label}:\n{stdout}"));
+        assert!(finding.starts_with("warning "), "{finding}");
+        assert!(
+            finding.contains("etc/fstab line 2") && finding.contains("will not mount its own root"),
+            "{finding}"
+        );
+    }
+    assert!(!stdout.contains("PROBLEM"), "{stdout}");
+    assert_no_leftovers(&img, false);
+}
