@@ -147,7 +147,36 @@ fn fixture() -> Fixture {
     chmod(&ext.join("refuses.configure"), 0o755);
     chmod(&ext.join("refuses.check"), 0o755);
     chmod(&ext.join("fails.configure"), 0o755);
+    odd_input_fixture(&dir);
     f
+}
+
+/// Fixture files of the issue 10 rows ([`odd_input_rows`]).
+fn odd_input_fixture(dir: &std::path::Path) {
+    // A rootfs archive whose second entry has a malformed PAX record (its
+    // length runs past the header's end).
+    let mut b = tar::Builder::new(std::fs::File::create(dir.join("bad-pax.tar")).unwrap());
+    let entry = |b: &mut tar::Builder<std::fs::File>, name: &str, kind, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    entry(&mut b, "etc", tar::EntryType::Directory, b"");
+    entry(
+        &mut b,
+        "PaxHeaders/x",
+        tar::EntryType::XHeader,
+        b"99 user.x=1\n",
+    );
+    entry(&mut b, "etc/victim.conf", tar::EntryType::Regular, b"data");
+    b.finish().unwrap();
 }
 
 /// One bad input.
@@ -724,6 +753,15 @@ fn odd_input_rows() -> Vec<Row> {
     ] {
         rows.push(row(what, args, 2, empty_match, good, none));
     }
+    // ---- archives (defect 5)
+    rows.push(row(
+        "rootfs archive with a malformed PAX record",
+        &["--rootfs", "@bad-pax.tar", "--no-bootloader", "@new.img"],
+        1,
+        &["etc/victim.conf", "malformed pax extension"],
+        &["bad-pax.tar"],
+        &["new.img"],
+    ));
     // ---- smaller items (defect 12)
     rows.push(row(
         "boot-test --memory 0",
