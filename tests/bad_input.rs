@@ -177,6 +177,23 @@ fn odd_input_fixture(dir: &std::path::Path) {
     );
     entry(&mut b, "etc/victim.conf", tar::EntryType::Regular, b"data");
     b.finish().unwrap();
+    sh(&format!(
+        "tar -C {0}/rootfs -cf {0}/rootfs.tar .",
+        dir.display()
+    ));
+    // Settings that cannot become an extension's environment.
+    write(
+        &dir.join("nul-setting.toml"),
+        b"rootfs = \"rootfs\"\n[settings]\nHOSTNAME = \"a\\u0000b\"\n",
+    );
+    write(
+        &dir.join("huge-setting.toml"),
+        format!(
+            "rootfs = \"rootfs\"\n[settings]\nMOTD = \"{}\"\n",
+            "x".repeat(200_000)
+        )
+        .as_bytes(),
+    );
 }
 
 /// One bad input.
@@ -763,6 +780,58 @@ fn odd_input_rows() -> Vec<Row> {
         &["new.img"],
     ));
     // ---- smaller items (defect 12)
+    for (what, args, needle) in [
+        (
+            "--kernel is an empty file",
+            &["--kernel", "@empty.img", "--rootfs", R, NEW] as &'static [&'static str],
+            "is an empty file",
+        ),
+        (
+            "--kernel is /dev/null",
+            &["--kernel", "/dev/null", "--rootfs", R, NEW],
+            "not a regular file",
+        ),
+        (
+            "--kernel is an empty file, tar rootfs",
+            &["--kernel", "@empty.img", "--rootfs", "@rootfs.tar", NEW],
+            "is an empty file",
+        ),
+        (
+            "--kernel is a directory, tar rootfs",
+            &["--kernel", "@a-dir", "--rootfs", "@rootfs.tar", NEW],
+            "not a regular file",
+        ),
+        (
+            "--initramfs is an empty file",
+            &["--initramfs", "@empty.img", "--rootfs", R, NEW],
+            "is an empty file",
+        ),
+    ] {
+        rows.push(row(
+            what,
+            args,
+            1,
+            Box::leak(Box::new([needle])),
+            none,
+            &["new.img"],
+        ));
+    }
+    rows.push(row(
+        "setting with a NUL byte",
+        &["--config", "@nul-setting.toml", NEW],
+        1,
+        &["setting HOSTNAME contains a NUL byte"],
+        none,
+        &["new.img"],
+    ));
+    rows.push(row(
+        "setting beyond MAX_ARG_STRLEN",
+        &["--config", "@huge-setting.toml", NEW],
+        1,
+        &["setting MOTD is 200000 bytes long", "MAX_ARG_STRLEN"],
+        none,
+        &["new.img"],
+    ));
     rows.push(row(
         "boot-test --memory 0",
         &["boot-test", "--memory", "0", GOOD],

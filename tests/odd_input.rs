@@ -121,3 +121,94 @@ fn a_root_entry_naming_another_device_warns_and_check_agrees() {
     assert!(!stdout.contains("PROBLEM"), "{stdout}");
     assert_no_leftovers(&img, false);
 }
+
+/// Defect 12: SIGINT or SIGTERM sent to the deploy process (not to its
+/// process group, as `kill` or a service manager does) while a configure
+/// extension that ignores them runs: the deploy gives the extension 5 s, then
+/// kills it and everything it started, and cleans up: no image, no
+/// `.partial`, no loop device, no process of the extension left. Before, the
+/// deploy waited for the extension for as long as it ran.
+#[test]
+fn a_stop_during_an_extension_that_ignores_it_escalates_to_sigkill() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        stop_a_stubborn_extension(sig);
+    }
+}
+
+fn stop_a_stubborn_extension(sig: libc::c_int) {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    make_rootfs(&root);
+    let ext = tmp.path().join("ext");
+    let mark = tmp.path().join("started");
+    // A unique argument, to find the extension's processes afterwards.
+    let tag = format!("deploy-test-stubborn-{}", std::process::id());
+    // Ignores the signals, as does the loop it becomes (tagged, to be found).
+    write(
+        &ext.join("stubborn.configure"),
+        format!(
+            "#!/bin/sh\ntrap '' INT TERM HUP\n: > \"$MARK\"\nexec sh -c 'trap \"\" INT TERM HUP; while :; do sleep 1; done' {tag}\n"
+        )
+        .as_bytes(),
+    );
+    chmod(&ext.join("stubborn.configure"), 0o755);
+    let img = tmp.path().join("disk.img");
+    let mut child = deploy()
+        .args(["-e", "stubborn", "--extensions-dir"])
+        .arg(&ext)
+        .arg("--set")
+        .arg(format!("MARK={}", mark.display()))
+        .arg("--rootfs")
+        .arg(&root)
+        .arg(&img)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !mark.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the extension never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    // SAFETY: plain syscall on our child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(60),
+            "deploy still waits for the extension {:?} after signal {sig}",
+            sent.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = sent.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    eprintln!("deploy exited {status:?} {took:?} after signal {sig}:\n{stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(30),
+        "took {took:?}"
+    );
+    assert!(stderr.contains("stubborn"), "{stderr}");
+    assert!(
+        stderr.contains("still running 5 s after the stop request"),
+        "{stderr}"
+    );
+    assert!(!img.exists(), "an image was left");
+    assert!(
+        !tmp.path().join("disk.img.partial").exists(),
+        "a .partial was left"
+    );
+    assert_no_leftovers(&img, false);
+    // `[d]` keeps the pattern from matching the shell running pgrep.
+    let left = sh(&format!("pgrep -f '[{}]{}' || true", &tag[..1], &tag[1..]));
+    assert!(left.trim().is_empty(), "extension processes left: {left}");
+}

@@ -127,6 +127,9 @@ pub fn plan(
         initramfs: args.initramfs.clone(),
         dtb: args.dtb.clone(),
     };
+    if !args.no_bootloader {
+        kernel::check_explicit(&kernel_choice)?;
+    }
     let boot = if args.no_bootloader || tarball {
         None
     } else {
