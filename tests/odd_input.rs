@@ -212,3 +212,91 @@ fn stop_a_stubborn_extension(sig: libc::c_int) {
     let left = sh(&format!("pgrep -f '[{}]{}' || true", &tag[..1], &tag[1..]));
     assert!(left.trim().is_empty(), "extension processes left: {left}");
 }
+
+/// Clears the immutable and append-only flags of `paths` when dropped, so
+/// that the temporary directory can be removed even when the test fails.
+struct Unflag(Vec<std::path::PathBuf>);
+
+impl Drop for Unflag {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::process::Command::new("chattr")
+                .args(["-i", "-a"])
+                .arg(p)
+                .status();
+        }
+    }
+}
+
+/// `lsattr -d` flags of `p` (the first field).
+fn flags(p: &std::path::Path) -> String {
+    sh(&format!("lsattr -d {}", p.display()))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Defect 12, last item. `chattr +i`/`+a` flags are not carried into a
+/// version (documented: every file of a version must stay replaceable by an
+/// upgrade, and `orig` is a read-only subvolume anyway), so a rootfs with
+/// them deploys and upgrades. Hard links between a state directory and the
+/// rest of the tree become copies (separate subvolumes): the deploy names the
+/// first such pair in a note.
+#[test]
+fn immutable_flags_are_dropped_and_cross_state_hard_links_are_named() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    make_rootfs(&root);
+    write(&root.join("usr/bin/sealed"), b"v1\n");
+    write(&root.join("var/log/append.log"), b"line 1\n");
+    std::fs::hard_link(root.join("usr/bin/tool"), root.join("var/lib/tool-link")).unwrap();
+    let _unflag = Unflag(vec![
+        root.join("usr/bin/sealed"),
+        root.join("var/log/append.log"),
+    ]);
+    sh(&format!(
+        "chattr +i {0}/usr/bin/sealed && chattr +a {0}/var/log/append.log",
+        root.display()
+    ));
+    assert!(flags(&root.join("usr/bin/sealed")).contains('i'));
+    let img = tmp.path().join("disk.img");
+    let out = run_ok(&["--rootfs", root.to_str().unwrap(), img.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("note: /var/lib/tool-link and /usr/bin/tool are hard links to one file"),
+        "{stderr}"
+    );
+    {
+        let m = Inspect::open(&img);
+        let sealed = m.path("systems/factory/orig/usr/bin/sealed");
+        let log = m.path("state/var/log/append.log");
+        assert!(!flags(&sealed).contains('i'), "{}", flags(&sealed));
+        assert!(!flags(&log).contains('a'), "{}", flags(&log));
+        assert_eq!(std::fs::read(&log).unwrap(), b"line 1\n");
+        let (a, b) = (
+            m.path("state/var/lib/tool-link"),
+            m.path("systems/factory/orig/usr/bin/tool"),
+        );
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        assert_eq!(std::fs::metadata(&a).unwrap().nlink(), 1, "a copy");
+    }
+    // An upgrade replaces the file that was immutable in the rootfs.
+    sh(&format!(
+        "chattr -i {0}/usr/bin/sealed && echo v2 > {0}/usr/bin/sealed && chattr +i {0}/usr/bin/sealed",
+        root.display()
+    ));
+    run_ok(&[
+        "--version",
+        "v2",
+        "--rootfs",
+        root.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let m = Inspect::open(&img);
+    assert_eq!(
+        std::fs::read(m.path("systems/v2/orig/usr/bin/sealed")).unwrap(),
+        b"v2\n"
+    );
+}

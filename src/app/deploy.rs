@@ -732,6 +732,19 @@ fn setup_state(top: &Layout, orig: &Path, kept: &[String], seed_from: Option<&Pa
     } else {
         "Moving state directories to /state"
     });
+    let moved: Vec<&str> = layout::STATE_DIRS
+        .iter()
+        .copied()
+        .filter(|d| !kept.iter().any(|k| k == d))
+        .collect();
+    if let Some((a, b)) = state::first_cross_link(orig, &moved)? {
+        ui::detail(format!(
+            "note: /{} and /{} are hard links to one file; state directories are separate \
+             subvolumes, so they become two copies (the first such pair; see docs/guarantees.md)",
+            a.display(),
+            b.display()
+        ));
+    }
     for d in layout::STATE_DIRS {
         if kept.iter().any(|k| k == d) {
             continue;
