@@ -156,8 +156,8 @@ fn is_below(child: &str, parent: &str) -> bool {
 }
 
 /// `content` with the added `lines` (mounting `points`, same order) inserted:
-/// each before the first existing entry below its mount point, the rest at
-/// the end; each group after one [`ADDED_COMMENT`] line. A missing final
+/// each before the first existing entry below its mount point (and the
+/// comment lines right above that entry), the rest at the end; each group after one [`ADDED_COMMENT`] line. A missing final
 /// newline of `content` is added before lines appended at the end.
 fn insert_lines(content: &str, points: &[String], lines: &[String]) -> String {
     let mut out = String::with_capacity(content.len() + 80 * (lines.len() + 1));
@@ -166,13 +166,19 @@ fn insert_lines(content: &str, points: &[String], lines: &[String]) -> String {
         return out;
     }
     let existing: Vec<&str> = content.split_inclusive('\n').collect();
-    // For each added line, the index of the existing line it must precede.
+    // For each added line, the index of the existing line it must precede:
+    // the first entry below it, or the comment lines right above that entry
+    // (they describe it).
     let before: Vec<Option<usize>> = points
         .iter()
         .map(|p| {
-            existing.iter().position(|l| {
+            let mut at = existing.iter().position(|l| {
                 entry_mount_point(l.trim_end_matches('\n')).is_some_and(|q| is_below(&q, p))
-            })
+            })?;
+            while at > 0 && existing[at - 1].trim_start().starts_with('#') {
+                at -= 1;
+            }
+            Some(at)
         })
         .collect();
     let push_group = |out: &mut String, at: Option<usize>| {
@@ -446,6 +452,13 @@ mod tests {
         // The case of the issue: /var/log in RAM, /var added.
         let original = "# logs in RAM\ntmpfs /var/log tmpfs defaults 0 0\n";
         let c = complete(original, UUID);
+        // Added before the entry's comment, which stays with its entry.
+        assert!(
+            c.content
+                .contains(&format!("{}\n{original}", state_line("var"))),
+            "{}",
+            c.content
+        );
         assert_eq!(
             order(&c.content),
             ["/", "/var", "/var/log", "/home", "/root", "/opt", "/srv"]
