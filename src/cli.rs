@@ -220,7 +220,8 @@ pub struct BootTestArgs {
     /// disk is not changed).
     #[arg(long = "version", value_name = "LABEL")]
     pub label: Option<String>,
-    /// Regular expression that marks a successful boot on the serial console.
+    /// Regular expression that marks a successful boot on the serial console
+    /// (one that matches the empty string, such as 'login:|', is refused).
     #[arg(long, value_name = "REGEX", default_value = "login:|TINY: boot done")]
     pub expect: String,
     /// Seconds to wait for the expected text.
@@ -232,7 +233,7 @@ pub struct BootTestArgs {
     /// Let the guest write to the image (by default writes are discarded).
     #[arg(long)]
     pub persist: bool,
-    /// Guest memory in MiB.
+    /// Guest memory in MiB (at least 64).
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     pub memory: u32,
     /// Write the serial console to this file.

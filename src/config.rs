@@ -220,7 +220,54 @@ pub fn apply(args: &mut DeployArgs, cfg: Option<&Config>) -> Result<BTreeMap<Str
         let (k, v) = parse_set(s)?;
         settings.insert(k, v);
     }
+    check_setting_values(&settings)?;
     Ok(settings)
+}
+
+/// The kernel's limit on one environment string, `NAME=value` and its NUL
+/// (`MAX_ARG_STRLEN`, 32 pages).
+pub const MAX_ARG_STRLEN: usize = 131_072;
+
+/// Room kept in `ARG_MAX` for what the tool adds to an extension's
+/// environment (`DEPLOY_*`, `PATH`) and its arguments.
+const ARG_MAX_RESERVE: usize = 64 * 1024;
+
+/// Settings become environment variables of the extensions: refuses, at
+/// planning, a value that cannot be passed (a NUL byte ends an environment
+/// string; the kernel refuses a string longer than [`MAX_ARG_STRLEN`] or an
+/// environment beyond `ARG_MAX`), naming the setting and the fix.
+pub fn check_setting_values(settings: &BTreeMap<String, String>) -> Result<()> {
+    let mut total = 0usize;
+    for (k, v) in settings {
+        if v.contains('\0') {
+            bail!(
+                "setting {k} contains a NUL byte, which cannot be passed to extensions \
+                 (environment variables end at NUL): remove it from the value"
+            );
+        }
+        let len = k.len() + 1 + v.len() + 1;
+        if len > MAX_ARG_STRLEN {
+            bail!(
+                "setting {k} is {} bytes long; the kernel passes at most {} bytes per \
+                 environment variable (MAX_ARG_STRLEN): put the content in a file and pass \
+                 its path instead",
+                v.len(),
+                MAX_ARG_STRLEN - k.len() - 2
+            );
+        }
+        total += len + std::mem::size_of::<usize>();
+    }
+    // SAFETY: sysconf has no preconditions.
+    let arg_max = usize::try_from(unsafe { libc::sysconf(libc::_SC_ARG_MAX) }).unwrap_or(0);
+    let budget = arg_max.saturating_sub(ARG_MAX_RESERVE);
+    if arg_max > 0 && total > budget {
+        bail!(
+            "the settings take {total} bytes together; extensions can be given at most \
+             {budget} (ARG_MAX {arg_max} less room for the tool's variables): put large \
+             values in files and pass their paths instead"
+        );
+    }
+    Ok(())
 }
 
 fn fill<T: Clone>(field: &mut Option<T>, from: &Option<T>) {
@@ -407,6 +454,44 @@ mod tests {
             assert!(e.downcast_ref::<UsageError>().is_some(), "{bad}: {e:#}");
             assert!(format!("{e:#}").contains(bad), "{bad}: {e:#}");
         }
+    }
+
+    #[test]
+    fn settings_that_cannot_reach_an_extension_are_refused() {
+        let one = |k: &str, v: String| BTreeMap::from([(k.to_string(), v)]);
+        let err = check_setting_values(&one("MOTD", "a\0b".into())).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("setting MOTD contains a NUL"),
+            "{err:#}"
+        );
+        // NAME=value plus its NUL: 131072 bytes fit, one more does not.
+        let fits = "x".repeat(MAX_ARG_STRLEN - "BIG=".len() - 1);
+        check_setting_values(&one("BIG", fits.clone())).unwrap();
+        let err = check_setting_values(&one("BIG", fits + "x")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("setting BIG is 131068 bytes long"), "{msg}");
+        assert!(msg.contains("MAX_ARG_STRLEN"), "{msg}");
+        // Many settings that each fit but not together.
+        // SAFETY: sysconf has no preconditions.
+        let arg_max = unsafe { libc::sysconf(libc::_SC_ARG_MAX) } as usize;
+        let many: BTreeMap<String, String> = (0..arg_max / 100_000 + 2)
+            .map(|i| (format!("S{i}"), "y".repeat(100_000)))
+            .collect();
+        let err = check_setting_values(&many).unwrap_err();
+        assert!(format!("{err:#}").contains("ARG_MAX"), "{err:#}");
+        // From a config file, through apply: refused with the key named.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = parse(
+            "[settings]\nHOSTNAME = \"a\\u0000b\"\n",
+            &dir.path().join("deploy.toml"),
+            dir.path(),
+        )
+        .unwrap();
+        let err = apply(&mut DeployArgs::default(), Some(&cfg)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("setting HOSTNAME contains a NUL"),
+            "{err:#}"
+        );
     }
 
     #[test]

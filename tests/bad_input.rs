@@ -147,7 +147,53 @@ fn fixture() -> Fixture {
     chmod(&ext.join("refuses.configure"), 0o755);
     chmod(&ext.join("refuses.check"), 0o755);
     chmod(&ext.join("fails.configure"), 0o755);
+    odd_input_fixture(&dir);
     f
+}
+
+/// Fixture files of the issue 10 rows ([`odd_input_rows`]).
+fn odd_input_fixture(dir: &std::path::Path) {
+    // A rootfs archive whose second entry has a malformed PAX record (its
+    // length runs past the header's end).
+    let mut b = tar::Builder::new(std::fs::File::create(dir.join("bad-pax.tar")).unwrap());
+    let entry = |b: &mut tar::Builder<std::fs::File>, name: &str, kind, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    entry(&mut b, "etc", tar::EntryType::Directory, b"");
+    entry(
+        &mut b,
+        "PaxHeaders/x",
+        tar::EntryType::XHeader,
+        b"99 user.x=1\n",
+    );
+    entry(&mut b, "etc/victim.conf", tar::EntryType::Regular, b"data");
+    b.finish().unwrap();
+    sh(&format!(
+        "tar -C {0}/rootfs -cf {0}/rootfs.tar .",
+        dir.display()
+    ));
+    // Settings that cannot become an extension's environment.
+    write(
+        &dir.join("nul-setting.toml"),
+        b"rootfs = \"rootfs\"\n[settings]\nHOSTNAME = \"a\\u0000b\"\n",
+    );
+    write(
+        &dir.join("huge-setting.toml"),
+        format!(
+            "rootfs = \"rootfs\"\n[settings]\nMOTD = \"{}\"\n",
+            "x".repeat(200_000)
+        )
+        .as_bytes(),
+    );
 }
 
 /// One bad input.
@@ -701,6 +747,135 @@ fn rows() -> Vec<Row> {
     ]
 }
 
+/// Rows of issue 10 ("odd and hostile input", defects 4, 8, 12).
+fn odd_input_rows() -> Vec<Row> {
+    let row = |what, args, code, needles, unchanged, not_created| Row {
+        what,
+        args,
+        code,
+        needles,
+        unchanged,
+        not_created,
+        no_dac: false,
+    };
+    let none: &[&str] = &[];
+    let good: &[&str] = &["good.img"];
+    let empty_match: &[&str] = &["matches the empty string", "at least one character"];
+    let mut rows = Vec::new();
+    // ---- boot-test patterns that match the empty string (defect 4)
+    for (what, args) in [
+        (
+            "boot-test --expect ''",
+            &["boot-test", "--expect", "", GOOD] as &'static [&'static str],
+        ),
+        (
+            "boot-test --expect 'login:|'",
+            &["boot-test", "--expect", "login:|", GOOD],
+        ),
+        (
+            "boot-test --expect 'x*'",
+            &["boot-test", "--expect", "x*", GOOD],
+        ),
+        (
+            "boot-test --expect '^'",
+            &["boot-test", "--expect", "^", GOOD],
+        ),
+        (
+            "boot-test --expect '(?:)'",
+            &["boot-test", "--expect", "(?:)", GOOD],
+        ),
+        (
+            "boot-test --fail-on ''",
+            &["boot-test", "--fail-on", "", GOOD],
+        ),
+        (
+            "boot-test --fail-on 'panic|'",
+            &["boot-test", "--fail-on", "panic|", GOOD],
+        ),
+    ] {
+        rows.push(row(what, args, 2, empty_match, good, none));
+    }
+    // ---- archives (defect 5)
+    rows.push(row(
+        "rootfs archive with a malformed PAX record",
+        &["--rootfs", "@bad-pax.tar", "--no-bootloader", "@new.img"],
+        1,
+        &["etc/victim.conf", "malformed pax extension"],
+        &["bad-pax.tar"],
+        &["new.img"],
+    ));
+    // ---- smaller items (defect 12)
+    for (what, args, needle) in [
+        (
+            "--kernel is an empty file",
+            &["--kernel", "@empty.img", "--rootfs", R, NEW] as &'static [&'static str],
+            "is an empty file",
+        ),
+        (
+            "--kernel is /dev/null",
+            &["--kernel", "/dev/null", "--rootfs", R, NEW],
+            "not a regular file",
+        ),
+        (
+            "--kernel is an empty file, tar rootfs",
+            &["--kernel", "@empty.img", "--rootfs", "@rootfs.tar", NEW],
+            "is an empty file",
+        ),
+        (
+            "--kernel is a directory, tar rootfs",
+            &["--kernel", "@a-dir", "--rootfs", "@rootfs.tar", NEW],
+            "not a regular file",
+        ),
+        (
+            "--initramfs is an empty file",
+            &["--initramfs", "@empty.img", "--rootfs", R, NEW],
+            "is an empty file",
+        ),
+    ] {
+        rows.push(row(
+            what,
+            args,
+            1,
+            Box::leak(Box::new([needle])),
+            none,
+            &["new.img"],
+        ));
+    }
+    rows.push(row(
+        "setting with a NUL byte",
+        &["--config", "@nul-setting.toml", NEW],
+        1,
+        &["setting HOSTNAME contains a NUL byte"],
+        none,
+        &["new.img"],
+    ));
+    rows.push(row(
+        "setting beyond MAX_ARG_STRLEN",
+        &["--config", "@huge-setting.toml", NEW],
+        1,
+        &["setting MOTD is 200000 bytes long", "MAX_ARG_STRLEN"],
+        none,
+        &["new.img"],
+    ));
+    rows.push(row(
+        "boot-test --memory 0",
+        &["boot-test", "--memory", "0", GOOD],
+        2,
+        &["--memory 0 MiB is too small", "at least 64"],
+        good,
+        none,
+    ));
+    rows.push(row(
+        "boot-test --memory 32",
+        &["boot-test", "--memory", "32", GOOD],
+        2,
+        &["--memory 32 MiB is too small"],
+        good,
+        none,
+    ));
+    rows
+}
+
 fn expand(f: &Fixture, a: &str) -> String {
     match a.strip_prefix('@') {
         Some(rel) => f.p(rel),
@@ -731,7 +906,8 @@ fn every_bad_input_is_refused_clearly_and_changes_nothing() {
         .iter()
         .filter_map(|t| t.strip_prefix("losetup -d ").map(str::to_string))
         .collect();
-    let rows = rows();
+    let mut rows = rows();
+    rows.extend(odd_input_rows());
     assert!(rows.len() >= 30, "the table has {} rows", rows.len());
     let mut failures = Vec::new();
     let started = std::time::Instant::now();

@@ -1082,11 +1082,15 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
         std::fs::read_link(orig.join("etc/systemd/system/getty@tty1.service")).unwrap(),
         Path::new("/dev/null")
     );
-    // fstab: the extension's line, then the tool's completion after it.
+    // fstab: the extension's line under its comment; the tool's `/` before
+    // it (mount -a order), the state directories after it.
     let fstab = read(&orig.join("etc/fstab"));
-    let ext_at = fstab.find("tmpfs /tmp tmpfs mode=1777 0 0\n").unwrap();
-    let tool_at = fstab.find("# Added by btrfs-deploy").unwrap();
-    assert!(ext_at < tool_at, "{fstab}");
+    let ext_at = fstab
+        .find("# Added by the fstab extension\ntmpfs /tmp tmpfs mode=1777 0 0\n")
+        .unwrap();
+    let root_at = fstab.find(" / btrfs ").unwrap();
+    let state_at = fstab.find("subvol=/state/").unwrap();
+    assert!(root_at < ext_at && ext_at < state_at, "{fstab}");
     // install-files, with the template rendered (secrets included in files).
     let conf = orig.join("etc/app/app.conf");
     assert_eq!(

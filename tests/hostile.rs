@@ -264,8 +264,10 @@ fn fstab_symlink_to_a_host_path_uses_the_in_tree_file() {
     let meta = std::fs::symlink_metadata(&fstab).unwrap();
     assert!(meta.is_file(), "the completed fstab is a regular file");
     let text = std::fs::read_to_string(&fstab).unwrap();
+    // The tree's lines, verbatim and in order (the added `/` goes before
+    // /data and its comment).
     assert!(
-        text.starts_with("# the tree's own fstab\nLABEL=data /data ext4"),
+        text.contains("\n# the tree's own fstab\nLABEL=data /data ext4 defaults 0 2\n"),
         "{text}"
     );
     assert!(

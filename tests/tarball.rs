@@ -187,3 +187,82 @@ fn archive_escaping_the_target_is_refused() {
     assert!(!work.join("escape").exists());
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 }
+
+/// `getfacl -R -n -p` of `rel` inside `dir` (paths relative to `dir/rel`).
+fn acls(dir: &Path) -> String {
+    let out = Command::new("getfacl")
+        .args(["-R", "-n", "-p", "."])
+        .current_dir(dir)
+        .output()
+        .expect("running getfacl");
+    assert!(out.status.success(), "getfacl in {}", dir.display());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Issue 10, defect 5: a rootfs archived by GNU tar with `--acls --xattrs`
+/// from a tree where `setfacl` set access and default ACLs and `setfattr`
+/// set user xattrs (one value with newlines, one binary with 0x0a bytes)
+/// deploys, and `getfacl` on the mounted image shows the source's ACLs, in
+/// the version (`usr/`) and in `/state` (`srv/`). Before, the archive was
+/// refused with "malformed pax extension".
+#[test]
+fn tar_with_acls_and_xattrs_deploys_with_its_acls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = tmp.path().join("rootfs");
+    make_rootfs(&rootfs);
+    sh(&format!(
+        "cd {} && mkdir -p usr/share/acl/dir srv/shared/sub && echo f > usr/share/acl/file \
+         && echo g > srv/shared/sub/g \
+         && setfacl -m u:1234:r,g:4321:rw,u:1000:rw usr/share/acl/file \
+         && setfacl -m u:1234:rwx usr/share/acl/dir && setfacl -d -m u:1234:rx,o::- usr/share/acl/dir \
+         && setfacl -m u:1000:rwx srv/shared && setfacl -d -m u:1000:rwx,g:4321:rx srv/shared \
+         && setfacl -m u:1000:r srv/shared/sub/g \
+         && setfattr -n user.note -v \"$(printf 'two\\nlines')\" usr/share/acl/file \
+         && setfattr -n user.bin -v 0x010a0a00 srv/shared",
+        rootfs.display()
+    ));
+    let archive = tmp.path().join("acl.tar.gz");
+    let out = Command::new("tar")
+        .args([
+            "--acls",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-czpf",
+        ])
+        .arg(&archive)
+        .arg("-C")
+        .arg(&rootfs)
+        .arg(".")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = tmp.path().join("acl.img");
+    deploy_new(&archive, &img);
+    assert_no_leftovers(&img, false);
+    let m = Inspect::open(&img);
+    for (src, dst) in [
+        ("usr/share/acl", "systems/factory/orig/usr/share/acl"),
+        ("srv/shared", "state/srv/shared"),
+    ] {
+        let want = acls(&rootfs.join(src));
+        assert!(want.contains("default:user:"), "{src}: {want}");
+        assert_eq!(acls(&m.path(dst)), want, "{src}");
+    }
+    assert_eq!(
+        getxattr(
+            &m.path("systems/factory/orig/usr/share/acl/file"),
+            "user.note"
+        )
+        .as_deref(),
+        Some(&b"two\nlines"[..])
+    );
+    assert_eq!(
+        getxattr(&m.path("state/srv/shared"), "user.bin").as_deref(),
+        Some(&[1u8, 10, 10, 0][..])
+    );
+}

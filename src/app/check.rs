@@ -375,10 +375,16 @@ fn check_version(
     if let Some(r) = &record {
         out.push(check_boot_files(&dir, r, &name("boot files")));
     }
+    // A `/` entry the deploy kept from the rootfs (not one it added) that
+    // names another device is the rootfs's choice: a warning, as at deploy.
+    let root_kept = record
+        .as_ref()
+        .is_some_and(|r| !r.fstab_added.iter().any(|p| p == "/"));
     out.push(check_version_fstab(
         &dir.join(layout::RUN),
         fs_uuid,
         state_subvols,
+        root_kept,
         &name("fstab"),
     ));
     (out, record)
@@ -445,23 +451,51 @@ fn check_boot_files(dir: &Path, r: &Deployment, name: &str) -> Finding {
     Finding::from_problems(name, problems, wanted.join(", "))
 }
 
-fn check_version_fstab(run: &Path, fs_uuid: &str, state_subvols: &[String], name: &str) -> Finding {
+fn check_version_fstab(
+    run: &Path,
+    fs_uuid: &str,
+    state_subvols: &[String],
+    root_kept: bool,
+    name: &str,
+) -> Finding {
     match rootpath::read_in_root(run, Path::new("etc/fstab")) {
-        Ok(Some(bytes)) => Finding::from_problems(
-            name,
-            fstab_problems(&String::from_utf8_lossy(&bytes), fs_uuid, state_subvols),
-            "mounts / and every state directory",
-        ),
+        Ok(Some(bytes)) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let (problems, warnings) = fstab_findings(&text, fs_uuid, state_subvols, root_kept);
+            if problems.is_empty() && !warnings.is_empty() {
+                Finding::warning(name, warnings.join("; "))
+            } else {
+                Finding::from_problems(
+                    name,
+                    problems.into_iter().chain(warnings).collect(),
+                    "mounts / and every state directory",
+                )
+            }
+        }
         Ok(None) => Finding::problem(name, "run/etc/fstab is missing"),
         Err(e) => Finding::problem(name, format!("starting btrfs (install btrfs-progs): {e}")),
     }
 }
 
-/// Problems of a version's fstab: no entry mounting `/`; a state directory
-/// with a `/state` subvolume (`state_subvols`, names without slash) that no
-/// entry mounts; an entry mounting a `/state` subvolume that does not exist;
-/// a `/` or `/state` entry naming another filesystem's `UUID=`.
-pub fn fstab_problems(content: &str, fs_uuid: &str, state_subvols: &[String]) -> Vec<String> {
+/// (problems, warnings) of a version's fstab. Problems: no entry mounting
+/// `/`; a state directory with a `/state` subvolume (`state_subvols`, names
+/// without slash) that no entry mounts; an entry mounting a `/state`
+/// subvolume that does not exist; a `/state` entry naming another
+/// filesystem's `UUID=`, and so a `/` entry unless `root_kept`. With
+/// `root_kept` (the deploy kept the rootfs's own `/` entry instead of adding
+/// one), a `/` entry naming another device is a warning, the one the deploy
+/// printed ([`fstab::root_entry_warnings`]).
+pub fn fstab_findings(
+    content: &str,
+    fs_uuid: &str,
+    state_subvols: &[String],
+    root_kept: bool,
+) -> (Vec<String>, Vec<String>) {
+    let warnings = if root_kept {
+        fstab::root_entry_warnings(content, fs_uuid)
+    } else {
+        Vec::new()
+    };
     let points = fstab::mount_points(content);
     let mounted = |p: &str| points.iter().any(|m| m == p);
     let mut problems = Vec::new();
@@ -491,7 +525,7 @@ pub fn fstab_problems(content: &str, fs_uuid: &str, state_subvols: &[String]) ->
                 ));
             }
         }
-        if point == "/" || state_subvol.is_some() {
+        if (point == "/" && !root_kept) || state_subvol.is_some() {
             if let Some(uuid) = spec.strip_prefix("UUID=") {
                 if !uuid.eq_ignore_ascii_case(fs_uuid) {
                     problems.push(format!(
@@ -501,7 +535,7 @@ pub fn fstab_problems(content: &str, fs_uuid: &str, state_subvols: &[String]) ->
             }
         }
     }
-    problems
+    (problems, warnings)
 }
 
 /// The default link: a relative symlink naming a complete version.
@@ -753,6 +787,10 @@ mod tests {
 
     const UUID: &str = "11111111-2222-3333-4444-555555555555";
 
+    fn fstab_problems(content: &str, fs_uuid: &str, state_subvols: &[String]) -> Vec<String> {
+        fstab_findings(content, fs_uuid, state_subvols, false).0
+    }
+
     fn all_state() -> Vec<String> {
         layout::STATE_DIRS.iter().map(|s| s.to_string()).collect()
     }
@@ -808,6 +846,22 @@ mod tests {
             "{p:?}"
         );
         assert!(p.iter().any(|s| s.contains("/home")), "{p:?}");
+    }
+
+    #[test]
+    fn a_kept_root_entry_naming_another_device_is_a_warning_not_a_problem() {
+        let text = fstab::complete("UUID=dead-beef / ext4 defaults 0 1\n", UUID).content;
+        let (p, w) = fstab_findings(&text, UUID, &all_state(), true);
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(w, fstab::complete(&text, UUID).warnings);
+        assert!(w[0].contains("will not mount its own root"), "{w:?}");
+        // A `/` line the deploy added itself with another UUID is a problem.
+        let (p, w) = fstab_findings(&completed(), "other-uuid", &all_state(), false);
+        assert!(
+            p.iter().any(|s| s.contains("the entry for / names UUID=")),
+            "{p:?}"
+        );
+        assert!(w.is_empty());
     }
 
     fn conf(labels: &[&str], default: &str) -> String {

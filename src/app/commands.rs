@@ -193,16 +193,17 @@ pub fn cleanup(target: &Path) -> Result<()> {
 /// Kernel messages that mean the root filesystem could not be mounted.
 const ROOT_MOUNT_FAILURES: &[&str] = &[r"VFS: Unable to mount root fs", r"Cannot open root device"];
 
+/// The smallest `boot-test --memory` accepted (MiB): below it no kernel and
+/// initramfs of a real system boots, and QEMU itself refuses 0.
+const MIN_GUEST_MEMORY_MIB: u32 = 64;
+
 /// `deploy boot-test`: checks the disk (exists, holds the layout, has the
 /// version), then boots it in QEMU through its own bootloader.
 pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     use crate::boottest::{self, Accel, BootTestOptions};
     use crate::cli::AccelArg;
-    let parse = |what: &str, re: &str| {
-        regex::Regex::new(re).map_err(|e| {
-            crate::UsageError(format!("invalid {what} regular expression {re:?}: {e}"))
-        })
-    };
+    let parse =
+        |what: &str, re: &str| boottest::console_pattern(what, re).map_err(crate::UsageError);
     let expect = parse("--expect", &args.expect)?;
     let mut extra_fail = Vec::new();
     for re in args
@@ -215,6 +216,13 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     }
     if args.timeout == 0 {
         return Err(crate::UsageError("--timeout must be at least 1 second".into()).into());
+    }
+    if args.memory < MIN_GUEST_MEMORY_MIB {
+        return Err(crate::UsageError(format!(
+            "--memory {} MiB is too small to boot a Linux guest: give at least {MIN_GUEST_MEMORY_MIB} (default 512)",
+            args.memory
+        ))
+        .into());
     }
     if crate::util::cmd::which(boottest::QEMU_BINARY).is_none() {
         bail!(

@@ -129,6 +129,9 @@ pub fn plan(
         initramfs: args.initramfs.clone(),
         dtb: args.dtb.clone(),
     };
+    if !args.no_bootloader {
+        kernel::check_explicit(&kernel_choice)?;
+    }
     let boot = if args.no_bootloader || tarball {
         None
     } else {
@@ -730,6 +733,9 @@ fn finish_version(
             "/{d} is mounted by an existing fstab entry: kept inside the version"
         ));
     }
+    for w in &completion.warnings {
+        ui::warn(w);
+    }
     let seed_from = upgrade.map(|(_, source)| source);
     setup_state(top, &orig, &completion.kept_state_dirs, seed_from)?;
     signals::check()?;
@@ -745,6 +751,7 @@ fn finish_version(
         kernel_args: plan.kernel_args.clone(),
         upgraded_from: upgraded_from.map(str::to_string),
         fstab_added: completion.added.clone(),
+        warnings: completion.warnings.clone(),
         extensions: plan.extensions.iter().map(|e| e.name.clone()).collect(),
         settings: crate::config::redact(&plan.ext_context.settings),
         ..Default::default()
@@ -783,6 +790,19 @@ fn setup_state(top: &Layout, orig: &Path, kept: &[String], seed_from: Option<&Pa
     } else {
         "Moving state directories to /state"
     });
+    let moved: Vec<&str> = layout::STATE_DIRS
+        .iter()
+        .copied()
+        .filter(|d| !kept.iter().any(|k| k == d))
+        .collect();
+    if let Some((a, b)) = state::first_cross_link(orig, &moved)? {
+        ui::detail(format!(
+            "note: /{} and /{} are hard links to one file; state directories are separate \
+             subvolumes, so they become two copies (the first such pair; see docs/guarantees.md)",
+            a.display(),
+            b.display()
+        ));
+    }
     for d in layout::STATE_DIRS {
         if kept.iter().any(|k| k == d) {
             continue;

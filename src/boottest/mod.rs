@@ -794,6 +794,39 @@ impl Decision {
     }
 }
 
+/// Compiles a console pattern given by the user (`--expect`, `--fail-on`).
+/// Refuses one that can match the empty string (`''`, `'login:|'`, `'x*'`,
+/// `'^'`, `'(?:)'`, `'\b'`): such a pattern "matches" before the guest
+/// printed anything, so `--expect` would pass and `--fail-on` fail at once.
+/// The error text names the option, the pattern and why.
+pub(crate) fn console_pattern(option: &str, pattern: &str) -> Result<Regex, String> {
+    let re = Regex::new(pattern)
+        .map_err(|e| format!("invalid {option} regular expression {pattern:?}: {e}"))?;
+    let min_len = regex_syntax::parse(pattern)
+        .map_err(|e| format!("invalid {option} regular expression {pattern:?}: {e}"))?
+        .properties()
+        .minimum_len();
+    if min_len == Some(0) {
+        let effect = if option == "--expect" {
+            "the test would pass before the guest printed anything"
+        } else {
+            "the test would fail before the guest printed anything"
+        };
+        return Err(format!(
+            "{option} regular expression {pattern:?} matches the empty string, so {effect}: \
+             give a pattern that needs at least one character of console text (e.g. 'login:'; \
+             remove an empty alternative such as a trailing '|')"
+        ));
+    }
+    Ok(re)
+}
+
+/// True when `re` matches some text of `hay` (an empty match never counts:
+/// only text that appeared on the console can decide a test).
+fn matches_text(re: &Regex, hay: &str) -> bool {
+    re.find_iter(hay).any(|m| !m.is_empty())
+}
+
 /// The expected pattern and the fatal ones.
 struct Matcher {
     expect: Regex,
@@ -823,11 +856,11 @@ impl Matcher {
     /// A complete console line: fatal patterns first, then the expectation.
     fn check_line(&self, line: &str) -> Decision {
         for (re, meaning) in &self.fatal {
-            if re.is_match(line) {
+            if matches_text(re, line) {
                 return Decision::Fail(format!("{meaning}: {}", line.trim()));
             }
         }
-        if self.expect.is_match(line) {
+        if matches_text(&self.expect, line) {
             return Decision::Pass;
         }
         Decision::Continue
@@ -836,7 +869,7 @@ impl Matcher {
     /// The whole console text (for patterns spanning lines or an
     /// unterminated last line): only the expectation.
     fn check_text(&self, text: &str) -> Decision {
-        if self.expect.is_match(text) {
+        if matches_text(&self.expect, text) {
             Decision::Pass
         } else {
             Decision::Continue
@@ -1073,6 +1106,55 @@ mod tests {
     fn matcher(expect: &str, extra: &[&str]) -> Matcher {
         let extra: Vec<Regex> = extra.iter().map(|p| Regex::new(p).unwrap()).collect();
         Matcher::new(&Regex::new(expect).unwrap(), &extra).unwrap()
+    }
+
+    #[test]
+    fn patterns_that_match_the_empty_string_are_refused() {
+        for p in [
+            "",
+            "login:|",
+            "|login:",
+            "x*",
+            "^",
+            "$",
+            "(?:)",
+            "(?m)^",
+            "a?",
+            r"\b",
+            "(login:)?",
+        ] {
+            for option in ["--expect", "--fail-on"] {
+                let err = console_pattern(option, p).expect_err(p);
+                assert!(
+                    err.contains(option) && err.contains(&format!("{p:?}")),
+                    "{err}"
+                );
+                assert!(err.contains("matches the empty string"), "{err}");
+            }
+        }
+        for p in [
+            "login:",
+            "login:|TINY: boot done",
+            "^TINY: boot done$",
+            "a+",
+            "x*y",
+        ] {
+            console_pattern("--expect", p).unwrap();
+        }
+        let err = console_pattern("--expect", "(").unwrap_err();
+        assert!(err.contains("invalid --expect regular expression"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_match_never_decides_a_test() {
+        // Built directly (not through console_pattern): still no pass on an
+        // empty line or on text the pattern only matches emptily.
+        let m = matcher("login:|", &["x*"]);
+        assert_eq!(m.check_line(""), Decision::Continue);
+        assert_eq!(m.check_line("booting"), Decision::Continue);
+        assert_eq!(m.check_text(""), Decision::Continue);
+        assert_eq!(m.check_line("debian login: "), Decision::Pass);
+        assert!(matches!(m.check_line("xx"), Decision::Fail(_)));
     }
 
     #[test]

@@ -395,9 +395,15 @@ fn run(ext: &Extension, mut c: Command, what: &str) -> Result<Output> {
         "running"
     );
     let wrapped = Path::new(c.get_program()).file_name() == Some(std::ffi::OsStr::new("unshare"));
-    let out = c
-        .output()
+    let (out, killed) = output_or_kill_after_stop(&mut c)
         .with_context(|| format!("starting extension {} ({:?})", ext.name, c.get_program()))?;
+    if killed {
+        bail!(
+            "{what}: still running {} s after the stop request, so it was killed \
+             (SIGKILL), with every process it started",
+            STOP_GRACE.as_secs()
+        );
+    }
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -429,6 +435,64 @@ fn run(ext: &Extension, mut c: Command, what: &str) -> Result<Output> {
         bail!("{what} ({how}): {tail}");
     }
     Ok(out)
+}
+
+/// How long an extension may go on after SIGINT, SIGTERM or SIGHUP asked the
+/// deploy to stop (Ctrl-C delivers SIGINT to the extension too) before it is
+/// killed with SIGKILL: a `.configure` with everything in its PID namespace.
+pub(crate) const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Like [`Command::output`], but once a stop is requested
+/// ([`crate::util::signals::interrupted`]) the child gets [`STOP_GRACE`] to
+/// end, then is killed. Returns the output and whether it was killed so.
+fn output_or_kill_after_stop(c: &mut Command) -> std::io::Result<(Output, bool)> {
+    use std::process::Stdio;
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let mut stop_seen: Option<std::time::Instant> = None;
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if crate::util::signals::interrupted() {
+            let since = *stop_seen.get_or_insert_with(std::time::Instant::now);
+            if !killed && since.elapsed() >= STOP_GRACE {
+                // unshare --kill-child: its death kills the namespace's PID 1,
+                // and with it every process of the namespace.
+                let _ = child.kill();
+                killed = true;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    Ok((out, killed))
 }
 
 fn show_output(ext: &Extension, out: &Output) {

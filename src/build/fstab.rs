@@ -26,13 +26,18 @@ const FSTAB_MODE: u32 = 0o644;
 /// Result of completing an fstab.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
-    /// The complete fstab: the original text, verbatim, plus added lines.
+    /// The complete fstab: the original lines, verbatim and in their order,
+    /// with the added lines placed so that `mount -a` mounts every parent
+    /// first (see [`complete`]).
     pub content: String,
     /// Mount points added, in order (`/`, `/home`, ...); empty if none.
     pub added: Vec<String>,
     /// State directories (`"srv"`, without slash) that an existing entry
     /// already mounts: they get no `/state` subvolume and keep their content.
     pub kept_state_dirs: Vec<String>,
+    /// Kept entries that are probably wrong on this disk (a `/` entry naming
+    /// another device), each naming the line, the risk and the fix.
+    pub warnings: Vec<String>,
 }
 
 /// The mount points of the entries in `content`, decoded (`\040` is a space)
@@ -102,9 +107,17 @@ fn normalize_mount_point(point: &str) -> String {
 }
 
 /// Completes `content` per design §1: adds `/` when no entry mounts `/`, and
-/// `/<dir>` on `subvol=/state/<dir>` for each state directory no entry mounts,
-/// after one [`ADDED_COMMENT`] line. Nothing is added (and the content is
-/// returned unchanged) when everything is already mounted.
+/// `/<dir>` on `subvol=/state/<dir>` for each state directory no entry mounts.
+/// Existing lines are kept verbatim and in their order; each added line goes
+/// before the first existing entry whose mount point is below it (`/var`
+/// before `tmpfs /var/log ...`; `/` before every other entry), so that a
+/// `mount -a` in file order mounts every parent first; the others go at the
+/// end. Each group of added lines follows one [`ADDED_COMMENT`] line. Nothing
+/// is added (and the content is returned unchanged) when everything is
+/// already mounted.
+///
+/// An existing `/` entry that names another device than `UUID=<fs_uuid>` is
+/// kept (existing entries win) and reported in [`Completion::warnings`].
 pub fn complete(content: &str, fs_uuid: &str) -> Completion {
     let existing = mount_points(content);
     let mounted = |point: &str| existing.iter().any(|p| p == point);
@@ -126,29 +139,110 @@ pub fn complete(content: &str, fs_uuid: &str) -> Completion {
         }
     }
     Completion {
-        content: append_lines(content, &lines),
+        content: insert_lines(content, &added, &lines),
         added,
         kept_state_dirs,
+        warnings: root_entry_warnings(content, fs_uuid),
     }
 }
 
-/// `content` followed by the comment and `lines`, each ending in a newline
-/// (a missing final newline of `content` is added first).
-fn append_lines(content: &str, lines: &[String]) -> String {
-    let mut out = content.to_string();
+/// True when mount point `child` is strictly below `parent` (both normalised).
+fn is_below(child: &str, parent: &str) -> bool {
+    child != parent
+        && (parent == "/"
+            || child
+                .strip_prefix(parent)
+                .is_some_and(|rest| rest.starts_with('/')))
+}
+
+/// `content` with the added `lines` (mounting `points`, same order) inserted:
+/// each before the first existing entry below its mount point (and the
+/// comment lines right above that entry), the rest at the end; each group after one [`ADDED_COMMENT`] line. A missing final
+/// newline of `content` is added before lines appended at the end.
+fn insert_lines(content: &str, points: &[String], lines: &[String]) -> String {
+    let mut out = String::with_capacity(content.len() + 80 * (lines.len() + 1));
     if lines.is_empty() {
+        out.push_str(content);
         return out;
     }
-    if !out.is_empty() && !out.ends_with('\n') {
+    let existing: Vec<&str> = content.split_inclusive('\n').collect();
+    // For each added line, the index of the existing line it must precede:
+    // the first entry below it, or the comment lines right above that entry
+    // (they describe it).
+    let before: Vec<Option<usize>> = points
+        .iter()
+        .map(|p| {
+            let mut at = existing.iter().position(|l| {
+                entry_mount_point(l.trim_end_matches('\n')).is_some_and(|q| is_below(&q, p))
+            })?;
+            while at > 0 && existing[at - 1].trim_start().starts_with('#') {
+                at -= 1;
+            }
+            Some(at)
+        })
+        .collect();
+    let push_group = |out: &mut String, at: Option<usize>| {
+        let group: Vec<&String> = lines
+            .iter()
+            .zip(&before)
+            .filter(|(_, b)| **b == at)
+            .map(|(l, _)| l)
+            .collect();
+        if group.is_empty() {
+            return;
+        }
+        out.push_str(ADDED_COMMENT);
+        out.push('\n');
+        for line in group {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for (i, line) in existing.iter().enumerate() {
+        push_group(&mut out, Some(i));
+        out.push_str(line);
+    }
+    if before.iter().any(Option::is_none) && !out.is_empty() && !out.ends_with('\n') {
         out.push('\n');
     }
-    out.push_str(ADDED_COMMENT);
-    out.push('\n');
-    for line in lines {
-        out.push_str(line);
-        out.push('\n');
+    push_group(&mut out, None);
+    out
+}
+
+/// Warnings for entries mounting `/` from another device than the filesystem
+/// `fs_uuid` (`UUID=dead-beef / ext4 ...`, as cloud-image trees ship): the
+/// line is kept, but the system would mount or check another root than the
+/// disk it boots from. Names the line (1-based), the risk and the fix.
+pub fn root_entry_warnings(content: &str, fs_uuid: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, line) in content.lines().enumerate() {
+        if entry_mount_point(line).as_deref() != Some("/") {
+            continue;
+        }
+        let spec = line.split_whitespace().next().unwrap_or("");
+        if names_filesystem(spec, fs_uuid) {
+            continue;
+        }
+        out.push(format!(
+            "etc/fstab line {} `{}` mounts / from {spec}, not from this disk's \
+             filesystem (UUID={fs_uuid}): it is kept (existing entries win), but the \
+             system will not mount its own root through it; to fix it, remove that \
+             line from the rootfs's etc/fstab (btrfs-deploy then adds \
+             `UUID={fs_uuid} / btrfs ...`) or make it name UUID={fs_uuid}",
+            i + 1,
+            line.trim()
+        ));
     }
     out
+}
+
+/// True when an fstab spec names the filesystem `fs_uuid`
+/// (`UUID=<uuid>` or `/dev/disk/by-uuid/<uuid>`, case-insensitive).
+fn names_filesystem(spec: &str, fs_uuid: &str) -> bool {
+    spec.strip_prefix("UUID=")
+        .or_else(|| spec.strip_prefix("/dev/disk/by-uuid/"))
+        .map(|u| u.trim_matches('"'))
+        .is_some_and(|u| u.eq_ignore_ascii_case(fs_uuid))
 }
 
 /// Completes `etc/fstab` inside `tree` (a root tree, possibly hostile) and
@@ -307,20 +401,145 @@ mod tests {
 
     #[test]
     fn existing_lines_kept_verbatim() {
-        let original = "# /etc/fstab: static file system information.\n\
-                        #\n\
-                        \n\
-                        proc\t/proc\tproc\tdefaults\t0\t0\n   \n\t# indented comment /home\n";
-        let c = complete(original, UUID);
-        assert!(c.content.starts_with(original));
-        assert_eq!(&c.content[original.len()..], full_addition());
+        let head = "# /etc/fstab: static file system information.\n\
+                    #\n\
+                    \n";
+        let tail = "proc\t/proc\tproc\tdefaults\t0\t0\n   \n\t# indented comment /home\n";
+        let c = complete(&format!("{head}{tail}"), UUID);
+        // `/` goes before /proc (below it); the state directories at the end.
+        let mut state = format!("{ADDED_COMMENT}\n");
+        for dir in STATE_DIRS {
+            state.push_str(&state_line(dir));
+            state.push('\n');
+        }
+        assert_eq!(
+            c.content,
+            format!("{head}{ADDED_COMMENT}\n{}\n{tail}{state}", root_line())
+        );
+        assert_eq!(c.added, ["/", "/home", "/root", "/opt", "/srv", "/var"]);
     }
 
     #[test]
     fn missing_final_newline() {
         let original = "proc /proc proc defaults 0 0";
         let c = complete(original, UUID);
-        assert_eq!(c.content, format!("{original}\n{}", full_addition()));
+        let state = full_addition().replace(&format!("{}\n", root_line()), "");
+        assert_eq!(
+            c.content,
+            format!("{ADDED_COMMENT}\n{}\n{original}\n{state}", root_line())
+        );
+        // Only comments and no final newline: appended after a newline.
+        let c = complete("# x", UUID);
+        assert_eq!(c.content, format!("# x\n{}", full_addition()));
+    }
+
+    /// The lines of `content` that are entries, in order, by mount point.
+    fn order(content: &str) -> Vec<String> {
+        content.lines().filter_map(entry_mount_point).collect()
+    }
+
+    /// True when every entry's parent mount points come before it.
+    fn parents_first(content: &str) -> bool {
+        let points = order(content);
+        points
+            .iter()
+            .enumerate()
+            .all(|(i, p)| points[i + 1..].iter().all(|later| !is_below(p, later)))
+    }
+
+    #[test]
+    fn added_entries_go_before_existing_child_mounts() {
+        // The case of the issue: /var/log in RAM, /var added.
+        let original = "# logs in RAM\ntmpfs /var/log tmpfs defaults 0 0\n";
+        let c = complete(original, UUID);
+        // Added before the entry's comment, which stays with its entry.
+        assert!(
+            c.content
+                .contains(&format!("{}\n{original}", state_line("var"))),
+            "{}",
+            c.content
+        );
+        assert_eq!(
+            order(&c.content),
+            ["/", "/var", "/var/log", "/home", "/root", "/opt", "/srv"]
+        );
+        assert!(parents_first(&c.content), "{}", c.content);
+        // Several children, nested, one below a kept state directory, and
+        // lines that must stay verbatim and in their order.
+        let original = "proc /proc proc defaults 0 0\n\
+                        tmpfs\t/home/alice\ttmpfs\tsize=1m 0 0\n\
+                        LABEL=data /srv/data ext4 defaults 0 2\n\
+                        LABEL=data2 /srv/data/deep ext4 defaults 0 2\n\
+                        tmpfs /var/log tmpfs defaults 0 0\n\
+                        tmpfs /var/log/journal tmpfs defaults 0 0\n\
+                        LABEL=opt /opt ext4 defaults 0 2\n\
+                        tmpfs /opt/cache tmpfs defaults 0 0\n\
+                        tmpfs /variable tmpfs defaults 0 0\n";
+        let c = complete(original, UUID);
+        assert!(parents_first(&c.content), "{}", c.content);
+        assert_eq!(
+            order(&c.content),
+            [
+                "/",
+                "/proc",
+                "/home",
+                "/home/alice",
+                "/srv",
+                "/srv/data",
+                "/srv/data/deep",
+                "/var",
+                "/var/log",
+                "/var/log/journal",
+                "/opt",
+                "/opt/cache",
+                "/variable",
+                "/root"
+            ]
+        );
+        assert_eq!(c.kept_state_dirs, ["opt"]);
+        // Removing the added lines gives back the original, byte for byte.
+        let kept: String = c
+            .content
+            .split_inclusive('\n')
+            .filter(|l| !l.starts_with("UUID=") && l.trim_end() != ADDED_COMMENT)
+            .collect();
+        assert_eq!(kept, original);
+        // Completing again changes nothing.
+        assert_eq!(complete(&c.content, UUID).content, c.content);
+    }
+
+    #[test]
+    fn a_root_entry_naming_another_device_is_kept_with_a_warning() {
+        let original = "# cloud image\nUUID=dead-beef / ext4 defaults 0 1\n";
+        let c = complete(original, UUID);
+        assert!(!c.added.contains(&"/".to_string()));
+        assert!(c.content.starts_with(original), "existing entries win");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        let w = &c.warnings[0];
+        for needle in [
+            "etc/fstab line 2",
+            "UUID=dead-beef / ext4 defaults 0 1",
+            "will not mount its own root",
+            "remove that line",
+            UUID,
+        ] {
+            assert!(w.contains(needle), "{needle:?} not in {w}");
+        }
+        // Neighbours: a device path, a label; ours (any case, by-uuid) is fine.
+        for spec in ["/dev/sda1", "LABEL=cloudimg-rootfs", "PARTUUID=1234-01"] {
+            let c = complete(&format!("{spec} / ext4 defaults 0 1\n"), UUID);
+            assert_eq!(c.warnings.len(), 1, "{spec}");
+            assert!(c.warnings[0].contains(spec));
+        }
+        for spec in [
+            format!("UUID={UUID}"),
+            format!("UUID={}", UUID.to_uppercase()),
+            format!("/dev/disk/by-uuid/{UUID}"),
+        ] {
+            let c = complete(&format!("{spec} / btrfs defaults 0 1\n"), UUID);
+            assert!(c.warnings.is_empty(), "{spec}: {:?}", c.warnings);
+        }
+        assert!(complete("", UUID).warnings.is_empty());
     }
 
     #[test]
@@ -330,7 +549,8 @@ mod tests {
         assert_eq!(second.content, first.content);
         assert!(second.added.is_empty());
         assert_eq!(second.kept_state_dirs, STATE_DIRS);
-        assert_eq!(second.content.matches(ADDED_COMMENT).count(), 1);
+        // `/` before /proc, the state directories at the end.
+        assert_eq!(second.content.matches(ADDED_COMMENT).count(), 2);
         // A different UUID does not add anything either: entries win.
         assert_eq!(complete(&first.content, "other").content, first.content);
     }
@@ -375,7 +595,8 @@ mod tests {
         );
         let c = complete(original, UUID);
         assert_eq!(c.kept_state_dirs, ["var"]);
-        assert!(c.content.starts_with(original));
+        assert!(c.content.contains(original));
+        assert!(parents_first(&c.content));
     }
 
     #[test]
@@ -440,7 +661,8 @@ mod tests {
         fs::write(&path, "proc /proc proc defaults 0 0").unwrap();
         fs::set_permissions(&path, Permissions::from_mode(0o600)).unwrap();
         let c = complete_file(t.path(), UUID).unwrap();
-        let want = format!("proc /proc proc defaults 0 0\n{}", full_addition());
+        let want = complete("proc /proc proc defaults 0 0", UUID).content;
+        assert!(want.contains("proc /proc proc defaults 0 0\n"));
         assert_eq!(fs::read_to_string(&path).unwrap(), want);
         assert_eq!(c.content, want);
         assert_eq!(mode(&path), 0o600);
@@ -461,7 +683,7 @@ mod tests {
             "link replaced"
         );
         assert_eq!(mode(&link), 0o644);
-        let want = format!("proc /proc proc defaults 0 0\n{}", full_addition());
+        let want = complete("proc /proc proc defaults 0 0\n", UUID).content;
         assert_eq!(fs::read_to_string(&link).unwrap(), want);
         assert_eq!(c.content, want);
         // The link's target is left alone.

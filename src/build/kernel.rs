@@ -125,12 +125,32 @@ pub fn find_boot_files(rootfs: &Path, choice: &KernelChoice) -> Result<BootFiles
     })
 }
 
-/// Checks that an explicit host path exists and is a regular file.
+/// Checks the explicit host files of `choice` (`--kernel`, `--initramfs`,
+/// `--dtb`): each must be a non-empty regular file. Done at planning for
+/// every rootfs, an archive too (whose boot files are otherwise only looked
+/// for once it is extracted).
+pub fn check_explicit(choice: &KernelChoice) -> Result<()> {
+    explicit_file(choice.kernel.as_deref(), "kernel given with --kernel")?;
+    explicit_file(
+        choice.initramfs.as_deref(),
+        "initramfs given with --initramfs",
+    )?;
+    explicit_file(choice.dtb.as_deref(), "device tree given with --dtb")?;
+    Ok(())
+}
+
+/// Checks that an explicit host path exists and is a non-empty regular file.
 fn explicit_file(path: Option<&Path>, what: &str) -> Result<Option<PathBuf>> {
     let Some(path) = path else { return Ok(None) };
     let meta = fs::metadata(path).with_context(|| format!("{what}: {}", path.display()))?;
     if !meta.is_file() {
         bail!("{what}: {} is not a regular file", path.display());
+    }
+    if meta.len() == 0 {
+        bail!(
+            "{what}: {} is an empty file: give the real file (a truncated download or build?)",
+            path.display()
+        );
     }
     Ok(Some(path.to_path_buf()))
 }
@@ -613,6 +633,30 @@ mod tests {
             ..KernelChoice::default()
         };
         assert!(find_boot_files(r, &initrd).is_err());
+        std::fs::write(r.join("empty"), b"").unwrap();
+        for choice in [
+            KernelChoice {
+                kernel: Some(r.join("empty")),
+                ..KernelChoice::default()
+            },
+            KernelChoice {
+                initramfs: Some(r.join("empty")),
+                ..KernelChoice::default()
+            },
+            KernelChoice {
+                dtb: Some(r.join("empty")),
+                ..KernelChoice::default()
+            },
+        ] {
+            let msg = format!("{:#}", check_explicit(&choice).unwrap_err());
+            assert!(msg.contains("is an empty file"), "{msg}");
+        }
+        let dev = KernelChoice {
+            kernel: Some("/dev/null".into()),
+            ..KernelChoice::default()
+        };
+        let msg = format!("{:#}", check_explicit(&dev).unwrap_err());
+        assert!(msg.contains("not a regular file"), "{msg}");
     }
 
     #[test]

@@ -7,9 +7,15 @@
 //! with the same care as the copy engine (design §4): numeric owners, modes
 //! including setuid/setgid/sticky, nanosecond times (PAX), symlinks, hard
 //! links, device nodes, FIFOs, extended attributes (PAX `SCHILY.xattr.*`,
-//! which carries `security.capability` and POSIX ACLs), sparse files (GNU
-//! and PAX sparse formats; runs of zero blocks in other files become holes
-//! too), and directory metadata applied after the directory's content.
+//! which carries `security.capability` and binary POSIX ACLs, and bsdtar's
+//! base64 `LIBARCHIVE.xattr.*`), POSIX ACLs given as text (`SCHILY.acl.access`
+//! and `SCHILY.acl.default`, from `tar --acls`: applied as the
+//! `system.posix_acl_*` xattrs in the kernel's binary format), sparse files
+//! (GNU and PAX sparse formats; runs of zero blocks in other files become
+//! holes too), and directory metadata applied after the directory's content.
+//! PAX records are parsed by their length, so values may hold newlines (the
+//! `tar` crate is patched for that: `vendor/tar/PATCHED.md`). Any error
+//! reading the archive names the entry (its path inside the archive).
 //!
 //! Nothing is ever written outside the target: an entry with an absolute path
 //! or a `..` component, or whose path (or hard-link target) goes through a
@@ -155,10 +161,14 @@ fn content_size_inner(path: &Path) -> Result<u64> {
 
 fn sum_sizes<R: Read>(entries: tar::Entries<'_, R>) -> Result<u64> {
     let mut total = 0u64;
+    let mut last: Option<String> = None;
     for entry in entries {
-        let mut entry = entry?;
+        let mut entry = entry.map_err(|e| entry_error(e, last.as_deref()))?;
         let t = entry.header().entry_type();
-        let pax = Pax::read(&mut entry)?;
+        let shown = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let pax =
+            Pax::read(&mut entry).with_context(|| format!("reading archive entry {shown:?}"))?;
+        last = Some(shown);
         // Refuse escaping paths now, before anything is written.
         let raw = match pax.sparse.as_ref().and_then(|s| s.name.clone()) {
             Some(name) => name,
@@ -221,13 +231,16 @@ fn extract_inner(path: &Path, dst: &Path, progress: Option<&Progress>) -> Result
         stats: CopyStats::default(),
         progress,
         buf: vec![0u8; BUF_SIZE],
+        ids: std::collections::HashMap::new(),
     };
+    let mut last: Option<String> = None;
     for entry in ar
         .entries()
         .with_context(|| format!("reading {}", path.display()))?
     {
         crate::util::signals::check()?;
-        let mut entry = entry.with_context(|| format!("reading {}", path.display()))?;
+        let mut entry = entry.map_err(|e| entry_error(e, last.as_deref()))?;
+        last = Some(String::from_utf8_lossy(&entry.path_bytes()).into_owned());
         x.entry(&mut entry)?;
         if let Some(p) = progress {
             p.entries.fetch_add(1, Ordering::Relaxed);
@@ -235,6 +248,16 @@ fn extract_inner(path: &Path, dst: &Path, progress: Option<&Progress>) -> Result
     }
     x.finish_dirs()?;
     Ok(x.stats)
+}
+
+/// An error reading the archive's next header, naming the entry before it
+/// (the header itself could not be read, so its name is unknown).
+fn entry_error(e: io::Error, last: Option<&str>) -> anyhow::Error {
+    let e = anyhow::Error::new(e);
+    match last {
+        Some(name) => e.context(format!("reading the archive entry after {name:?}")),
+        None => e.context("reading the archive's first entry"),
+    }
 }
 
 /// Opens the target root, which must be an empty real directory.
@@ -257,7 +280,17 @@ struct Pax {
     atime: Option<Time>,
     xattrs: Xattrs,
     sparse: Option<PaxSparse>,
+    /// POSIX ACLs as text (`SCHILY.acl.access`, `SCHILY.acl.default`: GNU
+    /// tar's and star's `--acls`), applied as `system.posix_acl_*` xattrs
+    /// unless the archive also holds those xattrs (GNU tar `--acls --xattrs`
+    /// stores both; the binary xattr is exact, numeric ids).
+    acl_access: Option<Vec<u8>>,
+    acl_default: Option<Vec<u8>>,
 }
+
+/// Xattr names of POSIX ACLs (the kernel's binary format).
+const ACL_ACCESS_XATTR: &str = "system.posix_acl_access";
+const ACL_DEFAULT_XATTR: &str = "system.posix_acl_default";
 
 /// A file stored in one of the PAX sparse formats (GNU tar `-S --format=posix`).
 struct PaxSparse {
@@ -284,10 +317,22 @@ impl Pax {
             let value = ext.value_bytes();
             if let Some(xname) = key.strip_prefix(b"SCHILY.xattr.") {
                 let n = CString::new(xname).map_err(|_| anyhow!("xattr name with NUL"))?;
-                pax.xattrs.push((n, value.to_vec()));
+                set_xattr_value(&mut pax.xattrs, n, value.to_vec());
+                continue;
+            }
+            if let Some(encoded) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
+                // bsdtar: the name URL-encoded, the value base64.
+                let (n, v) = libarchive_xattr(encoded, value)?;
+                set_xattr_value(&mut pax.xattrs, n, v);
                 continue;
             }
             match key {
+                b"SCHILY.acl.access" => pax.acl_access = Some(value.to_vec()),
+                b"SCHILY.acl.default" => pax.acl_default = Some(value.to_vec()),
+                b"SCHILY.acl.ace" => bail!(
+                    "the archive holds NFSv4 ACLs (SCHILY.acl.ace), which Linux filesystems \
+                     cannot store: make the archive without them (POSIX ACLs are kept)"
+                ),
                 b"mtime" => pax.mtime = Some(parse_time(value)?),
                 b"atime" => pax.atime = Some(parse_time(value)?),
                 b"GNU.sparse.major" => major = Some(parse_u64(value)?),
@@ -324,6 +369,157 @@ impl Pax {
         }
         Ok(pax)
     }
+}
+
+/// Sets xattr `name` to `value` in `xattrs`, replacing an earlier value.
+fn set_xattr_value(xattrs: &mut Xattrs, name: CString, value: Vec<u8>) {
+    xattrs.retain(|(n, _)| *n != name);
+    xattrs.push((name, value));
+}
+
+/// A bsdtar `LIBARCHIVE.xattr.<name>` record: the name URL-encoded (`%XX`),
+/// the value base64.
+fn libarchive_xattr(encoded: &[u8], value: &[u8]) -> Result<(CString, Vec<u8>)> {
+    use base64::Engine;
+    let mut name = Vec::with_capacity(encoded.len());
+    let mut i = 0;
+    while i < encoded.len() {
+        if encoded[i] == b'%' {
+            let hex = encoded
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "bad %-escape in the xattr name of LIBARCHIVE.xattr.{}",
+                        String::from_utf8_lossy(encoded)
+                    )
+                })?;
+            name.push(hex);
+            i += 3;
+        } else {
+            name.push(encoded[i]);
+            i += 1;
+        }
+    }
+    let shown = String::from_utf8_lossy(&name).into_owned();
+    let name = CString::new(name).map_err(|_| anyhow!("xattr name {shown:?} with a NUL"))?;
+    let trimmed: Vec<u8> = value
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace() && *b != b'=')
+        .collect();
+    let value = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(&trimmed)
+        .map_err(|e| anyhow!("the value of xattr {shown:?} is not base64: {e}"))?;
+    Ok((name, value))
+}
+
+/// Users or groups, for ACL entries given by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum IdKind {
+    User,
+    Group,
+}
+
+impl IdKind {
+    fn word(self) -> &'static str {
+        match self {
+            IdKind::User => "user",
+            IdKind::Group => "group",
+        }
+    }
+}
+
+/// POSIX ACL tags of the kernel's binary format (`linux/posix_acl_xattr.h`).
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_GROUP: u16 = 0x08;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+/// The version of the binary format.
+const ACL_XATTR_VERSION: u32 = 2;
+
+/// Converts a text ACL, as GNU tar (`user::rw-\nuser:alice:r--\n...`, one
+/// entry a line, `#` comments) or star and bsdtar (`user::rw-,user:alice:r--:1001,...`,
+/// comma-separated, the id as a fourth field) store it, into the value of a
+/// `system.posix_acl_*` xattr: version 2, then (tag, perm, id) entries
+/// sorted as the kernel requires. `id_of` resolves names that are not
+/// numbers (and carry no id field).
+fn acl_from_text(
+    text: &[u8],
+    mut id_of: impl FnMut(IdKind, &str) -> Result<u32>,
+) -> Result<Vec<u8>> {
+    let text = std::str::from_utf8(text).map_err(|_| anyhow!("the ACL text is not UTF-8"))?;
+    let mut entries: Vec<(u16, u16, u32)> = Vec::new();
+    for raw in text.split(['\n', ',']) {
+        let entry = raw.split('#').next().unwrap_or("").trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let bad = |why: &str| anyhow!("bad ACL entry {entry:?}: {why}");
+        let f: Vec<&str> = entry.split(':').map(str::trim).collect();
+        if f.len() < 3 || f.len() > 4 {
+            return Err(bad("want tag:qualifier:permissions"));
+        }
+        let (tag_word, qualifier, perms) = (f[0], f[1], f[2]);
+        let named = !qualifier.is_empty();
+        let (tag, kind) = match (tag_word, named) {
+            ("user" | "u", false) => (ACL_USER_OBJ, None),
+            ("user" | "u", true) => (ACL_USER, Some(IdKind::User)),
+            ("group" | "g", false) => (ACL_GROUP_OBJ, None),
+            ("group" | "g", true) => (ACL_GROUP, Some(IdKind::Group)),
+            ("mask" | "m", false) => (ACL_MASK, None),
+            ("other" | "o", false) => (ACL_OTHER, None),
+            _ => return Err(bad("unknown tag, or a qualifier where none belongs")),
+        };
+        let mut perm = 0u16;
+        for c in perms.chars() {
+            perm |= match c {
+                'r' => 4,
+                'w' => 2,
+                'x' => 1,
+                '-' => 0,
+                _ => return Err(bad("permissions are r, w, x or -")),
+            };
+        }
+        let id = match kind {
+            None => u32::MAX,
+            Some(kind) => match (f.get(3), qualifier.parse::<u32>()) {
+                (Some(id), _) => id.parse().map_err(|_| bad("the id is not a number"))?,
+                (None, Ok(id)) => id,
+                (None, Err(_)) => id_of(kind, qualifier)?,
+            },
+        };
+        if entries.iter().any(|(t, _, i)| *t == tag && *i == id) {
+            return Err(bad("given twice"));
+        }
+        entries.push((tag, perm, id));
+    }
+    for required in [ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER] {
+        if !entries.iter().any(|(t, _, _)| *t == required) {
+            return Err(anyhow!(
+                "the ACL {text:?} lacks its user::, group:: or other:: entry"
+            ));
+        }
+    }
+    let named = entries
+        .iter()
+        .any(|(t, _, _)| matches!(*t, ACL_USER | ACL_GROUP));
+    if named && !entries.iter().any(|(t, _, _)| *t == ACL_MASK) {
+        return Err(anyhow!(
+            "the ACL {text:?} has named entries but no mask:: entry"
+        ));
+    }
+    entries.sort_by_key(|(t, _, id)| (*t, *id));
+    let mut v = ACL_XATTR_VERSION.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    Ok(v)
 }
 
 fn parse_u64(v: &[u8]) -> Result<u64> {
@@ -495,6 +691,8 @@ struct Extractor<'a> {
     stats: CopyStats,
     progress: Option<&'a Progress>,
     buf: Vec<u8>,
+    /// Users and groups of the tree, by name (for ACLs given as text).
+    ids: std::collections::HashMap<(IdKind, String), u32>,
 }
 
 impl Extractor<'_> {
@@ -511,16 +709,92 @@ impl Extractor<'_> {
         if t.is_pax_global_extensions() || t == tar::EntryType::new(b'V') {
             return Ok(()); // global PAX header or volume label: nothing to create
         }
-        let pax = Pax::read(entry)?;
+        let header_path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let mut pax =
+            Pax::read(entry).with_context(|| format!("reading archive entry {header_path:?}"))?;
         let raw_path: Vec<u8> = match pax.sparse.as_ref().and_then(|s| s.name.clone()) {
             Some(name) => name,
             None => entry.path_bytes().into_owned(),
         };
-        let comps = components(&raw_path, "entry")?;
-        let meta = self.entry_meta(entry, &pax)?;
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let comps = components(&raw_path, "entry")?;
+        let meta = self
+            .entry_meta(entry, &pax)
+            .with_context(|| format!("reading archive entry {shown:?}"))?;
+        self.acls_to_xattrs(&mut pax, t)
+            .with_context(|| format!("reading the ACLs of archive entry {shown:?}"))?;
         self.create(entry, t, &comps, &meta, pax)
             .with_context(|| format!("extracting archive entry {shown:?}"))
+    }
+
+    /// Turns the text ACLs of `pax` into `system.posix_acl_*` xattrs, unless
+    /// the archive holds those xattrs already. Names of users and groups are
+    /// looked up in the tree's own `etc/passwd` and `etc/group` (extracted
+    /// earlier from the archive), then in this host's database.
+    fn acls_to_xattrs(&mut self, pax: &mut Pax, t: tar::EntryType) -> Result<()> {
+        for (text, name) in [
+            (pax.acl_access.take(), ACL_ACCESS_XATTR),
+            (pax.acl_default.take(), ACL_DEFAULT_XATTR),
+        ] {
+            let Some(text) = text else { continue };
+            if pax
+                .xattrs
+                .iter()
+                .any(|(n, _)| n.as_bytes() == name.as_bytes())
+            {
+                continue;
+            }
+            if t.is_symlink() {
+                continue; // Linux has no ACLs on symlinks
+            }
+            let value = acl_from_text(&text, |kind, n| self.id_of(kind, n))?;
+            set_xattr_value(&mut pax.xattrs, cstring(name.as_bytes())?, value);
+        }
+        pax.xattrs.sort();
+        Ok(())
+    }
+
+    /// The id of user or group `name` in the tree's `etc/passwd` or `etc/group`.
+    fn id_of(&mut self, kind: IdKind, name: &str) -> Result<u32> {
+        let file = match kind {
+            IdKind::User => "etc/passwd",
+            IdKind::Group => "etc/group",
+        };
+        if let Some(id) = self.ids.get(&(kind, name.to_string())) {
+            return Ok(*id);
+        }
+        // Read again: the file may have been extracted since the last look.
+        if let Some(bytes) = crate::util::rootpath::read_in_root(self.dst, Path::new(file))? {
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                let f: Vec<&str> = line.split(':').collect();
+                if let (Some(n), Some(Ok(id))) = (f.first(), f.get(2).map(|i| i.parse::<u32>())) {
+                    self.ids.insert((kind, n.to_string()), id);
+                }
+            }
+        }
+        if let Some(id) = self.ids.get(&(kind, name.to_string())) {
+            return Ok(*id);
+        }
+        // GNU tar writes the names of the host that made the archive; like
+        // GNU tar's own extraction, fall back to this host's database.
+        let host = match kind {
+            IdKind::User => nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw()),
+            IdKind::Group => nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw()),
+        };
+        host.ok_or_else(|| {
+            anyhow!(
+                "the ACL names {} {name:?}, which neither the archive's {file} (as extracted \
+                 so far) nor this host lists: make the archive with `tar --acls --xattrs` \
+                 (which also stores the ACLs with numeric ids)",
+                kind.word()
+            )
+        })
     }
 
     /// The metadata an entry asks for (owner, mode with its file type, times).
@@ -1334,6 +1608,293 @@ mod tests {
         let nospace = err.chain().find_map(|e| e.downcast_ref::<NoSpaceError>());
         assert!(nospace.is_some(), "{err:#}");
         assert!(format!("{err:#}").contains("no space left"), "{err:#}");
+    }
+
+    /// An archive (built with the tar crate's writer) of: a directory, then
+    /// entries whose PAX records are given raw.
+    fn raw_pax_archive(path: &Path, entries: &[(&str, tar::EntryType, &[u8], &[u8])]) {
+        let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+        for (name, kind, pax, data) in entries {
+            if !pax.is_empty() {
+                let mut h = tar::Header::new_ustar();
+                h.set_path(format!("PaxHeaders/{name}")).unwrap();
+                h.set_size(pax.len() as u64);
+                h.set_entry_type(tar::EntryType::XHeader);
+                h.set_cksum();
+                b.append(&h, *pax).unwrap();
+            }
+            let mut h = tar::Header::new_ustar();
+            h.set_path(name).unwrap();
+            h.set_entry_type(*kind);
+            // Group bits of a file with an ACL are its mask (rw- below).
+            h.set_mode(if kind.is_dir() { 0o755 } else { 0o664 });
+            h.set_mtime(1_600_000_000);
+            h.set_uid(0);
+            h.set_gid(0);
+            if kind.is_symlink() {
+                h.set_link_name("harmless").unwrap();
+                h.set_size(0);
+            } else {
+                h.set_size(data.len() as u64);
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.finish().unwrap();
+    }
+
+    /// One PAX record: `<length> <key>=<value>\n`, the length counting itself.
+    fn record(key: &str, value: &[u8]) -> Vec<u8> {
+        let rest = key.len() + value.len() + 3;
+        let mut len = rest + 1;
+        while len.to_string().len() + rest != len {
+            len += 1;
+        }
+        let mut v = format!("{len} {key}=").into_bytes();
+        v.extend_from_slice(value);
+        v.push(b'\n');
+        v
+    }
+
+    #[test]
+    fn pax_records_are_parsed_by_length() {
+        let t = tempfile::tempdir().unwrap();
+        let archive = t.path().join("a.tar");
+        let acl_text =
+            b"user::rw-\nuser:1234:r--\ngroup::r--\ngroup:4321:rw-\nmask::rw-\nother::r--\n";
+        let mut file_pax = record("SCHILY.acl.access", acl_text);
+        file_pax.extend(record("SCHILY.xattr.user.multi", b"line 1\nline 2\n"));
+        file_pax.extend(record("SCHILY.xattr.user.bin", &[1, 10, 10, 0, 255]));
+        file_pax.extend(record("LIBARCHIVE.xattr.user.b%41se", b"YQpi"));
+        // A value whose tail looks like a record: it must stay part of the
+        // value, never become the entry's link target.
+        let mut link_pax = record("SCHILY.xattr.trusted.trap", b"x\n22 linkpath=/etc/evil\n");
+        link_pax.extend(record("mtime", b"1600000001.5"));
+        let dir_acl = b"user::rwx\ngroup::r-x\nother::r-x\n";
+        let mut dir_pax = record("SCHILY.acl.access", dir_acl);
+        dir_pax.extend(record(
+            "SCHILY.acl.default",
+            b"user::rwx,user:1234:r-x,group::r-x,mask::r-x,other::---",
+        ));
+        raw_pax_archive(
+            &archive,
+            &[
+                ("d", tar::EntryType::Directory, &dir_pax, b""),
+                ("d/f", tar::EntryType::Regular, &file_pax, b"data"),
+                ("link", tar::EntryType::Symlink, &link_pax, b""),
+            ],
+        );
+        let dst = new_dir(&t, "dst");
+        extract(&archive, &dst, None).unwrap();
+        let get = |rel: &str, name: &str| {
+            sys::read_xattrs(Target::path(&dst.join(rel), Kind::File))
+                .unwrap()
+                .into_iter()
+                .find(|(n, _)| n.as_bytes() == name.as_bytes())
+                .map(|(_, v)| v)
+        };
+        use crate::build::copy::testing as tt;
+        assert_eq!(
+            get("d/f", "system.posix_acl_access").unwrap(),
+            tt::posix_acl(&[
+                (tt::ACL_USER_OBJ, 6, 0),
+                (tt::ACL_USER, 4, 1234),
+                (tt::ACL_GROUP_OBJ, 4, 0),
+                (tt::ACL_GROUP, 6, 4321),
+                (tt::ACL_MASK, 6, 0),
+                (tt::ACL_OTHER, 4, 0),
+            ])
+        );
+        assert_eq!(get("d/f", "user.multi").unwrap(), b"line 1\nline 2\n");
+        assert_eq!(get("d/f", "user.bin").unwrap(), [1, 10, 10, 0, 255]);
+        assert_eq!(get("d/f", "user.bAse").unwrap(), b"a\nb");
+        assert_eq!(
+            get("d", "system.posix_acl_default").unwrap(),
+            tt::posix_acl(&[
+                (tt::ACL_USER_OBJ, 7, 0),
+                (tt::ACL_USER, 5, 1234),
+                (tt::ACL_GROUP_OBJ, 5, 0),
+                (tt::ACL_MASK, 5, 0),
+                (tt::ACL_OTHER, 0, 0),
+            ])
+        );
+        assert_eq!(std::fs::read(dst.join("d/f")).unwrap(), b"data");
+        assert_eq!(
+            std::fs::read_link(dst.join("link")).unwrap(),
+            Path::new("harmless")
+        );
+        assert_eq!(
+            get("link", "trusted.trap").unwrap(),
+            b"x\n22 linkpath=/etc/evil\n"
+        );
+        let m = std::fs::symlink_metadata(dst.join("link")).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_600_000_001, 500_000_000));
+    }
+
+    #[test]
+    fn malformed_pax_records_are_refused_naming_the_entry() {
+        let t = tempfile::tempdir().unwrap();
+        for (what, pax) in [
+            ("length beyond the header", b"99 user.x=1\n".to_vec()),
+            ("length not a number", b"1x path=a\n".to_vec()),
+            ("no newline at the end", b"11 mtime=12x".to_vec()),
+            ("no = sign", b"9 mtime1\n".to_vec()),
+            (
+                "a bad ACL",
+                record("SCHILY.acl.access", b"user::rw-\nfriend:x:r--\n"),
+            ),
+            (
+                "an ACL without other::",
+                record("SCHILY.acl.access", b"user::rw-\ngroup::r--\n"),
+            ),
+            (
+                "a bad base64 value",
+                record("LIBARCHIVE.xattr.user.x", b"!!!"),
+            ),
+        ] {
+            let archive = t.path().join("bad.tar");
+            raw_pax_archive(
+                &archive,
+                &[
+                    ("etc", tar::EntryType::Directory, b"", b""),
+                    ("etc/victim.conf", tar::EntryType::Regular, &pax, b"data"),
+                ],
+            );
+            let dst = t.path().join("dst");
+            let _ = std::fs::remove_dir_all(&dst);
+            std::fs::create_dir(&dst).unwrap();
+            let err = format!("{:#}", extract(&archive, &dst, None).unwrap_err());
+            assert!(err.contains("etc/victim.conf"), "{what}: {err}");
+            assert!(!dst.join("etc/victim.conf").exists(), "{what}");
+        }
+    }
+
+    #[test]
+    fn acl_text_forms_and_names() {
+        let users = |kind: IdKind, name: &str| match (kind, name) {
+            (IdKind::User, "alice") => Ok(1001),
+            (IdKind::Group, "staff") => Ok(50),
+            _ => Err(anyhow!("unknown {name}")),
+        };
+        use crate::build::copy::testing as tt;
+        let want = tt::posix_acl(&[
+            (tt::ACL_USER_OBJ, 6, 0),
+            (tt::ACL_USER, 4, 1001),
+            (tt::ACL_GROUP_OBJ, 4, 0),
+            (tt::ACL_GROUP, 7, 50),
+            (tt::ACL_MASK, 7, 0),
+            (tt::ACL_OTHER, 0, 0),
+        ]);
+        for text in [
+            // GNU tar: one a line, names, effective-rights comments.
+            "user::rw-\nuser:alice:r--\ngroup::r--\ngroup:staff:rwx\t#effective:rwx\nmask::rwx\nother::---\n",
+            // star / bsdtar: comma-separated, the id as a fourth field.
+            "user::rw-,user:alice:r--:1001,group::r--,group:staff:rwx:50,mask::rwx,other::---",
+            // Abbreviated, numeric, out of order.
+            "o::-,m::rwx,g:50:rwx,g::r,u:1001:r,u::rw",
+        ] {
+            assert_eq!(acl_from_text(text.as_bytes(), users).unwrap(), want, "{text}");
+        }
+        for (text, needle) in [
+            (
+                "user::rw-\nuser:bob:r--\ngroup::r--\nmask::r--\nother::r--",
+                "unknown bob",
+            ),
+            ("user::rw-\ngroup::r--\nother::rwz", "permissions"),
+            ("user::rw-\nuser:1:r--\ngroup::r--\nother::r--", "no mask"),
+            ("user::rw-\nother::r--", "lacks"),
+            (
+                "user::rw-\nuser::r--\ngroup::r--\nother::r--",
+                "given twice",
+            ),
+            ("mask:x:rw-", "unknown tag"),
+        ] {
+            let err = format!("{:#}", acl_from_text(text.as_bytes(), users).unwrap_err());
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    /// A tree with ACLs (access and default, set by `setfacl`) and user
+    /// xattrs (set by `setfattr`, one holding newlines), archived by GNU tar
+    /// with `--acls` (text ACLs only) and `--acls --xattrs` (text and
+    /// binary): extracted, `getfacl` shows the same ACLs as the source.
+    #[test]
+    fn gnu_tar_acls_and_xattrs_are_applied() {
+        let t = tempfile::tempdir().unwrap();
+        let src = new_dir(&t, "src");
+        let sh = |script: &str| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .current_dir(&src)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        sh(
+            "mkdir -p etc shared/sub && echo f > file && echo g > shared/sub/g \
+            && printf 'root:x:0:0::/root:/bin/sh\\n' > etc/passwd \
+            && setfacl -m u:1234:r,g:4321:rw,u:1000:rw file \
+            && setfacl -m u:1234:rwx shared && setfacl -d -m u:1234:rx,g:4321:r,o::- shared \
+            && setfacl -m u:1234:r shared/sub/g \
+            && setfattr -n user.note -v \"$(printf 'two\\nlines')\" file \
+            && setfattr -n user.bin -v 0x010a0a00 shared",
+        );
+        let acls = |dir: &Path| {
+            let out = Command::new("getfacl")
+                .args(["-R", "-n", "-p", "."])
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let want = acls(&src);
+        assert!(
+            want.contains("user:1234:rwx") && want.contains("default:user:1234:r-x"),
+            "{want}"
+        );
+        for (name, flags) in [
+            ("text.tar", &["--acls"][..]),
+            (
+                "both.tar",
+                &["--acls", "--xattrs", "--xattrs-include=*"][..],
+            ),
+        ] {
+            let archive = t.path().join(name);
+            let out = Command::new("tar")
+                .args(["--numeric-owner", "-cpf"])
+                .arg(&archive)
+                .args(flags)
+                .arg("-C")
+                .arg(&src)
+                .arg(".")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let dst = new_dir(&t, &format!("dst-{name}"));
+            extract(&archive, &dst, None).unwrap();
+            assert_eq!(acls(&dst), want, "{name}");
+            if name == "both.tar" {
+                assert_eq!(
+                    sys::read_xattrs(Target::path(&dst.join("file"), Kind::File))
+                        .unwrap()
+                        .into_iter()
+                        .find(|(n, _)| n.as_bytes() == b"user.note")
+                        .map(|(_, v)| v),
+                    Some(b"two\nlines".to_vec())
+                );
+            }
+        }
     }
 
     #[test]

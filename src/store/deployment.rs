@@ -37,6 +37,10 @@ pub struct Deployment {
     pub settings: BTreeMap<String, String>,
     /// fstab mount points the tool added.
     pub fstab_added: Vec<String>,
+    /// Warnings printed by the deploy (e.g. a kept fstab `/` entry naming
+    /// another device); `deploy check` reports them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Free-form details (copy statistics, /etc merge report, ...).
     pub details: BTreeMap<String, serde_json::Value>,
 }

@@ -33,6 +33,13 @@ pub fn detail(msg: impl AsRef<str>) {
     }
 }
 
+/// A warning: printed even with `--quiet` (as `warning: ...`); a closed
+/// stderr is ignored.
+pub fn warn(msg: impl AsRef<str>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "warning: {}", msg.as_ref());
+}
+
 /// A progress display fed from copy counters; shown only on a terminal.
 pub struct Progress {
     bar: Option<ProgressBar>,
