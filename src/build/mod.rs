@@ -8,5 +8,6 @@ pub(crate) mod extensions;
 pub(crate) mod fstab;
 pub(crate) mod intree;
 pub(crate) mod kernel;
+pub(crate) mod nssmerge;
 pub(crate) mod state;
 pub(crate) mod tarball;
