@@ -1292,7 +1292,7 @@ fn run_in_tree_subcommand() {
 }
 
 #[test]
-fn upgrade_runs_extensions_with_upgrade_context_and_seeds_state() {
+fn upgrade_runs_extensions_with_upgrade_context_and_state_follows() {
     let tmp = tempfile::tempdir().unwrap();
     let rootfs = tiny_copy(tmp.path(), "rootfs");
     let img = tmp.path().join("disk.img");
@@ -1352,18 +1352,16 @@ fn upgrade_runs_extensions_with_upgrade_context_and_seeds_state() {
     // rootfs plus this deploy's extensions).
     let passwd = read(&m.path("systems/v2/orig/etc/passwd"));
     assert!(passwd.contains("\nbob:x:1002:1002:"), "{passwd}");
-    // /state: alice's home kept, bob's home seeded, root's existing
-    // authorized_keys not overwritten.
-    assert!(m.path("state/home/alice").is_dir());
+    // /state follows v2 where the device changed nothing: alice's home
+    // (which v2 no longer ships) goes, bob's arrives, root's key is v2's.
+    assert!(!m.path("state/home/alice").exists());
     assert_eq!(owner_mode(&m.path("state/home/bob")), (1002, 1002, 0o40750));
     assert_eq!(
         read(&m.path("state/root/.ssh/authorized_keys")),
-        format!("{KEY1}\n")
+        format!("{KEY2}\n")
     );
-    assert!(std::fs::read_dir(m.path("systems/v2/orig/home"))
-        .unwrap()
-        .next()
-        .is_none());
+    // v2 keeps its vendor copy of /home.
+    assert!(m.path("systems/v2/orig/home/bob").is_dir());
 }
 
 #[test]

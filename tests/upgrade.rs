@@ -188,16 +188,21 @@ fn upgrade_syncs_delta_shares_extents_and_merges_etc() {
         "{fstab}"
     );
     assert_eq!(fstab.matches(" /home btrfs").count(), 1, "{fstab}");
-    // /state: never rewritten, missing entries seeded; the version's /home stays empty.
+    // /state follows v2: the user's edit stays (v2's copy beside it), new
+    // entries arrive; the version keeps its vendor copy of /home.
     assert_eq!(
         std::fs::read(m.path("state/home/user/notes.txt")).unwrap(),
         b"edited by the user\n"
     );
     assert_eq!(
+        std::fs::read(m.path("state/home/user/notes.txt.deploy-new")).unwrap(),
+        b"vendor notes must not overwrite state\n"
+    );
+    assert_eq!(
         std::fs::read(m.path("state/home/newuser/welcome")).unwrap(),
         b"seeded\n"
     );
-    assert_eq!(std::fs::read_dir(orig2.join("home")).unwrap().count(), 0);
+    assert!(orig2.join("home/newuser/welcome").exists());
     // Boot config has both versions and marks v2.
     let conf = std::fs::read_to_string(m.path("extlinux/extlinux.conf")).unwrap();
     assert!(

@@ -1,6 +1,7 @@
 //! The subcommands that manage versions on an existing disk: list,
 //! set-default, remove, cleanup.
 
+use crate::build::statemerge;
 use crate::store::btrfs;
 use crate::store::layout::{self, Layout};
 use crate::store::versions;
@@ -22,7 +23,13 @@ pub fn with_disk<T>(
         bail!("{} does not exist", target.display());
     }
     let lock = disk::lock_existing(target)?;
-    let result = open_checked(target, kind, read_only, f);
+    let result = open_checked(target, kind, read_only, |disk| {
+        if !read_only {
+            // A /state merge an interruption left is finished (or undone) first.
+            statemerge::recover(&disk.layout)?;
+        }
+        f(disk)
+    });
     drop(lock);
     result
 }
@@ -140,7 +147,8 @@ pub fn set_default(label: &str, target: &Path) -> Result<()> {
         if versions::write_boot_config(top, &fs_uuid, label)? {
             btrfs::sync_fs(&top.top)?;
         }
-        versions::switch_default(top, Path::new(label).to_str().unwrap_or(label))?;
+        let from = versions::default_label(top)?;
+        statemerge::switch_with_state(top, &from, label, || versions::switch_default(top, label))?;
         btrfs::sync_fs(&top.top)?;
         ui::step(format!(
             "{label} is now the default on {}",

@@ -9,5 +9,5 @@ pub(crate) mod fstab;
 pub(crate) mod intree;
 pub(crate) mod kernel;
 pub(crate) mod nssmerge;
-pub(crate) mod state;
+pub(crate) mod statemerge;
 pub(crate) mod tarball;
