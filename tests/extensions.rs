@@ -773,10 +773,11 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
     assert_eq!(read(&ak), format!("{KEY1}\n{KEY2}\n"));
     assert_eq!(owner_mode(&ak), (0, 0, 0o100600));
     assert_eq!(owner_mode(&m.path("state/root/.ssh")).2, 0o40700);
-    assert!(std::fs::read_dir(orig.join("root"))
-        .unwrap()
-        .next()
-        .is_none());
+    // The version keeps its vendor copy of /root (the state merge's base).
+    assert_eq!(
+        read(&orig.join("root/.ssh/authorized_keys")),
+        format!("{KEY1}\n{KEY2}\n")
+    );
     // network
     assert!(read(&orig.join("etc/systemd/network/10-eth0.network"))
         .contains("Address=10.1.2.3/24\nGateway=10.1.2.1\n"));
@@ -802,7 +803,7 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
         "name=shop\nversion=factory\nsecret=hunter2-secret\nkeep=${NOT_A_VAR} $PLAIN\n"
     );
     assert_eq!(owner_mode(&conf), (0, 1000, 0o100640));
-    // /opt moved to /state/opt with the installed file.
+    // /opt copied to /state/opt with the installed file.
     assert_eq!(
         owner_mode(&m.path("state/opt/app/blob.bin")),
         (1000, 1000, 0o104755)

@@ -223,6 +223,12 @@ fn an_interrupted_merge_is_finished_or_undone_by_the_next_command() {
         std::fs::remove_file(e.path("systems/default")).unwrap();
         std::os::unix::fs::symlink("v2", e.path("systems/default")).unwrap();
     }
+    let out = run(&["check", c.img()]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("/state/.deploy-merge: a /state merge was interrupted"),
+        "{report}"
+    );
     let out = run_ok(&["cleanup", c.img()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -372,4 +378,67 @@ fn old_format_disks_keep_working() {
     assert!(stderr.contains("/state left as it is"), "{stderr}");
     let m = Inspect::open(&c.img);
     assert_eq!(read(&m.path("state/opt/app/added-in-2")), "new\n");
+}
+
+/// QEMU: after an upgrade the booted system runs the new /opt content, and
+/// a user added on the device still logs in with its password.
+#[test]
+fn boot_after_an_upgrade_shows_new_opt_and_the_device_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v1 = tmp.path().join("v1");
+    sh(&format!(
+        "cp -a {} {}",
+        tiny_rootfs().display(),
+        v1.display()
+    ));
+    write(&v1.join("opt/app/VERSION"), b"1\n");
+    let hook = v1.join("etc/tiny-boot.d/50-upgrade-report");
+    write(
+        &hook,
+        b"#!/bin/sh\necho \"opt=$(cat /opt/app/VERSION)\"\nsu - alice -c id\n\
+          h=$(grep '^alice:' /etc/shadow | cut -d: -f2)\n\
+          [ \"$(busybox mkpasswd -m sha512 -S abcdefgh secret)\" = \"$h\" ] && echo password-ok=yes || echo password-ok=no\n",
+    );
+    chmod(&hook, 0o755);
+    let img = tmp.path().join("disk.img");
+    let i = img.to_str().unwrap();
+    run_ok(&["--rootfs", v1.to_str().unwrap(), i]);
+    {
+        // `adduser alice` and `passwd alice` (password "secret") on the device.
+        let hash = sh("openssl passwd -6 -salt abcdefgh secret");
+        let e = Edit::open(&img);
+        let etc = e.path("systems/factory/run/etc");
+        let add = |f: &str, line: &str| {
+            let old = std::fs::read_to_string(etc.join(f)).unwrap();
+            std::fs::write(etc.join(f), format!("{old}{line}\n")).unwrap();
+        };
+        add("passwd", "alice:x:1001:1001::/home/alice:/bin/sh");
+        add(
+            "shadow",
+            &format!("alice:{}:19500:0:99999:7:::", hash.trim()),
+        );
+        add("group", "alice:x:1001:");
+        std::fs::create_dir(e.path("state/home/alice")).unwrap();
+        lchown(&e.path("state/home/alice"), 1001, 1001);
+    }
+    let v2 = tmp.path().join("v2");
+    sh(&format!("cp -a {} {}", v1.display(), v2.display()));
+    write(&v2.join("opt/app/VERSION"), b"2\n");
+    for (f, line) in [
+        ("passwd", "svc:x:998:998::/nonexistent:/bin/false"),
+        ("shadow", "svc:!:19700::::::"),
+        ("group", "svc:x:998:"),
+    ] {
+        let old = std::fs::read_to_string(v2.join("etc").join(f)).unwrap();
+        std::fs::write(v2.join("etc").join(f), format!("{old}{line}\n")).unwrap();
+    }
+    run_ok(&["--version", "v2", "--rootfs", v2.to_str().unwrap(), i]);
+    let console = boot_console(&img, None);
+    for want in [
+        "TINY-HOOK: opt=2",
+        "TINY-HOOK: uid=1001(alice) gid=1001(alice)",
+        "TINY-HOOK: password-ok=yes",
+    ] {
+        assert!(console.contains(want), "{want} missing:\n{console}");
+    }
 }

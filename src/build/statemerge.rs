@@ -420,8 +420,10 @@ impl Merger<'_> {
                 names.insert(n);
             }
         }
+        // Not interruptible by SIGINT/SIGTERM: the merge runs while the
+        // default switches (like the rest of the switch); kill -9 is what the
+        // journal is for.
         for n in names {
-            crate::util::signals::check()?;
             let read = |d: Option<&Path>| -> Result<Option<Entry>> {
                 match d {
                     Some(d) => Entry::read(&d.join(&n)),
