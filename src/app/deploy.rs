@@ -719,6 +719,7 @@ fn install_boot_file(src: &Path, dst: &Path, orig: &Path) -> Result<()> {
 /// deploy) as copies of the version's state directories; the version keeps
 /// them in its orig as its vendor copy.
 fn setup_state(top: &Layout, orig: &Path, kept: &[String]) -> Result<()> {
+    let mut announced = false;
     for d in layout::STATE_DIRS {
         if kept.iter().any(|k| k == d) {
             continue;
@@ -746,7 +747,10 @@ fn setup_state(top: &Layout, orig: &Path, kept: &[String]) -> Result<()> {
             // follows it when it becomes the default (build::statemerge).
             continue;
         }
-        ui::step(format!("Copying /{d} to /state/{d}"));
+        if !announced {
+            ui::step("Copying the state directories to /state");
+            announced = true;
+        }
         btrfs::create_subvolume(&state)?;
         copy_dir_metadata(&in_version, &state)?;
         // The vendor copy stays in orig (reflinks: it costs no data).
