@@ -715,14 +715,25 @@ mod tests {
         put(&[&t.t], "mode", b"x");
         std::fs::set_permissions(t.t.join("mode"), std::fs::Permissions::from_mode(0o4755))
             .unwrap();
+        // Copies keep a symlink's times: give both the same.
+        let fixed = |p: &Path| {
+            let t = sys::Time {
+                sec: 1_000_000,
+                nsec: 0,
+            };
+            sys::set_path_times(p, t, t).unwrap();
+        };
         for r in [&t.b, &t.o] {
             symlink("old-target", r.join("link")).unwrap();
+            fixed(&r.join("link"));
         }
         symlink("new-target", t.t.join("link")).unwrap();
         put(&[&t.t], "h1", b"hard");
         std::fs::hard_link(t.t.join("h1"), t.t.join("h2")).unwrap();
         for r in [&t.b, &t.t, &t.o] {
             std::fs::create_dir(r.join("d")).unwrap();
+            // Explicit: other tests of this process may change the umask.
+            std::fs::set_permissions(r.join("d"), std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         std::fs::set_permissions(t.t.join("d"), std::fs::Permissions::from_mode(0o700)).unwrap();
         // A symlink in ours that the new version replaces by a directory:
@@ -731,6 +742,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         for r in [&t.b, &t.o] {
             symlink(&outside, r.join("was-link")).unwrap();
+            fixed(&r.join("was-link"));
         }
         put(&[&t.t], "was-link/planted", b"p");
         run(&t, true);
