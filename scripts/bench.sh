@@ -12,11 +12,16 @@
 # Measured side by side, median of BENCH_RUNS runs (default 3), page cache
 # dropped before every run (BENCH_DROP_CACHES=0 keeps it warm instead), each
 # run timed until its data is durable (`sync` at the end of both sides):
-#   1. fresh:   deploy --no-bootloader TREE new.img
+#   1. fresh:   deploy TREE new.img (bootloader path: kernel and initramfs
+#               installed, extlinux written)
 #               vs mkfs.btrfs + mount + cp -a into a subvolume + snapshot + umount
-#   2. upgrade: deploy --version v2 --no-bootloader TREE-v2 (on a copy of the factory image)
+#   2. upgrade: deploy --version v2 TREE-v2 (on a copy of the factory image)
 #               vs snapshot + rsync -a --checksum --delete, and vs snapshot + rsync -a --delete
-#               (same starting image; rsync skips the /state directories like deploy does)
+#               (same starting image; the whole tree, state directories included:
+#               a version keeps its own copy of them)
+#   Both trees get the tiny test system's kernel and initramfs in boot/
+#   (CACHE_DIR/tiny/rootfs, `make fixture`; BENCH_KERNEL_FROM=ROOTFS to use
+#   another), unchanged between TREE and TREE-v2.
 #   3. growth:  Btrfs "Data used" after the upgrade minus before, vs the bytes changed
 #   4. peak RSS of deploy (/usr/bin/time), fresh and upgrade
 # Prints a table of ratios (ours / baseline) and writes CACHE_DIR/bench/results.txt
@@ -46,6 +51,7 @@ RUNS=${BENCH_RUNS:-3}
 TREES=${BENCH_TREES:-debian synth}
 DROP=${BENCH_DROP_CACHES:-1}
 STATE_DIRS=(home root opt srv var)
+KERNEL_FROM=${BENCH_KERNEL_FROM:-$CACHE/tiny/rootfs}
 export PATH=$PATH:/usr/sbin:/sbin
 [[ -x $DEPLOY ]] || die "$DEPLOY missing: run cargo build --release (make bench does)"
 
@@ -205,6 +211,20 @@ print "$changed $added $deleted $bytes $blocks\n";
     mv "$B/$t-v2.changes.tmp" "$B/$t-v2.changes"
 }
 
+# Puts KERNEL_FROM's boot/vmlinuz-* and boot/initrd.img-* into TREE (and
+# TREE-v2) with their times, so both trees boot the same, unchanged kernel.
+install_kernel() {
+    local t=$1 k d
+    k=$(find "$KERNEL_FROM/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -1)
+    [[ -n $k ]] || die "no kernel in $KERNEL_FROM/boot: run make fixture, or set BENCH_KERNEL_FROM"
+    for d in "$B/$t" "$B/$t-v2"; do
+        [[ -e $d/boot/$(basename "$k") ]] && continue
+        log "installing $(basename "$k") into $(basename "$d")"
+        mkdir -p "$d/boot"
+        cp -a "$k" "$KERNEL_FROM/boot/initrd.img-${k##*/vmlinuz-}" "$d/boot/"
+    done
+}
+
 # ------------------------------------------------------------------ helpers
 drop_caches() {
     sync
@@ -259,13 +279,11 @@ floor_fresh() {
 rsync_upgrade() {
     local tree=$1 img=$2 t0 t1
     shift 2
-    local excl=()
-    for d in "${STATE_DIRS[@]}"; do excl+=(--exclude "/$d"); done
     drop_caches
     t0=$(now)
     mount -o loop,subvolid=5 "$img" "$MNT"
     btrfs -q subvolume snapshot "$MNT/systems/factory/orig" "$MNT/systems/rsync" >/dev/null
-    rsync "$@" --delete "${excl[@]}" "$tree/" "$MNT/systems/rsync/"
+    rsync "$@" --delete "$tree/" "$MNT/systems/rsync/"
     umount "$MNT"
     sync
     t1=$(now)
@@ -302,7 +320,7 @@ bench_tree() {
     log "$t: fresh deploy vs cp -a ($RUNS runs each)"
     for ((i = 1; i <= RUNS; i++)); do
         rm -f "$img"
-        timed_deploy --no-bootloader --rootfs "$src" "$img"
+        timed_deploy --rootfs "$src" "$img"
         fresh+=("$DUR")
         ((RSS > rss_max)) && rss_max=$RSS
         size=$(stat -c %s "$img")
@@ -317,7 +335,7 @@ bench_tree() {
     log "$t: upgrade to $t-v2 vs rsync ($RUNS runs each)"
     for ((i = 1; i <= RUNS; i++)); do
         copy_image "$base" "$up"
-        timed_deploy --version v2 --no-bootloader --rootfs "$v2" "$up"
+        timed_deploy --version v2 --rootfs "$v2" "$up"
         ours_up+=("$DUR")
         ((RSS > rss_max)) && rss_max=$RSS
         local after
@@ -357,6 +375,7 @@ for t in $TREES; do
     *) die "unknown tree $t (known: debian synth)" ;;
     esac
     build_v2 "$t"
+    install_kernel "$t"
 done
 log "inputs ready after $((SECONDS - START)) s"
 MEASURE=$SECONDS

@@ -1063,10 +1063,11 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
     assert_eq!(read(&ak), format!("{KEY1}\n{KEY2}\n"));
     assert_eq!(owner_mode(&ak), (0, 0, 0o100600));
     assert_eq!(owner_mode(&m.path("state/root/.ssh")).2, 0o40700);
-    assert!(std::fs::read_dir(orig.join("root"))
-        .unwrap()
-        .next()
-        .is_none());
+    // The version keeps its vendor copy of /root (the state merge's base).
+    assert_eq!(
+        read(&orig.join("root/.ssh/authorized_keys")),
+        format!("{KEY1}\n{KEY2}\n")
+    );
     // network
     assert!(read(&orig.join("etc/systemd/network/10-eth0.network"))
         .contains("Address=10.1.2.3/24\nGateway=10.1.2.1\nDNS=10.1.2.53\n"));
@@ -1098,7 +1099,7 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
         "name=shop\nversion=factory\nsecret=hunter2-secret\nkeep=${NOT_A_VAR} $PLAIN\n"
     );
     assert_eq!(owner_mode(&conf), (0, 1000, 0o100640));
-    // /opt moved to /state/opt with the installed file.
+    // /opt copied to /state/opt with the installed file.
     assert_eq!(
         owner_mode(&m.path("state/opt/app/blob.bin")),
         (1000, 1000, 0o104755)
@@ -1588,7 +1589,7 @@ fn run_in_tree_subcommand() {
 }
 
 #[test]
-fn upgrade_runs_extensions_with_upgrade_context_and_seeds_state() {
+fn upgrade_runs_extensions_with_upgrade_context_and_state_follows() {
     let tmp = tempfile::tempdir().unwrap();
     let rootfs = tiny_copy(tmp.path(), "rootfs");
     let img = tmp.path().join("disk.img");
@@ -1648,18 +1649,16 @@ fn upgrade_runs_extensions_with_upgrade_context_and_seeds_state() {
     // rootfs plus this deploy's extensions).
     let passwd = read(&m.path("systems/v2/orig/etc/passwd"));
     assert!(passwd.contains("\nbob:x:1002:1002:"), "{passwd}");
-    // /state: alice's home kept, bob's home seeded, root's existing
-    // authorized_keys not overwritten.
-    assert!(m.path("state/home/alice").is_dir());
+    // /state follows v2 where the device changed nothing: alice's home
+    // (which v2 no longer ships) goes, bob's arrives, root's key is v2's.
+    assert!(!m.path("state/home/alice").exists());
     assert_eq!(owner_mode(&m.path("state/home/bob")), (1002, 1002, 0o40750));
     assert_eq!(
         read(&m.path("state/root/.ssh/authorized_keys")),
-        format!("{KEY1}\n")
+        format!("{KEY2}\n")
     );
-    assert!(std::fs::read_dir(m.path("systems/v2/orig/home"))
-        .unwrap()
-        .next()
-        .is_none());
+    // v2 keeps its vendor copy of /home.
+    assert!(m.path("systems/v2/orig/home/bob").is_dir());
 }
 
 /// Every file under `root` (relative path, type, mode, owner, content or

@@ -189,16 +189,21 @@ fn upgrade_syncs_delta_shares_extents_and_merges_etc() {
         "{fstab}"
     );
     assert_eq!(fstab.matches(" /home btrfs").count(), 1, "{fstab}");
-    // /state: never rewritten, missing entries seeded; the version's /home stays empty.
+    // /state follows v2: the user's edit stays (v2's copy beside it), new
+    // entries arrive; the version keeps its vendor copy of /home.
     assert_eq!(
         std::fs::read(m.path("state/home/user/notes.txt")).unwrap(),
         b"edited by the user\n"
     );
     assert_eq!(
+        std::fs::read(m.path("state/home/user/notes.txt.deploy-new")).unwrap(),
+        b"vendor notes must not overwrite state\n"
+    );
+    assert_eq!(
         std::fs::read(m.path("state/home/newuser/welcome")).unwrap(),
         b"seeded\n"
     );
-    assert_eq!(std::fs::read_dir(orig2.join("home")).unwrap().count(), 0);
+    assert!(orig2.join("home/newuser/welcome").exists());
     // Boot config has both versions; the default entry, reached through
     // systems/default, is v2's.
     let conf = std::fs::read_to_string(m.path("extlinux/extlinux.conf")).unwrap();
@@ -422,4 +427,76 @@ fn kernel_less_version_cannot_become_the_default_of_a_bootable_disk() {
         "a version without kernel got a boot entry:\n{conf}"
     );
     assert!(m.path("systems/nk/run/etc").is_dir());
+}
+
+#[test]
+fn users_added_on_the_device_survive_an_upgrade_that_adds_a_system_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v1 = tmp.path().join("v1");
+    make_rootfs(&v1);
+    let shadow = "root:*:19000:0:99999:7:::\nuser:!:19000:0:99999:7:::\n";
+    let group = "root:x:0:\nvideo:x:44:user\nuser:x:1000:\n";
+    write(&v1.join("etc/shadow"), shadow.as_bytes());
+    lchown(&v1.join("etc/shadow"), 0, 42);
+    chmod(&v1.join("etc/shadow"), 0o640);
+    write(&v1.join("etc/group"), group.as_bytes());
+    let img = tmp.path().join("disk.img");
+    let img_s = img.to_str().unwrap();
+    run_ok(&["--rootfs", v1.to_str().unwrap(), "--size", "600M", img_s]);
+    let alice_pw = "alice:x:1001:1001:Alice:/home/alice:/bin/sh\n";
+    let alice_sh = "alice:$y$j9T$devicesalt$devicehash:19500:0:99999:7:::\n";
+    {
+        // What `adduser alice` + `passwd alice` + `adduser alice video` do on the device.
+        let e = Edit::open(&img);
+        let etc = e.path("systems/factory/run/etc");
+        let pw = std::fs::read_to_string(etc.join("passwd")).unwrap();
+        write(&etc.join("passwd"), format!("{pw}{alice_pw}").as_bytes());
+        write(
+            &etc.join("shadow"),
+            format!("{shadow}{alice_sh}").as_bytes(),
+        );
+        lchown(&etc.join("shadow"), 0, 42);
+        chmod(&etc.join("shadow"), 0o640);
+        write(
+            &etc.join("group"),
+            b"root:x:0:\nvideo:x:44:user,alice\nuser:x:1000:\nalice:x:1001:\n",
+        );
+    }
+    // The new version adds a system user and group, and puts it in video.
+    let v2 = tmp.path().join("v2");
+    sh(&format!("cp -a {} {}", v1.display(), v2.display()));
+    let pw = std::fs::read_to_string(v2.join("etc/passwd")).unwrap();
+    write(
+        &v2.join("etc/passwd"),
+        format!("{pw}svc:x:998:998::/nonexistent:/usr/sbin/nologin\n").as_bytes(),
+    );
+    write(
+        &v2.join("etc/shadow"),
+        format!("{shadow}svc:!:19700::::::\n").as_bytes(),
+    );
+    write(
+        &v2.join("etc/group"),
+        b"root:x:0:\nvideo:x:44:user,svc\nuser:x:1000:\nsvc:x:998:\n",
+    );
+    let out = run_ok(&["--version", "v2", "--rootfs", v2.to_str().unwrap(), img_s]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("CONFLICT"), "{stderr}");
+    let m = Inspect::open(&img);
+    let etc = m.path("systems/v2/run/etc");
+    let passwd = std::fs::read_to_string(etc.join("passwd")).unwrap();
+    assert!(
+        passwd.contains(alice_pw) && passwd.contains("svc:x:998:"),
+        "{passwd}"
+    );
+    let sh_text = std::fs::read_to_string(etc.join("shadow")).unwrap();
+    assert!(sh_text.contains(alice_sh), "alice's hash lost: {sh_text}");
+    assert!(sh_text.contains("svc:!:19700:"), "{sh_text}");
+    let (uid, gid, mode) = owner_mode(&etc.join("shadow"));
+    assert_eq!((uid, gid, mode & 0o7777), (0, 42, 0o640));
+    let group = std::fs::read_to_string(etc.join("group")).unwrap();
+    assert!(group.contains("video:x:44:user,svc,alice\n"), "{group}");
+    assert!(group.contains("alice:x:1001:\n") && group.contains("svc:x:998:\n"));
+    assert!(!etc.join("passwd.deploy-local").exists());
+    let record = std::fs::read_to_string(m.path("systems/v2/deployment.json")).unwrap();
+    assert!(record.contains("\"passwd\""), "{record}");
 }

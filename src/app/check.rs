@@ -267,6 +267,13 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
     }
     out.insert(0, check_default(top, &versions));
     out.push(check_state(&versions, &state_subvols));
+    if top.state().join(crate::build::statemerge::JOURNAL).exists() {
+        out.push(Finding::warning(
+            "state merge",
+            "/state/.deploy-merge: a /state merge was interrupted; deploy cleanup (or the next \
+             deploy or set-default) finishes or undoes it",
+        ));
+    }
     out.extend(check_bootloader(top, &versions, &fs_uuid));
     Ok(out)
 }

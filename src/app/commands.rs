@@ -23,7 +23,13 @@ pub fn with_disk<T>(
         bail!("{} does not exist", target.display());
     }
     let lock = disk::lock_existing(target)?;
-    let result = open_checked(target, kind, read_only, f);
+    let result = open_checked(target, kind, read_only, |disk| {
+        if !read_only {
+            // A /state merge an interruption left is finished (or undone) first.
+            statemerge::recover(&disk.layout)?;
+        }
+        f(disk)
+    });
     drop(lock);
     result
 }

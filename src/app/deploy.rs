@@ -10,8 +10,8 @@ use crate::boot::extlinux;
 use crate::build::copy::{self, CopyOptions, SyncOptions};
 use crate::build::extensions::{self, Extension};
 use crate::build::fstab;
-use crate::build::kernel::{self, BootFiles, KernelChoice};
-use crate::build::state;
+use crate::build::kernel::{self, KernelChoice};
+use crate::build::statemerge;
 use crate::build::tarball;
 use crate::cli::DeployArgs;
 use crate::store::btrfs;
@@ -64,8 +64,6 @@ pub struct Plan {
     pub kind: TargetKind,
     /// Set for a first deploy; None when adding a version.
     pub new_disk: Option<NewDisk>,
-    /// Kernel files found in a rootfs directory at planning time.
-    pub boot: Option<BootFiles>,
     /// Whether the rootfs is an archive (its kernel is found once extracted).
     pub tarball: bool,
     /// Deploy without kernel and bootloader.
@@ -132,11 +130,12 @@ pub fn plan(
     if !args.no_bootloader {
         kernel::check_explicit(&kernel_choice)?;
     }
-    let boot = if args.no_bootloader || tarball {
-        None
-    } else {
-        Some(kernel::find_boot_files(&rootfs, &kernel_choice)?)
-    };
+    // Checked now so that a rootfs without a kernel is refused before
+    // anything is written; the files installed are looked up again in the
+    // written tree, after extensions ran.
+    if !args.no_bootloader && !tarball {
+        kernel::find_boot_files(&rootfs, &kernel_choice)?;
+    }
 
     let kind = disk::classify(&target)?;
     if kind == TargetKind::File || kind == TargetKind::BlockDevice {
@@ -269,7 +268,6 @@ pub fn plan(
         target,
         kind,
         new_disk,
-        boot,
         tarball,
         no_bootloader: args.no_bootloader,
         kernel_choice,
@@ -583,6 +581,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
     let top = &disk.layout;
     check_upgrade_target(plan, top)?;
     lifecycle::remove_partial_versions(top)?;
+    statemerge::recover(top)?;
     // Space of versions deleted earlier (or just now) must be free before writing.
     btrfs::wait_for_deletions(&top.top)?;
     let fs_uuid = disk.fs_uuid()?;
@@ -610,7 +609,6 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
             "Syncing {} into a snapshot of {old}",
             plan.rootfs.display()
         ));
-        let managed = state_dirs_managed(top);
         let progress = Arc::new(copy::Progress::default());
         let stats = {
             let _bar = ui::Progress::start("syncing", progress.clone(), plan.rootfs_bytes);
@@ -621,7 +619,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
                     checksum: plan.checksum,
                     threads: 0,
                     progress: Some(progress),
-                    exclude_top: managed.iter().map(Into::into).collect(),
+                    exclude_top: Vec::new(),
                 },
             )
             .context("syncing the rootfs into the new version")?
@@ -696,16 +694,6 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
     })
 }
 
-/// State dirs that have a `/state` subvolume (the others are mounted from
-/// elsewhere and stay inside the version).
-fn state_dirs_managed(top: &Layout) -> Vec<String> {
-    layout::STATE_DIRS
-        .iter()
-        .filter(|d| btrfs::is_subvolume(&top.state().join(d)))
-        .map(|d| d.to_string())
-        .collect()
-}
-
 /// fstab, state, read-only orig, run snapshot, kernel files; returns the
 /// record (not yet saved).
 fn finish_version(
@@ -736,8 +724,7 @@ fn finish_version(
     for w in &completion.warnings {
         ui::warn(w);
     }
-    let seed_from = upgrade.map(|(_, source)| source);
-    setup_state(top, &orig, &completion.kept_state_dirs, seed_from)?;
+    setup_state(top, &orig, &completion.kept_state_dirs)?;
     signals::check()?;
     btrfs::set_readonly(&orig, true)?;
     btrfs::snapshot(&orig, &dir.join(layout::RUN), false)?;
@@ -756,40 +743,47 @@ fn finish_version(
         settings: crate::config::redact(&plan.ext_context.settings),
         ..Default::default()
     };
-    let found;
-    let boot = match &plan.boot {
-        Some(b) => Some(b),
-        None if plan.tarball && !plan.no_bootloader => {
-            found = kernel::find_boot_files(&orig, &plan.kernel_choice)?;
-            Some(&found)
-        }
-        None => None,
-    };
-    if let Some(boot) = boot {
+    record.details.insert(
+        statemerge::STATE_IN_ORIG.into(),
+        serde_json::Value::Bool(true),
+    );
+    // The kernel files are those of the tree as written, after extensions
+    // ran (symlinks resolved inside it, now): reflinks of the tree's files,
+    // so an unchanged kernel costs no data. --kernel & co. are host files,
+    // copied once.
+    if !plan.no_bootloader {
+        let boot = kernel::find_boot_files(&orig, &plan.kernel_choice)
+            .with_context(|| format!("finding the kernel of version {}", plan.label))?;
         ui::step("Installing kernel files");
-        fsutil::copy_file_synced(&boot.kernel, &dir.join(layout::KERNEL))?;
+        install_boot_file(&boot.kernel, &dir.join(layout::KERNEL), &orig)?;
         record.has_kernel = true;
         record.kernel_version = boot.version.clone();
         if let Some(i) = &boot.initramfs {
-            fsutil::copy_file_synced(i, &dir.join(layout::INITRAMFS))?;
+            install_boot_file(i, &dir.join(layout::INITRAMFS), &orig)?;
             record.has_initramfs = true;
         }
         if let Some(d) = &boot.dtb {
-            fsutil::copy_file_synced(d, &dir.join(layout::DTB))?;
+            install_boot_file(d, &dir.join(layout::DTB), &orig)?;
             record.has_dtb = true;
         }
     }
     Ok(record)
 }
 
-/// Moves (first deploy) or seeds (upgrade, from `seed_from`, the new rootfs)
-/// the state directories.
-fn setup_state(top: &Layout, orig: &Path, kept: &[String], seed_from: Option<&Path>) -> Result<()> {
-    ui::step(if seed_from.is_some() {
-        "Seeding /state with new entries"
-    } else {
-        "Moving state directories to /state"
-    });
+/// Places one kernel file next to the version: a reflink of the tree's file
+/// (`src` inside `orig`), or a copy of a host file.
+fn install_boot_file(src: &Path, dst: &Path, orig: &Path) -> Result<()> {
+    let reflinked = fsutil::reflink_file_synced(src, dst)?;
+    if src.starts_with(orig) && !reflinked {
+        tracing::warn!("{} could not be reflinked: copied", src.display());
+    }
+    Ok(())
+}
+
+/// Creates the `/state` subvolumes a disk lacks (all of them on a first
+/// deploy) as copies of the version's state directories; the version keeps
+/// them in its orig as its vendor copy.
+fn setup_state(top: &Layout, orig: &Path, kept: &[String]) -> Result<()> {
     let moved: Vec<&str> = layout::STATE_DIRS
         .iter()
         .copied()
@@ -798,11 +792,12 @@ fn setup_state(top: &Layout, orig: &Path, kept: &[String], seed_from: Option<&Pa
     if let Some((a, b)) = state::first_cross_link(orig, &moved)? {
         ui::detail(format!(
             "note: /{} and /{} are hard links to one file; state directories are separate \
-             subvolumes, so they become two copies (the first such pair; see docs/guarantees.md)",
+             subvolumes, so /state holds a copy (the first such pair; see docs/guarantees.md)",
             a.display(),
             b.display()
         ));
     }
+    let mut announced = false;
     for d in layout::STATE_DIRS {
         if kept.iter().any(|k| k == d) {
             continue;
@@ -825,55 +820,27 @@ fn setup_state(top: &Layout, orig: &Path, kept: &[String], seed_from: Option<&Pa
                 std::fs::set_permissions(&in_version, std::fs::Permissions::from_mode(mode))?;
             }
         }
-        if let (Some(rootfs), true) = (seed_from, btrfs::is_subvolume(&state)) {
-            // What extensions wrote there first (their copy wins), then the rootfs's.
-            for s in state::seed_missing(&in_version, &state)
-                .with_context(|| format!("seeding /state/{d}"))?
-            {
-                ui::detail(format!("seeded /state/{d}/{s} (from an extension)"));
-            }
-            let src = rootfs.join(d);
-            match std::fs::symlink_metadata(&src) {
-                Ok(m) if m.file_type().is_symlink() => bail!(
-                    "the rootfs's /{d} is a symlink: state directories must be real directories"
-                ),
-                Ok(m) if m.is_dir() => {
-                    let seeded = state::seed_missing(&src, &state)
-                        .with_context(|| format!("seeding /state/{d}"))?;
-                    for s in seeded {
-                        ui::detail(format!("seeded /state/{d}/{s}"));
-                    }
-                }
-                _ => {}
-            }
-            empty_dir(&in_version)?;
-        } else {
-            if !btrfs::is_subvolume(&state) {
-                btrfs::create_subvolume(&state)?;
-            }
-            copy_dir_metadata(&in_version, &state)?;
-            copy::move_contents(
-                &in_version,
-                &state,
-                &CopyOptions {
-                    threads: 0,
-                    progress: None,
-                },
-            )
-            .with_context(|| format!("moving /{d} to /state/{d}"))?;
+        if btrfs::is_subvolume(&state) {
+            // An upgrade: the version keeps its vendor copy in orig; /state
+            // follows it when it becomes the default (build::statemerge).
+            continue;
         }
-    }
-    Ok(())
-}
-
-fn empty_dir(dir: &Path) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let p = e?.path();
-        if std::fs::symlink_metadata(&p)?.is_dir() {
-            copy::remove_tree(&p)?;
-        } else {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        if !announced {
+            ui::step("Copying the state directories to /state");
+            announced = true;
         }
+        btrfs::create_subvolume(&state)?;
+        copy_dir_metadata(&in_version, &state)?;
+        // The vendor copy stays in orig (reflinks: it costs no data).
+        copy::copy_tree(
+            &in_version,
+            &state,
+            &CopyOptions {
+                threads: 0,
+                progress: None,
+            },
+        )
+        .with_context(|| format!("copying /{d} to /state/{d}"))?;
     }
     Ok(())
 }

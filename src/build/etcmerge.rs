@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::build::nssmerge;
+
 /// Suffix of the copy of the user's version written beside a conflicting entry.
 pub const LOCAL_COPY_SUFFIX: &str = ".deploy-local";
 
@@ -84,6 +86,7 @@ pub fn merge_etc(base: &Path, local: &Path, vendor: &Path, target: &Path) -> Res
         target: target.to_path_buf(),
         report: MergeReport::default(),
         pending: Vec::new(),
+        nss_dropped: Vec::new(),
     };
     match (&l, &v) {
         (Some(_), Some(_)) => merger.dir_node(Path::new(""), b, l.as_ref(), v.as_ref())?,
@@ -361,6 +364,8 @@ struct Merger {
     target: PathBuf,
     report: MergeReport,
     pending: Vec<PendingCopy>,
+    /// Names the NSS merge left out of `passwd`/`group` (their `shadow`/`gshadow` lines go too).
+    nss_dropped: Vec<(nssmerge::Db, BTreeSet<String>)>,
 }
 
 fn rel_name(rel: &Path) -> String {
@@ -470,6 +475,11 @@ impl Merger {
         vendor_unchanged: bool,
     ) -> Result<()> {
         let b = b.filter(|b| b.kind.same_type(&l.kind));
+        if let (Some(db), Kind::File, Kind::File, false) =
+            (nssmerge::Db::of(rel), &l.kind, &v.kind, vendor_unchanged)
+        {
+            return self.merge_nss(rel, db, b, l, v);
+        }
         let mut reasons = Vec::new();
         let content = merge_content(b, l, v, &mut reasons)?;
         let is_symlink = matches!(l.kind, Kind::Symlink(_));
@@ -501,6 +511,48 @@ impl Merger {
         }
         apply_meta(&path, &chosen, is_symlink)?;
         self.record(rel, vendor_unchanged);
+        Ok(())
+    }
+
+    /// `passwd`, `group`, `shadow`, ... changed on both sides: merged entry
+    /// by entry ([`nssmerge`]); the result is always written (a user added
+    /// on the device must keep logging in), every conflict is reported.
+    fn merge_nss(
+        &mut self,
+        rel: &Path,
+        db: nssmerge::Db,
+        b: Option<&Entry>,
+        l: &Entry,
+        v: &Entry,
+    ) -> Result<()> {
+        let read = |p: &Path| fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let base = match b {
+            Some(b) => Some(read(&b.path)?),
+            None => None,
+        };
+        let (local, vendor) = (read(&l.path)?, read(&v.path)?);
+        let drop = db
+            .follows()
+            .and_then(|f| self.nss_dropped.iter().find(|(d, _)| *d == f))
+            .map(|(_, names)| names.clone())
+            .unwrap_or_default();
+        let merged = nssmerge::merge(db, base.as_deref(), &local, &vendor, &drop);
+        self.nss_dropped.push((db, merged.dropped));
+        let mut reasons = Vec::new();
+        let chosen = merge_meta(b.map(|e| &e.meta), &l.meta, &v.meta, false, &mut reasons);
+        for note in merged.notes {
+            self.conflict(rel, note, None);
+        }
+        for r in reasons {
+            self.conflict(rel, format!("{r}; kept the new version's"), None);
+        }
+        let path = self.target.join(rel);
+        if merged.data != vendor {
+            // The temporary file is created 0600: never more readable than the result.
+            write_replace(&path, &merged.data)?;
+        }
+        apply_meta(&path, &chosen, false)?;
+        self.record(rel, false);
         Ok(())
     }
 
@@ -1266,6 +1318,92 @@ mod tests {
 
     fn exists(p: &Path) -> bool {
         fs::symlink_metadata(p).is_ok()
+    }
+
+    #[test]
+    fn nss_files_merge_by_entry_and_keep_mode_and_owner() {
+        let t = trees();
+        let pw = "root:x:0:0:root:/root:/bin/sh\n";
+        let sh = "root:*:19000:0:99999:7:::\n";
+        put_all(&t, "passwd", pw.as_bytes());
+        for r in [&t.base, &t.local, &t.vendor] {
+            put(r, "shadow", sh.as_bytes(), 0o640);
+            lchown(r.join("shadow"), Some(0), Some(42)).unwrap();
+        }
+        let alice_pw = "alice:x:1000:1000::/home/alice:/bin/sh\n";
+        let alice_sh = "alice:$y$j9T$salt$hash:19500:0:99999:7:::\n";
+        put(
+            &t.local,
+            "passwd",
+            format!("{pw}{alice_pw}").as_bytes(),
+            0o644,
+        );
+        put(
+            &t.local,
+            "shadow",
+            format!("{sh}{alice_sh}").as_bytes(),
+            0o640,
+        );
+        let svc_pw = "svc:x:998:998::/:/usr/sbin/nologin\n";
+        let svc_sh = "svc:!:19700::::::\n";
+        put(
+            &t.vendor,
+            "passwd",
+            format!("{pw}{svc_pw}").as_bytes(),
+            0o644,
+        );
+        put(
+            &t.vendor,
+            "shadow",
+            format!("{sh}{svc_sh}").as_bytes(),
+            0o640,
+        );
+        let r = merge(&t);
+        assert!(r.is_clean(), "{:?}", r.conflicts);
+        assert_eq!(read(&t, "passwd"), format!("{pw}{svc_pw}{alice_pw}"));
+        assert_eq!(read(&t, "shadow"), format!("{sh}{svc_sh}{alice_sh}"));
+        assert_eq!(mode(&t.target.join("shadow")), 0o640);
+        assert_eq!(fs::metadata(t.target.join("shadow")).unwrap().gid(), 42);
+        assert!(!exists(&t.target.join("shadow.deploy-local")));
+        assert_eq!(r.merged, ["passwd", "shadow"]);
+    }
+
+    #[test]
+    fn nss_uid_collision_is_a_reported_conflict_and_drops_the_shadow_line() {
+        let t = trees();
+        put_all(&t, "passwd", b"root:x:0:0::/root:/bin/sh\n");
+        put_all(&t, "shadow", b"root:*:1::::::\n");
+        put(
+            &t.local,
+            "passwd",
+            b"root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/h:/bin/sh\n",
+            0o644,
+        );
+        put(
+            &t.local,
+            "shadow",
+            b"root:*:1::::::\nalice:$6$x:2::::::\n",
+            0o644,
+        );
+        put(
+            &t.vendor,
+            "passwd",
+            b"root:x:0:0::/root:/bin/sh\nsvc:x:1000:1000::/:/bin/false\n",
+            0o644,
+        );
+        put(
+            &t.vendor,
+            "shadow",
+            b"root:*:1::::::\nsvc:!:3::::::\n",
+            0o644,
+        );
+        let r = merge(&t);
+        assert_eq!(r.conflicts.len(), 1, "{:?}", r.conflicts);
+        assert_eq!(r.conflicts[0].path, "passwd");
+        assert!(r.conflicts[0].reason.contains("uid 1000 of svc"));
+        assert!(!read(&t, "passwd").contains("svc"));
+        assert!(!read(&t, "shadow").contains("svc"));
+        assert!(read(&t, "shadow").contains("alice:$6$x"));
     }
 
     #[test]

@@ -8,5 +8,7 @@ pub(crate) mod extensions;
 pub(crate) mod fstab;
 pub(crate) mod intree;
 pub(crate) mod kernel;
+pub(crate) mod nssmerge;
 pub(crate) mod state;
+pub(crate) mod statemerge;
 pub(crate) mod tarball;

@@ -8,8 +8,10 @@
 //!   `.L.partial` to `L` → commit → the boot menu lists L and L's
 //!   `default-entry.conf` exists → commit. A power cut before the first
 //!   rename leaves a `.partial` that nothing boots; after it, a complete L.
-//! - **switch** to L: L's `default-entry.conf` present → commit → replace
-//!   the `systems/default` symlink by one rename → commit. The boot menu
+//! - **switch** to L: L's `default-entry.conf` present → commit → the
+//!   /state merge from the old default to L (journaled in
+//!   `/state/.deploy-merge`, see `build::statemerge`) → replace the
+//!   `systems/default` symlink by one rename → commit. The boot menu
 //!   reaches the default entry, its kernel, initramfs, dtb and arguments all
 //!   through `systems/default`, so that rename is the whole switch.
 //! - **remove** L (never the default): the menu without L → commit → rename
@@ -64,7 +66,15 @@ pub fn switch(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
         extlinux::write_default_entry(top, fs_uuid, &entry_of(v))?;
         btrfs::sync_fs(&top.top)?;
     }
-    fsutil::replace_symlink(&top.default_link(), Path::new(label))?;
+    // /state follows the default: merged from the old default's vendor
+    // copy to the new one's, journaled, around the rename.
+    let switch = || fsutil::replace_symlink(&top.default_link(), Path::new(label));
+    match versions::default_label(top).ok() {
+        Some(from) if from != label => {
+            crate::build::statemerge::switch_with_state(top, &from, label, switch)?
+        }
+        _ => switch()?,
+    }
     btrfs::sync_fs(&top.top)
 }
 

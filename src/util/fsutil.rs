@@ -68,6 +68,33 @@ pub fn copy_file_synced(src: &Path, dst: &Path) -> Result<u64> {
     Ok(n)
 }
 
+/// Makes `dst` (mode 0644) a reflink of the regular file `src` (FICLONE: the
+/// two share their data, nothing is copied), falling back to a copy when
+/// `src` is on another filesystem; fsyncs it. Returns whether it reflinked.
+pub fn reflink_file_synced(src: &Path, dst: &Path) -> Result<bool> {
+    let input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let out = std::fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+    match crate::build::copy::sys::ficlone(&input, &out) {
+        Ok(()) => {
+            out.sync_all()
+                .with_context(|| format!("syncing {}", dst.display()))?;
+            Ok(true)
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL)
+            ) =>
+        {
+            drop(out);
+            copy_file_synced(src, dst)?;
+            Ok(false)
+        }
+        Err(e) => Err(name_enospc(e))
+            .with_context(|| format!("reflinking {} to {}", src.display(), dst.display())),
+    }
+}
+
 /// Turns ENOSPC into an error that says plainly the target is full.
 pub fn name_enospc(e: std::io::Error) -> anyhow::Error {
     if e.raw_os_error() == Some(libc::ENOSPC) {

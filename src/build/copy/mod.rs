@@ -291,6 +291,25 @@ fn seed_one(s: &Path, d: &Path, sm: &Meta, opts: &CopyOptions) -> Result<()> {
     result
 }
 
+/// Builds a copy of `src` (any type; a directory with everything below it,
+/// everything preserved, data reflinked where possible) at `tmp`, which must
+/// not exist. On failure whatever was built at `tmp` is removed.
+pub(crate) fn copy_entry(src: &Path, tmp: &Path) -> Result<()> {
+    let sm = sys::lstat(src).map_err(|e| src_err(e, "reading metadata of", src))?;
+    let made = if sm.kind() == Kind::Dir {
+        sys::mkdir(tmp, 0o700)
+            .map_err(|e| dst_err(e, "creating directory", tmp))
+            .and_then(|()| run_copy(src, tmp, &sm, &CopyOptions::default(), Vec::new()).map(drop))
+    } else {
+        let engine = Engine::new(1, None, false);
+        engine.make_nondir(src, tmp, &sm, &mut Counts::default(), None)
+    };
+    if made.is_err() {
+        let _ = sys::remove_tree_counted(tmp, &mut 0);
+    }
+    made
+}
+
 /// Make `dst` (a snapshot of an older tree) identical to `src`, touching only
 /// what differs.
 ///
