@@ -10,6 +10,7 @@ pub(crate) mod app;
 pub(crate) mod boot;
 pub(crate) mod boottest;
 pub mod build;
+pub(crate) mod bundle;
 pub mod cli;
 pub(crate) mod config;
 pub(crate) mod store;
@@ -19,7 +20,7 @@ pub(crate) mod util;
 use anyhow::Result;
 use app::{check, commands, deploy};
 use build::{extensions, intree};
-use cli::{Cli, Command};
+use cli::{BundleCommand, Cli, Command};
 use target::mount;
 use util::{signals, ui};
 
@@ -85,6 +86,13 @@ pub fn run(cli: Cli) -> Result<()> {
             mount::enter_private_namespace()?;
             check::run(&target, json)
         }
+        Some(Command::Keygen { output }) => app::bundle::keygen(&output),
+        Some(Command::Bundle(BundleCommand::Create(args))) => app::bundle::create(&args),
+        Some(Command::Bundle(BundleCommand::Info {
+            file,
+            verify_key,
+            json,
+        })) => app::bundle::info(&file, verify_key.as_deref(), json),
         Some(Command::Extensions { extensions_dir }) => {
             extensions::print_available(&extensions_dir)
         }

@@ -85,6 +85,8 @@ pub struct Plan {
     pub extensions: Vec<Extension>,
     /// What extensions see: settings and context.
     pub ext_context: extensions::Context,
+    /// A verified bundle given as `--rootfs` (then `rootfs` is its path or `-`).
+    pub bundle: Option<crate::bundle::apply::Opened>,
 }
 
 /// Validates the request into a plan. Nothing is written.
@@ -107,6 +109,32 @@ pub fn plan(
         units::validate_label(label)
             .map_err(|e| UsageError(format!("invalid --version: {e:#}")))?;
     }
+    // A bundle is verified before anything else; its manifest names the label.
+    let bundle = if crate::bundle::apply::is_bundle(&rootfs_arg) {
+        let b = crate::bundle::apply::open(
+            &rootfs_arg,
+            args.verify_key.as_deref(),
+            args.insecure_no_verify,
+            args.allow_downgrade,
+        )?;
+        if let Some(l) = args.label.as_ref().filter(|l| **l != b.manifest.label) {
+            bail!(
+                "--version {l} does not match the bundle's version {}: drop --version or give {}",
+                b.manifest.label,
+                b.manifest.label
+            );
+        }
+        Some(b)
+    } else {
+        None
+    };
+    let args = &DeployArgs {
+        label: bundle
+            .as_ref()
+            .map(|b| b.manifest.label.clone())
+            .or_else(|| args.label.clone()),
+        ..args.clone()
+    };
     if let Some(keep) = args.keep {
         if keep == 0 {
             return Err(UsageError(
@@ -115,19 +143,22 @@ pub fn plan(
             .into());
         }
     }
-    let rootfs = check_rootfs(&rootfs_arg)?;
+    let rootfs = match &bundle {
+        Some(_) => rootfs_arg.clone(),
+        None => check_rootfs(&rootfs_arg)?,
+    };
     require_root()?;
     cmd::require(&[&cmd::MKFS_BTRFS, &cmd::BLKID])?;
     if !args.no_bootloader {
         cmd::require(&[&cmd::EXTLINUX])?;
     }
-    let tarball = rootfs.is_file();
+    let tarball = bundle.is_none() && rootfs.is_file();
     let kernel_choice = KernelChoice {
         kernel: args.kernel.clone(),
         initramfs: args.initramfs.clone(),
         dtb: args.dtb.clone(),
     };
-    let boot = if args.no_bootloader || tarball {
+    let boot = if args.no_bootloader || tarball || bundle.is_some() {
         None
     } else {
         Some(kernel::find_boot_files(&rootfs, &kernel_choice)?)
@@ -175,7 +206,21 @@ pub fn plan(
     // What the rootfs occupies: sizes a new image and drives progress. An
     // archive is always read (that also rejects unsafe entries up front); a
     // directory is walked only for a new image, an upgrade does not need it.
-    let rootfs_bytes = if tarball {
+    if let (Some(b), true) = (&bundle, is_new) {
+        bail!(
+            "a bundle adds a version to a disk that holds versions already; {} does not: \
+             deploy the base system first (bundle {} is {})",
+            target.display(),
+            b.manifest.label,
+            match &b.manifest.base {
+                Some(base) => format!("a delta against {}", base.label),
+                None => "a full bundle".into(),
+            }
+        );
+    }
+    let rootfs_bytes = if let Some(b) = &bundle {
+        b.manifest.payload.size
+    } else if tarball {
         ui::step(format!("Reading {}", rootfs.display()));
         tarball::content_size(&rootfs)?
     } else if is_new {
@@ -267,6 +312,7 @@ pub fn plan(
         rootfs_bytes,
         extensions: exts,
         ext_context,
+        bundle,
     })
 }
 
@@ -493,7 +539,13 @@ fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<()> {
 fn deploy_upgrade(plan: &Plan) -> Result<()> {
     let kind = plan.kind;
     let _lock = disk::lock_existing(&plan.target)?;
-    Disk::open(&plan.target, kind, true)?.run(|check| check_upgrade_target(plan, &check.layout))?;
+    Disk::open(&plan.target, kind, true)?.run(|check| {
+        check_upgrade_target(plan, &check.layout)?;
+        match &plan.bundle {
+            Some(b) => crate::bundle::apply::check_disk(b, &check.layout, &plan.target),
+            None => Ok(()),
+        }
+    })?;
     Disk::open(&plan.target, kind, false)?.run(|disk| upgrade_on(plan, disk))
 }
 
@@ -549,6 +601,10 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
             let _bar = ui::Progress::start("extracting", progress.clone(), plan.rootfs_bytes);
             fill_tree(plan, &scratch, progress)?;
             scratch
+        } else if let Some(b) = &plan.bundle {
+            // Received (verified chunk by chunk) into quarantine, checked,
+            // then synced like an extracted archive.
+            crate::bundle::apply::receive(b, &dir)?
         } else {
             plan.rootfs.clone()
         };
@@ -580,9 +636,18 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
             stats.deleted,
             units::format_size(stats.bytes_written)
         ));
+        if let Some(b) = &plan.bundle {
+            crate::bundle::apply::strip_source_fstab(&orig, &b.manifest.source_fs_uuid)?;
+        }
         let mut record = finish_version(plan, top, &dir, &fs_uuid, Some((&old, &source)))?;
         if plan.tarball {
             btrfs::delete_subvolume(&source)?;
+        }
+        if let Some(b) = &plan.bundle {
+            record.build = Some(b.manifest.build);
+            record
+                .details
+                .insert("bundle".into(), crate::bundle::apply::record(b));
         }
         record.details.insert("sync".into(), serde_json::json!({
             "unchanged": stats.unchanged, "written": stats.written, "metadata_only": stats.metadata_only,
@@ -694,7 +759,7 @@ fn finish_version(
     let found;
     let boot = match &plan.boot {
         Some(b) => Some(b),
-        None if plan.tarball && !plan.no_bootloader => {
+        None if (plan.tarball || plan.bundle.is_some()) && !plan.no_bootloader => {
             found = kernel::find_boot_files(&orig, &plan.kernel_choice)?;
             Some(&found)
         }

@@ -37,6 +37,9 @@ pub struct Deployment {
     pub settings: BTreeMap<String, String>,
     /// fstab mount points the tool added.
     pub fstab_added: Vec<String>,
+    /// Build number of the bundle it came from (`deploy --rootfs X.bundle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<u64>,
     /// Free-form details (copy statistics, /etc merge report, ...).
     pub details: BTreeMap<String, serde_json::Value>,
 }
