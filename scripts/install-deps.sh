@@ -4,6 +4,8 @@
 set -euo pipefail
 pkgs=(btrfs-progs extlinux syslinux-common qemu-system-x86 libbtrfsutil-dev libclang-dev
       pkg-config cpio zstd xz-utils kmod acl attr rsync util-linux gcc make strace e2fsprogs)
+# Bundle tests sign and make keys with minisign itself (format compatibility).
+pkgs+=(minisign)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
