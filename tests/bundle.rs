@@ -652,8 +652,75 @@ fn bundle_create_refuses_before_writing_and_info_reports_the_signature() {
     run_fails(&argv, 1, &["already exists"]);
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
     std::fs::remove_file(&out).unwrap();
+    // A failure while writing (here: no space left) removes the output.
+    let small = fx.p("small");
+    std::fs::create_dir(&small).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=1m tmpfs {}",
+        small.display()
+    ));
+    let full_out = small.join("full.bundle");
+    let failed = run(&[
+        "bundle",
+        "create",
+        s(&fx.build),
+        "--version",
+        "v2",
+        "--sign-key",
+        s(&fx.key),
+        "--output",
+        s(&full_out),
+    ]);
+    let listing = std::fs::read_dir(&small).unwrap().count();
+    sh(&format!("umount {}", small.display()));
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("writing bundle") && stderr.contains("space"),
+        "{stderr}"
+    );
+    assert_eq!(listing, 0, "the failed bundle (or its spool) was left");
     assert_eq!(fingerprint(&fx.build), before);
     assert_no_leftovers(&fx.build, false);
+    // A version whose kernel came from the host cannot be shipped.
+    let nok = fx.p("r-nokernel");
+    sh(&format!(
+        "cp -a {t} {r} && mv {r}/boot/vmlinuz-* {d}/host-vmlinuz && mv {r}/boot/initrd.img-* {d}/host-initrd \
+         && rm {r}/vmlinuz {r}/initrd.img",
+        t = tiny_rootfs().display(),
+        r = nok.display(),
+        d = fx.dir.display()
+    ));
+    run_ok(&[
+        "--version",
+        "hostk",
+        "--rootfs",
+        s(&nok),
+        "--kernel",
+        s(&fx.p("host-vmlinuz")),
+        "--initramfs",
+        s(&fx.p("host-initrd")),
+        "--no-default",
+        s(&fx.build),
+    ]);
+    let before = fingerprint(&fx.build);
+    run_fails(
+        &[
+            "bundle",
+            "create",
+            s(&fx.build),
+            "--version",
+            "hostk",
+            "--sign-key",
+            s(&fx.key),
+            "--output",
+            s(&out),
+        ],
+        1,
+        &["not inside its tree", "--kernel"],
+    );
+    assert!(!out.exists());
+    assert_eq!(fingerprint(&fx.build), before);
 
     run_ok(&argv);
     let info = run_ok(&[

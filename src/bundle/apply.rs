@@ -284,7 +284,11 @@ pub(crate) fn receive(b: &Opened, dir: &Path) -> Result<PathBuf> {
     let status = child.wait().context("waiting for btrfs receive")?;
     let out = out_thread.join().unwrap_or_default();
     let err = err_thread.join().unwrap_or_default();
-    fed?;
+    // btrfs receive failing on its own (not killed by us after a bad chunk)
+    // is the cause; our write to its closed pipe only the consequence.
+    if fed.is_ok() || status.code().is_none() {
+        fed?;
+    }
     if !status.success() {
         bail!(
             "`btrfs receive` of {what} failed ({status}):\n{}",
