@@ -599,6 +599,27 @@ fn every_refused_bundle_leaves_the_image_unchanged() {
     std::fs::write(&config, "verify_key = \"vendor.pub\"\n").unwrap();
     run_ok(&["--rootfs", s(&v2), "--config", s(&config), s(&dev)]);
     assert_eq!(default_of(&dev), "v2");
+    // A signed manifest naming another subvolume than the payload holds:
+    // received into quarantine, then refused by the check of what arrived.
+    let mut value: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    value["subvolume_uuid"] = "00000000-1111-2222-3333-444444444444".into();
+    let lying = serde_json::to_vec(&value).unwrap();
+    let lying = write_variant(
+        "lying.bundle",
+        &assemble(&lying, &minisign_sign(&fx.dir, &fx.key, &lying), &payload),
+    );
+    let dev4 = fx.device("dev4.img");
+    run_fails(
+        &["--rootfs", s(&lying), "--verify-key", key, s(&dev4)],
+        1,
+        &[
+            "received UUID is",
+            "the manifest says 00000000-1111-2222-3333-444444444444",
+        ],
+    );
+    assert_no_leftovers(&dev4, false);
+    assert_eq!(labels_of(&dev4), ["default", "factory"]);
+    run_ok(&["check", s(&dev4)]);
     // Without verification only when asked, and with a warning.
     let dev3 = fx.device("dev3.img");
     let out = run_ok(&["--rootfs", s(&v2), "--insecure-no-verify", s(&dev3)]);

@@ -590,55 +590,21 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
     let result = (|| -> Result<()> {
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let orig = dir.join(layout::ORIG);
-        btrfs::snapshot(&old_dir.join(layout::ORIG), &orig, false)?;
-        // An archive is first extracted next to it (same filesystem: the
-        // sync then reflinks instead of copying), then synced like a directory.
-        let source = if plan.tarball {
-            let scratch = dir.join(SCRATCH_SOURCE);
-            btrfs::create_subvolume(&scratch)?;
-            ui::step(format!("Extracting {}", plan.rootfs.display()));
-            let progress = Arc::new(copy::Progress::default());
-            let _bar = ui::Progress::start("extracting", progress.clone(), plan.rootfs_bytes);
-            fill_tree(plan, &scratch, progress)?;
-            scratch
-        } else if let Some(b) = &plan.bundle {
-            // Received (verified chunk by chunk) into quarantine, checked,
-            // then synced like an extracted archive.
-            crate::bundle::apply::receive(b, &dir)?
-        } else {
-            plan.rootfs.clone()
+        let (source, stats) = match &plan.bundle {
+            // The received subvolume (verified chunk by chunk, then checked)
+            // is the new version's content: orig is a writable snapshot of
+            // it, without a walk of the tree (docs/bundles.md).
+            Some(b) => {
+                let received = crate::bundle::apply::receive(b, &dir)?;
+                btrfs::snapshot(&received, &orig, false)?;
+                crate::bundle::apply::strip_source_fstab(&orig, &b.manifest.source_fs_uuid)?;
+                (received, None)
+            }
+            None => {
+                let (source, stats) = sync_into_snapshot(plan, top, &old, &dir)?;
+                (source, Some(stats))
+            }
         };
-        ui::step(format!(
-            "Syncing {} into a snapshot of {old}",
-            plan.rootfs.display()
-        ));
-        let managed = state_dirs_managed(top);
-        let progress = Arc::new(copy::Progress::default());
-        let stats = {
-            let _bar = ui::Progress::start("syncing", progress.clone(), plan.rootfs_bytes);
-            copy::sync_tree(
-                &source,
-                &orig,
-                &SyncOptions {
-                    checksum: plan.checksum,
-                    threads: 0,
-                    progress: Some(progress),
-                    exclude_top: managed.iter().map(Into::into).collect(),
-                },
-            )
-            .context("syncing the rootfs into the new version")?
-        };
-        ui::detail(format!(
-            "{} unchanged, {} written, {} metadata only, {} deleted, {} written",
-            stats.unchanged,
-            stats.written,
-            stats.metadata_only,
-            stats.deleted,
-            units::format_size(stats.bytes_written)
-        ));
-        if let Some(b) = &plan.bundle {
-            crate::bundle::apply::strip_source_fstab(&orig, &b.manifest.source_fs_uuid)?;
-        }
         let mut record = finish_version(plan, top, &dir, &fs_uuid, Some((&old, &source)))?;
         if plan.tarball {
             btrfs::delete_subvolume(&source)?;
@@ -649,10 +615,12 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
                 .details
                 .insert("bundle".into(), crate::bundle::apply::record(b));
         }
-        record.details.insert("sync".into(), serde_json::json!({
-            "unchanged": stats.unchanged, "written": stats.written, "metadata_only": stats.metadata_only,
-            "deleted": stats.deleted, "bytes_written": stats.bytes_written,
-        }));
+        if let Some(stats) = stats {
+            record.details.insert("sync".into(), serde_json::json!({
+                "unchanged": stats.unchanged, "written": stats.written, "metadata_only": stats.metadata_only,
+                "deleted": stats.deleted, "bytes_written": stats.bytes_written,
+            }));
+        }
         ui::step(format!(
             "Carrying local /etc changes of {old} into {}",
             plan.label
@@ -696,6 +664,60 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<()> {
         prune(top, keep, &old, &fs_uuid)?;
     }
     Ok(())
+}
+
+/// Snapshots the old default's `orig` as the new version's and syncs the
+/// rootfs into it (an archive is first extracted next to it: same
+/// filesystem, so the sync reflinks instead of copying). Returns the tree
+/// synced from and the statistics.
+fn sync_into_snapshot(
+    plan: &Plan,
+    top: &Layout,
+    old: &str,
+    dir: &Path,
+) -> Result<(PathBuf, copy::SyncStats)> {
+    let orig = dir.join(layout::ORIG);
+    btrfs::snapshot(&top.version(old).join(layout::ORIG), &orig, false)?;
+    let source = if plan.tarball {
+        let scratch = dir.join(SCRATCH_SOURCE);
+        btrfs::create_subvolume(&scratch)?;
+        ui::step(format!("Extracting {}", plan.rootfs.display()));
+        let progress = Arc::new(copy::Progress::default());
+        let _bar = ui::Progress::start("extracting", progress.clone(), plan.rootfs_bytes);
+        fill_tree(plan, &scratch, progress)?;
+        scratch
+    } else {
+        plan.rootfs.clone()
+    };
+    ui::step(format!(
+        "Syncing {} into a snapshot of {old}",
+        plan.rootfs.display()
+    ));
+    let managed = state_dirs_managed(top);
+    let progress = Arc::new(copy::Progress::default());
+    let stats = {
+        let _bar = ui::Progress::start("syncing", progress.clone(), plan.rootfs_bytes);
+        copy::sync_tree(
+            &source,
+            &orig,
+            &SyncOptions {
+                checksum: plan.checksum,
+                threads: 0,
+                progress: Some(progress),
+                exclude_top: managed.iter().map(Into::into).collect(),
+            },
+        )
+        .context("syncing the rootfs into the new version")?
+    };
+    ui::detail(format!(
+        "{} unchanged, {} written, {} metadata only, {} deleted, {} written",
+        stats.unchanged,
+        stats.written,
+        stats.metadata_only,
+        stats.deleted,
+        units::format_size(stats.bytes_written)
+    ));
+    Ok((source, stats))
 }
 
 /// State dirs that have a `/state` subvolume (the others are mounted from
