@@ -24,6 +24,10 @@
 #   another), unchanged between TREE and TREE-v2.
 #   3. growth:  Btrfs "Data used" after the upgrade minus before, vs the bytes changed
 #   4. peak RSS of deploy (/usr/bin/time), fresh and upgrade
+#   5. bundles (issue 15): the size of a signed delta bundle of TREE-v2 against
+#      factory (made with `deploy bundle create` on a build image holding both)
+#      vs the bytes changed, the zstd tarball of TREE-v2 beside it; and the time
+#      to apply that bundle vs an upgrade from the tarball (copies of factory)
 # Prints a table of ratios (ours / baseline) and writes CACHE_DIR/bench/results.txt
 # and results.json. Environment: BENCH_RUNS, BENCH_TREES ("debian synth"),
 # BENCH_DROP_CACHES, DEPLOY (binary, default target/release/deploy).
@@ -62,6 +66,7 @@ command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
 command -v rsync >/dev/null || need_pkgs+=(rsync)
 command -v mkfs.btrfs >/dev/null || need_pkgs+=(btrfs-progs)
 command -v perl >/dev/null || need_pkgs+=(perl-base)
+command -v zstd >/dev/null || need_pkgs+=(zstd)
 if ((${#need_pkgs[@]})); then
     log "installing ${need_pkgs[*]}"
     apt-get update -q >&2
@@ -301,6 +306,12 @@ RESULT_LINES=()
 JSON_ITEMS=()
 ALL_OK=1
 
+# note TREE METRIC VALUE UNIT: a figure shown beside the ratios, without a target.
+note() {
+    RESULT_LINES+=("$(printf '%-7s %-34s %12s %12s %-4s %7s' "$1" "$2" "$3" - "$4" -)")
+    JSON_ITEMS+=("$(printf '{"tree":"%s","metric":"%s","value":%s,"unit":"%s"}' "$1" "$2" "$3" "$4")")
+}
+
 # record TREE METRIC OURS BASE UNIT RATIO TARGET_OP TARGET_VALUE NOTE
 record() {
     local tree=$1 metric=$2 ours=$3 base=$4 unit=$5 r=$6 op=$7 target=$8
@@ -349,7 +360,6 @@ bench_tree() {
         rs_p+=("$DUR")
         log "  run $i: deploy ${ours_up[-1]} s (RSS $RSS KiB, growth $growth B), rsync -c ${rs_c[-1]} s, rsync ${rs_p[-1]} s"
     done
-    rm -f "$up" "$base"
     local mf mfl mu mrc mrp
     mf=$(median "${fresh[@]}")
     mfl=$(median "${floor_t[@]}")
@@ -365,6 +375,55 @@ bench_tree() {
     record "$t" "growth / bytes changed, logical" "$growth" "$bytes" B "$(ratio "$growth" "$bytes")" "<=" 1.1
     record "$t" "peak RSS / 64 MiB (KiB)" "$rss_max" 65536 KiB "$(ratio "$rss_max" 65536)" "<" 1.0
     log "$t: $nch files changed, $nadd added, $ndel deleted: $(mib "$bytes") MiB ($(mib "$blocks") MiB in 4K blocks)"
+    bench_bundle "$t" "$base" "$up"
+    rm -f "$up" "$base"
+}
+
+# Bundles: a build image (factory + v2), a signed delta bundle of v2, applied
+# to copies of factory, vs an upgrade from the zstd tarball of TREE-v2.
+bench_bundle() {
+    local t=$1 base=$2 up=$3 v2=$B/$1-v2
+    local build=$W/$t-build.img bundle=$W/$t-v2.bundle key=$W/bench-key tarball=$B/$t-v2.tar.zst
+    local apply_t=() tar_t=() i
+    if [[ ! -f $tarball ]]; then
+        log "$t: packing $t-v2 as a zstd tarball (first run only)"
+        tar --numeric-owner --xattrs --acls -C "$v2" -cf - . | zstd -q -T0 -3 -o "$tarball.tmp"
+        mv "$tarball.tmp" "$tarball"
+    fi
+    log "$t: signed delta bundle vs tarball upgrade ($RUNS runs each)"
+    copy_image "$base" "$build"
+    "$DEPLOY" -q --version v2 --no-bootloader --rootfs "$v2" "$build" >"$W/deploy.log" 2>&1 ||
+        die "deploy of $t-v2 to the build image failed: $(tail -5 "$W/deploy.log")"
+    rm -f "$key.key" "$key.pub" "$bundle"
+    "$DEPLOY" keygen --output "$key" >/dev/null
+    local t0 t1
+    t0=$(now)
+    "$DEPLOY" bundle create -q "$build" --version v2 --base factory --sign-key "$key.key" \
+        --output "$bundle" >"$W/deploy.log" 2>&1 || die "bundle create failed: $(tail -5 "$W/deploy.log")"
+    t1=$(now)
+    local create_s bsize tsize
+    create_s=$(elapsed "$t0" "$t1")
+    rm -f "$build"
+    bsize=$(stat -c %s "$bundle")
+    tsize=$(stat -c %s "$tarball")
+    for ((i = 1; i <= RUNS; i++)); do
+        copy_image "$base" "$up"
+        timed_deploy --no-bootloader --rootfs "$bundle" --verify-key "$key.pub" "$up"
+        apply_t+=("$DUR")
+        copy_image "$base" "$up"
+        timed_deploy --version v2 --no-bootloader --rootfs "$tarball" "$up"
+        tar_t+=("$DUR")
+        log "  run $i: apply bundle ${apply_t[-1]} s, upgrade from the tarball ${tar_t[-1]} s"
+    done
+    rm -f "$bundle" "$key.key" "$key.pub"
+    local nch nadd ndel bytes blocks ma mt
+    read -r nch nadd ndel bytes blocks <"$B/$t-v2.changes"
+    ma=$(median "${apply_t[@]}")
+    mt=$(median "${tar_t[@]}")
+    record "$t" "delta bundle / bytes changed (B)" "$bsize" "$bytes" B "$(ratio "$bsize" "$bytes")" "<=" 1.2
+    note "$t" "full tarball (zstd -3) size" "$tsize" B
+    note "$t" "bundle create time" "$create_s" s
+    record "$t" "apply bundle / tarball upgrade (s)" "$ma" "$mt" s "$(ratio "$ma" "$mt")" "<=" 0.2
 }
 
 START=$SECONDS
@@ -384,7 +443,7 @@ for t in $TREES; do bench_tree "$t"; done
 {
     echo "btrfs-deploy benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, kernel $(uname -r)"
     echo "median of $RUNS runs; page cache $([[ $DROP == 1 ]] && echo dropped || echo kept warm) before each run; times include sync"
-    echo "ratio = ours / baseline (targets: fresh <= 1.0, upgrade <= 0.2 of rsync -c and <= 0.5 of rsync, growth <= 1.1, RSS < 1.0)"
+    echo "ratio = ours / baseline (targets: fresh <= 1.0, upgrade <= 0.2 of rsync -c and <= 0.5 of rsync, growth <= 1.1, RSS < 1.0, bundle size <= 1.2, bundle apply <= 0.2)"
     printf '%-7s %-34s %12s %12s %-4s %7s  %s\n' tree metric ours baseline unit ratio "target ok"
     printf '%s\n' "${RESULT_LINES[@]}"
     echo "all targets met: $([[ $ALL_OK == 1 ]] && echo yes || echo no); measuring took $((SECONDS - MEASURE)) s"

@@ -16,7 +16,8 @@ build=(libbtrfsutil-dev libclang-dev pkg-config gcc make)
 run=(btrfs-progs mount util-linux extlinux syslinux-common kmod)
 qemu=(qemu-system-x86)
 deb=(dpkg-dev debootstrap)
-tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils)
+# Bundle tests sign and make keys with minisign itself (format compatibility).
+tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign)
 case $what in
   build) pkgs=("${build[@]}") ;;
   demo) pkgs=("${build[@]}" "${run[@]}" "${qemu[@]}") ;;

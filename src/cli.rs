@@ -48,8 +48,9 @@ pub struct DeployArgs {
     #[arg(long = "version", value_name = "LABEL")]
     pub label: Option<String>,
     /// Root filesystem to deploy: a directory, or a tar archive (.tar, .tar.gz,
-    /// .tgz, .tar.zst, .tar.xz) streamed straight onto the disk.
-    #[arg(long, value_name = "PATH")]
+    /// .tgz, .tar.zst, .tar.xz) streamed straight onto the disk, or a signed
+    /// bundle (`deploy bundle create`; `-` reads one from standard input).
+    #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
     pub rootfs: Option<PathBuf>,
     /// Size of a new image: bytes or with a suffix (512M, 4G, 4GiB). Default:
     /// room for the rootfs, one upgrade and metadata.
@@ -99,6 +100,16 @@ pub struct DeployArgs {
     /// Print a JSON summary of the deploy on stdout (docs/json.md).
     #[arg(long)]
     pub json: bool,
+    /// Public key (minisign format) a bundle given as --rootfs must be
+    /// signed with (or `verify_key` in the config file).
+    #[arg(long, value_name = "KEY.pub")]
+    pub verify_key: Option<PathBuf>,
+    /// Apply a bundle without verifying its signature (prints a warning).
+    #[arg(long)]
+    pub insecure_no_verify: bool,
+    /// Apply a bundle whose build number is not newer than the newest on the disk.
+    #[arg(long)]
+    pub allow_downgrade: bool,
     /// Disk image file or block device to deploy to.
     #[arg(value_name = "TARGET")]
     pub target: Option<PathBuf>,
@@ -170,6 +181,16 @@ pub enum Command {
         #[arg(allow_hyphen_values = true)]
         value: String,
     },
+    /// Write a new Ed25519 signing key pair in minisign's format: NAME.key
+    /// (secret, mode 0600, unencrypted) and NAME.pub. Never overwrites.
+    Keygen {
+        /// Path and name of the key files, without extension.
+        #[arg(long, value_name = "NAME")]
+        output: PathBuf,
+    },
+    /// Make or inspect signed update bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
     /// List the available configure extensions.
     Extensions {
         /// Additional folder with extensions (repeatable).
@@ -327,4 +348,47 @@ mod tests {
             Some(Command::Extensions { json: true, .. })
         ));
     }
+/// `deploy bundle ...`.
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Write a signed bundle of version LABEL of SOURCE: a delta against
+    /// --base, or a full one.
+    #[command(after_help = "Example:\n  \
+      deploy bundle create build.img --version v2 --base factory --sign-key vendor.key --output v2.bundle\n  \
+      deploy --rootfs v2.bundle --verify-key vendor.pub device.img")]
+    Create(BundleCreateArgs),
+    /// Show a bundle's manifest and whether its signature verifies.
+    Info {
+        /// Bundle file.
+        file: PathBuf,
+        /// Public key to verify the signature with.
+        #[arg(long, value_name = "KEY.pub")]
+        verify_key: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options of `bundle create`.
+#[derive(Debug, Args)]
+pub struct BundleCreateArgs {
+    /// Disk image or block device holding the version (opened read-only).
+    pub source: PathBuf,
+    /// Version to put in the bundle.
+    #[arg(long = "version", value_name = "LABEL")]
+    pub label: String,
+    /// Version the devices have: the bundle holds only the difference.
+    #[arg(long, value_name = "LABEL")]
+    pub base: Option<String>,
+    /// Secret key (minisign format, unencrypted) to sign with.
+    #[arg(long, value_name = "NAME.key")]
+    pub sign_key: PathBuf,
+    /// Bundle file to write (must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Build number; devices refuse a bundle whose build is not newer than
+    /// the newest they have. Default: the creation time in seconds since 1970.
+    #[arg(long, value_name = "N")]
+    pub build: Option<u64>,
 }

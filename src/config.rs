@@ -62,6 +62,9 @@ pub struct Config {
     /// Extra extension folders (`--extensions-dir`).
     #[serde(alias = "extensions-dirs", alias = "extensions_dir")]
     pub extensions_dirs: Option<Vec<PathBuf>>,
+    /// Public key bundles must be signed with (`--verify-key`).
+    #[serde(alias = "verify-key")]
+    pub verify_key: Option<PathBuf>,
     /// Extension settings: string, integer, float or boolean values.
     pub settings: Option<BTreeMap<String, toml::Value>>,
     /// Directory of the file this was read from (set by [`load`]).
@@ -103,6 +106,7 @@ pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config> {
         &mut cfg.kernel,
         &mut cfg.initramfs,
         &mut cfg.dtb,
+        &mut cfg.verify_key,
     ]
     .into_iter()
     .flatten()
@@ -197,6 +201,7 @@ pub fn apply(args: &mut DeployArgs, cfg: Option<&Config>) -> Result<BTreeMap<Str
         fill(&mut args.initramfs, &cfg.initramfs);
         fill(&mut args.dtb, &cfg.dtb);
         fill(&mut args.keep, &cfg.keep);
+        fill(&mut args.verify_key, &cfg.verify_key);
         args.no_bootloader |= cfg.no_bootloader.unwrap_or(false);
         args.wipe |= cfg.wipe.unwrap_or(false);
         args.no_default |= cfg.no_default.unwrap_or(false);

@@ -28,6 +28,7 @@ pub(crate) mod app;
 pub(crate) mod boot;
 pub(crate) mod boottest;
 pub mod build;
+pub(crate) mod bundle;
 pub mod cli;
 pub(crate) mod config;
 pub(crate) mod store;
@@ -37,7 +38,7 @@ pub(crate) mod util;
 use anyhow::Result;
 use app::{about, check, commands, deploy, generate, summary};
 use build::{extensions, intree};
-use cli::{Cli, Command};
+use cli::{BundleCommand, Cli, Command};
 use target::mount;
 use util::json;
 use util::{signals, ui};
@@ -155,6 +156,13 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Some(Command::Keygen { output }) => app::bundle::keygen(&output),
+        Some(Command::Bundle(BundleCommand::Create(args))) => app::bundle::create(&args),
+        Some(Command::Bundle(BundleCommand::Info {
+            file,
+            verify_key,
+            json,
+        })) => app::bundle::info(&file, verify_key.as_deref(), json),
         Some(Command::RunInTree { tree, cmd }) => {
             mount::enter_private_namespace()?;
             let code = intree::run_in_tree(&tree, &cmd)?;

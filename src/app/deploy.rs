@@ -84,6 +84,8 @@ pub struct Plan {
     pub extensions: Vec<Extension>,
     /// What extensions see: settings and context.
     pub ext_context: extensions::Context,
+    /// A verified bundle given as `--rootfs` (then `rootfs` is its path or `-`).
+    pub bundle: Option<crate::bundle::apply::Opened>,
 }
 
 /// Validates the request into a plan. Nothing is written.
@@ -106,6 +108,32 @@ pub fn plan(
         units::validate_label(label)
             .map_err(|e| UsageError(format!("invalid --version: {e:#}")))?;
     }
+    // A bundle is verified before anything else; its manifest names the label.
+    let bundle = if crate::bundle::apply::is_bundle(&rootfs_arg) {
+        let b = crate::bundle::apply::open(
+            &rootfs_arg,
+            args.verify_key.as_deref(),
+            args.insecure_no_verify,
+            args.allow_downgrade,
+        )?;
+        if let Some(l) = args.label.as_ref().filter(|l| **l != b.manifest.label) {
+            bail!(
+                "--version {l} does not match the bundle's version {}: drop --version or give {}",
+                b.manifest.label,
+                b.manifest.label
+            );
+        }
+        Some(b)
+    } else {
+        None
+    };
+    let args = &DeployArgs {
+        label: bundle
+            .as_ref()
+            .map(|b| b.manifest.label.clone())
+            .or_else(|| args.label.clone()),
+        ..args.clone()
+    };
     if let Some(keep) = args.keep {
         if keep == 0 {
             return Err(UsageError(
@@ -114,14 +142,17 @@ pub fn plan(
             .into());
         }
     }
-    let rootfs = check_rootfs(&rootfs_arg)?;
+    let rootfs = match &bundle {
+        Some(_) => rootfs_arg.clone(),
+        None => check_rootfs(&rootfs_arg)?,
+    };
     check_target_outside(&target, &rootfs)?;
     require_root()?;
     cmd::require(&[&cmd::MKFS_BTRFS, &cmd::BLKID])?;
     if !args.no_bootloader {
         cmd::require(&[&cmd::EXTLINUX])?;
     }
-    let tarball = rootfs.is_file();
+    let tarball = bundle.is_none() && rootfs.is_file();
     let kernel_choice = KernelChoice {
         kernel: args.kernel.clone(),
         initramfs: args.initramfs.clone(),
@@ -133,7 +164,7 @@ pub fn plan(
     // Checked now so that a rootfs without a kernel is refused before
     // anything is written; the files installed are looked up again in the
     // written tree, after extensions ran.
-    if !args.no_bootloader && !tarball {
+    if !args.no_bootloader && !tarball && bundle.is_none() {
         kernel::find_boot_files(&rootfs, &kernel_choice)?;
     }
 
@@ -190,7 +221,21 @@ pub fn plan(
     // What the rootfs occupies: sizes a new image and drives progress. An
     // archive is always read (that also rejects unsafe entries up front); a
     // directory is walked only for a new image, an upgrade does not need it.
-    let rootfs_bytes = if tarball {
+    if let (Some(b), true) = (&bundle, is_new) {
+        bail!(
+            "a bundle adds a version to a disk that holds versions already; {} does not: \
+             deploy the base system first (bundle {} is {})",
+            target.display(),
+            b.manifest.label,
+            match &b.manifest.base {
+                Some(base) => format!("a delta against {}", base.label),
+                None => "a full bundle".into(),
+            }
+        );
+    }
+    let rootfs_bytes = if let Some(b) = &bundle {
+        b.manifest.payload.size
+    } else if tarball {
         ui::step(format!("Reading {}", rootfs.display()));
         tarball::content_size(&rootfs)?
     } else if is_new {
@@ -281,6 +326,7 @@ pub fn plan(
         rootfs_bytes,
         extensions: exts,
         ext_context,
+        bundle,
     })
 }
 
@@ -545,7 +591,13 @@ fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<Deplo
 fn deploy_upgrade(plan: &Plan) -> Result<Outcome> {
     let kind = plan.kind;
     let _lock = disk::lock_existing(&plan.target)?;
-    Disk::open(&plan.target, kind, true)?.run(|check| check_upgrade_target(plan, &check.layout))?;
+    Disk::open(&plan.target, kind, true)?.run(|check| {
+        check_upgrade_target(plan, &check.layout)?;
+        match &plan.bundle {
+            Some(b) => crate::bundle::apply::check_disk(b, &check.layout, &plan.target),
+            None => Ok(()),
+        }
+    })?;
     Disk::open(&plan.target, kind, false)?.run(|disk| upgrade_on(plan, disk))
 }
 
@@ -591,55 +643,37 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
     let result = (|| -> Result<Deployment> {
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let orig = dir.join(layout::ORIG);
-        btrfs::snapshot(&old_dir.join(layout::ORIG), &orig, false)?;
-        // An archive is first extracted next to it (same filesystem: the
-        // sync then reflinks instead of copying), then synced like a directory.
-        let source = if plan.tarball {
-            let scratch = dir.join(SCRATCH_SOURCE);
-            btrfs::create_subvolume(&scratch)?;
-            ui::step(format!("Extracting {}", plan.rootfs.display()));
-            let progress = Arc::new(copy::Progress::default());
-            let _bar = ui::Progress::start("extracting", progress.clone(), plan.rootfs_bytes);
-            fill_tree(plan, &scratch, progress)?;
-            scratch
-        } else {
-            plan.rootfs.clone()
+        let (source, stats) = match &plan.bundle {
+            // The received subvolume (verified chunk by chunk, then checked)
+            // is the new version's content: orig is a writable snapshot of
+            // it, without a walk of the tree (docs/bundles.md).
+            Some(b) => {
+                let received = crate::bundle::apply::receive(b, &dir)?;
+                btrfs::snapshot(&received, &orig, false)?;
+                crate::bundle::apply::strip_source_fstab(&orig, &b.manifest.source_fs_uuid)?;
+                (received, None)
+            }
+            None => {
+                let (source, stats) = sync_into_snapshot(plan, top, &old, &dir)?;
+                (source, Some(stats))
+            }
         };
-        ui::step(format!(
-            "Syncing {} into a snapshot of {old}",
-            plan.rootfs.display()
-        ));
-        let progress = Arc::new(copy::Progress::default());
-        let stats = {
-            let _bar = ui::Progress::start("syncing", progress.clone(), plan.rootfs_bytes);
-            copy::sync_tree(
-                &source,
-                &orig,
-                &SyncOptions {
-                    checksum: plan.checksum,
-                    threads: 0,
-                    progress: Some(progress),
-                    exclude_top: Vec::new(),
-                },
-            )
-            .context("syncing the rootfs into the new version")?
-        };
-        ui::detail(format!(
-            "{} unchanged, {} written, {} metadata only, {} deleted, {} written",
-            stats.unchanged,
-            stats.written,
-            stats.metadata_only,
-            stats.deleted,
-            units::format_size(stats.bytes_written)
-        ));
         let mut record = finish_version(plan, top, &dir, &fs_uuid, Some((&old, &source)))?;
         if plan.tarball {
             btrfs::delete_subvolume(&source)?;
         }
-        record.details.insert("sync".into(), serde_json::json!({
-            "unchanged": stats.unchanged, "written": stats.written, "metadata_only": stats.metadata_only,
-            "deleted": stats.deleted, "bytes_written": stats.bytes_written,
-        }));
+        if let Some(b) = &plan.bundle {
+            record.build = Some(b.manifest.build);
+            record
+                .details
+                .insert("bundle".into(), crate::bundle::apply::record(b));
+        }
+        if let Some(stats) = stats {
+            record.details.insert("sync".into(), serde_json::json!({
+                "unchanged": stats.unchanged, "written": stats.written, "metadata_only": stats.metadata_only,
+                "deleted": stats.deleted, "bytes_written": stats.bytes_written,
+            }));
+        }
         ui::step(format!(
             "Carrying local /etc changes of {old} into {}",
             plan.label
@@ -692,6 +726,62 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
         is_default: !plan.no_default,
         removed,
     })
+}
+
+/// Snapshots the old default's `orig` as the new version's and syncs the
+/// rootfs into it (an archive is first extracted next to it: same
+/// filesystem, so the sync reflinks instead of copying). Returns the tree
+/// synced from and the statistics.
+fn sync_into_snapshot(
+    plan: &Plan,
+    top: &Layout,
+    old: &str,
+    dir: &Path,
+) -> Result<(PathBuf, copy::SyncStats)> {
+    let orig = dir.join(layout::ORIG);
+    btrfs::snapshot(&top.version(old).join(layout::ORIG), &orig, false)?;
+    let source = if plan.tarball {
+        let scratch = dir.join(SCRATCH_SOURCE);
+        btrfs::create_subvolume(&scratch)?;
+        ui::step(format!("Extracting {}", plan.rootfs.display()));
+        let progress = Arc::new(copy::Progress::default());
+        let _bar = ui::Progress::start("extracting", progress.clone(), plan.rootfs_bytes);
+        fill_tree(plan, &scratch, progress)?;
+        scratch
+    } else {
+        plan.rootfs.clone()
+    };
+    ui::step(format!(
+        "Syncing {} into a snapshot of {old}",
+        plan.rootfs.display()
+    ));
+    let progress = Arc::new(copy::Progress::default());
+    let stats = {
+        let _bar = ui::Progress::start("syncing", progress.clone(), plan.rootfs_bytes);
+        copy::sync_tree(
+            &source,
+            &orig,
+            &SyncOptions {
+                checksum: plan.checksum,
+                threads: 0,
+                progress: Some(progress),
+                // The version keeps its vendor copy of the state
+                // directories (the base of the /state merge).
+                exclude_top: Vec::new(),
+            },
+        )
+        .context("syncing the rootfs into the new version")?
+    };
+    ui::detail(format!(
+        "{} unchanged, {} written, {} metadata only, {} deleted, {} written",
+        stats.unchanged,
+        stats.written,
+        stats.metadata_only,
+        stats.deleted,
+        units::format_size(stats.bytes_written)
+    ));
+    Ok((source, stats))
+}
 }
 
 /// fstab, state, read-only orig, run snapshot, kernel files; returns the

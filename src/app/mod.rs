@@ -1,6 +1,8 @@
-//! One module per command: the deploy flow, the version commands, `check`.
+//! One module per command: the deploy flow, the version commands, `check`,
+//! keys and bundles.
 
 pub(crate) mod about;
+pub(crate) mod bundle;
 pub(crate) mod check;
 pub(crate) mod commands;
 pub(crate) mod deploy;

@@ -77,6 +77,9 @@ pub fn remove_version_dir(dir: &Path) -> Result<()> {
         let meta = std::fs::symlink_metadata(&path)?;
         if meta.is_dir() && is_subvolume(&path) {
             delete_subvolume(&path)?;
+        } else if meta.is_dir() && has_subvolume_below(&path) {
+            // A bundle's quarantine holds the received subvolume.
+            remove_version_dir(&path)?;
         } else if meta.is_dir() {
             crate::build::copy::remove_tree(&path)?;
         } else {
@@ -84,6 +87,13 @@ pub fn remove_version_dir(dir: &Path) -> Result<()> {
         }
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// True when a direct entry of directory `dir` is a subvolume.
+fn has_subvolume_below(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().any(|e| is_subvolume(&e.path())))
+        .unwrap_or(false)
 }
 
 /// Commits everything written to the filesystem containing `path` (syncfs),

@@ -41,6 +41,9 @@ pub struct Deployment {
     /// another device); `deploy check` reports them again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Build number of the bundle it came from (`deploy --rootfs X.bundle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<u64>,
     /// Free-form details (copy statistics, /etc merge report, ...).
     pub details: BTreeMap<String, serde_json::Value>,
 }

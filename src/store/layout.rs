@@ -21,6 +21,10 @@ pub const EXTLINUX_CONF_LINK: &str = "extlinux.conf";
 pub const ORIG: &str = "orig";
 /// Per-version writable snapshot of [`ORIG`], mounted as `/` at boot.
 pub const RUN: &str = "run";
+/// Per-version directory holding the read-only subvolume a bundle was
+/// received as (kept, sharing its data with `orig`, so that later delta
+/// bundles against this version find their base).
+pub const RECEIVED: &str = "received";
 /// Per-version kernel image (outside the subvolumes: syslinux does not cross them).
 pub const KERNEL: &str = "kernel";
 /// Per-version initramfs.

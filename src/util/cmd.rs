@@ -86,6 +86,11 @@ pub const EXTLINUX: Tool = Tool {
     program: "extlinux",
     package: "extlinux",
 };
+/// `btrfs` (send and receive).
+pub const BTRFS: Tool = Tool {
+    program: "btrfs",
+    package: "btrfs-progs",
+};
 /// `blkid`.
 pub const BLKID: Tool = Tool {
     program: "blkid",
