@@ -42,6 +42,8 @@ pub struct ListEntry {
     pub upgraded_from: Option<String>,
     /// Unresolved /etc conflicts recorded at deploy time.
     pub etc_conflicts: usize,
+    /// How the disk boots: bios, uefi or hybrid (the same in every row).
+    pub boot: crate::boot::BootKind,
     /// With `--sizes`: bytes of data the version references (orig, run,
     /// kernel files; each extent counted once, also when other versions
     /// share it).
@@ -51,8 +53,9 @@ pub struct ListEntry {
 
 /// `deploy list`.
 pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
-    let rows = with_disk(target, true, |disk| {
+    let (kind, rows) = with_disk(target, true, |disk| {
         let default = versions::default_label(&disk.layout)?;
+        let kind = disk.disk_layout.boot;
         versions::list(&disk.layout)?
             .into_iter()
             .map(|v| ListEntry {
@@ -69,6 +72,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                     .map(|a| a.len())
                     .unwrap_or(0),
                 size_bytes: None,
+                boot: kind,
                 label: v.label,
             })
             .map(|mut row| {
@@ -79,6 +83,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 Ok(row)
             })
             .collect::<Result<Vec<_>>>()
+            .map(|rows| (kind, rows))
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -88,6 +93,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
         } else {
             String::new()
         };
+        println!("Disk: {}", kind.describe());
         println!(
             "{:<3}{:<24}{:<22}{:<28}{size_head}FROM",
             "", "VERSION", "CREATED", "KERNEL"
@@ -137,11 +143,16 @@ pub fn set_default(label: &str, target: &Path) -> Result<()> {
         let top = &disk.layout;
         require_version(top, label, target)?;
         let fs_uuid = disk.fs_uuid()?;
-        if versions::write_boot_config(top, &fs_uuid, label)? {
+        let boot = disk.boot();
+        let has_menu = versions::write_boot_config(&boot, top, &fs_uuid, label)?;
+        if has_menu {
             btrfs::sync_fs(&top.top)?;
         }
         versions::switch_default(top, Path::new(label).to_str().unwrap_or(label))?;
         btrfs::sync_fs(&top.top)?;
+        if has_menu {
+            boot.switch_default(label)?;
+        }
         ui::step(format!(
             "{label} is now the default on {}",
             target.display()
@@ -155,15 +166,18 @@ pub fn remove(label: &str, target: &Path) -> Result<()> {
     with_disk(target, false, |disk| {
         let top = &disk.layout;
         require_version(top, label, target)?;
-        remove_version(top, label, &disk.fs_uuid()?)?;
+        remove_version(disk, label)?;
         ui::step(format!("Removed {label} from {}", target.display()));
         Ok(())
     })
 }
 
-/// Removes version `label` (never the default): first from the boot menu,
-/// then its subvolumes and files.
-pub fn remove_version(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
+/// Removes version `label` (never the default): first from the boot menus,
+/// then its files on the boot partition, then its subvolumes and files.
+pub fn remove_version(disk: &Disk, label: &str) -> Result<()> {
+    let top = &disk.layout;
+    let fs_uuid = &disk.fs_uuid()?;
+    let boot = disk.boot();
     let default = versions::default_label(top)?;
     if label == default {
         bail!("{label} is the default version: make another one the default first (deploy set-default LABEL TARGET)");
@@ -173,9 +187,10 @@ pub fn remove_version(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
     let hidden = top.systems().join(format!(".{label}.removing"));
     std::fs::rename(&dir, &hidden).with_context(|| format!("renaming {}", dir.display()))?;
     if top.extlinux_conf().exists() {
-        versions::write_boot_config(top, fs_uuid, &default)?;
+        versions::write_boot_config(&boot, top, fs_uuid, &default)?;
     }
     btrfs::sync_fs(&top.top)?;
+    boot.remove_version(label)?;
     btrfs::remove_version_dir(&hidden)?;
     Ok(())
 }
@@ -214,10 +229,18 @@ pub fn cleanup(target: &Path) -> Result<()> {
             }
             // A kill between publishing a version and rewriting the menu
             // leaves the menu without it: rewrite it from the disk.
+            // The boot partition: files of versions that are gone or were
+            // being written, then the menus and the default from the disk.
+            let boot = disk.boot();
+            let labels: Vec<String> = versions::list(top)?.into_iter().map(|v| v.label).collect();
+            for p in boot.cleanup(&labels)? {
+                ui::step(format!("Removed {p} from the EFI system partition"));
+            }
             if top.extlinux_conf().exists() {
                 let default = versions::default_label(top)?;
-                versions::write_boot_config(top, &disk.fs_uuid()?, &default)?;
+                versions::write_boot_config(&boot, top, &disk.fs_uuid()?, &default)?;
                 btrfs::sync_fs(&top.top)?;
+                boot.switch_default(&default)?;
             }
             if removed.is_empty() {
                 ui::step(format!("{} has no leftovers", target.display()));
@@ -234,8 +257,8 @@ const ROOT_MOUNT_FAILURES: &[&str] = &[r"VFS: Unable to mount root fs", r"Cannot
 /// `deploy boot-test`: checks the disk (exists, holds the layout, has the
 /// version), then boots it in QEMU through its own bootloader.
 pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
-    use crate::boottest::{self, Accel, BootTestOptions};
-    use crate::cli::AccelArg;
+    use crate::boottest::{self, Accel, BootTestOptions, Firmware};
+    use crate::cli::{AccelArg, FirmwareArg};
     let parse = |what: &str, re: &str| {
         regex::Regex::new(re).map_err(|e| {
             crate::UsageError(format!("invalid {what} regular expression {re:?}: {e}"))
@@ -267,7 +290,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     }
     // Hold the lock while QEMU runs, so no deploy changes the disk under it.
     let _lock = disk::lock_existing(&args.target)?;
-    open_checked(&args.target, kind, true, |disk| {
+    let boot_kind = open_checked(&args.target, kind, true, |disk| {
         let top = &disk.layout;
         let default = versions::default_label(top)?;
         let label = args.label.as_deref().unwrap_or(&default);
@@ -278,9 +301,33 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
                 args.target.display()
             );
         }
-        Ok(())
+        Ok(disk.disk_layout.boot)
     })?;
+    let firmware = match args.firmware {
+        Some(FirmwareArg::Bios) if !boot_kind.bios() => bail!(
+            "{} is a {boot_kind} disk: it does not boot under BIOS; use --firmware uefi",
+            args.target.display()
+        ),
+        Some(FirmwareArg::Uefi) if !boot_kind.uefi() => bail!(
+            "{} is a {boot_kind} disk: it does not boot under UEFI; use --firmware bios \
+             (new disks boot under both with --boot hybrid)",
+            args.target.display()
+        ),
+        Some(FirmwareArg::Bios) => Firmware::Bios,
+        Some(FirmwareArg::Uefi) => Firmware::Uefi,
+        None if boot_kind.uefi() => Firmware::Uefi,
+        None => Firmware::Bios,
+    };
+    if firmware == Firmware::Uefi && args.label.is_some() {
+        return Err(crate::UsageError(
+            "--version picks a menu entry at the SYSLINUX prompt, which only the BIOS path has: \
+             add --firmware bios (on a hybrid disk), or boot the default under UEFI"
+                .into(),
+        )
+        .into());
+    }
     let mut opts = BootTestOptions::new(&args.target, expect);
+    opts.firmware = firmware;
     opts.entry = args.label.clone();
     opts.timeout = std::time::Duration::from_secs(args.timeout);
     opts.accel = match args.accel {
@@ -293,7 +340,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     opts.log = args.log.clone();
     opts.extra_fail = extra_fail;
     ui::step(format!(
-        "Booting {}{} in QEMU (accel {}, timeout {} s), waiting for /{}/",
+        "Booting {}{} in QEMU ({firmware}, accel {}, timeout {} s), waiting for /{}/",
         args.target.display(),
         args.label
             .as_ref()
@@ -306,7 +353,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     let outcome = boottest::run(&opts)?;
     if outcome.passed {
         println!(
-            "boot-test passed: /{}/ appeared after {:.1} s (accel {})",
+            "boot-test passed: /{}/ appeared after {:.1} s ({firmware}, accel {})",
             args.expect,
             outcome.elapsed.as_secs_f64(),
             outcome.accel_used

@@ -1,7 +1,7 @@
 //! The versions on a disk: which exist, which is the default, their boot
 //! entries, and the switch of the default.
 
-use crate::boot::extlinux::{self, Entry};
+use crate::boot::{Boot, Entry};
 use crate::store::deployment::Deployment;
 use crate::store::layout::{self, Layout};
 use anyhow::{bail, Context, Result};
@@ -78,16 +78,22 @@ pub fn boot_entries(versions: &[Version]) -> Vec<Entry> {
         .collect()
 }
 
-/// Rewrites the bootloader config for the versions on disk, with
-/// `default_label` marked as the default. No-op when no version has a kernel.
-pub fn write_boot_config(layout: &Layout, fs_uuid: &str, default_label: &str) -> Result<bool> {
+/// Rewrites the boot menus of every backend of the disk for the versions on
+/// it, with `default_label` marked as the default (on the ESP this also adds
+/// the kernel files of versions that lack them). No-op when no version has a
+/// kernel.
+pub fn write_boot_config(
+    boot: &Boot,
+    layout: &Layout,
+    fs_uuid: &str,
+    default_label: &str,
+) -> Result<bool> {
     let versions = list(layout)?;
     let entries = boot_entries(&versions);
     if entries.is_empty() {
         return Ok(false);
     }
-    let conf = extlinux::render(fs_uuid, &entries, default_label)?;
-    extlinux::write_config(layout, &conf)?;
+    boot.write_menu(layout, fs_uuid, &entries, default_label)?;
     Ok(true)
 }
 

@@ -4,3 +4,4 @@ pub(crate) mod disk;
 pub(crate) mod lock;
 pub(crate) mod loopdev;
 pub(crate) mod mount;
+pub(crate) mod partition;
