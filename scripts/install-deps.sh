@@ -2,7 +2,7 @@
 # Installs what btrfs-deploy needs on a Debian 12 host: build tools for the
 # crate, the tools it runs, and QEMU for boot tests. Quick when all is there.
 set -euo pipefail
-pkgs=(btrfs-progs extlinux syslinux-common qemu-system-x86 ovmf systemd-boot-efi fdisk libbtrfsutil-dev libclang-dev
+pkgs=(btrfs-progs extlinux syslinux-common qemu-system-x86 ovmf systemd-boot-efi fdisk mtools dosfstools libbtrfsutil-dev libclang-dev
       pkg-config cpio zstd xz-utils kmod acl attr rsync util-linux gcc make strace e2fsprogs)
 missing=()
 for p in "${pkgs[@]}"; do

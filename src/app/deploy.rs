@@ -204,7 +204,7 @@ pub fn plan(
         existing
     };
     if is_new && boot_kind.partitioned() {
-        cmd::require(&[&partition::SFDISK])?;
+        cmd::require(&[&partition::SFDISK, &crate::boot::fat::MTOOLS])?;
         if !args.no_bootloader {
             uefi::require_systemd_boot()?;
         }

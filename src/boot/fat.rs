@@ -3,6 +3,11 @@
 //! kernel module and no mount are needed, which also keeps the partition
 //! invisible to the host and to anything that mounts it there.
 //!
+//! Directories are made with mtools' `mmd` ([`make_dirs`]): `fatfs` 0.3.6
+//! writes long-name entries before a new directory's `.` and `..`, which
+//! `fsck.fat` rejects. Callers create their fixed directories once and
+//! keep files flat inside them; [`FatPartition`] never creates directories.
+//!
 //! The partition is a byte range of the disk image or block device
 //! (`fscommon::StreamSlice`). Writes go straight to the file (no user-space
 //! cache), and [`FatPartition::close`] unmounts (fatfs clears its dirty
@@ -141,18 +146,20 @@ impl FatPartition {
         Ok(u64::from(st.free_clusters()) * u64::from(st.cluster_size()))
     }
 
-    /// Creates directory `path` and its parents (`a/b/c`).
-    pub fn create_dirs(&self, path: &str) -> Result<()> {
-        let mut dir = self.fs().root_dir();
-        for part in path.split('/').filter(|p| !p.is_empty()) {
-            dir = dir
-                .create_dir(part)
-                .with_context(|| self.ctx("creating directory", path))?;
+    /// Which of `dirs` do not exist.
+    pub fn missing_dirs(&self, dirs: &[&str]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for d in dirs {
+            match self.fs().root_dir().open_dir(d) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => out.push(d.to_string()),
+                Err(e) => return Err(e).with_context(|| self.ctx("opening directory", d)),
+            }
         }
-        Ok(())
+        Ok(out)
     }
 
-    /// Writes `data` to `path` (created or truncated), parents created.
+    /// Writes `data` to `path` (created or truncated); its directory must exist.
     pub fn write(&self, path: &str, data: &[u8]) -> Result<()> {
         self.write_from(path, &mut &data[..]).map(drop)
     }
@@ -164,9 +171,6 @@ impl FatPartition {
     }
 
     fn write_from(&self, path: &str, src: &mut dyn Read) -> Result<u64> {
-        if let Some((parent, _)) = path.rsplit_once('/') {
-            self.create_dirs(parent)?;
-        }
         let mut f = self
             .fs()
             .root_dir()
@@ -317,6 +321,41 @@ impl Drop for FatPartition {
     }
 }
 
+/// `mtools`, which makes the directories of a FAT partition.
+pub const MTOOLS: crate::util::cmd::Tool = crate::util::cmd::Tool {
+    program: "mmd",
+    package: "mtools",
+};
+
+/// Makes directories `dirs` (in order: parents first) on the FAT partition
+/// starting `start` bytes into `disk`, with mtools' `mmd`. Call with no
+/// [`FatPartition`] open on the disk.
+pub fn make_dirs(disk: &Path, start: u64, dirs: &[String]) -> Result<()> {
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    crate::util::cmd::require(&[&MTOOLS])?;
+    let image = format!("{}@@{start}", disk.display());
+    let mut args = vec!["-i".to_string(), image];
+    args.extend(dirs.iter().map(|d| format!("::/{d}")));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = std::process::Command::new(MTOOLS.program);
+    c.args(&args).env("MTOOLS_SKIP_CHECK", "1");
+    crate::util::cmd::prepare(&mut c);
+    let out = c
+        .output()
+        .with_context(|| format!("starting {} (install mtools)", MTOOLS.program))?;
+    if !out.status.success() {
+        bail!(
+            "making directories {} on the FAT partition of {}: {}",
+            dirs.join(", "),
+            disk.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// One entry of a directory.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -342,9 +381,15 @@ mod tests {
             .set_len(start + size + (1 << 20))
             .unwrap();
         format(&img, start, size, "ESP").unwrap();
+        let fat = FatPartition::open(&img, start, size, false).unwrap();
+        assert_eq!(fat.missing_dirs(&["a", "a/b"]).unwrap(), vec!["a", "a/b"]);
+        fat.close().unwrap();
+        make_dirs(&img, start, &["a".into(), "a/b".into()]).unwrap();
         let src = d.path().join("kernel");
         std::fs::write(&src, vec![7u8; 100_000]).unwrap();
         let fat = FatPartition::open(&img, start, size, true).unwrap();
+        assert!(fat.missing_dirs(&["a", "a/b"]).unwrap().is_empty());
+        assert!(fat.write("nodir/x", b"x").is_err());
         let free0 = fat.free_bytes().unwrap();
         assert!(free0 > 200 << 20, "{free0}");
         assert_eq!(fat.copy_from("a/b/kernel", &src).unwrap(), 100_000);
@@ -362,11 +407,27 @@ mod tests {
         assert!(fat.read("a/missing").unwrap().is_none());
         let names: Vec<String> = fat.list("a").unwrap().into_iter().map(|e| e.name).collect();
         assert_eq!(names, vec!["b", "x.conf"]);
-        fat.remove_all("a/b").unwrap();
-        fat.remove_all("a/b").unwrap();
+        fat.remove_all("a/b/kernel").unwrap();
+        fat.remove_all("a/b/kernel").unwrap();
         assert!(fat.file_len("a/b/kernel").unwrap().is_none());
         assert!(fat.free_bytes().unwrap() >= free0 - 4096);
         fat.close().unwrap();
+        // What it wrote is a clean FAT for dosfstools' checker.
+        let part = d.path().join("part.img");
+        let mut all = std::fs::read(&img).unwrap();
+        all.drain(..start as usize);
+        all.truncate(size as usize);
+        std::fs::write(&part, all).unwrap();
+        let out = std::process::Command::new("fsck.fat")
+            .arg("-n")
+            .arg(&part)
+            .output()
+            .expect("fsck.fat (apt-get install dosfstools)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //! EFI/BOOT/BOOTX64.EFI               systemd-boot (the removable-media path: no NVRAM entry needed)
 //! loader/loader.conf                 `default <label>.conf`: exactly one 512-byte sector
 //! loader/entries/<label>.conf        one entry per version (boot counting may add `+N[-M]` later)
-//! btrfs-deploy/<label>/linux         the version's kernel
-//! btrfs-deploy/<label>/initrd        its initramfs
+//! btrfs-deploy/<label>.linux         the version's kernel
+//! btrfs-deploy/<label>.initrd        its initramfs
 //! ```
+//! The directories are made once (see [`super::fat`]); files stay flat in them.
 //!
 //! Power cuts: a new version's files are written under temporary names,
 //! renamed, and its entry is written last, so an entry only ever names
@@ -43,10 +44,12 @@ pub const LOADER_CONF: &str = "loader/loader.conf";
 pub const ENTRIES_DIR: &str = "loader/entries";
 /// Directory of the versions' kernel files on the ESP.
 pub const VERSIONS_DIR: &str = "btrfs-deploy";
-/// Kernel file name inside `btrfs-deploy/<label>/`.
-pub const ESP_KERNEL: &str = "linux";
-/// Initramfs file name inside `btrfs-deploy/<label>/`.
-pub const ESP_INITRD: &str = "initrd";
+/// Suffix of a version's kernel in `btrfs-deploy/`.
+pub const ESP_KERNEL: &str = ".linux";
+/// Suffix of a version's initramfs in `btrfs-deploy/`.
+pub const ESP_INITRD: &str = ".initrd";
+/// The directories of the ESP, parents first.
+pub const ESP_DIRS: [&str; 5] = ["EFI", "EFI/BOOT", "loader", ENTRIES_DIR, VERSIONS_DIR];
 /// Size of `loader.conf`: one sector, so switching the default is one sector write.
 pub const LOADER_CONF_SIZE: usize = 512;
 /// Suffix of files being written.
@@ -82,10 +85,10 @@ pub fn render_entry(fs_uuid: &str, e: &Entry) -> String {
     let l = &e.label;
     let mut s = format!(
         "# Written by btrfs-deploy.\ntitle {l} (btrfs-deploy)\nversion {l}\nsort-key btrfs-deploy\n\
-         linux /{VERSIONS_DIR}/{l}/{ESP_KERNEL}\n"
+         linux /{VERSIONS_DIR}/{l}{ESP_KERNEL}\n"
     );
     if e.initramfs {
-        s.push_str(&format!("initrd /{VERSIONS_DIR}/{l}/{ESP_INITRD}\n"));
+        s.push_str(&format!("initrd /{VERSIONS_DIR}/{l}{ESP_INITRD}\n"));
     }
     s.push_str(&format!(
         "options root=UUID={fs_uuid} rootfstype=btrfs rootflags=subvol=systems/{l}/run rw {}\n",
@@ -116,8 +119,13 @@ fn entry_path(label: &str) -> String {
     format!("{ENTRIES_DIR}/{label}.conf")
 }
 
-fn version_dir(label: &str) -> String {
-    format!("{VERSIONS_DIR}/{label}")
+/// The version label of a file in `btrfs-deploy/` (`None` for anything
+/// else, such as a file left half-written).
+pub fn file_label(file_name: &str) -> Option<&str> {
+    [ESP_KERNEL, ESP_INITRD]
+        .iter()
+        .find_map(|sfx| file_name.strip_suffix(sfx))
+        .filter(|l| !l.is_empty())
 }
 
 /// systemd-boot on the EFI system partition at byte range `esp` of `disk`.
@@ -139,8 +147,13 @@ impl SystemdBoot {
         FatPartition::open(&self.disk, self.esp.0, self.esp.1, write)
     }
 
-    /// Runs `f` on the ESP opened for writing, closing (and syncing) it after.
+    /// Runs `f` on the ESP opened for writing, closing (and syncing) it
+    /// after. Its directories are made first where missing.
     fn with_esp<T>(&self, f: impl FnOnce(&FatPartition) -> Result<T>) -> Result<T> {
+        let fat = self.open(false)?;
+        let missing = fat.missing_dirs(&ESP_DIRS)?;
+        fat.close()?;
+        super::fat::make_dirs(&self.disk, self.esp.0, &missing)?;
         let fat = self.open(true)?;
         let v = f(&fat)?;
         fat.close()?;
@@ -202,7 +215,7 @@ impl Backend for SystemdBoot {
                     let len = std::fs::metadata(&src)
                         .with_context(|| format!("reading {}", src.display()))?
                         .len();
-                    let dst = format!("{}/{name}", version_dir(&e.label));
+                    let dst = format!("{VERSIONS_DIR}/{}{name}", e.label);
                     if fat.file_len(&dst)? != Some(len) {
                         need += fat.allocated(len);
                         todo.push((src, dst));
@@ -261,7 +274,12 @@ impl Backend for SystemdBoot {
                     fat.remove_all(&format!("{ENTRIES_DIR}/{}", e.name))?;
                 }
             }
-            fat.remove_all(&version_dir(label))
+            for f in fat.list(VERSIONS_DIR)? {
+                if file_label(&f.name).is_some_and(|l| l.eq_ignore_ascii_case(label)) {
+                    fat.remove_all(&format!("{VERSIONS_DIR}/{}", f.name))?;
+                }
+            }
+            Ok(())
         })
     }
 
@@ -278,18 +296,10 @@ impl Backend for SystemdBoot {
                 }
             }
             for e in fat.list(VERSIONS_DIR)? {
-                let p = format!("{VERSIONS_DIR}/{}", e.name);
-                if !e.is_dir || !known(&e.name) {
+                if e.is_dir || !file_label(&e.name).is_some_and(known) {
+                    let p = format!("{VERSIONS_DIR}/{}", e.name);
                     fat.remove_all(&p)?;
                     removed.push(p);
-                    continue;
-                }
-                for f in fat.list(&p)? {
-                    if f.name.ends_with(TMP) {
-                        let fp = format!("{p}/{}", f.name);
-                        fat.remove_all(&fp)?;
-                        removed.push(fp);
-                    }
                 }
             }
             for tmp in [format!("{LOADER_CONF}{TMP}"), format!("{ESP_LOADER}{TMP}")] {
@@ -390,6 +400,10 @@ mod tests {
         assert_eq!(entry_label("a+b.conf"), Some("a+b"));
         assert_eq!(entry_label("v2.conf.tmp"), None);
         assert_eq!(entry_label(".conf"), None);
+        assert_eq!(file_label("v2.linux"), Some("v2"));
+        assert_eq!(file_label("v2.1.initrd"), Some("v2.1"));
+        assert_eq!(file_label("v2.linux.tmp"), None);
+        assert_eq!(file_label(".linux"), None);
     }
 
     #[test]
@@ -401,7 +415,7 @@ mod tests {
             args: "console=ttyS0".into(),
         };
         let s = render_entry("1234", &e);
-        assert!(s.contains("\nlinux /btrfs-deploy/v2/linux\ninitrd /btrfs-deploy/v2/initrd\n"));
+        assert!(s.contains("\nlinux /btrfs-deploy/v2.linux\ninitrd /btrfs-deploy/v2.initrd\n"));
         assert!(s.contains(
             "options root=UUID=1234 rootfstype=btrfs rootflags=subvol=systems/v2/run rw console=ttyS0\n"
         ));
@@ -466,8 +480,8 @@ mod tests {
         assert_eq!(st.default.as_deref(), Some("b"));
         // Leftovers of an interrupted write and of unknown versions go.
         let fat = FatPartition::open(&img, esp.0, esp.1, true).unwrap();
-        fat.write("btrfs-deploy/b/linux.tmp", b"x").unwrap();
-        fat.write("btrfs-deploy/gone/linux", b"x").unwrap();
+        fat.write("btrfs-deploy/b.linux.tmp", b"x").unwrap();
+        fat.write("btrfs-deploy/gone.linux", b"x").unwrap();
         fat.write("loader/entries/gone+2.conf", b"x").unwrap();
         fat.close().unwrap();
         let mut removed = b.cleanup(&["b".to_string()]).unwrap();
@@ -475,8 +489,8 @@ mod tests {
         assert_eq!(
             removed,
             vec![
-                "btrfs-deploy/b/linux.tmp",
-                "btrfs-deploy/gone",
+                "btrfs-deploy/b.linux.tmp",
+                "btrfs-deploy/gone.linux",
                 "loader/entries/gone+2.conf"
             ]
         );

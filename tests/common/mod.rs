@@ -429,6 +429,11 @@ pub fn fingerprint(p: &Path) -> (u64, u64) {
 
 /// Boots `img` (optionally a given version) and returns the console text.
 pub fn boot_console(img: &Path, version: Option<&str>) -> String {
+    boot_console_with(img, version, None)
+}
+
+/// Like [`boot_console`], with `--firmware bios|uefi` when given.
+pub fn boot_console_with(img: &Path, version: Option<&str>, firmware: Option<&str>) -> String {
     let log = PathBuf::from(format!("{}.console.log", img.display()));
     let mut args = vec![
         "boot-test",
@@ -442,6 +447,9 @@ pub fn boot_console(img: &Path, version: Option<&str>) -> String {
     ];
     if let Some(v) = version {
         args.extend(["--version", v]);
+    }
+    if let Some(f) = firmware {
+        args.extend(["--firmware", f]);
     }
     let out = run_ok(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
