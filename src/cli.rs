@@ -161,8 +161,9 @@ pub enum Command {
     },
 }
 
-/// How a new disk boots (`--boot`).
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+/// How a new disk boots (`--boot`, `boot = "..."` in the config file).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BootArg {
     /// Whole-disk Btrfs with SYSLINUX: legacy BIOS.
     Bios,

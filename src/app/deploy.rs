@@ -428,10 +428,18 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<()> {
             (partial.clone(), lock, Some(partial))
         }
     };
+    let partitions = if new.boot.partitioned() {
+        format!(
+            " ({} disk: GPT, {} EFI system partition, Btrfs partition)",
+            new.boot,
+            units::format_size(ESP_SIZE)
+        )
+    } else {
+        String::new()
+    };
     ui::step(format!(
-        "Creating a {} {} disk for {} (version {})",
+        "Creating a {} Btrfs{partitions} for {} (version {})",
         units::format_size(new.size),
-        new.boot,
         plan.target.display(),
         plan.label
     ));

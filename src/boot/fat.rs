@@ -293,6 +293,17 @@ impl FatPartition {
             .with_context(|| self.ctx("removing", path))
     }
 
+    /// Makes everything written so far durable (the next write is ordered
+    /// after it on the disk).
+    pub fn sync(&self) -> Result<()> {
+        if self.write {
+            self.file
+                .sync_data()
+                .with_context(|| format!("syncing {}", self.what))?;
+        }
+        Ok(())
+    }
+
     /// Unmounts (fatfs writes its FSInfo and clears the dirty flag) and
     /// flushes everything to the disk.
     pub fn close(mut self) -> Result<()> {

@@ -181,8 +181,11 @@ impl SystemdBoot {
         let tmp = format!("{dst}{TMP}");
         fat.remove_all(&tmp)?;
         fat.copy_from(&tmp, src)?;
+        // The data is on the disk before any name refers to it.
+        fat.sync()?;
         fat.remove_all(dst)?;
-        fat.rename(&tmp, dst)
+        fat.rename(&tmp, dst)?;
+        fat.sync()
     }
 }
 
@@ -232,8 +235,10 @@ impl Backend for SystemdBoot {
                 if fat.read(&path)?.as_deref() != Some(conf.as_bytes()) {
                     let tmp = format!("{path}{TMP}");
                     fat.write(&tmp, conf.as_bytes())?;
+                    fat.sync()?;
                     fat.remove_all(&path)?;
                     fat.rename(&tmp, &path)?;
+                    fat.sync()?;
                 }
             }
             Ok(())
@@ -260,6 +265,7 @@ impl Backend for SystemdBoot {
                 // First time (or a file someone else wrote): a new one, renamed into place.
                 let tmp = format!("{LOADER_CONF}{TMP}");
                 fat.write(&tmp, &conf)?;
+                fat.sync()?;
                 fat.remove_all(LOADER_CONF)?;
                 fat.rename(&tmp, LOADER_CONF)
             }
@@ -274,6 +280,7 @@ impl Backend for SystemdBoot {
                     fat.remove_all(&format!("{ENTRIES_DIR}/{}", e.name))?;
                 }
             }
+            fat.sync()?;
             for f in fat.list(VERSIONS_DIR)? {
                 if file_label(&f.name).is_some_and(|l| l.eq_ignore_ascii_case(label)) {
                     fat.remove_all(&format!("{VERSIONS_DIR}/{}", f.name))?;
