@@ -126,6 +126,22 @@ fn hybrid_image_boots_under_seabios_and_ovmf() {
         );
     }
     assert!(esp_read(&img, "/loader/loader.conf").contains("\ndefault factory.conf\n"));
+    // The entry boots this Btrfs (its UUID, read from the partition) and the version's run.
+    let uuid = fs_uuid(&img);
+    assert_eq!(uuid.len(), 36, "{uuid}");
+    assert!(esp_read(&img, "/loader/entries/factory.conf").contains(&format!(
+        "options root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/factory/run rw"
+    )));
+    {
+        // The layout of design §1 on the Btrfs partition.
+        let m = Inspect::open(&img);
+        assert_eq!(
+            std::fs::read_link(m.path("systems/default")).unwrap(),
+            Path::new("factory")
+        );
+        assert!(m.path("extlinux/ldlinux.c32").exists());
+        assert!(m.path("state/home").is_dir());
+    }
     assert_esp_clean(&img);
     let rows = list_json(imgs);
     assert_eq!(rows[0]["boot"], "hybrid");
