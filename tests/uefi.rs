@@ -129,9 +129,11 @@ fn hybrid_image_boots_under_seabios_and_ovmf() {
     // The entry boots this Btrfs (its UUID, read from the partition) and the version's run.
     let uuid = fs_uuid(&img);
     assert_eq!(uuid.len(), 36, "{uuid}");
-    assert!(esp_read(&img, "/loader/entries/factory.conf").contains(&format!(
-        "options root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/factory/run rw"
-    )));
+    assert!(
+        esp_read(&img, "/loader/entries/factory.conf").contains(&format!(
+            "options root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/factory/run rw"
+        ))
+    );
     {
         // The layout of design §1 on the Btrfs partition.
         let m = Inspect::open(&img);
@@ -254,6 +256,56 @@ fn esp_space_is_checked_at_planning_and_freed_by_remove() {
     let files = esp_files(&img);
     assert!(!files.iter().any(|f| f.contains("gone")), "{files:?}");
     run_ok(&["check", imgs]);
+
+    // A power cut between the two switches of a set-default: systems/default
+    // (BIOS) names v3, loader.conf (UEFI) still v2. check reports it,
+    // cleanup brings loader.conf back in step, in place.
+    run_ok(&["set-default", "v2", imgs]);
+    let conf_v2 = esp_read(&img, "/loader/loader.conf");
+    run_ok(&["set-default", "v3", imgs]);
+    let conf = tmp.path().join("loader.conf");
+    std::fs::write(&conf, &conf_v2).unwrap();
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mcopy -o -i {imgs}@@{ESP_OFFSET} {} ::/loader/loader.conf",
+        conf.display()
+    ));
+    let out = run(&["check", imgs]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("loader.conf makes v2 the UEFI default, systems/default is v3"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    run_ok(&["cleanup", imgs]);
+    let fixed = esp_read(&img, "/loader/loader.conf");
+    assert!(
+        fixed.contains("\ndefault v3.conf\n") && fixed.len() == 512,
+        "{fixed}"
+    );
+    run_ok(&["check", imgs]);
+
+    // --keep removes old versions' ESP files too.
+    run_ok(&[
+        "--version",
+        "v4",
+        "--keep",
+        "1",
+        "--rootfs",
+        small.to_str().unwrap(),
+        imgs,
+    ]);
+    let files = esp_files(&img);
+    assert!(!files.iter().any(|f| f.contains("/v2.")), "{files:?}");
+    assert!(
+        files.contains(&"/btrfs-deploy/v4.linux".to_string()),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"/loader/entries/v3.conf".to_string()),
+        "{files:?}"
+    );
+    assert_esp_clean(&img);
 }
 
 #[test]
@@ -328,7 +380,33 @@ fn hybrid_errors_name_the_problem_and_write_nothing() {
         &["--size 300 MiB is too small"],
     );
     assert!(!small.exists());
-    for i in [&img, &uefi_img, &bios_img] {
+    // A GPT image that is not ours is never taken for a disk of ours.
+    let foreign = tmp.path().join("foreign.img");
+    let fs_ = foreign.to_str().unwrap();
+    sh(&format!(
+        "truncate -s 600M {fs_} && echo 'label: gpt\n,100M,U\n,,L' | sfdisk -q {fs_}"
+    ));
+    let before = fingerprint(&foreign);
+    run_fails(
+        &["--version", "v2", "--rootfs", r, fs_],
+        1,
+        &[
+            "GPT partition table with 2 partition(s)",
+            "not a btrfs-deploy disk",
+        ],
+    );
+    run_fails(
+        &["list", fs_],
+        1,
+        &["GPT partition table", "not a btrfs-deploy disk"],
+    );
+    run_fails(
+        &["check", fs_],
+        1,
+        &["GPT partition table", "not a btrfs-deploy disk"],
+    );
+    assert!(fingerprint(&foreign) == before);
+    for i in [&img, &uefi_img, &bios_img, &foreign] {
         assert_no_leftovers(i, false);
     }
 }
@@ -355,6 +433,25 @@ fn hybrid_on_a_block_device() {
         }
     }
     let _d = Detach(dev.clone());
+    // Too small for a hybrid disk (the ESP takes 256 MiB).
+    let small_backing = tmp.path().join("small.img");
+    sh(&format!("truncate -s 300M {}", small_backing.display()));
+    let small = sh(&format!(
+        "losetup --find --show {}",
+        small_backing.display()
+    ))
+    .trim()
+    .to_string();
+    let _ds = Detach(small.clone());
+    run_fails(
+        &["--boot", "hybrid", "--rootfs", r, &small],
+        1,
+        &[
+            "too small for a hybrid disk",
+            "EFI system partition takes 256 MiB",
+        ],
+    );
+    assert_eq!(sh(&format!("blkid -p {small} || true")).trim(), "");
     // Someone else's partition table: refused without --wipe, untouched.
     sh(&format!("echo 'label: gpt\n,100M,L' | sfdisk -q {dev}"));
     let before = fingerprint(&backing);
