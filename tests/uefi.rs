@@ -474,3 +474,147 @@ fn hybrid_on_a_block_device() {
         ""
     );
 }
+
+/// Runs `deploy args` and sends SIGKILL after its `step`-th `==> ` line, or
+/// after `delay` when `step` is 0. Returns whether the run finished by itself.
+fn run_killed(args: &[&str], step: usize, delay: std::time::Duration) -> bool {
+    use std::io::BufRead;
+    let mut child = deploy()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    if step == 0 {
+        std::thread::sleep(delay);
+    } else {
+        let mut seen = 0;
+        for line in std::io::BufReader::new(child.stderr.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("==> ") {
+                seen += 1;
+                if seen == step {
+                    break;
+                }
+            }
+        }
+    }
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    status.success()
+}
+
+/// `kill -9` of a hybrid upgrade at every step line and at moments spread
+/// over its run: the Btrfs default and the UEFI default (loader.conf) each
+/// name a complete version whose entry names files that are all on the
+/// ESP; `deploy cleanup` then leaves a disk `deploy check` passes, with
+/// loader.conf following systems/default.
+#[test]
+fn killed_hybrid_upgrades_keep_both_defaults_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let template = tmp.path().join("factory.img");
+    run_ok(&[
+        "--boot",
+        "hybrid",
+        "--rootfs",
+        tiny_rootfs().to_str().unwrap(),
+        template.to_str().unwrap(),
+    ]);
+    let v2 = tiny_variant(tmp.path(), "v2-rootfs");
+    // Reference run: its duration and step lines.
+    let img = tmp.path().join("ref.img");
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        template.display(),
+        img.display()
+    ));
+    let started = std::time::Instant::now();
+    let out = run_ok(&[
+        "--version",
+        "v2",
+        "--rootfs",
+        v2.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let full = started.elapsed();
+    let steps = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("==> "))
+        .count();
+    let mut points: Vec<(usize, std::time::Duration)> = (1..=steps).map(|k| (k, full)).collect();
+    points.extend((1..6).map(|i| (0, full.mul_f64(i as f64 / 6.0))));
+    let mut killed = 0;
+    for (i, (step, delay)) in points.into_iter().enumerate() {
+        let img = tmp.path().join(format!("p{i}.img"));
+        let imgs = img.to_str().unwrap();
+        sh(&format!("cp --sparse=always {} {imgs}", template.display()));
+        let finished = run_killed(
+            &["--version", "v2", "--rootfs", v2.to_str().unwrap(), imgs],
+            step,
+            delay,
+        );
+        if !finished {
+            killed += 1;
+        }
+        let what = format!("point {i} (step {step}, {delay:?})");
+        assert_no_leftovers(&img, false);
+        // What boots now, before any repair.
+        let out = run(&["check", imgs, "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{what}: no check report"));
+        let default = {
+            let m = Inspect::open(&img);
+            std::fs::read_link(m.path("systems/default"))
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert!(default == "factory" || default == "v2", "{what}: {default}");
+        for f in report["findings"].as_array().unwrap() {
+            let name = f["name"].as_str().unwrap();
+            if name == "default"
+                || name == "btrfs check"
+                || name.starts_with(&format!("version {default}:"))
+            {
+                assert_eq!(f["status"], "ok", "{what}: {f}");
+            }
+        }
+        let conf = esp_read(&img, "/loader/loader.conf");
+        assert_eq!(conf.len(), 512, "{what}: {conf}");
+        let uefi = conf
+            .lines()
+            .find_map(|l| l.strip_prefix("default "))
+            .unwrap()
+            .trim_end_matches(".conf")
+            .to_string();
+        assert!(uefi == "factory" || uefi == "v2", "{what}: {uefi}");
+        let entry = esp_read(&img, &format!("/loader/entries/{uefi}.conf"));
+        let files = esp_files(&img);
+        for line in entry.lines() {
+            if let Some(p) = line.strip_prefix("linux ").or(line.strip_prefix("initrd ")) {
+                assert!(
+                    files.iter().any(|f| f == p),
+                    "{what}: {p} missing: {files:?}"
+                );
+            }
+        }
+        if finished {
+            assert_eq!((default.as_str(), uefi.as_str()), ("v2", "v2"), "{what}");
+        }
+        // The documented repair.
+        run_ok(&["cleanup", imgs]);
+        run_ok(&["check", imgs]);
+        let conf = esp_read(&img, "/loader/loader.conf");
+        assert!(
+            conf.contains(&format!("\ndefault {default}.conf\n")),
+            "{what}: {conf}"
+        );
+        assert_esp_clean(&img);
+        std::fs::remove_file(&img).unwrap();
+    }
+    assert!(killed > 0, "no point interrupted a run");
+}

@@ -234,7 +234,7 @@ pub fn cleanup(target: &Path) -> Result<()> {
             let boot = disk.boot();
             let labels: Vec<String> = versions::list(top)?.into_iter().map(|v| v.label).collect();
             for p in boot.cleanup(&labels)? {
-                ui::step(format!("Removed {p} from the EFI system partition"));
+                ui::step(format!("EFI system partition: {p}"));
             }
             if top.extlinux_conf().exists() {
                 let default = versions::default_label(top)?;

@@ -332,6 +332,62 @@ impl Drop for FatPartition {
     }
 }
 
+/// `fsck.fat` and its package, which repairs a FAT partition whose writes
+/// were interrupted.
+pub const FSCK_FAT: crate::util::cmd::Tool = crate::util::cmd::Tool {
+    program: "fsck.fat",
+    package: "dosfstools",
+};
+
+/// Whether the FAT partition at `start` of `disk` has its "dirty" flag set:
+/// a write to it was interrupted (`fatfs` sets the flag before its first
+/// write and clears it when unmounted).
+pub fn is_dirty(disk: &Path, start: u64) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut boot = [0u8; 512];
+    open(disk, false)?
+        .read_exact_at(&mut boot, start)
+        .with_context(|| format!("reading the FAT boot sector of {}", disk.display()))?;
+    // FAT32 keeps the flags at 0x41, FAT12/16 at 0x25 (bit 0: dirty);
+    // FAT32 has 0 root directory entries (offset 17).
+    let fat32 = u16::from_le_bytes([boot[17], boot[18]]) == 0;
+    Ok(boot[if fat32 { 0x41 } else { 0x25 }] & 1 != 0)
+}
+
+/// Repairs an interrupted FAT partition with `fsck.fat -a` (clusters an
+/// interrupted file write allocated but never linked are freed, the second
+/// FAT and the dirty flag are set right), through a loop device on its
+/// byte range. Returns whether anything was repaired.
+pub fn repair(disk: &Path, start: u64, size: u64) -> Result<bool> {
+    if !is_dirty(disk, start)? {
+        return Ok(false);
+    }
+    crate::util::cmd::require(&[&FSCK_FAT])?;
+    let dev = crate::target::loopdev::LoopGuard::attach_range(disk, Some((start, size)), false)?;
+    let mut c = std::process::Command::new(FSCK_FAT.program);
+    c.args(["-a", "-w"]).arg(dev.path());
+    crate::util::cmd::prepare(&mut c);
+    let out = c
+        .output()
+        .with_context(|| format!("starting {} (install dosfstools)", FSCK_FAT.program))?;
+    // 0: nothing to do, 1: errors corrected.
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        bail!(
+            "repairing the FAT boot partition of {} with fsck.fat failed ({}): {}",
+            disk.display(),
+            out.status,
+            crate::util::cmd::tail_lines(&String::from_utf8_lossy(&out.stdout), 10)
+        );
+    }
+    // fsck.fat does not fsync: its writes sit in the loop device's cache,
+    // which detaching would drop.
+    std::fs::File::open(dev.path())
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", dev.path().display()))?;
+    dev.close()?;
+    Ok(true)
+}
+
 /// `mtools`, which makes the directories of a FAT partition.
 pub const MTOOLS: crate::util::cmd::Tool = crate::util::cmd::Tool {
     program: "mmd",

@@ -103,7 +103,8 @@ pub(crate) trait Backend {
         Ok(())
     }
     /// Removes what belongs to no version in `labels` (interrupted writes,
-    /// versions removed half-way); returns what it removed.
+    /// versions removed half-way) and repairs what an interruption left;
+    /// returns what it did, one line each.
     fn cleanup(&self, _labels: &[String]) -> Result<Vec<String>> {
         Ok(Vec::new())
     }

@@ -292,27 +292,32 @@ impl Backend for SystemdBoot {
 
     fn cleanup(&self, labels: &[String]) -> Result<Vec<String>> {
         let known = |l: &str| labels.iter().any(|k| k.eq_ignore_ascii_case(l));
+        // An interrupted write may have left allocated clusters no file owns.
+        let repaired = super::fat::repair(&self.disk, self.esp.0, self.esp.1)?;
         self.with_esp(|fat| {
             let mut removed = Vec::new();
+            if repaired {
+                removed.push("repaired an interrupted write with fsck.fat".to_string());
+            }
             for e in fat.list(ENTRIES_DIR)? {
                 let keep = !e.name.ends_with(TMP) && entry_label(&e.name).is_some_and(known);
                 if !keep {
                     let p = format!("{ENTRIES_DIR}/{}", e.name);
                     fat.remove_all(&p)?;
-                    removed.push(p);
+                    removed.push(format!("removed {p}"));
                 }
             }
             for e in fat.list(VERSIONS_DIR)? {
                 if e.is_dir || !file_label(&e.name).is_some_and(known) {
                     let p = format!("{VERSIONS_DIR}/{}", e.name);
                     fat.remove_all(&p)?;
-                    removed.push(p);
+                    removed.push(format!("removed {p}"));
                 }
             }
             for tmp in [format!("{LOADER_CONF}{TMP}"), format!("{ESP_LOADER}{TMP}")] {
                 if fat.file_len(&tmp)?.is_some() {
                     fat.remove_all(&tmp)?;
-                    removed.push(tmp);
+                    removed.push(format!("removed {tmp}"));
                 }
             }
             Ok(removed)
@@ -347,6 +352,11 @@ pub struct EspState {
 pub fn inspect(disk: &Path, esp: (u64, u64)) -> Result<EspState> {
     let fat = FatPartition::open(disk, esp.0, esp.1, false)?;
     let mut st = EspState::default();
+    if super::fat::is_dirty(disk, esp.0)? {
+        st.problems.push(
+            "a write to it was interrupted (its dirty flag is set): run deploy cleanup".into(),
+        );
+    }
     if fat.file_len(ESP_LOADER)?.is_none() {
         st.problems.push(format!("{ESP_LOADER} is missing"));
     }
@@ -496,9 +506,9 @@ mod tests {
         assert_eq!(
             removed,
             vec![
-                "btrfs-deploy/b.linux.tmp",
-                "btrfs-deploy/gone.linux",
-                "loader/entries/gone+2.conf"
+                "removed btrfs-deploy/b.linux.tmp",
+                "removed btrfs-deploy/gone.linux",
+                "removed loader/entries/gone+2.conf"
             ]
         );
         assert_eq!(inspect(&img, esp).unwrap().complete, vec!["b"]);
