@@ -88,10 +88,13 @@ deb-test: deb deb-chroot fixture
 demo: build fixture
 	@scripts/install-deps.sh demo
 	@rm -f $(DEMO_IMG)
-	$(DEPLOY) --version factory --rootfs $(CACHE)/tiny/rootfs $(DEMO_IMG)
+	$(DEPLOY) --boot hybrid --version factory --rootfs $(CACHE)/tiny/rootfs $(DEMO_IMG)
 	$(DEPLOY) list $(DEMO_IMG)
-	$(DEPLOY) boot-test $(DEMO_IMG) --timeout 120 --log $(CACHE)/demo-console.log
-	@echo "--- what the booted system reported (/ and the /state mounts):"
+	$(DEPLOY) boot-test $(DEMO_IMG) --firmware uefi --timeout 120 --log $(CACHE)/demo-console-uefi.log
+	$(DEPLOY) boot-test $(DEMO_IMG) --firmware bios --timeout 120 --log $(CACHE)/demo-console.log
+	@echo "--- what the booted system reported under UEFI (/ and the /state mounts):"
+	@grep -E "^TINY(-MOUNT)?: " $(CACHE)/demo-console-uefi.log | tr -d '\r'
+	@echo "--- and under BIOS:"
 	@grep -E "^TINY(-MOUNT)?: " $(CACHE)/demo-console.log | tr -d '\r'
 
 lint: deps

@@ -78,7 +78,13 @@ pub struct DeployArgs {
     /// Deploy without kernel and bootloader (e.g. a rootfs without a kernel).
     #[arg(long)]
     pub no_bootloader: bool,
-    /// Format a block device even when it already holds a filesystem.
+    /// How a new disk boots: hybrid (GPT with an EFI system partition:
+    /// UEFI and BIOS), uefi (the same without BIOS boot code), bios
+    /// (whole-disk Btrfs, SYSLINUX). Default: bios. Existing disks keep theirs.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub boot: Option<BootArg>,
+    /// Format a block device even when it already holds a filesystem or a
+    /// partition table.
     #[arg(long)]
     pub wipe: bool,
     /// Add the version without making it the default.
@@ -221,6 +227,27 @@ pub enum Command {
     },
 }
 
+/// How a new disk boots (`--boot`, `boot = "..."` in the config file).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootArg {
+    /// Whole-disk Btrfs with SYSLINUX: legacy BIOS.
+    Bios,
+    /// GPT: EFI system partition with systemd-boot, and the Btrfs partition.
+    Uefi,
+    /// Like uefi, plus SYSLINUX's GPT boot code: boots under UEFI and BIOS.
+    Hybrid,
+}
+
+/// Firmware of a boot test (`--firmware`).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum FirmwareArg {
+    /// SeaBIOS, QEMU's default.
+    Bios,
+    /// OVMF (Debian package ovmf).
+    Uefi,
+}
+
 /// QEMU acceleration.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum AccelArg {
@@ -260,6 +287,10 @@ pub struct BootTestArgs {
     /// Write the serial console to this file.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+    /// Firmware to boot with. Default: uefi for uefi and hybrid disks, bios
+    /// for bios disks.
+    #[arg(long, value_enum)]
+    pub firmware: Option<FirmwareArg>,
     /// Regular expression that fails the test as soon as it appears
     /// (repeatable; kernel panics and bootloader errors always fail it).
     #[arg(long, value_name = "REGEX")]

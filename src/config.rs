@@ -50,6 +50,8 @@ pub struct Config {
     pub no_bootloader: Option<bool>,
     /// Format a block device that holds a filesystem (`--wipe`).
     pub wipe: Option<bool>,
+    /// How a new disk boots (`--boot`): "bios", "uefi" or "hybrid".
+    pub boot: Option<crate::cli::BootArg>,
     /// Do not make the new version the default (`--no-default`).
     #[serde(alias = "no-default")]
     pub no_default: Option<bool>,
@@ -202,6 +204,7 @@ pub fn apply(args: &mut DeployArgs, cfg: Option<&Config>) -> Result<BTreeMap<Str
         fill(&mut args.dtb, &cfg.dtb);
         fill(&mut args.keep, &cfg.keep);
         fill(&mut args.verify_key, &cfg.verify_key);
+        fill(&mut args.boot, &cfg.boot);
         args.no_bootloader |= cfg.no_bootloader.unwrap_or(false);
         args.wipe |= cfg.wipe.unwrap_or(false);
         args.no_default |= cfg.no_default.unwrap_or(false);
@@ -339,6 +342,8 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("line 2"), "{msg}");
+        let msg = format!("{:#}", parse_at("boot = \"efi\"\n").unwrap_err());
+        assert!(msg.contains("efi") && msg.contains("hybrid"), "{msg}");
         let msg = format!("{:#}", parse_at("wipe = 1\n").unwrap_err());
         assert!(msg.contains("`wipe`") && msg.contains("bool"), "{msg}");
         let msg = format!("{:#}", parse_at("[settings]\nLIST = [1, 2]\n").unwrap_err());
@@ -389,7 +394,8 @@ mod tests {
     fn cli_wins_over_config() {
         let cfg = parse_at(
             "rootfs = \"/r\"\nsize = \"2G\"\nversion = \"cfg\"\nkernel_args = \"quiet\"\n\
-             wipe = true\nkeep = 3\nextensions = [\"a\", \"b\"]\nextensions_dirs = [\"/e1\"]\n",
+             wipe = true\nkeep = 3\nextensions = [\"a\", \"b\"]\nextensions_dirs = [\"/e1\"]\n\
+             boot = \"hybrid\"\n",
         )
         .unwrap();
         let mut args = DeployArgs {
@@ -403,6 +409,7 @@ mod tests {
         assert_eq!(args.size.as_deref(), Some("2G"));
         assert_eq!(args.kernel_args.as_deref(), Some("quiet"));
         assert!(args.wipe && !args.no_default && !args.checksum);
+        assert_eq!(args.boot, Some(crate::cli::BootArg::Hybrid));
         assert_eq!(args.keep, Some(3));
         assert_eq!(args.extensions, vec!["a", "b"]);
         assert_eq!(

@@ -266,6 +266,7 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
         });
     }
     out.insert(0, check_default(top, &versions));
+    out.insert(0, Finding::ok("disk", disk.disk_layout.boot.describe()));
     out.push(check_state(&versions, &state_subvols));
     if top.state().join(crate::build::statemerge::JOURNAL).exists() {
         out.push(Finding::warning(
@@ -275,7 +276,59 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
         ));
     }
     out.extend(check_bootloader(top, &versions, &fs_uuid));
+    if let Some(esp) = disk.disk_layout.esp {
+        out.push(check_esp(disk, esp, &versions));
+    }
     Ok(out)
+}
+
+/// The EFI system partition: systemd-boot present, one complete entry per
+/// version with a kernel, `loader.conf` naming the default, nothing else.
+fn check_esp(disk: &Disk, esp: (u64, u64), versions: &[VersionInfo]) -> Finding {
+    let st = match crate::boot::uefi::inspect(&disk.target, esp) {
+        Ok(st) => st,
+        Err(e) => return Finding::problem("esp", format!("{e:#}")),
+    };
+    let mut problems = st.problems.clone();
+    let with_kernel: Vec<&str> = versions
+        .iter()
+        .filter(|v| v.record.as_ref().is_some_and(|r| r.has_kernel))
+        .map(|v| v.label.as_str())
+        .collect();
+    for l in &with_kernel {
+        if !st.complete.iter().any(|c| c == l) {
+            problems.push(format!(
+                "version {l} has no complete boot entry on the EFI system partition (run deploy cleanup)"
+            ));
+        }
+    }
+    for c in &st.complete {
+        if !with_kernel.contains(&c.as_str()) {
+            problems.push(format!(
+                "the EFI system partition has an entry for {c}, which is not a version with a kernel (run deploy cleanup)"
+            ));
+        }
+    }
+    if let (Some(esp_default), Ok(default)) = (
+        &st.default,
+        crate::store::versions::default_label(&disk.layout),
+    ) {
+        if !with_kernel.is_empty() && *esp_default != default {
+            problems.push(format!(
+                "loader.conf makes {esp_default} the UEFI default, systems/default is {default} (run deploy cleanup)"
+            ));
+        }
+    }
+    Finding::from_problems(
+        "esp",
+        problems,
+        format!(
+            "EFI system partition: systemd-boot, {} entr{}, default {}",
+            st.complete.len(),
+            if st.complete.len() == 1 { "y" } else { "ies" },
+            st.default.as_deref().unwrap_or("-")
+        ),
+    )
 }
 
 /// What a scan of `systems/` found.
@@ -763,6 +816,17 @@ pub fn boot_config_problems(conf: &str, fs_uuid: &str, kernel_labels: &[String])
 /// `btrfs check --readonly` on the unmounted target.
 fn btrfs_check(target: &Path) -> Finding {
     let name = "btrfs check";
+    // On a GPT disk, the Btrfs partition through a read-only loop device.
+    let part = match disk::require_btrfs(target).map(|l| l.btrfs) {
+        Ok(Some(range)) => {
+            match crate::target::loopdev::LoopGuard::attach_range(target, Some(range), true) {
+                Ok(l) => Some(l),
+                Err(e) => return Finding::problem(name, format!("{e:#}")),
+            }
+        }
+        _ => None,
+    };
+    let target = part.as_ref().map(|l| l.path()).unwrap_or(target);
     let t = target.to_string_lossy();
     let mut c = std::process::Command::new("btrfs");
     c.args(["check", "--readonly"]).arg(target);

@@ -49,6 +49,8 @@ pub struct ListEntry {
     pub upgraded_from: Option<String>,
     /// Unresolved /etc conflicts recorded at deploy time.
     pub etc_conflicts: usize,
+    /// How the disk boots: bios, uefi or hybrid (the same in every row).
+    pub boot: crate::boot::BootKind,
     /// With `--sizes`: bytes of data the version references (orig, run,
     /// kernel files; each extent counted once, also when other versions
     /// share it).
@@ -67,8 +69,9 @@ pub struct ListReport {
 
 /// `deploy list`.
 pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
-    let rows = with_disk(target, true, |disk| {
+    let (kind, rows) = with_disk(target, true, |disk| {
         let default = versions::default_label(&disk.layout)?;
+        let kind = disk.disk_layout.boot;
         versions::list(&disk.layout)?
             .into_iter()
             .map(|v| ListEntry {
@@ -85,6 +88,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                     .map(|a| a.len())
                     .unwrap_or(0),
                 size_bytes: None,
+                boot: kind,
                 label: v.label,
             })
             .map(|mut row| {
@@ -95,6 +99,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 Ok(row)
             })
             .collect::<Result<Vec<_>>>()
+            .map(|rows| (kind, rows))
     })?;
     if json {
         crate::util::json::print(&ListReport {
@@ -107,6 +112,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
         } else {
             String::new()
         };
+        outln!("Disk: {}", kind.describe());
         outln!(
             "{:<3}{:<24}{:<22}{:<28}{size_head}FROM",
             "",
@@ -157,7 +163,7 @@ pub fn set_default(label: &str, target: &Path) -> Result<()> {
     with_disk(target, false, |disk| {
         let top = &disk.layout;
         require_version(top, label, target)?;
-        lifecycle::switch(top, label, &disk.fs_uuid()?)?;
+        lifecycle::switch(top, &disk.boot(), label, &disk.fs_uuid()?)?;
         ui::step(format!(
             "{label} is now the default on {}",
             target.display()
@@ -171,7 +177,7 @@ pub fn remove(label: &str, target: &Path) -> Result<()> {
     with_disk(target, false, |disk| {
         let top = &disk.layout;
         require_version(top, label, target)?;
-        lifecycle::remove(top, label, &disk.fs_uuid()?)?;
+        lifecycle::remove(top, &disk.boot(), label, &disk.fs_uuid()?)?;
         ui::step(format!("Removed {label} from {}", target.display()));
         Ok(())
     })
@@ -186,7 +192,7 @@ pub fn cleanup(target: &Path) -> Result<()> {
     }
     if target.exists() {
         with_disk(target, false, |disk| {
-            let removed = lifecycle::cleanup(&disk.layout, &disk.fs_uuid()?)?;
+            let removed = lifecycle::cleanup(&disk.layout, &disk.boot(), &disk.fs_uuid()?)?;
             if removed.is_empty() {
                 ui::step(format!("{} has no leftovers", target.display()));
             }
@@ -206,8 +212,8 @@ const MIN_GUEST_MEMORY_MIB: u32 = 64;
 /// `deploy boot-test`: checks the disk (exists, holds the layout, has the
 /// version), then boots it in QEMU through its own bootloader.
 pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
-    use crate::boottest::{self, Accel, BootTestOptions};
-    use crate::cli::AccelArg;
+    use crate::boottest::{self, Accel, BootTestOptions, Firmware};
+    use crate::cli::{AccelArg, FirmwareArg};
     let parse =
         |what: &str, re: &str| boottest::console_pattern(what, re).map_err(crate::UsageError);
     let expect = parse("--expect", &args.expect)?;
@@ -243,7 +249,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     }
     // Hold the lock while QEMU runs, so no deploy changes the disk under it.
     let _lock = disk::lock_existing(&args.target)?;
-    open_checked(&args.target, kind, true, |disk| {
+    let boot_kind = open_checked(&args.target, kind, true, |disk| {
         let top = &disk.layout;
         let default = versions::default_label(top)?;
         let label = args.label.as_deref().unwrap_or(&default);
@@ -254,9 +260,33 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
                 args.target.display()
             );
         }
-        Ok(())
+        Ok(disk.disk_layout.boot)
     })?;
+    let firmware = match args.firmware {
+        Some(FirmwareArg::Bios) if !boot_kind.bios() => bail!(
+            "{} is a {boot_kind} disk: it does not boot under BIOS; use --firmware uefi",
+            args.target.display()
+        ),
+        Some(FirmwareArg::Uefi) if !boot_kind.uefi() => bail!(
+            "{} is a {boot_kind} disk: it does not boot under UEFI; use --firmware bios \
+             (new disks boot under both with --boot hybrid)",
+            args.target.display()
+        ),
+        Some(FirmwareArg::Bios) => Firmware::Bios,
+        Some(FirmwareArg::Uefi) => Firmware::Uefi,
+        None if boot_kind.uefi() => Firmware::Uefi,
+        None => Firmware::Bios,
+    };
+    if firmware == Firmware::Uefi && args.label.is_some() {
+        return Err(crate::UsageError(
+            "--version picks a menu entry at the SYSLINUX prompt, which only the BIOS path has: \
+             add --firmware bios (on a hybrid disk), or boot the default under UEFI"
+                .into(),
+        )
+        .into());
+    }
     let mut opts = BootTestOptions::new(&args.target, expect);
+    opts.firmware = firmware;
     opts.entry = args.label.clone();
     opts.timeout = std::time::Duration::from_secs(args.timeout);
     opts.accel = match args.accel {
@@ -269,7 +299,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     opts.log = args.log.clone();
     opts.extra_fail = extra_fail;
     ui::step(format!(
-        "Booting {}{} in QEMU (accel {}, timeout {} s), waiting for /{}/",
+        "Booting {}{} in QEMU ({firmware}, accel {}, timeout {} s), waiting for /{}/",
         args.target.display(),
         args.label
             .as_ref()
@@ -282,7 +312,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     let outcome = boottest::run(&opts)?;
     if outcome.passed {
         outln!(
-            "boot-test passed: /{}/ appeared after {:.1} s (accel {})",
+            "boot-test passed: /{}/ appeared after {:.1} s ({firmware}, accel {})",
             args.expect,
             outcome.elapsed.as_secs_f64(),
             outcome.accel_used

@@ -6,21 +6,23 @@
 //! kernel files → rename .partial to <L> → sync → bootloader config → switch
 //! systems/default → sync → unmount, detach (→ rename image.partial to image).
 
-use crate::boot::extlinux;
+use crate::boot::{extlinux, uefi, BootKind};
 use crate::build::copy::{self, CopyOptions, SyncOptions};
 use crate::build::extensions::{self, Extension};
 use crate::build::fstab;
 use crate::build::kernel::{self, KernelChoice};
 use crate::build::statemerge;
 use crate::build::tarball;
+use crate::cli::BootArg;
 use crate::cli::DeployArgs;
 use crate::store::btrfs;
 use crate::store::deployment::{self, Deployment};
 use crate::store::layout::{self, Layout};
 use crate::store::lifecycle;
 use crate::store::versions;
-use crate::target::disk::{self, Disk, TargetKind};
+use crate::target::disk::{self, Contents, Disk, TargetKind};
 use crate::target::partial;
+use crate::target::partition::{self, PartSpec};
 use crate::util::cmd;
 use crate::util::fsutil;
 use crate::util::signals;
@@ -41,6 +43,16 @@ const SCRATCH_SOURCE: &str = ".source";
 const FS_OVERHEAD: u64 = 160 << 20;
 /// Filesystem label written by mkfs.
 const FS_LABEL: &str = "btrfs-deploy";
+/// Size of the EFI system partition of a new `uefi` or `hybrid` disk: FAT32,
+/// room for the kernel and initramfs of several versions.
+pub const ESP_SIZE: u64 = 256 << 20;
+/// Volume label of the EFI system partition.
+const ESP_LABEL: &str = "ESP";
+/// SYSLINUX's MBR boot code for GPT disks: boots the partition with the
+/// legacy-BIOS-bootable attribute.
+pub const GPTMBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
+/// How a new disk boots when `--boot` is not given.
+pub const DEFAULT_BOOT: BootKind = BootKind::Bios;
 
 /// A new image or device to format.
 #[derive(Debug)]
@@ -49,6 +61,8 @@ pub struct NewDisk {
     pub size: u64,
     /// Filesystem UUID chosen up front (it goes into fstab and the boot config).
     pub fs_uuid: String,
+    /// How it boots.
+    pub boot: BootKind,
 }
 
 /// Everything a deploy needs, validated before anything is written.
@@ -152,6 +166,11 @@ pub fn plan(
     if !args.no_bootloader {
         cmd::require(&[&cmd::EXTLINUX])?;
     }
+    let boot_arg = args.boot.map(|b| match b {
+        BootArg::Bios => BootKind::Bios,
+        BootArg::Uefi => BootKind::Uefi,
+        BootArg::Hybrid => BootKind::Hybrid,
+    });
     let tarball = bundle.is_none() && rootfs.is_file();
     let kernel_choice = KernelChoice {
         kernel: args.kernel.clone(),
@@ -184,20 +203,20 @@ pub fn plan(
                     target.display()
                 );
             }
-            match btrfs::probe_fs_type(&target)? {
-                Some(t) if t == "btrfs" => false,
-                Some(t) => bail!(
-                    "target {} exists and holds a {t} filesystem, not a btrfs-deploy disk: choose a new path",
+            match disk::probe(&target)? {
+                Contents::Btrfs(_) => false,
+                Contents::Other(what) => bail!(
+                    "target {} exists and holds {what}, not a btrfs-deploy disk: choose a new path",
                     target.display()
                 ),
-                None => bail!(
+                Contents::Blank => bail!(
                     "target {} exists and is not a btrfs-deploy disk: choose a new path or remove it",
                     target.display()
                 ),
             }
         }
         TargetKind::BlockDevice if disk::is_mounted(&target)? => {
-            if args.wipe || btrfs::probe_fs_type(&target)?.as_deref() != Some("btrfs") {
+            if args.wipe || !matches!(disk::probe(&target)?, Contents::Btrfs(_)) {
                 bail!(
                     "{} is mounted (or one of its partitions is): unmount it first; a mounted \
                      disk is never formatted, --wipe or not",
@@ -207,16 +226,41 @@ pub fn plan(
             // On a device: a new version next to the running one.
             false
         }
-        TargetKind::BlockDevice => match btrfs::probe_fs_type(&target)? {
-            None => true,
-            Some(_) if args.wipe => true,
-            Some(t) if t == "btrfs" => false,
-            Some(t) => bail!(
-                "{} holds a {t} filesystem: pass --wipe to erase it and deploy",
+        TargetKind::BlockDevice => match disk::probe(&target)? {
+            Contents::Blank => true,
+            _ if args.wipe => true,
+            Contents::Btrfs(_) => false,
+            Contents::Other(what) => bail!(
+                "{} holds {what}: pass --wipe to erase it and deploy",
                 target.display()
             ),
         },
     };
+    let boot_kind = if is_new {
+        boot_arg.unwrap_or(DEFAULT_BOOT)
+    } else {
+        let existing = disk::require_btrfs(&target)?.boot;
+        if let Some(b) = boot_arg.filter(|b| *b != existing) {
+            bail!(
+                "--boot {b} applies to new disks only; {} is a {existing} disk and keeps its layout \
+                 (deploy to a new image, or to a device with --wipe, to change it)",
+                target.display()
+            );
+        }
+        existing
+    };
+    if is_new && boot_kind.partitioned() {
+        cmd::require(&[&partition::SFDISK, &crate::boot::fat::MTOOLS])?;
+        if !args.no_bootloader {
+            uefi::require_systemd_boot()?;
+        }
+    }
+    if is_new && boot_kind == BootKind::Hybrid && !Path::new(GPTMBR).is_file() {
+        bail!(
+            "{GPTMBR} not found: hybrid disks boot under BIOS through SYSLINUX's GPT boot code; \
+             install the Debian package syslinux-common"
+        );
+    }
 
     // What the rootfs occupies: sizes a new image and drives progress. An
     // archive is always read (that also rejects unsafe entries up front); a
@@ -244,7 +288,13 @@ pub fn plan(
         0
     };
     let new_disk = if is_new {
-        let needed = rootfs_bytes + rootfs_bytes / 10 + FS_OVERHEAD;
+        // What a partitioned disk needs besides its Btrfs.
+        let extra = if boot_kind.partitioned() {
+            ESP_SIZE + partition::GPT_OVERHEAD
+        } else {
+            0
+        };
+        let needed = rootfs_bytes + rootfs_bytes / 10 + FS_OVERHEAD + extra;
         let size = match &args.size {
             Some(s) => {
                 let size = units::parse_size(s)
@@ -255,25 +305,39 @@ pub fn plan(
                         target.display()
                     );
                 }
-                if size < needed.max(MIN_IMAGE) {
+                if size < needed.max(MIN_IMAGE + extra) {
                     bail!(
                         "--size {} is too small for the rootfs {} ({} used): give at least {}",
                         units::format_size(size),
                         rootfs.display(),
                         units::format_size(rootfs_bytes),
-                        units::format_size(needed.max(MIN_IMAGE))
+                        units::format_size(needed.max(MIN_IMAGE + extra))
                     );
                 }
                 size
             }
-            None => default_size(rootfs_bytes),
+            None => default_size(rootfs_bytes) + extra,
         };
+        if kind == TargetKind::BlockDevice && boot_kind.partitioned() {
+            let dev_size = device_size(&target)?;
+            if dev_size < (MIN_IMAGE + extra).max(needed) {
+                bail!(
+                    "{} ({}) is too small for a {boot_kind} disk with this rootfs: it needs at least {} \
+                     (the EFI system partition takes {})",
+                    target.display(),
+                    units::format_size(dev_size),
+                    units::format_size((MIN_IMAGE + extra).max(needed)),
+                    units::format_size(ESP_SIZE)
+                );
+            }
+        }
         if kind == TargetKind::Missing {
             check_free_space(&target, size)?;
         }
         Some(NewDisk {
             size,
             fs_uuid: uuid::Uuid::new_v4().to_string(),
+            boot: boot_kind,
         })
     } else {
         if args.size.is_some() && size_from_cli {
@@ -336,6 +400,14 @@ pub fn default_size(rootfs_bytes: u64) -> u64 {
     let raw = rootfs_bytes * 2 + rootfs_bytes / 5 + FS_OVERHEAD + (128 << 20);
     let step = 64u64 << 20;
     raw.div_ceil(step) * step
+}
+
+/// Size in bytes of a block device.
+fn device_size(dev: &Path) -> Result<u64> {
+    use std::io::Seek;
+    let mut f = std::fs::File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    f.seek(std::io::SeekFrom::End(0))
+        .with_context(|| format!("reading the size of {}", dev.display()))
 }
 
 fn check_rootfs(path: &Path) -> Result<PathBuf> {
@@ -461,27 +533,53 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
             (path.clone(), lock, Some((path, file)))
         }
     };
-    // On a block device the filesystem fills the device, whatever the
-    // default image size would have been: say what is really made.
+    // On a block device the disk is the device, whatever the default image
+    // size would have been: say what is really made.
     let made = match plan.kind {
         TargetKind::BlockDevice => disk::block_device_size(&plan.target)?,
         _ => new.size,
     };
+    let partitions = if new.boot.partitioned() {
+        format!(
+            " ({} disk: GPT, {} EFI system partition, Btrfs partition)",
+            new.boot,
+            units::format_size(ESP_SIZE)
+        )
+    } else {
+        String::new()
+    };
     ui::step(format!(
-        "Creating a {} Btrfs for {} (version {})",
+        "Creating a {} Btrfs{partitions} for {} (version {})",
         units::format_size(made),
         plan.target.display(),
         plan.label
     ));
     let result = (|| -> Result<Deployment> {
-        btrfs::mkfs(&work_path, &new.fs_uuid, FS_LABEL)?;
+        if plan.kind == TargetKind::BlockDevice {
+            // Blank, or --wipe: no old signature (a Btrfs at 64 KiB, a GPT)
+            // may be taken for the new disk's layout.
+            cmd::run(
+                "wipefs",
+                &["--all", "--quiet", &work_path.to_string_lossy()],
+            )
+            .with_context(|| format!("wiping {}", work_path.display()))?;
+        }
+        if new.boot.partitioned() {
+            let range = partition_new_disk(&work_path, new.boot)?;
+            let dev =
+                crate::target::loopdev::LoopGuard::attach_range(&work_path, Some(range), false)?;
+            btrfs::mkfs(dev.path(), &new.fs_uuid, FS_LABEL)?;
+            dev.close()?;
+        } else {
+            btrfs::mkfs(&work_path, &new.fs_uuid, FS_LABEL)?;
+        }
         let kind = if plan.kind == TargetKind::BlockDevice {
             TargetKind::BlockDevice
         } else {
             TargetKind::File
         };
         let record = Disk::open(&work_path, kind, false)?
-            .run(|disk| build_first_version(plan, &disk.layout, &new.fs_uuid))?;
+            .run(|disk| build_first_version(plan, disk, &new.fs_uuid))?;
         // Until the image is renamed into place, an interruption discards it.
         signals::check()?;
         Ok(record)
@@ -507,6 +605,43 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
         is_default: true,
         removed: Vec::new(),
     })
+}
+
+/// Writes the GPT of a new `uefi`/`hybrid` disk (EFI system partition, then
+/// the Btrfs partition over the rest), SYSLINUX's GPT boot code for
+/// `hybrid`, and formats the ESP. Returns the Btrfs partition's byte range.
+fn partition_new_disk(disk: &Path, kind: BootKind) -> Result<(u64, u64)> {
+    partition::write_gpt(
+        disk,
+        &[
+            PartSpec {
+                size: Some(ESP_SIZE),
+                type_guid: partition::TYPE_ESP,
+                name: "EFI system partition",
+                legacy_boot: false,
+            },
+            PartSpec {
+                size: None,
+                type_guid: partition::TYPE_LINUX,
+                name: "btrfs-deploy",
+                legacy_boot: kind.bios(),
+            },
+        ],
+    )?;
+    if kind.bios() {
+        let code = std::fs::read(GPTMBR).with_context(|| format!("reading {GPTMBR}"))?;
+        partition::write_mbr_boot_code(disk, &code[..code.len().min(440)])?;
+    }
+    let parts = partition::read_gpt(disk)?;
+    let [esp, root] = parts.as_slice() else {
+        bail!(
+            "{} has {} partitions after partitioning, not 2",
+            disk.display(),
+            parts.len()
+        );
+    };
+    crate::boot::fat::format(disk, esp.start, esp.size, ESP_LABEL)?;
+    Ok((root.start, root.size))
 }
 
 /// Makes the finished image durable, then renames it onto the target —
@@ -548,7 +683,8 @@ fn fill_tree(plan: &Plan, dst: &Path, progress: Arc<copy::Progress>) -> Result<c
     }
 }
 
-fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<Deployment> {
+fn build_first_version(plan: &Plan, disk: &Disk, fs_uuid: &str) -> Result<Deployment> {
+    let top = &disk.layout;
     std::fs::create_dir_all(top.systems())?;
     std::fs::create_dir_all(top.state())?;
     let dir = top.partial_version(&plan.label);
@@ -581,8 +717,9 @@ fn build_first_version(plan: &Plan, top: &Layout, fs_uuid: &str) -> Result<Deplo
         }),
     );
     record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
+    check_boot_space(disk, &plan.label, &dir)?;
     signals::check()?;
-    publish_version(plan, top, &dir, fs_uuid, true)?;
+    publish_version(plan, disk, &dir, fs_uuid, true)?;
     Ok(record)
 }
 
@@ -592,7 +729,7 @@ fn deploy_upgrade(plan: &Plan) -> Result<Outcome> {
     let kind = plan.kind;
     let _lock = disk::lock_existing(&plan.target)?;
     Disk::open(&plan.target, kind, true)?.run(|check| {
-        check_upgrade_target(plan, &check.layout)?;
+        check_upgrade_target(plan, check)?;
         match &plan.bundle {
             Some(b) => crate::bundle::apply::check_disk(b, &check.layout, &plan.target),
             None => Ok(()),
@@ -602,7 +739,8 @@ fn deploy_upgrade(plan: &Plan) -> Result<Outcome> {
 }
 
 /// What can be checked on the mounted target without writing to it.
-fn check_upgrade_target(plan: &Plan, top: &Layout) -> Result<()> {
+fn check_upgrade_target(plan: &Plan, disk: &Disk) -> Result<()> {
+    let top = &disk.layout;
     if !top.exists() {
         bail!(
             "{} holds a Btrfs without the btrfs-deploy layout (no systems/default): choose another target",
@@ -618,6 +756,28 @@ fn check_upgrade_target(plan: &Plan, top: &Layout) -> Result<()> {
         );
     }
     versions::default_label(top)?;
+    if disk.disk_layout.boot.partitioned() {
+        // FAT names ignore case: `V2` and `v2` would share files on the ESP.
+        if let Some(other) = versions::list(top)?
+            .into_iter()
+            .find(|v| v.label.eq_ignore_ascii_case(&plan.label))
+        {
+            bail!(
+                "version {} differs from the existing {} only in case, and {} keeps kernels on a FAT \
+                 partition, which ignores case: choose another label",
+                plan.label,
+                other.label,
+                plan.target.display()
+            );
+        }
+        if let Some(b) = &plan.boot {
+            let mut sizes = vec![file_size(&b.kernel)?];
+            if let Some(i) = &b.initramfs {
+                sizes.push(file_size(i)?);
+            }
+            disk.boot().check_space(&plan.label, &sizes)?;
+        }
+    }
     if plan.no_bootloader && !plan.no_default && top.extlinux_conf().exists() {
         bail!(
             "{} boots through extlinux, but version {} has no kernel (--no-bootloader): making it the \
@@ -631,7 +791,7 @@ fn check_upgrade_target(plan: &Plan, top: &Layout) -> Result<()> {
 
 fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
     let top = &disk.layout;
-    check_upgrade_target(plan, top)?;
+    check_upgrade_target(plan, disk)?;
     lifecycle::remove_partial_versions(top)?;
     statemerge::recover(top)?;
     // Space of versions deleted earlier (or just now) must be free before writing.
@@ -700,6 +860,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
             .details
             .insert("etc_merge".into(), serde_json::to_value(&report)?);
         record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
+        check_boot_space(disk, &plan.label, &dir)?;
         // Last point where an interruption still discards the new version.
         signals::check()?;
         Ok(record)
@@ -716,9 +877,9 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
             return Err(e);
         }
     };
-    publish_version(plan, top, &dir, &fs_uuid, !plan.no_default)?;
+    publish_version(plan, disk, &dir, &fs_uuid, !plan.no_default)?;
     let removed = match plan.keep {
-        Some(keep) => lifecycle::prune(top, keep, &old, &fs_uuid)?,
+        Some(keep) => lifecycle::prune(top, &disk.boot(), keep, &old, &fs_uuid)?,
         None => Vec::new(),
     };
     Ok(Outcome {
@@ -948,16 +1109,39 @@ fn copy_dir_metadata(src: &Path, dst: &Path) -> Result<()> {
 /// first), makes it the default: the order is `lifecycle`'s.
 fn publish_version(
     plan: &Plan,
-    top: &Layout,
+    disk: &Disk,
     dir: &Path,
     fs_uuid: &str,
     make_default: bool,
 ) -> Result<()> {
+    let top = &disk.layout;
+    let boot = disk.boot();
     let first = std::fs::symlink_metadata(top.default_link()).is_err();
-    lifecycle::publish(top, dir, &plan.label, fs_uuid)?;
+    lifecycle::publish(top, &boot, dir, &plan.label, fs_uuid)?;
     if make_default || first {
         ui::step(format!("Switching the default to {}", plan.label));
-        lifecycle::switch(top, &plan.label, fs_uuid)?;
+        lifecycle::switch(top, &boot, &plan.label, fs_uuid)?;
     }
     Ok(())
+}
+
+fn file_size(p: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .len())
+}
+
+/// Checks that the boot files written to the version directory `dir` fit on
+/// the disk's boot partition, before anything is written there.
+fn check_boot_space(disk: &Disk, label: &str, dir: &Path) -> Result<()> {
+    let mut sizes = Vec::new();
+    for f in [layout::KERNEL, layout::INITRAMFS] {
+        if let Ok(m) = std::fs::metadata(dir.join(f)) {
+            sizes.push(m.len());
+        }
+    }
+    if sizes.is_empty() {
+        return Ok(());
+    }
+    disk.boot().check_space(label, &sizes)
 }

@@ -1,4 +1,4 @@
-//! The bootloader: `extlinux.conf` rendered from `templates/`, written
+//! The SYSLINUX backend: `extlinux.conf` rendered from `templates/`, written
 //! atomically, and SYSLINUX installed into `/extlinux` of the top level.
 
 use crate::store::layout::{self, Layout};
@@ -119,6 +119,39 @@ pub fn install(layout: &Layout) -> Result<()> {
     cmd::run("extlinux", &["--install", &dir.to_string_lossy()])
         .with_context(|| format!("installing SYSLINUX into {}", dir.display()))?;
     Ok(())
+}
+
+/// The SYSLINUX backend: `extlinux.conf` on the Btrfs (always: U-Boot and
+/// `check` read it too) and, for disks that boot under BIOS, SYSLINUX
+/// installed into the Btrfs's boot area.
+pub struct Extlinux {
+    /// Whether to install SYSLINUX (false on `uefi` disks).
+    pub install_boot_code: bool,
+}
+
+impl super::Backend for Extlinux {
+    fn write_menu(
+        &self,
+        top: &Layout,
+        fs_uuid: &str,
+        entries: &[Entry],
+        _default: &str,
+    ) -> Result<()> {
+        // Nothing here names the default: it is reached through
+        // systems/default, and each version has its own default entry.
+        for e in entries {
+            write_default_entry(top, fs_uuid, e)?;
+        }
+        write_config(top, &render(fs_uuid, entries)?)
+    }
+
+    fn install(&self, top: &Layout) -> Result<()> {
+        // On Btrfs ldlinux.sys lives in the boot area; ldlinux.c32 is the file it installs.
+        if self.install_boot_code && !top.extlinux_dir().join("ldlinux.c32").exists() {
+            install(top)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

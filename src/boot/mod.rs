@@ -1,3 +1,173 @@
-//! Making a disk bootable: the SYSLINUX/extlinux backend.
+//! Making a disk bootable (design §10): one [`Backend`] per firmware path,
+//! behind one trait, so the deploy flow and the version commands call the
+//! same few methods whatever the disk is:
+//!
+//! - `bios`: SYSLINUX on a whole-disk Btrfs ([`extlinux`]).
+//! - `hybrid`: GPT with an EFI system partition and the Btrfs partition;
+//!   SYSLINUX (GPT boot code + legacy-BIOS-bootable attribute) for BIOS, and
+//!   systemd-boot on the ESP for UEFI ([`uefi`]).
+//! - `uefi`: the same disk without the BIOS boot code.
+//!
+//! The order of a change is fixed by the callers (see `store::versions`):
+//! write the menus (new files first, nothing that boots changes), install
+//! missing loaders, switch `systems/default` (the switch of the BIOS path
+//! and of `deploy list`), then [`Boot::switch_default`] (the UEFI path).
 
 pub(crate) mod extlinux;
+pub(crate) mod fat;
+pub(crate) mod uefi;
+
+pub(crate) use extlinux::Entry;
+
+use crate::store::layout::Layout;
+use anyhow::Result;
+use serde::Serialize;
+use std::path::Path;
+
+/// How a disk boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootKind {
+    /// Whole-disk Btrfs, SYSLINUX, legacy BIOS only.
+    Bios,
+    /// GPT, EFI system partition with systemd-boot, Btrfs partition: UEFI only.
+    Uefi,
+    /// Like `uefi`, plus SYSLINUX's GPT boot code: boots under BIOS and UEFI.
+    Hybrid,
+}
+
+impl BootKind {
+    /// `bios`, `uefi` or `hybrid`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BootKind::Bios => "bios",
+            BootKind::Uefi => "uefi",
+            BootKind::Hybrid => "hybrid",
+        }
+    }
+    /// Whether the disk has a partition table with an EFI system partition.
+    pub fn partitioned(self) -> bool {
+        self != BootKind::Bios
+    }
+    /// Whether legacy BIOS can boot it.
+    pub fn bios(self) -> bool {
+        self != BootKind::Uefi
+    }
+    /// Whether UEFI can boot it.
+    pub fn uefi(self) -> bool {
+        self != BootKind::Bios
+    }
+    /// A one-line description for `list` and `check`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            BootKind::Bios => "bios (whole-disk Btrfs, SYSLINUX)",
+            BootKind::Uefi => "uefi (GPT: EFI system partition with systemd-boot + Btrfs)",
+            BootKind::Hybrid => {
+                "hybrid (GPT: EFI system partition with systemd-boot + Btrfs with SYSLINUX)"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BootKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One way a firmware finds and starts a version's kernel.
+pub(crate) trait Backend {
+    /// Checks, before anything is written, that a version whose boot files
+    /// have these sizes fits where this backend keeps them.
+    fn check_space(&self, _label: &str, _file_sizes: &[u64]) -> Result<()> {
+        Ok(())
+    }
+    /// Writes the menu: one entry per version in `entries`, `default` marked
+    /// as the default where the menu itself names it. Adds what new
+    /// versions need; never changes what boots by default.
+    fn write_menu(
+        &self,
+        top: &Layout,
+        fs_uuid: &str,
+        entries: &[Entry],
+        default: &str,
+    ) -> Result<()>;
+    /// Installs the boot loader where it is missing.
+    fn install(&self, top: &Layout) -> Result<()>;
+    /// Makes `label` the default (after `systems/default` was switched).
+    fn switch_default(&self, _label: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Removes what this backend keeps for version `label` (already out of the menu).
+    fn remove_version(&self, _label: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Removes what belongs to no version in `labels` (interrupted writes,
+    /// versions removed half-way) and repairs what an interruption left;
+    /// returns what it did, one line each.
+    fn cleanup(&self, _labels: &[String]) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The backends of one disk.
+pub(crate) struct Boot {
+    backends: Vec<Box<dyn Backend>>,
+}
+
+impl Boot {
+    /// The backends of a disk of `kind` at `disk`, whose EFI system
+    /// partition (if any) is the byte range `esp`.
+    pub fn new(kind: BootKind, disk: &Path, esp: Option<(u64, u64)>) -> Boot {
+        let mut backends: Vec<Box<dyn Backend>> = vec![Box::new(extlinux::Extlinux {
+            install_boot_code: kind.bios(),
+        })];
+        if let (true, Some(esp)) = (kind.uefi(), esp) {
+            backends.push(Box::new(uefi::SystemdBoot::new(disk, esp)));
+        }
+        Boot { backends }
+    }
+
+    /// See [`Backend::check_space`].
+    pub fn check_space(&self, label: &str, file_sizes: &[u64]) -> Result<()> {
+        self.backends
+            .iter()
+            .try_for_each(|b| b.check_space(label, file_sizes))
+    }
+    /// See [`Backend::write_menu`].
+    pub fn write_menu(
+        &self,
+        top: &Layout,
+        fs_uuid: &str,
+        entries: &[Entry],
+        default: &str,
+    ) -> Result<()> {
+        self.backends
+            .iter()
+            .try_for_each(|b| b.write_menu(top, fs_uuid, entries, default))
+    }
+    /// See [`Backend::install`].
+    pub fn install(&self, top: &Layout) -> Result<()> {
+        self.backends.iter().try_for_each(|b| b.install(top))
+    }
+    /// See [`Backend::switch_default`].
+    pub fn switch_default(&self, label: &str) -> Result<()> {
+        self.backends
+            .iter()
+            .try_for_each(|b| b.switch_default(label))
+    }
+    /// See [`Backend::remove_version`].
+    pub fn remove_version(&self, label: &str) -> Result<()> {
+        self.backends
+            .iter()
+            .try_for_each(|b| b.remove_version(label))
+    }
+    /// See [`Backend::cleanup`].
+    pub fn cleanup(&self, labels: &[String]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for b in &self.backends {
+            out.extend(b.cleanup(labels)?);
+        }
+        Ok(out)
+    }
+}

@@ -40,6 +40,13 @@ pub const KVM_DEVICE: &str = "/dev/kvm";
 /// considered hung (SYSLINUX prints its banner well under a second after
 /// power-on, even under TCG).
 pub const KVM_LIVENESS: Duration = Duration::from_secs(5);
+/// OVMF's firmware code (read-only pflash), from Debian's `ovmf` package.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+/// OVMF's variable store template: each boot test gets a private copy, so
+/// neither the image nor the host's file changes.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+/// The Debian package that provides [`OVMF_CODE`].
+pub const OVMF_PACKAGE: &str = "ovmf";
 /// The text of the SYSLINUX prompt at which a menu label is typed.
 pub const SYSLINUX_PROMPT: &str = "boot:";
 /// How many console lines [`BootTestOutcome::tail`] keeps.
@@ -108,9 +115,31 @@ impl FromStr for Accel {
     }
 }
 
+/// The firmware QEMU boots the disk with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS (QEMU's default): MBR boot code, SYSLINUX.
+    Bios,
+    /// OVMF: the ESP's `EFI/BOOT/BOOTX64.EFI`.
+    Uefi,
+}
+
+impl fmt::Display for Firmware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        })
+    }
+}
+
 /// What to boot and what to wait for.
 #[derive(Debug, Clone)]
 pub struct BootTestOptions {
+    /// Firmware.
+    pub firmware: Firmware,
+    /// The private copy of [`OVMF_VARS`] for a UEFI boot (set by [`run`]).
+    pub uefi_vars: Option<PathBuf>,
     /// The raw disk image (or block device) to boot.
     pub image: PathBuf,
     /// Menu label to type at the SYSLINUX `boot:` prompt; `None` boots the
@@ -138,6 +167,8 @@ impl BootTestOptions {
     /// `-snapshot`, 512 MiB, no log, no extra fail patterns.
     pub fn new(image: impl Into<PathBuf>, expect: Regex) -> Self {
         BootTestOptions {
+            firmware: Firmware::Bios,
+            uefi_vars: None,
             image: image.into(),
             entry: None,
             expect,
@@ -188,6 +219,23 @@ pub fn run(opts: &BootTestOptions) -> Result<BootTestOutcome> {
     }
     if let (Accel::Auto, Err(e)) = (opts.accel, &kvm) {
         tracing::info!("not using KVM ({e:#}); booting with TCG");
+    }
+    if opts.firmware == Firmware::Uefi {
+        let vars_dir = tempfile::Builder::new()
+            .prefix("btrfs-deploy-ovmf.")
+            .tempdir()
+            .context("creating a directory for the UEFI variable store")?;
+        let vars = vars_dir.path().join("OVMF_VARS.fd");
+        for f in [OVMF_CODE, OVMF_VARS] {
+            if !Path::new(f).is_file() {
+                bail!("{f} not found: UEFI boot tests need OVMF; install the Debian package {OVMF_PACKAGE}");
+            }
+        }
+        std::fs::copy(OVMF_VARS, &vars)
+            .with_context(|| format!("copying {OVMF_VARS} to {}", vars.display()))?;
+        let mut opts = opts.clone();
+        opts.uefi_vars = Some(vars);
+        return run_with(&qemu, &opts, kvm.is_ok());
     }
     run_with(&qemu, opts, kvm.is_ok())
 }
@@ -290,10 +338,26 @@ pub fn qemu_args(opts: &BootTestOptions, accel: Accel) -> Vec<String> {
             "none",
             "-serial",
             "stdio",
-            "-drive",
         ]
         .map(String::from),
     );
+    if opts.firmware == Firmware::Uefi {
+        args.extend([
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+        ]);
+        let vars = opts
+            .uefi_vars
+            .as_deref()
+            .unwrap_or(Path::new(OVMF_VARS))
+            .to_string_lossy()
+            .replace(',', ",,");
+        args.extend([
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=1,file={vars}"),
+        ]);
+    }
+    args.push("-drive".into());
     // QEMU option values escape a comma by doubling it.
     let file = opts.image.to_string_lossy().replace(',', ",,");
     args.push(format!("file={file},format=raw,if=virtio"));

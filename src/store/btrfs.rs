@@ -137,10 +137,16 @@ const BTRFS_MAGIC_OFFSET: u64 = 0x10000 + 0x40;
 
 /// True when `device` carries the Btrfs superblock magic.
 fn has_btrfs_magic(device: &Path) -> bool {
+    has_btrfs_magic_at(device, 0)
+}
+
+/// True when a Btrfs starting `start` bytes into `disk` (a partition)
+/// carries the superblock magic.
+pub fn has_btrfs_magic_at(disk: &Path, start: u64) -> bool {
     use std::os::unix::fs::FileExt;
     let mut magic = [0u8; 8];
-    std::fs::File::open(device)
-        .and_then(|f| f.read_exact_at(&mut magic, BTRFS_MAGIC_OFFSET))
+    std::fs::File::open(disk)
+        .and_then(|f| f.read_exact_at(&mut magic, start + BTRFS_MAGIC_OFFSET))
         .map(|()| &magic == b"_BHRfS_M")
         .unwrap_or(false)
 }

@@ -20,7 +20,7 @@
 //!   files of interrupted atomic replaces, then rewrite the menu from what is
 //!   on disk → commit.
 
-use crate::boot::extlinux;
+use crate::boot::{extlinux, Boot};
 use crate::store::btrfs;
 use crate::store::layout::{self, Layout};
 use crate::store::versions::{self, Version};
@@ -29,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 /// Publishes the finished `partial` directory as version `label`.
-pub fn publish(top: &Layout, partial: &Path, label: &str, fs_uuid: &str) -> Result<()> {
+pub fn publish(top: &Layout, boot: &Boot, partial: &Path, label: &str, fs_uuid: &str) -> Result<()> {
     btrfs::sync_fs(&top.top)?;
     let final_dir = top.version(label);
     std::fs::rename(partial, &final_dir)
@@ -37,11 +37,8 @@ pub fn publish(top: &Layout, partial: &Path, label: &str, fs_uuid: &str) -> Resu
     fsutil::fsync_dir(&top.systems())?;
     btrfs::sync_fs(&top.top)?;
     ui::step("Writing the bootloader configuration");
-    if write_boot_menu(top, fs_uuid, None)? {
-        // On Btrfs ldlinux.sys lives in the boot area; ldlinux.c32 is the file it installs.
-        if !top.extlinux_dir().join("ldlinux.c32").exists() {
-            extlinux::install(top)?;
-        }
+    if write_boot_menu(top, boot, fs_uuid, None)? {
+        boot.install(top)?;
         btrfs::sync_fs(&top.top)?;
     } else {
         ui::detail("no version has a kernel: no bootloader installed");
@@ -50,7 +47,7 @@ pub fn publish(top: &Layout, partial: &Path, label: &str, fs_uuid: &str) -> Resu
 }
 
 /// Makes `label` the default: one rename of `systems/default`.
-pub fn switch(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
+pub fn switch(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Result<()> {
     let all = versions::list(top)?;
     let Some(v) = all.iter().find(|v| v.label == label) else {
         bail!("no complete version {label} on this disk");
@@ -75,20 +72,27 @@ pub fn switch(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
         }
         _ => switch()?,
     }
-    btrfs::sync_fs(&top.top)
+    btrfs::sync_fs(&top.top)?;
+    // Loaders that cannot read Btrfs (systemd-boot on the ESP) learn the
+    // new default last (see boot::uefi for the power-cut story there).
+    if v.deployment.has_kernel {
+        boot.switch_default(label)?;
+    }
+    Ok(())
 }
 
 /// Removes version `label`, which must not be the default.
-pub fn remove(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
+pub fn remove(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Result<()> {
     let default = versions::default_label(top)?;
     if label == default {
         bail!("{label} is the default version: make another one the default first (deploy set-default LABEL TARGET)");
     }
     // Out of the menu before anything it refers to goes.
     if top.extlinux_conf().exists() {
-        write_boot_menu(top, fs_uuid, Some(label))?;
+        write_boot_menu(top, boot, fs_uuid, Some(label))?;
         btrfs::sync_fs(&top.top)?;
     }
+    boot.remove_version(label)?;
     let dir = top.version(label);
     let hidden = top.systems().join(format!(".{label}{REMOVING_SUFFIX}"));
     std::fs::rename(&dir, &hidden).with_context(|| format!("renaming {}", dir.display()))?;
@@ -100,7 +104,13 @@ pub fn remove(top: &Layout, label: &str, fs_uuid: &str) -> Result<()> {
 /// Removes versions beyond `keep`, oldest first, never the default nor
 /// `previous` (the default before this deploy, the rollback target).
 /// Returns the labels removed.
-pub fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result<Vec<String>> {
+pub fn prune(
+    top: &Layout,
+    boot: &Boot,
+    keep: usize,
+    previous: &str,
+    fs_uuid: &str,
+) -> Result<Vec<String>> {
     let all = versions::list(top)?;
     let default = versions::default_label(top)?;
     let mut excess = all.len().saturating_sub(keep);
@@ -113,7 +123,7 @@ pub fn prune(top: &Layout, keep: usize, previous: &str, fs_uuid: &str) -> Result
             continue;
         }
         ui::step(format!("Removing old version {} (--keep {keep})", v.label));
-        remove(top, &v.label, fs_uuid)?;
+        remove(top, boot, &v.label, fs_uuid)?;
         removed.push(v.label.clone());
         excess -= 1;
     }
@@ -145,7 +155,7 @@ pub fn remove_partial_versions(top: &Layout) -> Result<Vec<String>> {
 /// Everything an interruption can leave: partial versions, versions being
 /// removed, temp files of atomic replaces; then the menu is rewritten from
 /// what is on disk. Returns what was removed.
-pub fn cleanup(top: &Layout, fs_uuid: &str) -> Result<Vec<String>> {
+pub fn cleanup(top: &Layout, boot: &Boot, fs_uuid: &str) -> Result<Vec<String>> {
     let mut removed = remove_partial_versions(top)?;
     for e in std::fs::read_dir(top.systems())? {
         let e = e?;
@@ -172,10 +182,20 @@ pub fn cleanup(top: &Layout, fs_uuid: &str) -> Result<Vec<String>> {
             removed.push(tmp.display().to_string());
         }
     }
+    // The boot partition: files of versions that are gone or were being
+    // written, repairs of interrupted writes.
+    let labels: Vec<String> = versions::list(top)?.into_iter().map(|v| v.label).collect();
+    for p in boot.cleanup(&labels)? {
+        ui::step(format!("EFI system partition: {p}"));
+        removed.push(p);
+    }
     // A cut between publishing a version and rewriting the menu leaves the
-    // menu without it: rewrite it from the disk.
+    // menu without it: rewrite it from the disk, and the default of the
+    // loaders that keep their own.
     if top.extlinux_conf().exists() {
-        write_boot_menu(top, fs_uuid, None)?;
+        write_boot_menu(top, boot, fs_uuid, None)?;
+        btrfs::sync_fs(&top.top)?;
+        boot.switch_default(&versions::default_label(top)?)?;
     }
     btrfs::sync_fs(&top.top)?;
     Ok(removed)
@@ -190,11 +210,18 @@ fn entry_of(v: &Version) -> extlinux::Entry {
     }
 }
 
-/// Rewrites the boot menu for the versions on disk (except `without`), and
-/// makes sure each has its `default-entry.conf` (disks made before those
-/// files existed get them here). Returns false when no version has a kernel
-/// (nothing is written then). Does not commit.
-pub fn write_boot_menu(top: &Layout, fs_uuid: &str, without: Option<&str>) -> Result<bool> {
+/// Rewrites the boot menus of every backend for the versions on disk
+/// (except `without`): one entry per version; the extlinux menu reaches
+/// the default entry through `systems/default`, and each version gets its
+/// `default-entry.conf` (disks made before those files existed get them
+/// here). Returns false when no version has a kernel (nothing is written
+/// then). Does not commit.
+pub fn write_boot_menu(
+    top: &Layout,
+    boot: &Boot,
+    fs_uuid: &str,
+    without: Option<&str>,
+) -> Result<bool> {
     let all = versions::list(top)?;
     let entries: Vec<extlinux::Entry> = all
         .iter()
@@ -204,10 +231,11 @@ pub fn write_boot_menu(top: &Layout, fs_uuid: &str, without: Option<&str>) -> Re
     if entries.is_empty() {
         return Ok(false);
     }
-    for e in &entries {
-        extlinux::write_default_entry(top, fs_uuid, e)?;
-    }
-    let conf = extlinux::render(fs_uuid, &entries)?;
-    extlinux::write_config(top, &conf)?;
+    // The loaders that name a default in their own menu keep the current one.
+    let default = versions::default_label(top)
+        .ok()
+        .filter(|d| entries.iter().any(|e| &e.label == d))
+        .unwrap_or_else(|| entries[entries.len() - 1].label.clone());
+    boot.write_menu(top, fs_uuid, &entries, &default)?;
     Ok(true)
 }

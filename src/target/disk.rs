@@ -1,10 +1,13 @@
 //! Opening a deploy target: classify it, lock it, attach a loop device for an
 //! image file, and mount the top-level subvolume in our private namespace.
 
+use crate::boot::{Boot, BootKind};
+use crate::store::btrfs;
 use crate::store::layout::Layout;
 use crate::target::lock::TargetLock;
 use crate::target::loopdev::LoopGuard;
 use crate::target::mount::MountGuard;
+use crate::target::partition;
 use anyhow::{bail, Context, Result};
 use nix::mount::MsFlags;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -83,16 +86,76 @@ fn is_device_dir(dir: &Path) -> bool {
     best.is_some_and(|(_, dev)| dev)
 }
 
-/// Fails unless `target` holds a Btrfs (the only filesystem a btrfs-deploy
-/// disk can hold), naming what it holds instead.
-pub fn require_btrfs(target: &Path) -> Result<()> {
-    match crate::store::btrfs::probe_fs_type(target)? {
-        Some(t) if t == "btrfs" => Ok(()),
-        Some(t) => bail!(
-            "{} holds a {t} filesystem, not a btrfs-deploy disk",
-            target.display()
-        ),
-        None => bail!(
+/// Where the Btrfs of a deploy disk is, and how the disk boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskLayout {
+    /// bios (whole disk), uefi or hybrid (GPT).
+    pub boot: BootKind,
+    /// Byte range (offset, size) of the Btrfs partition; `None`: the whole disk.
+    pub btrfs: Option<(u64, u64)>,
+    /// Byte range of the EFI system partition, on GPT disks.
+    pub esp: Option<(u64, u64)>,
+}
+
+/// What a target holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Contents {
+    /// Nothing this tool or blkid recognises.
+    Blank,
+    /// A Btrfs (whole disk), or the GPT layout this tool writes.
+    Btrfs(DiskLayout),
+    /// Something else, described ("a ext4 filesystem", "a GPT partition table ...").
+    Other(String),
+}
+
+/// Finds out what `target` holds. A Btrfs superblock at 64 KiB of the disk
+/// means a whole-disk (`bios`) disk; a GPT whose first partition is an EFI
+/// system partition and whose second holds a Btrfs is a `hybrid` disk (or
+/// `uefi`, when the Btrfs partition lacks the legacy-BIOS-bootable flag).
+pub fn probe(target: &Path) -> Result<Contents> {
+    if btrfs::has_btrfs_magic_at(target, 0) {
+        return Ok(Contents::Btrfs(DiskLayout {
+            boot: BootKind::Bios,
+            btrfs: None,
+            esp: None,
+        }));
+    }
+    if partition::has_gpt(target) {
+        let parts = partition::read_gpt(target)?;
+        if let [esp, root] = parts.as_slice() {
+            if esp.type_guid == partition::TYPE_ESP && btrfs::has_btrfs_magic_at(target, root.start)
+            {
+                return Ok(Contents::Btrfs(DiskLayout {
+                    boot: if root.legacy_boot {
+                        BootKind::Hybrid
+                    } else {
+                        BootKind::Uefi
+                    },
+                    btrfs: Some((root.start, root.size)),
+                    esp: Some((esp.start, esp.size)),
+                }));
+            }
+        }
+        return Ok(Contents::Other(format!(
+            "a GPT partition table with {} partition(s), not the layout of a btrfs-deploy disk",
+            parts.len()
+        )));
+    }
+    Ok(match btrfs::probe_fs_type(target)? {
+        Some(t) => Contents::Other(format!("a {t} filesystem")),
+        None => Contents::Blank,
+    })
+}
+
+/// The layout of `target`, which must be a btrfs-deploy disk (whole-disk
+/// Btrfs or GPT); otherwise an error naming what it holds.
+pub fn require_btrfs(target: &Path) -> Result<DiskLayout> {
+    match probe(target)? {
+        Contents::Btrfs(l) => Ok(l),
+        Contents::Other(what) => {
+            bail!("{} holds {what}, not a btrfs-deploy disk", target.display())
+        }
+        Contents::Blank => bail!(
             "{} holds no filesystem: it is not a btrfs-deploy disk",
             target.display()
         ),
@@ -215,8 +278,13 @@ pub fn attached_loop(file: &Path) -> Result<Option<String>> {
 pub struct Disk {
     /// Paths of the layout below the mount.
     pub layout: Layout,
-    /// The block device the filesystem is on (loop device for images).
+    /// The block device the filesystem is on (loop device for images and
+    /// for the Btrfs partition of a GPT disk).
     pub device: PathBuf,
+    /// The disk as given (image or block device).
+    pub target: PathBuf,
+    /// Where its Btrfs and boot partition are.
+    pub disk_layout: DiskLayout,
     read_only: bool,
     mount: Option<MountGuard>,
     loopdev: Option<LoopGuard>,
@@ -226,10 +294,11 @@ impl Disk {
     /// Attaches (for files) and mounts the top-level subvolume of `target`.
     /// The caller holds the target lock and has entered the private namespace.
     pub fn open(target: &Path, kind: TargetKind, read_only: bool) -> Result<Disk> {
-        let (device, loopdev) = match kind {
-            TargetKind::BlockDevice => (target.to_path_buf(), None),
-            _ => {
-                let guard = LoopGuard::attach(target, read_only)?;
+        let disk_layout = require_btrfs(target)?;
+        let (device, loopdev) = match (kind, disk_layout.btrfs) {
+            (TargetKind::BlockDevice, None) => (target.to_path_buf(), None),
+            (_, range) => {
+                let guard = LoopGuard::attach_range(target, range, read_only)?;
                 (guard.path().to_path_buf(), Some(guard))
             }
         };
@@ -267,6 +336,8 @@ impl Disk {
         Ok(Disk {
             layout: Layout::new(mount.path()),
             device,
+            target: target.to_path_buf(),
+            disk_layout,
             read_only,
             mount: Some(mount),
             loopdev,
@@ -286,6 +357,11 @@ impl Disk {
                 Err(e)
             }
         }
+    }
+
+    /// The boot backends of this disk.
+    pub fn boot(&self) -> Boot {
+        Boot::new(self.disk_layout.boot, &self.target, self.disk_layout.esp)
     }
 
     /// UUID of the filesystem, from its on-disk superblock (never from the

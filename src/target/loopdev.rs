@@ -15,17 +15,30 @@ pub struct LoopGuard {
 }
 
 impl LoopGuard {
-    /// Attaches `file` to a free loop device with auto-clear set.
-    pub fn attach(file: &Path, read_only: bool) -> Result<LoopGuard> {
+    /// Attaches `file` to a free loop device with auto-clear set: the byte
+    /// range `(offset, size)` of `file` (a partition of a
+    /// disk image or device: this works without the kernel parsing the
+    /// partition table), or all of it for `None`.
+    pub fn attach_range(
+        file: &Path,
+        range: Option<(u64, u64)>,
+        read_only: bool,
+    ) -> Result<LoopGuard> {
         let control = LoopControl::open()
             .context("opening /dev/loop-control (is the loop module loaded?)")?;
         let mut last_err = None;
         // Another process may grab the device we were offered: retry a few times.
         for _ in 0..10 {
             let dev = control.next_free().context("finding a free loop device")?;
-            let attached = match configure(&dev, file, read_only) {
+            let attached = match configure(&dev, file, range, read_only) {
                 Some(r) => r,
-                None => dev.with().autoclear(true).read_only(read_only).attach(file),
+                None => {
+                    let mut opts = dev.with().autoclear(true).read_only(read_only);
+                    if let Some((offset, size)) = range {
+                        opts = opts.offset(offset).size_limit(size);
+                    }
+                    opts.attach(file)
+                }
             };
             match attached {
                 Ok(()) => {
@@ -115,7 +128,12 @@ const LO_FLAGS_AUTOCLEAR: u32 = 4;
 /// auto-clear are set atomically, so a `kill -9` at any moment cannot leave
 /// a device attached without auto-clear (LOOP_SET_FD then LOOP_SET_STATUS64
 /// has that window). `None` when the kernel lacks LOOP_CONFIGURE.
-fn configure(dev: &LoopDevice, file: &Path, read_only: bool) -> Option<std::io::Result<()>> {
+fn configure(
+    dev: &LoopDevice,
+    file: &Path,
+    range: Option<(u64, u64)>,
+    read_only: bool,
+) -> Option<std::io::Result<()>> {
     let backing = match std::fs::OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -127,6 +145,10 @@ fn configure(dev: &LoopDevice, file: &Path, read_only: bool) -> Option<std::io::
     // SAFETY: all-zero is a valid value of these plain C structs.
     let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
     cfg.fd = backing.as_raw_fd() as u32;
+    if let Some((offset, size)) = range {
+        cfg.info.offset = offset;
+        cfg.info.sizelimit = size;
+    }
     cfg.info.flags = LO_FLAGS_AUTOCLEAR | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
     // SAFETY: the ioctl reads a properly laid out loop_config.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, &cfg) };

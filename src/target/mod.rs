@@ -5,3 +5,4 @@ pub(crate) mod lock;
 pub(crate) mod loopdev;
 pub(crate) mod mount;
 pub(crate) mod partial;
+pub(crate) mod partition;

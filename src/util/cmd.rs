@@ -68,6 +68,39 @@ pub fn output(program: &str, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// Like [`run`], with `input` written to the program's stdin.
+pub fn run_with_input(program: &str, args: &[&str], input: &[u8]) -> Result<String> {
+    use std::io::Write;
+    tracing::debug!(?program, ?args, "running with input");
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    prepare(&mut cmd);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {program} (is it installed?)"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input)
+            .with_context(|| format!("writing to {program}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{} {}` failed ({}):\n{}",
+            program,
+            args.join(" "),
+            out.status,
+            tail_lines(&String::from_utf8_lossy(&out.stderr), STDERR_TAIL_LINES)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A program this tool needs on the host, and the Debian package providing it.
 pub struct Tool {
     /// Executable name.

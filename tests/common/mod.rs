@@ -240,10 +240,40 @@ pub struct Inspect {
     pub loopdev: String,
 }
 
+/// `losetup` options that select the Btrfs of `image`: on a GPT disk
+/// (`--boot hybrid|uefi`) its second partition, else the whole image.
+pub fn btrfs_losetup_range(image: &Path) -> String {
+    match btrfs_partition(image) {
+        Some((offset, size)) => format!("--offset {offset} --sizelimit {size}"),
+        None => String::new(),
+    }
+}
+
+/// Byte range (offset, size) of the Btrfs partition of a GPT image, read
+/// with sfdisk; `None` for a whole-disk image.
+pub fn btrfs_partition(image: &Path) -> Option<(u64, u64)> {
+    let mut sig = [0u8; 8];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(image)
+        .and_then(|f| f.read_exact_at(&mut sig, 512))
+        .ok()?;
+    if &sig != b"EFI PART" {
+        return None;
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&sh(&format!("sfdisk --json {}", image.display()))).unwrap();
+    let p = &json["partitiontable"]["partitions"][1];
+    Some((
+        p["start"].as_u64().unwrap() * 512,
+        p["size"].as_u64().unwrap() * 512,
+    ))
+}
+
 impl Inspect {
     pub fn open(image: &Path) -> Inspect {
         let loopdev = sh(&format!(
-            "losetup --find --show --read-only {}",
+            "losetup --find --show --read-only {} {}",
+            btrfs_losetup_range(image),
             image.display()
         ))
         .trim()
@@ -317,11 +347,17 @@ pub fn assert_no_leftovers(image: &Path, partial_allowed: bool) {
     }
 }
 
-/// Filesystem UUID of an image.
+/// Filesystem UUID of an image (of its Btrfs partition on a GPT image).
 pub fn fs_uuid(image: &Path) -> String {
-    sh(&format!("blkid -p -o value -s UUID {}", image.display()))
-        .trim()
-        .to_string()
+    let offset = btrfs_partition(image)
+        .map(|(o, _)| format!("--offset {o}"))
+        .unwrap_or_default();
+    sh(&format!(
+        "blkid -p {offset} -o value -s UUID {}",
+        image.display()
+    ))
+    .trim()
+    .to_string()
 }
 
 /// Numeric (uid, gid, mode) of a path, not following symlinks.
@@ -336,9 +372,13 @@ pub struct Edit(Inspect);
 
 impl Edit {
     pub fn open(image: &Path) -> Edit {
-        let loopdev = sh(&format!("losetup --find --show {}", image.display()))
-            .trim()
-            .to_string();
+        let loopdev = sh(&format!(
+            "losetup --find --show {} {}",
+            btrfs_losetup_range(image),
+            image.display()
+        ))
+        .trim()
+        .to_string();
         let dir = tempfile::tempdir().unwrap();
         sh(&format!(
             "mount -o subvolid=5 {loopdev} {}",
@@ -429,6 +469,11 @@ pub fn fingerprint(p: &Path) -> (u64, u64) {
 
 /// Boots `img` (optionally a given version) and returns the console text.
 pub fn boot_console(img: &Path, version: Option<&str>) -> String {
+    boot_console_with(img, version, None)
+}
+
+/// Like [`boot_console`], with `--firmware bios|uefi` when given.
+pub fn boot_console_with(img: &Path, version: Option<&str>, firmware: Option<&str>) -> String {
     let log = PathBuf::from(format!("{}.console.log", img.display()));
     let mut args = vec![
         "boot-test",
@@ -442,6 +487,9 @@ pub fn boot_console(img: &Path, version: Option<&str>) -> String {
     ];
     if let Some(v) = version {
         args.extend(["--version", v]);
+    }
+    if let Some(f) = firmware {
+        args.extend(["--firmware", f]);
     }
     let out = run_ok(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,0 +1,516 @@
+//! The UEFI backend: systemd-boot on the EFI system partition (FAT32,
+//! written with [`super::fat`]), one Boot Loader Specification entry per
+//! version, and each version's kernel and initramfs copied onto the ESP
+//! (systemd-boot cannot read Btrfs).
+//!
+//! On the ESP:
+//! ```text
+//! EFI/BOOT/BOOTX64.EFI               systemd-boot (the removable-media path: no NVRAM entry needed)
+//! loader/loader.conf                 `default <label>.conf`: exactly one 512-byte sector
+//! loader/entries/<label>.conf        one entry per version (boot counting may add `+N[-M]` later)
+//! btrfs-deploy/<label>.linux         the version's kernel
+//! btrfs-deploy/<label>.initrd        its initramfs
+//! ```
+//! The directories are made once (see [`super::fat`]); files stay flat in them.
+//!
+//! Power cuts: a new version's files are written under temporary names,
+//! renamed, and its entry is written last, so an entry only ever names
+//! complete files (what an interruption leaves is unreferenced and removed
+//! by `cleanup`). The default is switched by rewriting `loader.conf` in
+//! place: it always has exactly [`LOADER_CONF_SIZE`] bytes, one sector in
+//! one cluster, so the switch is one sector write, which disks perform
+//! atomically: systemd-boot reads either the old or the new default, never a
+//! mix, and the directory entry and FAT are not touched. Should
+//! `loader.conf` ever be unreadable, systemd-boot boots the first entry in
+//! its sorted order, which still is a complete version.
+
+use super::fat::FatPartition;
+use super::{Backend, Entry};
+use crate::store::layout::{self, Layout};
+use crate::util::units;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// systemd-boot's EFI binary on the host, and its Debian package.
+pub const SYSTEMD_BOOT_EFI: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+/// The Debian package that provides [`SYSTEMD_BOOT_EFI`].
+pub const SYSTEMD_BOOT_PACKAGE: &str = "systemd-boot-efi";
+/// Where the firmware looks for a loader on removable media (and on any
+/// disk without a boot entry in NVRAM).
+pub const ESP_LOADER: &str = "EFI/BOOT/BOOTX64.EFI";
+/// systemd-boot's configuration.
+pub const LOADER_CONF: &str = "loader/loader.conf";
+/// Directory of the Boot Loader Specification entries.
+pub const ENTRIES_DIR: &str = "loader/entries";
+/// Directory of the versions' kernel files on the ESP.
+pub const VERSIONS_DIR: &str = "btrfs-deploy";
+/// Suffix of a version's kernel in `btrfs-deploy/`.
+pub const ESP_KERNEL: &str = ".linux";
+/// Suffix of a version's initramfs in `btrfs-deploy/`.
+pub const ESP_INITRD: &str = ".initrd";
+/// The directories of the ESP, parents first.
+pub const ESP_DIRS: [&str; 5] = ["EFI", "EFI/BOOT", "loader", ENTRIES_DIR, VERSIONS_DIR];
+/// Size of `loader.conf`: one sector, so switching the default is one sector write.
+pub const LOADER_CONF_SIZE: usize = 512;
+/// Suffix of files being written.
+const TMP: &str = ".tmp";
+/// Room for directory entries and the entry file of a version, on top of its files.
+const ENTRY_OVERHEAD: u64 = 16 << 10;
+
+/// The `loader.conf` that makes `label` the default, padded to [`LOADER_CONF_SIZE`].
+pub fn loader_conf(label: &str) -> Vec<u8> {
+    let mut s = format!(
+        "# Written by btrfs-deploy: the default version. Rewritten in place (one\n\
+         # sector) when the default changes. Hold a key at power-on for the menu.\n\
+         timeout 0\n\
+         default {label}.conf\n"
+    );
+    let pad = LOADER_CONF_SIZE.saturating_sub(s.len() + 1);
+    s.push_str(&"#".repeat(pad));
+    s.push('\n');
+    let mut v = s.into_bytes();
+    v.truncate(LOADER_CONF_SIZE);
+    v
+}
+
+/// The label a `loader.conf` names as default.
+pub fn loader_conf_default(conf: &str) -> Option<String> {
+    conf.lines()
+        .find_map(|l| l.trim().strip_prefix("default"))
+        .map(|rest| rest.trim().trim_end_matches(".conf").to_string())
+}
+
+/// The Boot Loader Specification entry of one version.
+pub fn render_entry(fs_uuid: &str, e: &Entry) -> String {
+    let l = &e.label;
+    let mut s = format!(
+        "# Written by btrfs-deploy.\ntitle {l} (btrfs-deploy)\nversion {l}\nsort-key btrfs-deploy\n\
+         linux /{VERSIONS_DIR}/{l}{ESP_KERNEL}\n"
+    );
+    if e.initramfs {
+        s.push_str(&format!("initrd /{VERSIONS_DIR}/{l}{ESP_INITRD}\n"));
+    }
+    s.push_str(&format!(
+        "options root=UUID={fs_uuid} rootfstype=btrfs rootflags=subvol=systems/{l}/run rw {}\n",
+        e.args
+    ));
+    s
+}
+
+/// The version label of an entry file name: `<label>.conf`, also with
+/// systemd-boot's boot counting suffix (`<label>+3.conf`, `<label>+2-1.conf`).
+pub fn entry_label(file_name: &str) -> Option<&str> {
+    let stem = file_name.strip_suffix(".conf")?;
+    let label = match stem.rsplit_once('+') {
+        Some((l, count))
+            if !count.is_empty()
+                && count
+                    .split('-')
+                    .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            l
+        }
+        _ => stem,
+    };
+    (!label.is_empty()).then_some(label)
+}
+
+fn entry_path(label: &str) -> String {
+    format!("{ENTRIES_DIR}/{label}.conf")
+}
+
+/// The version label of a file in `btrfs-deploy/` (`None` for anything
+/// else, such as a file left half-written).
+pub fn file_label(file_name: &str) -> Option<&str> {
+    [ESP_KERNEL, ESP_INITRD]
+        .iter()
+        .find_map(|sfx| file_name.strip_suffix(sfx))
+        .filter(|l| !l.is_empty())
+}
+
+/// systemd-boot on the EFI system partition at byte range `esp` of `disk`.
+pub struct SystemdBoot {
+    disk: PathBuf,
+    esp: (u64, u64),
+}
+
+impl SystemdBoot {
+    /// The backend for the ESP at `esp` (offset, size) of `disk`.
+    pub fn new(disk: &Path, esp: (u64, u64)) -> Self {
+        SystemdBoot {
+            disk: disk.to_path_buf(),
+            esp,
+        }
+    }
+
+    fn open(&self, write: bool) -> Result<FatPartition> {
+        FatPartition::open(&self.disk, self.esp.0, self.esp.1, write)
+    }
+
+    /// Runs `f` on the ESP opened for writing, closing (and syncing) it
+    /// after. Its directories are made first where missing.
+    fn with_esp<T>(&self, f: impl FnOnce(&FatPartition) -> Result<T>) -> Result<T> {
+        let fat = self.open(false)?;
+        let missing = fat.missing_dirs(&ESP_DIRS)?;
+        fat.close()?;
+        super::fat::make_dirs(&self.disk, self.esp.0, &missing)?;
+        let fat = self.open(true)?;
+        let v = f(&fat)?;
+        fat.close()?;
+        Ok(v)
+    }
+
+    /// Fails with a clear message when `need` bytes do not fit.
+    fn require_free(&self, fat: &FatPartition, label: &str, need: u64) -> Result<()> {
+        let free = fat.free_bytes()?;
+        if need > free {
+            bail!(
+                "the EFI system partition of {} has {} free, but version {label} needs {} for its \
+                 kernel and initramfs: remove old versions first (deploy remove LABEL {}), or use --keep N",
+                self.disk.display(),
+                units::format_size(free),
+                units::format_size(need),
+                self.disk.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies `src` to `dst` on the ESP under a temporary name, then renames it.
+    fn copy_file(fat: &FatPartition, src: &Path, dst: &str) -> Result<()> {
+        let tmp = format!("{dst}{TMP}");
+        fat.remove_all(&tmp)?;
+        fat.copy_from(&tmp, src)?;
+        // The data is on the disk before any name refers to it.
+        fat.sync()?;
+        fat.remove_all(dst)?;
+        fat.rename(&tmp, dst)?;
+        fat.sync()
+    }
+}
+
+impl Backend for SystemdBoot {
+    fn check_space(&self, label: &str, file_sizes: &[u64]) -> Result<()> {
+        let fat = self.open(false)?;
+        let need = file_sizes.iter().map(|s| fat.allocated(*s)).sum::<u64>() + ENTRY_OVERHEAD;
+        self.require_free(&fat, label, need)?;
+        fat.close()
+    }
+
+    fn write_menu(
+        &self,
+        top: &Layout,
+        fs_uuid: &str,
+        entries: &[Entry],
+        _default: &str,
+    ) -> Result<()> {
+        self.with_esp(|fat| {
+            for e in entries {
+                let dir = top.version(&e.label);
+                let mut files = vec![(dir.join(layout::KERNEL), ESP_KERNEL)];
+                if e.initramfs {
+                    files.push((dir.join(layout::INITRAMFS), ESP_INITRD));
+                }
+                // What is missing or incomplete on the ESP, checked before writing.
+                let mut todo = Vec::new();
+                let mut need = 0;
+                for (src, name) in files {
+                    let len = std::fs::metadata(&src)
+                        .with_context(|| format!("reading {}", src.display()))?
+                        .len();
+                    let dst = format!("{VERSIONS_DIR}/{}{name}", e.label);
+                    if fat.file_len(&dst)? != Some(len) {
+                        need += fat.allocated(len);
+                        todo.push((src, dst));
+                    }
+                }
+                if !todo.is_empty() {
+                    self.require_free(fat, &e.label, need + ENTRY_OVERHEAD)?;
+                }
+                for (src, dst) in &todo {
+                    Self::copy_file(fat, src, dst)?;
+                }
+                let conf = render_entry(fs_uuid, e);
+                let path = entry_path(&e.label);
+                if fat.read(&path)?.as_deref() != Some(conf.as_bytes()) {
+                    let tmp = format!("{path}{TMP}");
+                    fat.write(&tmp, conf.as_bytes())?;
+                    fat.sync()?;
+                    fat.remove_all(&path)?;
+                    fat.rename(&tmp, &path)?;
+                    fat.sync()?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn install(&self, _top: &Layout) -> Result<()> {
+        self.with_esp(|fat| {
+            if fat.file_len(ESP_LOADER)?.is_none() {
+                let src = Path::new(SYSTEMD_BOOT_EFI);
+                require_systemd_boot()?;
+                Self::copy_file(fat, src, ESP_LOADER)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn switch_default(&self, label: &str) -> Result<()> {
+        let conf = loader_conf(label);
+        self.with_esp(|fat| {
+            if fat.file_len(LOADER_CONF)? == Some(LOADER_CONF_SIZE as u64) {
+                fat.overwrite_in_place(LOADER_CONF, &conf)
+            } else {
+                // First time (or a file someone else wrote): a new one, renamed into place.
+                let tmp = format!("{LOADER_CONF}{TMP}");
+                fat.write(&tmp, &conf)?;
+                fat.sync()?;
+                fat.remove_all(LOADER_CONF)?;
+                fat.rename(&tmp, LOADER_CONF)
+            }
+        })
+    }
+
+    fn remove_version(&self, label: &str) -> Result<()> {
+        self.with_esp(|fat| {
+            // The entry first: the menu never names files that are going.
+            for e in fat.list(ENTRIES_DIR)? {
+                if entry_label(&e.name).is_some_and(|l| l.eq_ignore_ascii_case(label)) {
+                    fat.remove_all(&format!("{ENTRIES_DIR}/{}", e.name))?;
+                }
+            }
+            fat.sync()?;
+            for f in fat.list(VERSIONS_DIR)? {
+                if file_label(&f.name).is_some_and(|l| l.eq_ignore_ascii_case(label)) {
+                    fat.remove_all(&format!("{VERSIONS_DIR}/{}", f.name))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn cleanup(&self, labels: &[String]) -> Result<Vec<String>> {
+        let known = |l: &str| labels.iter().any(|k| k.eq_ignore_ascii_case(l));
+        // An interrupted write may have left allocated clusters no file owns.
+        let repaired = super::fat::repair(&self.disk, self.esp.0, self.esp.1)?;
+        self.with_esp(|fat| {
+            let mut removed = Vec::new();
+            if repaired {
+                removed.push("repaired an interrupted write with fsck.fat".to_string());
+            }
+            for e in fat.list(ENTRIES_DIR)? {
+                let keep = !e.name.ends_with(TMP) && entry_label(&e.name).is_some_and(known);
+                if !keep {
+                    let p = format!("{ENTRIES_DIR}/{}", e.name);
+                    fat.remove_all(&p)?;
+                    removed.push(format!("removed {p}"));
+                }
+            }
+            for e in fat.list(VERSIONS_DIR)? {
+                if e.is_dir || !file_label(&e.name).is_some_and(known) {
+                    let p = format!("{VERSIONS_DIR}/{}", e.name);
+                    fat.remove_all(&p)?;
+                    removed.push(format!("removed {p}"));
+                }
+            }
+            for tmp in [format!("{LOADER_CONF}{TMP}"), format!("{ESP_LOADER}{TMP}")] {
+                if fat.file_len(&tmp)?.is_some() {
+                    fat.remove_all(&tmp)?;
+                    removed.push(format!("removed {tmp}"));
+                }
+            }
+            Ok(removed)
+        })
+    }
+}
+
+/// Fails, naming the package, when systemd-boot is not installed on the host.
+pub fn require_systemd_boot() -> Result<()> {
+    if !Path::new(SYSTEMD_BOOT_EFI).is_file() {
+        bail!(
+            "{SYSTEMD_BOOT_EFI} not found: UEFI disks boot through systemd-boot; install the \
+             Debian package {SYSTEMD_BOOT_PACKAGE} (apt-get install {SYSTEMD_BOOT_PACKAGE})"
+        );
+    }
+    Ok(())
+}
+
+/// What `check` reads from an ESP: the default `loader.conf` names and the
+/// versions that have an entry, and any problem with each.
+#[derive(Debug, Default)]
+pub struct EspState {
+    /// Default named by `loader.conf`.
+    pub default: Option<String>,
+    /// Labels with an entry whose files are all present.
+    pub complete: Vec<String>,
+    /// Problems found.
+    pub problems: Vec<String>,
+}
+
+/// Reads the ESP of `disk` at `esp` for `check`.
+pub fn inspect(disk: &Path, esp: (u64, u64)) -> Result<EspState> {
+    let fat = FatPartition::open(disk, esp.0, esp.1, false)?;
+    let mut st = EspState::default();
+    if super::fat::is_dirty(disk, esp.0)? {
+        st.problems.push(
+            "a write to it was interrupted (its dirty flag is set): run deploy cleanup".into(),
+        );
+    }
+    if fat.file_len(ESP_LOADER)?.is_none() {
+        st.problems.push(format!("{ESP_LOADER} is missing"));
+    }
+    match fat.read(LOADER_CONF)? {
+        Some(c) => st.default = loader_conf_default(&String::from_utf8_lossy(&c)),
+        None => st.problems.push(format!("{LOADER_CONF} is missing")),
+    }
+    for e in fat.list(ENTRIES_DIR)? {
+        let Some(label) = entry_label(&e.name) else {
+            continue;
+        };
+        let text = fat
+            .read(&format!("{ENTRIES_DIR}/{}", e.name))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let mut ok = true;
+        for line in text.lines() {
+            let mut w = line.split_whitespace();
+            if let (Some("linux" | "initrd"), Some(path)) = (w.next(), w.next()) {
+                if fat.file_len(path.trim_start_matches('/'))?.is_none() {
+                    st.problems
+                        .push(format!("entry {} names {path}, which is missing", e.name));
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            st.complete.push(label.to_string());
+        }
+    }
+    Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loader_conf_is_one_sector_and_names_the_default() {
+        let c = loader_conf("v2");
+        assert_eq!(c.len(), LOADER_CONF_SIZE);
+        let text = String::from_utf8(c).unwrap();
+        assert!(text.contains("\ndefault v2.conf\n"), "{text}");
+        assert_eq!(loader_conf_default(&text).as_deref(), Some("v2"));
+        let long = "a".repeat(64);
+        assert_eq!(loader_conf(&long).len(), LOADER_CONF_SIZE);
+        assert_eq!(
+            loader_conf_default(&String::from_utf8(loader_conf(&long)).unwrap()).unwrap(),
+            long
+        );
+    }
+
+    #[test]
+    fn entry_names_with_and_without_boot_counting() {
+        assert_eq!(entry_label("v2.conf"), Some("v2"));
+        assert_eq!(entry_label("v2+3.conf"), Some("v2"));
+        assert_eq!(entry_label("v2+0-1.conf"), Some("v2"));
+        assert_eq!(entry_label("a+b.conf"), Some("a+b"));
+        assert_eq!(entry_label("v2.conf.tmp"), None);
+        assert_eq!(entry_label(".conf"), None);
+        assert_eq!(file_label("v2.linux"), Some("v2"));
+        assert_eq!(file_label("v2.1.initrd"), Some("v2.1"));
+        assert_eq!(file_label("v2.linux.tmp"), None);
+        assert_eq!(file_label(".linux"), None);
+    }
+
+    #[test]
+    fn entry_boots_the_version_subvolume() {
+        let e = Entry {
+            label: "v2".into(),
+            initramfs: true,
+            dtb: false,
+            args: "console=ttyS0".into(),
+        };
+        let s = render_entry("1234", &e);
+        assert!(s.contains("\nlinux /btrfs-deploy/v2.linux\ninitrd /btrfs-deploy/v2.initrd\n"));
+        assert!(s.contains(
+            "options root=UUID=1234 rootfstype=btrfs rootflags=subvol=systems/v2/run rw console=ttyS0\n"
+        ));
+        let s = render_entry(
+            "1234",
+            &Entry {
+                initramfs: false,
+                ..e
+            },
+        );
+        assert!(!s.contains("initrd"));
+    }
+
+    #[test]
+    fn versions_on_an_esp_added_switched_removed_cleaned() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let esp = (1u64 << 20, 64u64 << 20);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(esp.0 + esp.1)
+            .unwrap();
+        super::super::fat::format(&img, esp.0, esp.1, "ESP").unwrap();
+        let top = Layout::new(&d.path().join("top"));
+        let entry = |l: &str| Entry {
+            label: l.into(),
+            initramfs: true,
+            dtb: false,
+            args: "x".into(),
+        };
+        for l in ["a", "b"] {
+            let v = top.version(l);
+            std::fs::create_dir_all(&v).unwrap();
+            std::fs::write(v.join(layout::KERNEL), vec![1u8; 40 << 20]).unwrap();
+            std::fs::write(v.join(layout::INITRAMFS), vec![2u8; 1000]).unwrap();
+        }
+        let b = SystemdBoot::new(&img, esp);
+        b.write_menu(&top, "U", &[entry("a")], "a").unwrap();
+        b.switch_default("a").unwrap();
+        // A second 40 MiB kernel does not fit: clear error, nothing written.
+        let msg = format!("{:#}", b.check_space("b", &[40 << 20, 1000]).unwrap_err());
+        assert!(
+            msg.contains("EFI system partition") && msg.contains("deploy remove"),
+            "{msg}"
+        );
+        let msg = format!(
+            "{:#}",
+            b.write_menu(&top, "U", &[entry("a"), entry("b")], "a")
+                .unwrap_err()
+        );
+        assert!(msg.contains("needs"), "{msg}");
+        let st = inspect(&img, esp).unwrap();
+        assert_eq!(st.complete, vec!["a"]);
+        assert_eq!(st.default.as_deref(), Some("a"));
+        // Removing a frees its space; b then fits and becomes the default.
+        b.remove_version("a").unwrap();
+        b.check_space("b", &[40 << 20, 1000]).unwrap();
+        b.write_menu(&top, "U", &[entry("b")], "b").unwrap();
+        b.switch_default("b").unwrap();
+        let st = inspect(&img, esp).unwrap();
+        assert_eq!(st.complete, vec!["b"]);
+        assert_eq!(st.default.as_deref(), Some("b"));
+        // Leftovers of an interrupted write and of unknown versions go.
+        let fat = FatPartition::open(&img, esp.0, esp.1, true).unwrap();
+        fat.write("btrfs-deploy/b.linux.tmp", b"x").unwrap();
+        fat.write("btrfs-deploy/gone.linux", b"x").unwrap();
+        fat.write("loader/entries/gone+2.conf", b"x").unwrap();
+        fat.close().unwrap();
+        let mut removed = b.cleanup(&["b".to_string()]).unwrap();
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                "removed btrfs-deploy/b.linux.tmp",
+                "removed btrfs-deploy/gone.linux",
+                "removed loader/entries/gone+2.conf"
+            ]
+        );
+        assert_eq!(inspect(&img, esp).unwrap().complete, vec!["b"]);
+    }
+}

@@ -1,0 +1,256 @@
+//! GPT partition tables of deploy targets: written with `sfdisk` (util-linux)
+//! and read back with `sfdisk --json`. Generic over what the partitions are
+//! for (an EFI system partition today, a U-Boot boot partition later):
+//! callers describe partitions with [`PartSpec`] and get byte ranges back.
+//!
+//! This tool never needs the kernel to know about the partitions (some
+//! kernels cannot parse GPT): a partition is reached through a loop device
+//! with an offset and size limit, or as a byte range of the disk.
+
+use crate::util::cmd;
+use anyhow::{bail, Context, Result};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Bytes per logical sector of the images this tool writes.
+pub const SECTOR: u64 = 512;
+/// Partitions start on 1 MiB boundaries.
+pub const ALIGN: u64 = 1 << 20;
+/// Room a GPT disk needs besides its partitions: the 1 MiB before the first
+/// partition (protective MBR, primary GPT) and 1 MiB at the end (backup GPT).
+pub const GPT_OVERHEAD: u64 = 2 * ALIGN;
+/// GPT partition type of an EFI system partition.
+pub const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+/// GPT partition type "Linux filesystem data".
+pub const TYPE_LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+/// sfdisk's name of GPT attribute bit 2, which SYSLINUX's `gptmbr.bin` looks for.
+pub const ATTR_LEGACY_BOOT: &str = "LegacyBIOSBootable";
+/// `sfdisk` and the package that provides it.
+pub const SFDISK: cmd::Tool = cmd::Tool {
+    program: "sfdisk",
+    package: "fdisk",
+};
+
+/// One partition to create.
+#[derive(Debug, Clone)]
+pub struct PartSpec {
+    /// Size in bytes (a multiple of [`ALIGN`]); `None` takes the rest of the disk.
+    pub size: Option<u64>,
+    /// GPT type GUID.
+    pub type_guid: &'static str,
+    /// Partition name.
+    pub name: &'static str,
+    /// Whether to set the legacy-BIOS-bootable attribute.
+    pub legacy_boot: bool,
+}
+
+/// One partition found on a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// 1-based partition number.
+    pub number: usize,
+    /// Offset in bytes from the start of the disk.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// GPT type GUID (upper case).
+    pub type_guid: String,
+    /// Whether the legacy-BIOS-bootable attribute is set.
+    pub legacy_boot: bool,
+}
+
+/// True when `disk` carries a GPT header (`EFI PART` at LBA 1).
+pub fn has_gpt(disk: &Path) -> bool {
+    let mut sig = [0u8; 8];
+    std::fs::File::open(disk)
+        .and_then(|f| f.read_exact_at(&mut sig, SECTOR))
+        .map(|()| &sig == b"EFI PART")
+        .unwrap_or(false)
+}
+
+/// Writes a new GPT with `parts`, in order, the first one starting at 1 MiB.
+pub fn write_gpt(disk: &Path, parts: &[PartSpec]) -> Result<()> {
+    cmd::require(&[&SFDISK])?;
+    let script = script(parts)?;
+    let d = disk.to_string_lossy();
+    cmd::run_with_input(
+        SFDISK.program,
+        &[
+            "--quiet",
+            "--no-reread",
+            "--no-tell-kernel",
+            "--wipe",
+            "always",
+            &d,
+        ],
+        script.as_bytes(),
+    )
+    .with_context(|| format!("writing a GPT partition table to {}", disk.display()))?;
+    Ok(())
+}
+
+/// The `sfdisk` script for `parts`.
+fn script(parts: &[PartSpec]) -> Result<String> {
+    let mut s = String::from("label: gpt\nunit: sectors\n");
+    let mut start = ALIGN / SECTOR;
+    for (i, p) in parts.iter().enumerate() {
+        let mut line = format!("start={start}, type={}, name=\"{}\"", p.type_guid, p.name);
+        match p.size {
+            Some(size) => {
+                if size % ALIGN != 0 {
+                    bail!("partition {} size {size} is not a multiple of 1 MiB", i + 1);
+                }
+                line.push_str(&format!(", size={}", size / SECTOR));
+                start += size / SECTOR;
+            }
+            None if i + 1 != parts.len() => bail!("only the last partition may take the rest"),
+            None => {}
+        }
+        if p.legacy_boot {
+            line.push_str(&format!(", attrs=\"{ATTR_LEGACY_BOOT}\""));
+        }
+        s.push_str(&line);
+        s.push('\n');
+    }
+    Ok(s)
+}
+
+/// The partitions of the GPT on `disk`.
+pub fn read_gpt(disk: &Path) -> Result<Vec<Partition>> {
+    cmd::require(&[&SFDISK])?;
+    let out = cmd::run(SFDISK.program, &["--json", &disk.to_string_lossy()])
+        .with_context(|| format!("reading the partition table of {}", disk.display()))?;
+    parse_json(&out).with_context(|| format!("reading the partition table of {}", disk.display()))
+}
+
+fn parse_json(text: &str) -> Result<Vec<Partition>> {
+    let v: serde_json::Value = serde_json::from_str(text).context("parsing sfdisk --json")?;
+    let table = &v["partitiontable"];
+    if table["label"] != "gpt" {
+        bail!("not a GPT partition table (label {})", table["label"]);
+    }
+    let sector = table["sectorsize"].as_u64().unwrap_or(SECTOR);
+    let mut out = Vec::new();
+    for (i, p) in table["partitions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let node = p["node"].as_str().unwrap_or_default();
+        let number = node
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(i + 1);
+        out.push(Partition {
+            number,
+            start: p["start"].as_u64().context("partition without start")? * sector,
+            size: p["size"].as_u64().context("partition without size")? * sector,
+            type_guid: p["type"].as_str().unwrap_or_default().to_ascii_uppercase(),
+            legacy_boot: p["attrs"]
+                .as_str()
+                .map(|a| a.split_whitespace().any(|w| w == ATTR_LEGACY_BOOT))
+                .unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
+/// Writes `code` (at most 440 bytes: the boot code area of the MBR) to the
+/// start of `disk`, leaving the disk signature and partition entries alone.
+pub fn write_mbr_boot_code(disk: &Path, code: &[u8]) -> Result<()> {
+    if code.len() > 440 {
+        bail!("MBR boot code is {} bytes, at most 440 fit", code.len());
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("opening {}", disk.display()))?;
+    f.write_all_at(code, 0)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing the MBR boot code of {}", disk.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_aligns_and_flags() {
+        let s = script(&[
+            PartSpec {
+                size: Some(256 << 20),
+                type_guid: TYPE_ESP,
+                name: "EFI system",
+                legacy_boot: false,
+            },
+            PartSpec {
+                size: None,
+                type_guid: TYPE_LINUX,
+                name: "btrfs-deploy",
+                legacy_boot: true,
+            },
+        ])
+        .unwrap();
+        assert!(s.contains(&format!(
+            "start=2048, type={TYPE_ESP}, name=\"EFI system\", size=524288\n"
+        )));
+        assert!(s.contains(&format!(
+            "start=526336, type={TYPE_LINUX}, name=\"btrfs-deploy\", attrs=\"LegacyBIOSBootable\"\n"
+        )));
+        let bad = PartSpec {
+            size: Some(1000),
+            type_guid: TYPE_ESP,
+            name: "x",
+            legacy_boot: false,
+        };
+        assert!(script(&[bad]).is_err());
+    }
+
+    #[test]
+    fn writes_and_reads_back_a_gpt() {
+        if cmd::which(SFDISK.program).is_none() {
+            panic!("sfdisk is needed by this test: apt-get install fdisk");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        assert!(!has_gpt(&img));
+        write_gpt(
+            &img,
+            &[
+                PartSpec {
+                    size: Some(8 << 20),
+                    type_guid: TYPE_ESP,
+                    name: "EFI system",
+                    legacy_boot: false,
+                },
+                PartSpec {
+                    size: None,
+                    type_guid: TYPE_LINUX,
+                    name: "root",
+                    legacy_boot: true,
+                },
+            ],
+        )
+        .unwrap();
+        assert!(has_gpt(&img));
+        write_mbr_boot_code(&img, &[0xEB; 440]).unwrap();
+        let parts = read_gpt(&img).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].start, 1 << 20);
+        assert_eq!(parts[0].size, 8 << 20);
+        assert_eq!(parts[0].type_guid, TYPE_ESP);
+        assert!(!parts[0].legacy_boot);
+        assert_eq!(parts[1].number, 2);
+        assert_eq!(parts[1].start, 9 << 20);
+        assert!(parts[1].legacy_boot);
+        // The boot code did not break the table.
+        assert!(parts[1].start + parts[1].size <= (64 << 20) - (33 * SECTOR));
+    }
+}
