@@ -35,7 +35,8 @@ test: deps fixture lint
 bench: build fixture
 	scripts/bench.sh $(CACHE)
 
-# The interruption sweep of tests/reliability.rs with many more kill points.
+# The interruption sweep of tests/reliability.rs with many more kill points,
+# and the power-cut replay of tests/powercut.rs over every recorded state.
 stress: deps fixture
 	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs scripts/stress.sh
 

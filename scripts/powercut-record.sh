@@ -188,7 +188,7 @@ for op in "${OPS[@]}"; do
             tail -n 30 "$out/$name.console" >&2 || true
             die "QEMU failed or timed out (${timeout}s) recording $name (console: $out/$name.console)"
         fi
-        grep -q "^POWERCUT: start $op" "$out/$name.console" && break
+        grep -q "POWERCUT: start $op" "$out/$name.console" && break
         log "the guest did not start $op (attempt $attempt): $(grep -m1 -i 'panic' "$out/$name.console" || true)"
     done
     if ! grep -q "^POWERCUT: done $op exit 0" "$out/$name.console"; then
