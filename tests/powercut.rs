@@ -12,9 +12,9 @@
 //! - `btrfs check --readonly` is clean on the disk as the cut left it;
 //! - `deploy list` (a read-only command) works on it as it is;
 //! - it mounts read-only as the bootloader reads it (committed trees only:
-//!   SYSLINUX does not replay the log tree), and there every entry of
-//!   extlinux.conf names kernel and initramfs files that exist and are
-//!   complete;
+//!   SYSLINUX does not replay the log tree): `systems/default` there names
+//!   the same version as after log replay, and every entry of extlinux.conf
+//!   names kernel and initramfs files that exist and are complete;
 //! - it mounts read-write (replaying the log), and there `systems/default`
 //!   names the old or the new version of the operation, complete: `orig`
 //!   read-only, `run` present, kernel and initramfs equal to the tiny
@@ -23,14 +23,18 @@
 //!   kernel arguments;
 //! - `deploy cleanup`, then `deploy check` pass;
 //! - the first and last checked state of every operation boots in QEMU
-//!   (`deploy boot-test`) with `systems/<default>/run` as `/`.
+//!   (`deploy boot-test`, on a copy of the state as the cut left it) with
+//!   `systems/<default>/run` as `/`.
 //!
 //! States of the first deploy before its first switch have nothing to boot
 //! (the disk was blank before): they are counted apart, not checked.
 //!
-//! `make test` checks a bounded sample (POWERCUT_SAMPLE, default 56 states);
-//! `make stress` all of them (POWERCUT_SAMPLE=all). POWERCUT_SEED picks the
-//! torn points (default 11).
+//! Failed checks are named; those in [`KNOWN_GAPS`] (issue 11's gaps the
+//! code still has) are reported but tolerated, any other fails the test.
+//!
+//! `make test` checks a bounded sample (POWERCUT_SAMPLE, default 60 states,
+//! spread over each operation); `make stress` all of them
+//! (POWERCUT_SAMPLE=all). POWERCUT_SEED picks the torn points (default 11).
 
 mod common;
 #[allow(dead_code)]
@@ -784,8 +788,10 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
         .iter()
         .filter(|(_, e)| !e.is_empty() && e.iter().all(known))
         .count();
-    println!(
-        "powercut: {checked} states checked, {passed} passed ({booted} booted; {total} points in {} operations, {unfinished} before the first deploy's switch not checked; seed {seed}; {:.0} s)",
+    // Straight to stderr, past the test harness's capture: `make test`
+    // shows these lines.
+    let mut summary = format!(
+        "powercut: {checked} states checked, {passed} passed ({booted} booted; {total} points in {} operations, {unfinished} before the first deploy's switch not checked; seed {seed}; {:.0} s)\n",
         OPS.len(),
         started.elapsed().as_secs_f32()
     );
@@ -794,8 +800,9 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
             .iter()
             .filter(|(_, e)| e.iter().any(|p| p.check == *gap))
             .count();
-        println!("powercut: known gap {gap}: {n} states ({why})");
+        summary += &format!("powercut: known gap {gap}: {n} states ({why})\n");
     }
+    std::io::Write::write_all(&mut std::io::stderr(), summary.as_bytes()).unwrap();
     let unexpected: Vec<String> = results
         .iter()
         .filter(|(_, e)| !e.iter().all(known))
