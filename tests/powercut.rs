@@ -764,6 +764,33 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
             "replaying {name}.log does not rebuild the disk the guest left"
         );
     }
+    // The checks can fail: the last disk with a truncated initramfs, and
+    // with systems/default naming a version that is neither old nor new.
+    let (_, allowed) = OPS[OPS.len() - 1];
+    for (what, edit, want) in [
+        (
+            "truncated initramfs",
+            "truncate -s 1000 systems/v4/initramfs",
+            "version-complete",
+        ),
+        (
+            "foreign default",
+            "ln -sfn v3 systems/.d && mv -T systems/.d systems/default",
+            "default-link",
+        ),
+    ] {
+        reflink(&cursor_path, &state);
+        {
+            let m = Mounted::new(&state, false).unwrap();
+            common::sh(&format!("cd {} && {edit} && sync", m.dir.path().display()));
+        }
+        let (errs, _) = check_state(&state, allowed, &exp);
+        assert!(
+            errs.iter().any(|p| p.check == want),
+            "a disk with a {what} passes the checks: {errs:?}"
+        );
+        std::fs::remove_file(&state).unwrap();
+    }
     drop(boot_tx);
     let boots: Vec<(String, Option<Problem>)> = booters
         .into_iter()
