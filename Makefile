@@ -110,7 +110,8 @@ bench: build fixture
 	@scripts/install-deps.sh demo
 	scripts/bench.sh $(CACHE)
 
-# The interruption sweep of tests/reliability.rs with many more kill points.
+# The interruption sweep of tests/reliability.rs with many more kill points,
+# and the power-cut replay of tests/powercut.rs over every recorded state.
 stress: fixture
 	@scripts/install-deps.sh test
 	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs scripts/stress.sh

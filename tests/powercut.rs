@@ -1,0 +1,932 @@
+//! Power-cut safety proven by replay (issue 11).
+//!
+//! `scripts/powercut-record.sh` runs `deploy` in a QEMU guest whose target
+//! disk goes through QEMU's `blklogwrites` driver, one operation per boot:
+//! first deploy, upgrade (with a user's /etc edit to merge, a configure
+//! extension and other kernel arguments), set-default, remove, another
+//! upgrade, an upgrade with --keep, and a killed deploy followed by
+//! cleanup. [`replay`] rebuilds the disk as it stood after every flush and
+//! at torn points between flushes (a random subset of the writes since the
+//! last flush lost), and every rebuilt disk must pass [`check_state`]:
+//!
+//! - `btrfs check --readonly` is clean on the disk as the cut left it;
+//! - `deploy list` (a read-only command) works on it as it is;
+//! - it mounts read-only as the bootloader reads it (committed trees only:
+//!   SYSLINUX does not replay the log tree): `systems/default` there names
+//!   the same version as after log replay, and every entry of extlinux.conf
+//!   names kernel and initramfs files that exist and are complete;
+//! - it mounts read-write (replaying the log), and there `systems/default`
+//!   names the old or the new version of the operation, complete: `orig`
+//!   read-only, `run` present, kernel and initramfs equal to the tiny
+//!   system's, `deployment.json` parses and names it; the boot entries again
+//!   name complete files, and the `default` entry carries that version's
+//!   kernel arguments;
+//! - `deploy cleanup`, then `deploy check` pass;
+//! - the first and last checked state of every operation boots in QEMU
+//!   (`deploy boot-test`, on a copy of the state as the cut left it) with
+//!   `systems/<default>/run` as `/`.
+//!
+//! States of the first deploy before its first switch have nothing to boot
+//! (the disk was blank before): they are counted apart, not checked.
+//!
+//! Failed checks are named; those in [`KNOWN_GAPS`] (issue 11's gaps the
+//! code still has) are reported but tolerated, any other fails the test.
+//!
+//! `make test` checks a bounded sample (POWERCUT_SAMPLE, default 60 states,
+//! spread over each operation); `make stress` all of them
+//! (POWERCUT_SAMPLE=all). POWERCUT_SEED picks the torn points (default 11).
+
+mod common;
+#[allow(dead_code)]
+#[path = "powercut/replay.rs"]
+mod replay;
+
+use replay::{Log, Point, Rng};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The recorded operations, and the versions `systems/default` may name
+/// during each: the old default or the new one.
+const OPS: &[(&str, &[&str])] = &[
+    ("deploy", &["factory"]),
+    ("upgrade", &["factory", "v2"]),
+    ("set-default", &["v2", "factory"]),
+    ("remove", &["factory"]),
+    ("upgrade-v3", &["factory", "v3"]),
+    ("keep", &["v3", "v4"]),
+    ("cleanup", &["v4"]),
+];
+
+/// Output of a command; Err with its status and output when it fails.
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("starting {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tail: Vec<&str> = text.lines().rev().take(6).collect();
+        let prog = Path::new(cmd.get_program())
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        Err(format!(
+            "`{prog} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ))
+    }
+}
+
+fn deploy(args: &[&str]) -> Result<String, String> {
+    run(common::deploy().args(args))
+}
+
+/// Records the write logs (kept in .cache/powercut while the deploy binary
+/// and the recording scripts are unchanged).
+fn record() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join(".cache/powercut");
+    let status = Command::new(root.join("scripts/powercut-record.sh"))
+        .arg(&out)
+        .arg(env!("CARGO_BIN_EXE_deploy"))
+        .env("DEPLOY_TINY_ROOTFS", common::tiny_rootfs())
+        .status()
+        .expect("running scripts/powercut-record.sh");
+    assert!(status.success(), "recording the write logs failed");
+    out
+}
+
+/// A Btrfs scratch filesystem, so that every rebuilt state is a reflink
+/// copy of the disk at its last flush (the host's /work may be ext4).
+struct Scratch {
+    _dir: tempfile::TempDir,
+    mnt: PathBuf,
+    loopdev: String,
+}
+
+impl Scratch {
+    fn new(parent: &Path) -> Scratch {
+        let dir = tempfile::tempdir_in(parent).unwrap();
+        let img = dir.path().join("scratch.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        File::create(&img).unwrap().set_len(8 << 30).unwrap();
+        common::sh(&format!("mkfs.btrfs -q {}", img.display()));
+        let loopdev = common::sh(&format!("losetup --find --show {}", img.display()))
+            .trim()
+            .to_string();
+        common::sh(&format!("mount {loopdev} {}", mnt.display()));
+        Scratch {
+            _dir: dir,
+            mnt,
+            loopdev,
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loopdev)
+            .status();
+    }
+}
+
+fn reflink(from: &Path, to: &Path) {
+    common::sh(&format!(
+        "cp --reflink=always {} {}",
+        from.display(),
+        to.display()
+    ));
+}
+
+fn open_rw(p: &Path) -> File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap()
+}
+
+/// A loop device and a mount of an image's top-level subvolume.
+struct Mounted {
+    loopdev: String,
+    dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    /// `read_only`: a read-only loop device mounted with
+    /// `ro,rescue=nologreplay`: the committed trees, what the bootloader
+    /// reads. Otherwise read-write, which replays the log tree.
+    fn new(img: &Path, read_only: bool) -> Result<Mounted, String> {
+        let mut l = Command::new("losetup");
+        l.args(["--find", "--show"]);
+        if read_only {
+            l.arg("--read-only");
+        }
+        let loopdev = run(l.arg(img))?.trim().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = if read_only {
+            "ro,rescue=nologreplay,subvolid=5"
+        } else {
+            "subvolid=5"
+        };
+        let m = Mounted { loopdev, dir };
+        run(Command::new("mount")
+            .args(["-t", "btrfs", "-o", opts, &m.loopdev])
+            .arg(m.dir.path()))
+        .map_err(|e| {
+            let dmesg = run(Command::new("sh").args(["-c", "dmesg | grep -i btrfs | tail -n 3"]))
+                .unwrap_or_default();
+            format!("{e}; dmesg: {}", dmesg.replace('\n', " | "))
+        })?;
+        Ok(m)
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel.trim_start_matches('/'))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loopdev)
+            .status();
+    }
+}
+
+/// The files every version's kernel and initramfs must equal.
+struct Expected {
+    kernel: Vec<u8>,
+    initramfs: Vec<u8>,
+}
+
+impl Expected {
+    fn load() -> Expected {
+        let boot = common::tiny_rootfs().join("boot");
+        let find = |prefix: &str| {
+            let mut names: Vec<PathBuf> = std::fs::read_dir(&boot)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+                .collect();
+            names.sort();
+            std::fs::read(&names[0]).unwrap()
+        };
+        Expected {
+            kernel: find("vmlinuz-"),
+            initramfs: find("initrd.img-"),
+        }
+    }
+    /// Which boot file `path` must be, by its name.
+    fn of(&self, path: &str) -> Option<&[u8]> {
+        if path.ends_with("/kernel") {
+            Some(&self.kernel)
+        } else if path.ends_with("/initramfs") {
+            Some(&self.initramfs)
+        } else {
+            None
+        }
+    }
+}
+
+/// A `label NAME` block of a boot config: (label, [(keyword, argument)]).
+type BootEntry = (String, Vec<(String, String)>);
+
+/// The entries of an extlinux.conf, following INCLUDE.
+fn boot_entries(m: &Mounted, conf: &str) -> Result<Vec<BootEntry>, String> {
+    let text = std::fs::read_to_string(m.path(conf)).map_err(|e| format!("reading {conf}: {e}"))?;
+    let mut entries: Vec<BootEntry> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (kw, arg) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let (kw, arg) = (kw.to_ascii_lowercase(), arg.trim().to_string());
+        match kw.as_str() {
+            "label" => entries.push((arg, Vec::new())),
+            "include" => {
+                let inc = if arg.starts_with('/') {
+                    arg.clone()
+                } else {
+                    format!("/extlinux/{arg}")
+                };
+                let mut sub = boot_entries(m, &inc)?;
+                match entries.last_mut() {
+                    // An INCLUDE inside a label block adds to that block.
+                    Some(last) if sub.first().map(|s| s.0.is_empty()).unwrap_or(false) => {
+                        last.1.append(&mut sub.remove(0).1);
+                        entries.append(&mut sub);
+                    }
+                    _ => entries.append(&mut sub),
+                }
+            }
+            _ => match entries.last_mut() {
+                Some(last) => last.1.push((kw, arg)),
+                None => entries.push((String::new(), vec![(kw, arg)])),
+            },
+        }
+    }
+    Ok(entries)
+}
+
+/// One failed check of a state: which check (see [`KNOWN_GAPS`]) and what.
+#[derive(Debug, Clone)]
+struct Problem {
+    check: &'static str,
+    what: String,
+}
+
+fn problem(check: &'static str, what: impl Into<String>) -> Problem {
+    Problem {
+        check,
+        what: what.into(),
+    }
+}
+
+/// Gaps of issue 11 that the replay shows and the code does not close yet.
+/// States failing only these are reported apart and do not fail the test;
+/// any other failed check does. Remove a gap from this list with its fix:
+/// the replay then proves it gone.
+const KNOWN_GAPS: &[(&str, &str)] = &[
+    (
+        "list-unreplayed-log",
+        "read-only commands attach the disk read-only, and Btrfs refuses to mount a disk whose log tree is not replayed (EIO)",
+    ),
+    (
+        "boot-test-unreplayed-log",
+        "boot-test attaches the disk read-only like list (same cause)",
+    ),
+    (
+        "log-only-switch",
+        "the switch of systems/default is made durable by an fsync of systems/ (which lands in the log tree) before the commit: a cut between them leaves the new link visible to the kernel, which replays the log, but not to SYSLINUX, which reads the committed trees only",
+    ),
+    (
+        "default-entry-args",
+        "the `default` boot entry carries the kernel arguments of the version the config was written for, not of the one systems/default names (the config is rewritten before the rename)",
+    ),
+];
+
+/// Every boot entry's kernel/initrd/fdt names a complete file in `m`.
+fn check_boot_entries(m: &Mounted, exp: &Expected, view: &'static str, errs: &mut Vec<Problem>) {
+    let entries = match boot_entries(m, "/extlinux/extlinux.conf") {
+        Ok(e) => e,
+        Err(e) => return errs.push(problem(view, e)),
+    };
+    if !entries.iter().any(|(l, _)| l == "default") {
+        errs.push(problem(view, "extlinux.conf has no `label default` entry"));
+    }
+    for (label, lines) in &entries {
+        for (kw, arg) in lines {
+            if !matches!(
+                kw.as_str(),
+                "kernel" | "linux" | "initrd" | "fdt" | "devicetree"
+            ) {
+                continue;
+            }
+            match std::fs::read(m.path(arg)) {
+                Err(e) => errs.push(problem(view, format!("entry {label}: {kw} {arg}: {e}"))),
+                Ok(data) => {
+                    if let Some(want) = exp.of(arg) {
+                        if data != want {
+                            errs.push(problem(
+                                view,
+                                format!(
+                                    "entry {label}: {kw} {arg} is incomplete or wrong ({} bytes, expected {})",
+                                    data.len(),
+                                    want.len()
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The label `systems/default` names, if the link is there.
+fn default_label(m: &Mounted) -> Option<String> {
+    std::fs::read_link(m.path("systems/default"))
+        .ok()
+        .map(|l| l.to_string_lossy().into_owned())
+}
+
+/// Checks the layout as a boot sees it (after log replay); returns the default label.
+fn check_layout(
+    m: &Mounted,
+    exp: &Expected,
+    allowed: &[&str],
+    errs: &mut Vec<Problem>,
+) -> Option<String> {
+    let Some(label) = default_label(m) else {
+        errs.push(problem("default-link", "systems/default is missing"));
+        return None;
+    };
+    if !allowed.contains(&label.as_str()) {
+        errs.push(problem(
+            "default-link",
+            format!(
+                "systems/default names {label}, neither the old nor the new default ({})",
+                allowed.join(" or ")
+            ),
+        ));
+    }
+    let dir = format!("systems/{label}");
+    match run(Command::new("btrfs")
+        .args(["property", "get", "-ts"])
+        .arg(m.path(&format!("{dir}/orig")))
+        .arg("ro"))
+    {
+        Ok(out) if out.trim() == "ro=true" => {}
+        Ok(out) => errs.push(problem(
+            "version-complete",
+            format!("{dir}/orig is not read-only ({})", out.trim()),
+        )),
+        Err(e) => errs.push(problem("version-complete", format!("{dir}/orig: {e}"))),
+    }
+    if !m.path(&format!("{dir}/run/sbin")).exists() {
+        errs.push(problem(
+            "version-complete",
+            format!("{dir}/run is missing or empty"),
+        ));
+    }
+    for (f, want) in [("kernel", &exp.kernel), ("initramfs", &exp.initramfs)] {
+        match std::fs::read(m.path(&format!("{dir}/{f}"))) {
+            Ok(d) if &d == want => {}
+            Ok(d) => errs.push(problem(
+                "version-complete",
+                format!(
+                    "{dir}/{f} is incomplete or wrong ({} bytes, expected {})",
+                    d.len(),
+                    want.len()
+                ),
+            )),
+            Err(e) => errs.push(problem("version-complete", format!("{dir}/{f}: {e}"))),
+        }
+    }
+    let record = std::fs::read_to_string(m.path(&format!("{dir}/deployment.json")))
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()));
+    match record {
+        Ok(r) => {
+            if r["label"] != label.as_str() {
+                errs.push(problem(
+                    "version-complete",
+                    format!("{dir}/deployment.json names {}", r["label"]),
+                ));
+            }
+            // The default entry must boot with this version's arguments.
+            let args = r["kernel_args"].as_str().unwrap_or_default().to_string();
+            if let Ok(entries) = boot_entries(m, "/extlinux/extlinux.conf") {
+                if let Some((_, lines)) = entries.iter().find(|(l, _)| l == "default") {
+                    let append = lines
+                        .iter()
+                        .find(|(k, _)| k == "append")
+                        .map(|(_, a)| a.clone())
+                        .unwrap_or_default();
+                    if !append.ends_with(&format!(" {args}")) {
+                        errs.push(problem(
+                            "default-entry-args",
+                            format!(
+                                "the default boot entry's arguments `{append}` are not those of {label} (`{args}`)"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Err(e) => errs.push(problem(
+            "version-complete",
+            format!("{dir}/deployment.json: {e}"),
+        )),
+    }
+    Some(label)
+}
+
+/// All the checks of one rebuilt state but the boot (see the module
+/// comment). Returns the problems found and the default label.
+fn check_state(img: &Path, allowed: &[&str], exp: &Expected) -> (Vec<Problem>, Option<String>) {
+    let mut errs = Vec::new();
+    if let Err(e) = run(Command::new("btrfs").args(["check", "--readonly"]).arg(img)) {
+        errs.push(problem("btrfs-check", e));
+    }
+    if let Err(e) = deploy(&["list", img.to_str().unwrap()]) {
+        errs.push(problem("list-unreplayed-log", e));
+    }
+    // The bootloader's view: the committed trees (SYSLINUX does not replay
+    // the log tree). Its entries are checked once the default is known to
+    // be the same in both views.
+    let committed = Mounted::new(img, true);
+    let committed_label = match &committed {
+        Ok(m) => default_label(m),
+        Err(e) => {
+            errs.push(problem("read-only-mount", e.clone()));
+            None
+        }
+    };
+    let mut label = None;
+    match Mounted::new(img, false) {
+        Ok(m) => {
+            label = check_layout(&m, exp, allowed, &mut errs);
+            check_boot_entries(&m, exp, "boot-entries", &mut errs);
+        }
+        Err(e) => errs.push(problem("read-write-mount", e)),
+    }
+    if let Ok(m) = &committed {
+        if committed_label != label {
+            errs.push(problem(
+                "log-only-switch",
+                format!(
+                    "systems/default names {} after log replay (what the kernel mounts) but {} in the committed trees (what the bootloader reads)",
+                    label.as_deref().unwrap_or("nothing"),
+                    committed_label.as_deref().unwrap_or("nothing")
+                ),
+            ));
+        } else {
+            check_boot_entries(m, exp, "bootloader-view", &mut errs);
+        }
+    }
+    drop(committed);
+    if let Err(e) = deploy(&["cleanup", img.to_str().unwrap()]) {
+        errs.push(problem("cleanup", e));
+    }
+    if let Err(e) = deploy(&["check", img.to_str().unwrap()]) {
+        errs.push(problem("check-after-cleanup", e));
+    }
+    (errs, label)
+}
+
+/// Boots `img` in QEMU; it must mount `systems/<label>/run` as `/`.
+fn boot(img: &Path, label: &str) -> Option<Problem> {
+    let log = img.with_extension("console");
+    let res = deploy(&[
+        "boot-test",
+        img.to_str().unwrap(),
+        "--timeout",
+        "180",
+        "--accel",
+        "tcg",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(img);
+    match res {
+        Err(e) if e.contains("EIO") => Some(problem("boot-test-unreplayed-log", e)),
+        Err(e) => Some(problem("boot", e)),
+        Ok(_) => {
+            let want = format!("TINY-MOUNT: / /systems/{label}/run ");
+            (!console.contains(&want))
+                .then(|| problem("boot", format!("no `{want}` on the console")))
+        }
+    }
+}
+
+/// Which of `n` points to check: all, or `want` spread evenly, always with
+/// the first and the last.
+fn pick(n: usize, want: Option<usize>) -> Vec<usize> {
+    match want {
+        _ if n == 0 => Vec::new(),
+        None => (0..n).collect(),
+        Some(w) if w >= n => (0..n).collect(),
+        Some(w) if w <= 1 => vec![n - 1],
+        Some(w) => {
+            let mut v: Vec<usize> = (0..w).map(|i| i * (n - 1) / (w - 1)).collect();
+            v.dedup();
+            v
+        }
+    }
+}
+
+fn sha256(p: &Path) -> String {
+    common::sh(&format!("sha256sum {}", p.display()))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Rebuilds `p` of `log` on a fresh blank disk of `size` bytes at `img`.
+fn rebuild_from_blank(log: &Log, p: &Point, img: &Path, size: u64) {
+    let _ = std::fs::remove_file(img);
+    File::create(img).unwrap().set_len(size).unwrap();
+    log.rebuild(&open_rw(img), p).unwrap();
+}
+
+/// True when the disk at `img` has a `systems/default` (after log replay).
+fn has_default(img: &Path) -> bool {
+    match Mounted::new(img, false) {
+        Ok(m) => default_label(&m).is_some(),
+        Err(_) => false,
+    }
+}
+
+/// Index of the first point of the first deploy that may hold a default:
+/// the first flush point with a `systems/default` (found by bisection: the
+/// link, once there, stays), or the torn point just before it.
+fn first_switch(log: &Log, points: &[Point], img: &Path, size: u64) -> usize {
+    let flush_points: Vec<usize> = (0..points.len())
+        .filter(|&i| points[i].durable == points[i].end)
+        .collect();
+    let (mut lo, mut hi) = (0, flush_points.len());
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        rebuild_from_blank(log, &points[flush_points[mid]], img, size);
+        if has_default(img) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let _ = std::fs::remove_file(img);
+    assert!(
+        lo < flush_points.len(),
+        "the first deploy never switched: no flush point has systems/default"
+    );
+    let first = flush_points[lo];
+    if first > 0 && points[first - 1].durable != points[first - 1].end {
+        first - 1
+    } else {
+        first
+    }
+}
+
+#[test]
+fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
+    let sample: Option<usize> = match std::env::var("POWERCUT_SAMPLE").ok().as_deref() {
+        Some("all") => None,
+        Some(n) => Some(n.parse().expect("POWERCUT_SAMPLE: a number or `all`")),
+        None => Some(60),
+    };
+    let seed: u64 = std::env::var("POWERCUT_SEED")
+        .ok()
+        .map(|s| s.parse().expect("POWERCUT_SEED: a number"))
+        .unwrap_or(11);
+    let started = std::time::Instant::now();
+    let dir = record();
+    eprintln!(
+        "powercut: logs recorded or up to date in {:.0} s",
+        started.elapsed().as_secs_f32()
+    );
+    let names: Vec<String> = std::fs::read_to_string(dir.join("ops"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(names.len(), OPS.len(), "recorded operations: {names:?}");
+    let size: u64 = std::fs::read_to_string(dir.join("size"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let exp = Expected::load();
+    let scratch = Scratch::new(&dir);
+    let cursor_path = scratch.mnt.join("cursor.img");
+    File::create(&cursor_path).unwrap().set_len(size).unwrap();
+    let state = scratch.mnt.join("state.img");
+
+    let logs: Vec<Log> = names
+        .iter()
+        .map(|n| Log::open(&dir.join(format!("{n}.log"))).unwrap())
+        .collect();
+    let all_points: Vec<Vec<Point>> = logs
+        .iter()
+        .enumerate()
+        .map(|(k, l)| replay::points(l, &mut Rng::new(seed ^ ((k as u64) << 32))))
+        .collect();
+    let total: usize = all_points.iter().map(Vec::len).sum();
+    let per_op = sample.map(|s| s.div_ceil(OPS.len()));
+
+    // Boots run in two threads of their own while the next states are checked.
+    let (boot_tx, boot_rx) = std::sync::mpsc::channel::<(String, PathBuf, String)>();
+    let boot_rx = std::sync::Arc::new(std::sync::Mutex::new(boot_rx));
+    let booters: Vec<_> = (0..2)
+        .map(|_| {
+            let rx = boot_rx.clone();
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                loop {
+                    let job = rx.lock().unwrap().recv();
+                    let Ok((what, img, label)) = job else { break };
+                    let t = std::time::Instant::now();
+                    let r = boot(&img, &label);
+                    eprintln!(
+                        "powercut: {what}: boot to {label} {} ({:.1} s)",
+                        if r.is_none() { "ok" } else { "FAILED" },
+                        t.elapsed().as_secs_f32()
+                    );
+                    if let Some(r) = &r {
+                        eprintln!("    {}: {}", r.check, r.what);
+                    }
+                    done.push((what, r));
+                }
+                done
+            })
+        })
+        .collect();
+
+    let mut results: Vec<(String, Vec<Problem>)> = Vec::new();
+    let mut unfinished = 0;
+    for (k, (name, log)) in names.iter().zip(&logs).enumerate() {
+        let (op, allowed) = OPS[k];
+        assert!(name.ends_with(op), "operation {k} is {name}, expected {op}");
+        let points = &all_points[k];
+        // Before the first deploy's switch the disk has nothing to boot,
+        // as it had nothing before: those states are not checked.
+        let from = if k == 0 {
+            first_switch(log, points, &state, size)
+        } else {
+            0
+        };
+        unfinished += from;
+        let chosen: Vec<usize> = pick(points.len() - from, per_op)
+            .into_iter()
+            .map(|i| i + from)
+            .collect();
+        eprintln!(
+            "powercut: {name}: {} entries, {} flushes, {} points{}, checking {}",
+            log.entries.len(),
+            log.flushes().len(),
+            points.len(),
+            if from > 0 {
+                format!(" ({from} before the first switch)")
+            } else {
+                String::new()
+            },
+            chosen.len()
+        );
+        let cursor = open_rw(&cursor_path);
+        let mut at = 0;
+        for (nth, &i) in chosen.iter().enumerate() {
+            let p = &points[i];
+            log.apply(&cursor, at..p.durable, &Default::default())
+                .unwrap();
+            at = p.durable;
+            reflink(&cursor_path, &state);
+            let dropped = p.dropped.iter().copied().collect();
+            log.apply(&open_rw(&state), p.durable..p.end, &dropped)
+                .unwrap();
+            let what = format!("{name} {}", p.describe(log));
+            let boot = nth == 0 || nth == chosen.len() - 1;
+            let pristine = scratch.mnt.join(format!("boot-{k}-{i}.img"));
+            if boot {
+                reflink(&state, &pristine);
+            }
+            let start = std::time::Instant::now();
+            let (errs, label) = check_state(&state, allowed, &exp);
+            eprintln!(
+                "powercut: {what}: {} ({:.1} s)",
+                if errs.is_empty() { "ok" } else { "FAILED" },
+                start.elapsed().as_secs_f32()
+            );
+            for e in &errs {
+                eprintln!("    {}: {}", e.check, e.what);
+            }
+            match (boot, &label) {
+                (true, Some(label)) => boot_tx
+                    .send((what.clone(), pristine, label.clone()))
+                    .unwrap(),
+                (true, None) => {
+                    let _ = std::fs::remove_file(&pristine);
+                }
+                _ => {}
+            }
+            results.push((what, errs));
+            std::fs::remove_file(&state).unwrap();
+        }
+        // The replayed log rebuilds exactly the disk the guest left.
+        log.apply(&cursor, at..log.entries.len(), &Default::default())
+            .unwrap();
+        drop(cursor);
+        let want = std::fs::read_to_string(dir.join(format!("{name}.sha256"))).unwrap();
+        assert_eq!(
+            sha256(&cursor_path),
+            want.trim(),
+            "replaying {name}.log does not rebuild the disk the guest left"
+        );
+    }
+    // The checks can fail: the last disk with a truncated initramfs, and
+    // with systems/default naming a version that is neither old nor new.
+    let (_, allowed) = OPS[OPS.len() - 1];
+    for (what, edit, want) in [
+        (
+            "truncated initramfs",
+            "truncate -s 1000 systems/v4/initramfs",
+            "version-complete",
+        ),
+        (
+            "foreign default",
+            "ln -sfn v3 systems/.d && mv -T systems/.d systems/default",
+            "default-link",
+        ),
+    ] {
+        reflink(&cursor_path, &state);
+        {
+            let m = Mounted::new(&state, false).unwrap();
+            common::sh(&format!("cd {} && {edit} && sync", m.dir.path().display()));
+        }
+        let (errs, _) = check_state(&state, allowed, &exp);
+        assert!(
+            errs.iter().any(|p| p.check == want),
+            "a disk with a {what} passes the checks: {errs:?}"
+        );
+        std::fs::remove_file(&state).unwrap();
+    }
+    drop(boot_tx);
+    let boots: Vec<(String, Option<Problem>)> = booters
+        .into_iter()
+        .flat_map(|b| b.join().expect("a boot thread panicked"))
+        .collect();
+    let booted = boots.len();
+    for (what, r) in boots {
+        if let Some(r) = r {
+            results
+                .iter_mut()
+                .find(|(w, _)| *w == what)
+                .unwrap()
+                .1
+                .push(r);
+        }
+    }
+
+    let checked = results.len();
+    let passed = results.iter().filter(|(_, e)| e.is_empty()).count();
+    let known = |p: &Problem| KNOWN_GAPS.iter().any(|(g, _)| *g == p.check);
+    let only_known = results
+        .iter()
+        .filter(|(_, e)| !e.is_empty() && e.iter().all(known))
+        .count();
+    // Straight to stderr, past the test harness's capture: `make test`
+    // shows these lines.
+    let mut summary = format!(
+        "powercut: {checked} states checked, {passed} passed ({booted} booted; {total} points in {} operations, {unfinished} before the first deploy's switch not checked; seed {seed}; {:.0} s)\n",
+        OPS.len(),
+        started.elapsed().as_secs_f32()
+    );
+    for (gap, why) in KNOWN_GAPS {
+        let n = results
+            .iter()
+            .filter(|(_, e)| e.iter().any(|p| p.check == *gap))
+            .count();
+        summary += &format!("powercut: known gap {gap}: {n} states ({why})\n");
+    }
+    std::io::Write::write_all(&mut std::io::stderr(), summary.as_bytes()).unwrap();
+    let unexpected: Vec<String> = results
+        .iter()
+        .filter(|(_, e)| !e.iter().all(known))
+        .map(|(w, e)| {
+            let list: Vec<String> = e
+                .iter()
+                .map(|p| format!("{}: {}", p.check, p.what))
+                .collect();
+            format!("{w}: {}", list.join("; "))
+        })
+        .collect();
+    assert!(
+        checked >= sample.map_or(1, |s| s.min(total - unfinished).min(50)),
+        "too few states checked: {checked}"
+    );
+    assert!(booted >= 2 * OPS.len(), "too few states booted: {booted}");
+    assert!(
+        unexpected.is_empty(),
+        "{} of {checked} states failed ({only_known} more failed only known gaps):\n{}",
+        unexpected.len(),
+        unexpected.join("\n")
+    );
+}
+
+#[test]
+fn carry_tool_copies_deploy_and_its_tools_so_they_run_in_a_bare_tree() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/carry-tool.sh");
+    let listed = run(Command::new(&script)
+        .arg(&tree)
+        .arg(env!("CARGO_BIN_EXE_deploy")))
+    .unwrap();
+    for want in [
+        "usr/local/bin/deploy",
+        "usr/local/bin/mkfs.btrfs",
+        "usr/local/bin/btrfs",
+        "usr/local/bin/extlinux",
+        "usr/local/bin/unshare",
+        "lib/x86_64-linux-gnu/libbtrfsutil.so.1",
+        "lib64/ld-linux-x86-64.so.2",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == want),
+            "{want} not listed:\n{listed}"
+        );
+        assert!(tree.join(want).is_file(), "{want} not copied");
+    }
+    // The tree holds nothing else: the programs run there, chrooted.
+    for (prog, arg, needle) in [
+        ("deploy", "--help", "Usage"),
+        ("btrfs", "--version", "btrfs-progs"),
+        ("mkfs.btrfs", "--version", "mkfs.btrfs"),
+    ] {
+        let out = run(Command::new("chroot")
+            .arg(&tree)
+            .arg(format!("/usr/local/bin/{prog}"))
+            .arg(arg))
+        .unwrap_or_else(|e| panic!("{prog} does not run in the carried tree: {e}"));
+        assert!(out.contains(needle), "{prog} {arg}: {out}");
+    }
+}
+
+#[test]
+fn the_recording_scripts_refuse_bad_input_clearly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let t = tempfile::tempdir().unwrap();
+    let code = |c: &mut Command| {
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (c, e) = code(&mut Command::new(root.join("scripts/carry-tool.sh")));
+    assert_eq!(c, Some(2), "{e}");
+    assert!(e.contains("usage:"), "{e}");
+    let (c, e) = code(
+        Command::new(root.join("scripts/carry-tool.sh"))
+            .arg(t.path().join("tree"))
+            .arg(t.path().join("no-such-deploy")),
+    );
+    assert_eq!(c, Some(1), "{e}");
+    assert!(e.contains("no deploy binary at"), "{e}");
+    let (c, e) = code(&mut Command::new(root.join("scripts/powercut-record.sh")));
+    assert_eq!(c, Some(2), "{e}");
+    let (c, e) = code(
+        Command::new(root.join("scripts/powercut-record.sh"))
+            .arg(t.path().join("out"))
+            .arg(env!("CARGO_BIN_EXE_deploy"))
+            .env("DEPLOY_TINY_ROOTFS", t.path().join("missing")),
+    );
+    assert_eq!(c, Some(1), "{e}");
+    assert!(
+        e.contains("DEPLOY_TINY_ROOTFS must name the tiny test system"),
+        "{e}"
+    );
+    // Nothing recorded.
+    assert!(!t.path().join("out").join("ops").exists());
+}
