@@ -297,6 +297,51 @@ pub struct BootTestArgs {
     pub fail_on: Vec<String>,
 }
 
+/// `deploy bundle ...`.
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Write a signed bundle of version LABEL of SOURCE: a delta against
+    /// --base, or a full one.
+    #[command(after_help = "Example:\n  \
+      deploy bundle create build.img --version v2 --base factory --sign-key vendor.key --output v2.bundle\n  \
+      deploy --rootfs v2.bundle --verify-key vendor.pub device.img")]
+    Create(BundleCreateArgs),
+    /// Show a bundle's manifest and whether its signature verifies.
+    Info {
+        /// Bundle file.
+        file: PathBuf,
+        /// Public key to verify the signature with.
+        #[arg(long, value_name = "KEY.pub")]
+        verify_key: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options of `bundle create`.
+#[derive(Debug, Args)]
+pub struct BundleCreateArgs {
+    /// Disk image or block device holding the version (opened read-only).
+    pub source: PathBuf,
+    /// Version to put in the bundle.
+    #[arg(long = "version", value_name = "LABEL")]
+    pub label: String,
+    /// Version the devices have: the bundle holds only the difference.
+    #[arg(long, value_name = "LABEL")]
+    pub base: Option<String>,
+    /// Secret key (minisign format, unencrypted) to sign with.
+    #[arg(long, value_name = "NAME.key")]
+    pub sign_key: PathBuf,
+    /// Bundle file to write (must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Build number; devices refuse a bundle whose build is not newer than
+    /// the newest they have. Default: the creation time in seconds since 1970.
+    #[arg(long, value_name = "N")]
+    pub build: Option<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,47 +424,4 @@ mod tests {
             Some(Command::Extensions { json: true, .. })
         ));
     }
-/// `deploy bundle ...`.
-#[derive(Debug, Subcommand)]
-pub enum BundleCommand {
-    /// Write a signed bundle of version LABEL of SOURCE: a delta against
-    /// --base, or a full one.
-    #[command(after_help = "Example:\n  \
-      deploy bundle create build.img --version v2 --base factory --sign-key vendor.key --output v2.bundle\n  \
-      deploy --rootfs v2.bundle --verify-key vendor.pub device.img")]
-    Create(BundleCreateArgs),
-    /// Show a bundle's manifest and whether its signature verifies.
-    Info {
-        /// Bundle file.
-        file: PathBuf,
-        /// Public key to verify the signature with.
-        #[arg(long, value_name = "KEY.pub")]
-        verify_key: Option<PathBuf>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// Options of `bundle create`.
-#[derive(Debug, Args)]
-pub struct BundleCreateArgs {
-    /// Disk image or block device holding the version (opened read-only).
-    pub source: PathBuf,
-    /// Version to put in the bundle.
-    #[arg(long = "version", value_name = "LABEL")]
-    pub label: String,
-    /// Version the devices have: the bundle holds only the difference.
-    #[arg(long, value_name = "LABEL")]
-    pub base: Option<String>,
-    /// Secret key (minisign format, unencrypted) to sign with.
-    #[arg(long, value_name = "NAME.key")]
-    pub sign_key: PathBuf,
-    /// Bundle file to write (must not exist).
-    #[arg(long, value_name = "FILE")]
-    pub output: PathBuf,
-    /// Build number; devices refuse a bundle whose build is not newer than
-    /// the newest they have. Default: the creation time in seconds since 1970.
-    #[arg(long, value_name = "N")]
-    pub build: Option<u64>,
 }

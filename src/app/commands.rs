@@ -26,7 +26,7 @@ pub fn with_disk<T>(
     let result = open_checked(target, kind, read_only, |disk| {
         if !read_only {
             // A /state merge an interruption left is finished (or undone) first.
-            statemerge::recover(&disk.layout)?;
+            crate::build::statemerge::recover(&disk.layout)?;
         }
         f(disk)
     });

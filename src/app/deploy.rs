@@ -11,6 +11,7 @@ use crate::build::copy::{self, CopyOptions, SyncOptions};
 use crate::build::extensions::{self, Extension};
 use crate::build::fstab;
 use crate::build::kernel::{self, KernelChoice};
+use crate::build::state;
 use crate::build::statemerge;
 use crate::build::tarball;
 use crate::cli::BootArg;
@@ -770,7 +771,12 @@ fn check_upgrade_target(plan: &Plan, disk: &Disk) -> Result<()> {
                 plan.target.display()
             );
         }
-        if let Some(b) = &plan.boot {
+        // The files a directory rootfs ships now (an archive's or a
+        // bundle's are checked once written, before the ESP is touched).
+        let planned = (!plan.no_bootloader && !plan.tarball && plan.bundle.is_none())
+            .then(|| kernel::find_boot_files(&plan.rootfs, &plan.kernel_choice))
+            .transpose()?;
+        if let Some(b) = &planned {
             let mut sizes = vec![file_size(&b.kernel)?];
             if let Some(i) = &b.initramfs {
                 sizes.push(file_size(i)?);
@@ -942,7 +948,6 @@ fn sync_into_snapshot(
         units::format_size(stats.bytes_written)
     ));
     Ok((source, stats))
-}
 }
 
 /// fstab, state, read-only orig, run snapshot, kernel files; returns the

@@ -124,6 +124,4 @@ mod tests {
             Some(("home/u/a".into(), "var/lib/a".into()))
         );
     }
-
-}
 }

@@ -29,7 +29,13 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 /// Publishes the finished `partial` directory as version `label`.
-pub fn publish(top: &Layout, boot: &Boot, partial: &Path, label: &str, fs_uuid: &str) -> Result<()> {
+pub fn publish(
+    top: &Layout,
+    boot: &Boot,
+    partial: &Path,
+    label: &str,
+    fs_uuid: &str,
+) -> Result<()> {
     btrfs::sync_fs(&top.top)?;
     let final_dir = top.version(label);
     std::fs::rename(partial, &final_dir)
