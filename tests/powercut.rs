@@ -305,24 +305,7 @@ fn problem(check: &'static str, what: impl Into<String>) -> Problem {
 /// States failing only these are reported apart and do not fail the test;
 /// any other failed check does. Remove a gap from this list with its fix:
 /// the replay then proves it gone.
-const KNOWN_GAPS: &[(&str, &str)] = &[
-    (
-        "list-unreplayed-log",
-        "read-only commands attach the disk read-only, and Btrfs refuses to mount a disk whose log tree is not replayed (EIO)",
-    ),
-    (
-        "boot-test-unreplayed-log",
-        "boot-test attaches the disk read-only like list (same cause)",
-    ),
-    (
-        "log-only-switch",
-        "the switch of systems/default is made durable by an fsync of systems/ (which lands in the log tree) before the commit: a cut between them leaves the new link visible to the kernel, which replays the log, but not to SYSLINUX, which reads the committed trees only",
-    ),
-    (
-        "default-entry-args",
-        "the `default` boot entry carries the kernel arguments of the version the config was written for, not of the one systems/default names (the config is rewritten before the rename)",
-    ),
-];
+const KNOWN_GAPS: &[(&str, &str)] = &[];
 
 /// Every boot entry's kernel/initrd/fdt names a complete file in `m`.
 fn check_boot_entries(m: &Mounted, exp: &Expected, view: &'static str, errs: &mut Vec<Problem>) {

@@ -37,8 +37,13 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     fsync_dir(dir)
 }
 
-/// Points symlink `link` at `target` atomically (new link beside it, renamed
-/// over the old one), then fsyncs the directory.
+/// Points symlink `link` at `target` atomically: a new link beside it,
+/// renamed over it. Not durable until the caller commits the filesystem,
+/// on purpose: a directory fsync on Btrfs would put the rename in the log
+/// tree, which the kernel replays at mount but SYSLINUX (reading only
+/// committed trees) does not, so after a power cut the two would disagree
+/// on which version is the default. The commit makes it visible to both
+/// at once.
 pub fn replace_symlink(link: &Path, target: &Path) -> Result<()> {
     let dir = link.parent().context("link without parent")?;
     let name = link
@@ -50,8 +55,7 @@ pub fn replace_symlink(link: &Path, target: &Path) -> Result<()> {
     std::os::unix::fs::symlink(target, &tmp)
         .with_context(|| format!("creating symlink {}", tmp.display()))?;
     std::fs::rename(&tmp, link)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), link.display()))?;
-    fsync_dir(dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), link.display()))
 }
 
 /// Copies a regular file's bytes to a new file `dst` (mode 0644) and fsyncs it.
