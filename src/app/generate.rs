@@ -48,14 +48,21 @@ pub fn completions(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-/// Names of the subcommands that get a man page (the visible ones).
+/// Names of the subcommands that get a man page (the visible ones, and
+/// theirs: `bundle-create` for `deploy bundle create`).
 #[cfg(test)]
 fn documented_subcommands() -> Vec<String> {
-    crate::cli::Cli::command()
-        .get_subcommands()
-        .filter(|s| !s.is_hide_set())
-        .map(|s| s.get_name().to_string())
-        .collect()
+    let mut out = Vec::new();
+    for s in crate::cli::Cli::command().get_subcommands() {
+        if s.is_hide_set() {
+            continue;
+        }
+        out.push(s.get_name().to_string());
+        for sub in s.get_subcommands().filter(|x| !x.is_hide_set()) {
+            out.push(format!("{}-{}", s.get_name(), sub.get_name()));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
