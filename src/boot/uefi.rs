@@ -164,9 +164,17 @@ impl SystemdBoot {
     fn require_free(&self, fat: &FatPartition, label: &str, need: u64) -> Result<()> {
         let free = fat.free_bytes()?;
         if need > free {
+            let hint = if super::fat::is_dirty(&self.disk, self.esp.0)? {
+                format!(
+                    "; an interrupted write left space allocated there: run deploy cleanup {} first",
+                    self.disk.display()
+                )
+            } else {
+                String::new()
+            };
             bail!(
                 "the EFI system partition of {} has {} free, but version {label} needs {} for its \
-                 kernel and initramfs: remove old versions first (deploy remove LABEL {}), or use --keep N",
+                 kernel and initramfs: remove old versions first (deploy remove LABEL {}), or use --keep N{hint}",
                 self.disk.display(),
                 units::format_size(free),
                 units::format_size(need),
@@ -478,6 +486,18 @@ mod tests {
             msg.contains("EFI system partition") && msg.contains("deploy remove"),
             "{msg}"
         );
+        assert!(!msg.contains("deploy cleanup"), "{msg}");
+        // An interrupted write (dirty flag, FAT16 here: byte 0x25) adds the repair hint.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            f.write_all_at(&[1], esp.0 + 0x25).unwrap();
+        }
+        let msg = format!("{:#}", b.check_space("b", &[40 << 20, 1000]).unwrap_err());
+        assert!(msg.contains("run deploy cleanup"), "{msg}");
+        assert!(super::super::fat::repair(&img, esp.0, esp.1).unwrap());
+        assert!(!super::super::fat::is_dirty(&img, esp.0).unwrap());
+        assert!(!super::super::fat::repair(&img, esp.0, esp.1).unwrap());
         let msg = format!(
             "{:#}",
             b.write_menu(&top, "U", &[entry("a"), entry("b")], "a")
