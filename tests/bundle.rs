@@ -357,6 +357,34 @@ fn bundles_apply_from_a_pipe_and_chain_onto_received_versions() {
     }
     run_ok(&["check", s(&dev)]);
 
+    // A full bundle onto a disk deployed on its own (another filesystem
+    // UUID): the fstab entries added on the build host are replaced by this
+    // disk's.
+    let full = fx.bundle("v2", None, "v2-full.bundle", &["--build", "100"]);
+    let other = fx.p("other.img");
+    run_ok(&["--rootfs", s(&tiny_rootfs()), s(&other)]);
+    let (mine, theirs) = (fs_uuid(&other), fs_uuid(&fx.build));
+    assert_ne!(mine, theirs);
+    run_ok(&[
+        "--rootfs",
+        s(&full),
+        "--verify-key",
+        s(&fx.public),
+        s(&other),
+    ]);
+    {
+        let m = Inspect::open(&other);
+        let fstab = std::fs::read_to_string(m.path("systems/v2/orig/etc/fstab")).unwrap();
+        assert!(fstab.contains(&format!("UUID={mine} / btrfs")), "{fstab}");
+        assert!(!fstab.contains(&theirs), "{fstab}");
+        assert_eq!(
+            fstab.matches("# Added by btrfs-deploy").count(),
+            1,
+            "{fstab}"
+        );
+    }
+    run_ok(&["check", s(&other)]);
+
     // A payload changed in transit: refused at the bad chunk, before btrfs
     // receive sees it; the partial version is removed and nothing else changed.
     let dev2 = fx.device("dev2.img");

@@ -344,10 +344,11 @@ pub(crate) fn record(b: &Opened) -> serde_json::Value {
     })
 }
 
-/// Removes from the received tree's `etc/fstab` what this tool added on
-/// the source (its comment line and the entries after it naming the
-/// source's filesystem), so the fstab completion that follows works as on
-/// any upgrade: the rootfs's own entries, then ours naming this filesystem.
+/// Removes from `etc/fstab` in `orig` (a snapshot of the received tree)
+/// what this tool added on the source (its comment line and the entries
+/// after it naming the source's filesystem), so the fstab completion that
+/// follows works as on any upgrade: the rootfs's own entries, then ours
+/// naming this filesystem.
 pub(crate) fn strip_source_fstab(orig: &Path, source_uuid: &str) -> Result<()> {
     let Some(path) = crate::util::rootpath::try_resolve_in_root(orig, Path::new("etc/fstab"))?
     else {
