@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # carry-tool.sh TREE [DEPLOY_BINARY]
 #
-# Copies the `deploy` binary, the programs it runs (mkfs.btrfs, btrfs,
+# Copies the `deploy` binary, the programs it runs (mkfs.btrfs, btrfs, wipefs,
 # extlinux, blkid, unshare) and every shared library they load (as `ldd`
 # lists them, dynamic loader included) into TREE, at the paths they have on
 # this host, so that TREE can run `deploy` on a system that lacks them: the
@@ -30,7 +30,7 @@ mkdir -p "$tree/usr/local/bin" || die "cannot create $tree/usr/local/bin"
 
 # The programs deploy starts (strace -f -e execve of a deploy, an upgrade
 # with a configure extension, set-default, remove, cleanup and check).
-readonly TOOLS=(mkfs.btrfs btrfs extlinux blkid unshare)
+readonly TOOLS=(mkfs.btrfs btrfs extlinux blkid unshare wipefs sfdisk mmd fsck.fat)
 
 # copy_file SRC DEST_IN_TREE: the file's content (links resolved), mode kept.
 copy_file() {

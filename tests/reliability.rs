@@ -1346,7 +1346,7 @@ fn check_reports_each_broken_invariant_by_name() {
         Broken {
             what: "default entry of the default version missing",
             edit: |e| sh_in(e, "rm systems/factory/default-entry.conf"),
-            code: 1,
+            code: 3,
             line: (
                 "PROBLEM",
                 "bootloader config",
