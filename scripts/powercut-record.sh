@@ -22,10 +22,15 @@
 #   7 cleanup     a deploy of v5 killed with SIGKILL while it copies, then
 #                 `deploy cleanup`
 #
-# Output in OUT_DIR: NN-OP.log (the write log), NN-OP.console (serial
-# console), NN-OP.sha256 (checksum of the disk the run left), `ops` (the
-# operation names in order), `size` (the disk size in bytes) and `.stamp`
-# (the inputs' checksum; an up-to-date OUT_DIR is kept as it is).
+# Output in OUT_DIR/<checksum of the inputs> (the deploy binary, these
+# scripts, the tiny kernel and initramfs), whose path is printed on
+# stdout: NN-OP.log (the write log), NN-OP.console (serial console),
+# NN-OP.sha256 (checksum of the disk the run left), `ops` (the operation
+# names in order), `size` (the disk size in bytes), `.stamp`. A recording
+# that exists is reused; recordings of other inputs stay side by side (the
+# 4 newest are kept), so that runs of different binaries sharing one
+# OUT_DIR never clobber each other. Recordings are serialised by a lock on
+# OUT_DIR/.lock, and one appears only when complete.
 #
 # Environment: DEPLOY_TINY_ROOTFS (the tiny system, `make fixture`),
 # POWERCUT_TIMEOUT (seconds per boot, default 600).
@@ -58,16 +63,22 @@ readonly SIZE=$((512 * 1024 * 1024))
 readonly OPS=(deploy upgrade set-default remove upgrade-v3 keep cleanup)
 
 mkdir -p "$out"
-out=$(cd "$out" && pwd)
+root=$(cd "$out" && pwd)
 stamp=$(cat "$deploy" "$0" "$here/carry-tool.sh" "$kernel" "$initrd" | sha256sum | cut -d' ' -f1)
-if [[ -f $out/.stamp ]] && [[ $(cat "$out/.stamp") == "$stamp" ]]; then
-    log "up to date: $out"
+final=$root/${stamp:0:16}
+exec 9>"$root/.lock"
+flock 9
+if [[ -f $final/.stamp ]] && [[ $(cat "$final/.stamp") == "$stamp" ]]; then
+    log "up to date: $final"
+    echo "$final"
     exit 0
 fi
-rm -f "$out"/.stamp "$out"/*.log "$out"/*.console "$out"/*.sha256 "$out/ops" "$out/size"
-
-work=$(mktemp -d "$out/.work.XXXXXX")
+# Under the lock no other recording runs: what a killed one left can go.
+rm -rf "$root"/.rec.* "$final"
+work=$(mktemp -d "$root/.rec.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+out=$work/out
+mkdir "$out"
 
 # ------------------------------------------------------------ the payload
 p=$work/payload
@@ -186,14 +197,16 @@ for op in "${OPS[@]}"; do
             -device virtio-blk-pci,drive=target,write-cache=on >"$work/qemu.out" 2>&1; then
             cat "$work/qemu.out" >&2
             tail -n 30 "$out/$name.console" >&2 || true
-            die "QEMU failed or timed out (${timeout}s) recording $name (console: $out/$name.console)"
+            cp "$out/$name.console" "$root/last-failure.console" 2>/dev/null || true
+            die "QEMU failed or timed out (${timeout}s) recording $name (console: $root/last-failure.console)"
         fi
         grep -q "POWERCUT: start $op" "$out/$name.console" && break
         log "the guest did not start $op (attempt $attempt): $(grep -m1 -i 'panic' "$out/$name.console" || true)"
     done
     if ! grep -q "^POWERCUT: done $op exit 0" "$out/$name.console"; then
         tail -n 40 "$out/$name.console" >&2
-        die "operation $op failed in the guest (console: $out/$name.console)"
+        cp "$out/$name.console" "$root/last-failure.console"
+        die "operation $op failed in the guest (console: $root/last-failure.console)"
     fi
     sha256sum "$disk" | cut -d' ' -f1 >"$out/$name.sha256"
     echo "$name" >>"$out/ops"
@@ -201,4 +214,9 @@ for op in "${OPS[@]}"; do
 done
 echo "$SIZE" >"$out/size"
 echo "$stamp" >"$out/.stamp"
-log "done: $out"
+mv "$out" "$final"
+# Keep the 4 newest recordings.
+find "$root" -mindepth 1 -maxdepth 1 -type d -regex '.*/[0-9a-f]\{16\}' -printf '%T@ %p\n' |
+    sort -rn | tail -n +5 | cut -d' ' -f2- | xargs -r rm -rf
+log "done: $final"
+echo "$final"
