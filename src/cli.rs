@@ -136,6 +136,15 @@ pub enum Command {
         #[arg(long)]
         sizes: bool,
     },
+    /// Show what a disk boots and which version is running. Without TARGET
+    /// (or with `/`), on a booted system of this layout: the disk it runs from.
+    Status {
+        /// Disk image or block device (default: the running system's disk).
+        target: Option<PathBuf>,
+        /// Machine-readable output (docs/json.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Make LABEL the default version (this is how you roll back).
     SetDefault {
         /// Version to boot by default.

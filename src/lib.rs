@@ -116,6 +116,10 @@ pub fn run(cli: Cli) -> Result<()> {
             mount::enter_private_namespace()?;
             commands::list(&target, json, sizes)
         }
+        Some(Command::Status { target, json }) => {
+            mount::enter_private_namespace()?;
+            app::status::status(target.as_deref(), json)
+        }
         Some(Command::SetDefault { label, target }) => {
             mount::enter_private_namespace()?;
             signals::install()?;

@@ -7,4 +7,5 @@ pub(crate) mod check;
 pub(crate) mod commands;
 pub(crate) mod deploy;
 pub(crate) mod generate;
+pub(crate) mod status;
 pub(crate) mod summary;
