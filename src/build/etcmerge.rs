@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::build::copy;
 use crate::build::nssmerge;
 
 /// Suffix of the copy of the user's version written beside a conflicting entry.
@@ -877,16 +878,7 @@ fn apply_meta(path: &Path, meta: &Meta, is_symlink: bool) -> Result<()> {
         fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
             .with_context(|| format!("changing mode of {}", path.display()))?;
     }
-    let current = read_xattrs(path)?;
-    for (name, value) in &meta.xattrs {
-        if current.get(name) != Some(value) {
-            set_xattr(path, name, value)?;
-        }
-    }
-    for name in current.keys().filter(|k| !meta.xattrs.contains_key(*k)) {
-        remove_xattr(path, name)?;
-    }
-    Ok(())
+    write_xattrs(path, &meta.xattrs)
 }
 
 fn cpath(path: &Path) -> Result<CString> {
@@ -918,111 +910,33 @@ fn set_times(path: &Path, atime: (i64, i64), mtime: (i64, i64)) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
-// Extended attributes (l* calls: symlinks are not followed)
+// Extended attributes: the copy engine's one implementation (l* calls,
+// symlinks never followed), keyed by name here for the three-way merge.
 
-fn xattr_unsupported(e: &std::io::Error) -> bool {
-    e.raw_os_error() == Some(libc::ENOTSUP)
+fn path_target(path: &Path) -> copy::sys::Target<'_> {
+    copy::sys::Target::Path {
+        path,
+        symlink: true,
+    }
 }
 
 fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
-    let c = cpath(path)?;
-    let ctx = || format!("listing extended attributes of {}", path.display());
-    // SAFETY: a NULL buffer with size 0 asks for the needed size.
-    let names = match xattr_buffer(|buf, len| unsafe { libc::llistxattr(c.as_ptr(), buf, len) }) {
-        Ok(n) => n,
-        Err(e) if xattr_unsupported(&e) => return Ok(BTreeMap::new()),
-        Err(e) => return Err(e).with_context(ctx),
-    };
-    let mut out = BTreeMap::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let cname = CString::new(name).with_context(ctx)?;
-        // SAFETY: valid path and name; buffer handled by xattr_buffer.
-        match xattr_buffer(|buf, len| unsafe {
-            libc::lgetxattr(c.as_ptr(), cname.as_ptr(), buf.cast(), len)
-        }) {
-            Ok(value) => {
-                out.insert(name.to_vec(), value);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "reading extended attribute {} of {}",
-                        String::from_utf8_lossy(name),
-                        path.display()
-                    )
-                })
-            }
-        }
-    }
-    Ok(out)
+    let list = copy::sys::read_xattrs(path_target(path))
+        .with_context(|| format!("listing extended attributes of {}", path.display()))?;
+    Ok(list.into_iter().map(|(n, v)| (n.into_bytes(), v)).collect())
 }
 
-/// Calls a size-probing xattr syscall until the buffer is large enough.
-fn xattr_buffer(
-    mut call: impl FnMut(*mut libc::c_char, usize) -> libc::ssize_t,
-) -> std::io::Result<Vec<u8>> {
-    loop {
-        let size = call(std::ptr::null_mut(), 0);
-        if size < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; size as usize];
-        let got = call(buf.as_mut_ptr().cast(), buf.len());
-        if got >= 0 {
-            buf.truncate(got as usize);
-            return Ok(buf);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ERANGE) {
-            return Err(e);
-        }
-    }
-}
-
-fn set_xattr(path: &Path, name: &[u8], value: &[u8]) -> Result<()> {
-    let c = cpath(path)?;
-    let n = CString::new(name).context("extended attribute name contains a NUL byte")?;
-    // SAFETY: valid path, name and value buffer.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!(
-                "setting extended attribute {} on {}",
-                String::from_utf8_lossy(name),
-                path.display()
-            )
-        });
-    }
-    Ok(())
-}
-
-fn remove_xattr(path: &Path, name: &[u8]) -> Result<()> {
-    let c = cpath(path)?;
-    let n = CString::new(name).context("extended attribute name contains a NUL byte")?;
-    // SAFETY: valid path and name.
-    let r = unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENODATA) {
-            return Ok(());
-        }
-        return Err(e).with_context(|| {
-            format!(
-                "removing extended attribute {} from {}",
-                String::from_utf8_lossy(name),
-                path.display()
-            )
-        });
-    }
+/// Makes the xattrs of `path` exactly `want`.
+fn write_xattrs(path: &Path, want: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<()> {
+    let want: copy::sys::Xattrs = want
+        .iter()
+        .map(|(n, v)| {
+            CString::new(n.clone())
+                .map(|n| (n, v.clone()))
+                .context("extended attribute name contains a NUL byte")
+        })
+        .collect::<Result<_>>()?;
+    copy::sys::sync_xattrs(path_target(path), path, &want)?;
     Ok(())
 }
 
@@ -1500,7 +1414,7 @@ mod tests {
         put_all(&t, "a.conf", b"a\n");
         put(&t.local, "new.conf", b"n\n", 0o640);
         lchown(t.local.join("new.conf"), Some(12), Some(34)).unwrap();
-        set_xattr(&t.local.join("new.conf"), b"user.test", b"val").unwrap();
+        copy::testing::set_xattr(&t.local.join("new.conf"), "user.test", b"val").unwrap();
         put(&t.local, "newdir/sub/x.conf", b"x\n", 0o600);
         fs::set_permissions(t.local.join("newdir"), fs::Permissions::from_mode(0o700)).unwrap();
         symlink("sub/x.conf", t.local.join("newdir/link")).unwrap();
@@ -1600,9 +1514,9 @@ mod tests {
     fn xattr_change_is_carried() {
         let t = trees();
         put_all(&t, "a.conf", b"a\n");
-        set_xattr(&t.base.join("a.conf"), b"user.gone", b"1").unwrap();
-        set_xattr(&t.vendor.join("a.conf"), b"user.gone", b"1").unwrap();
-        set_xattr(&t.local.join("a.conf"), b"user.new", b"2").unwrap();
+        copy::testing::set_xattr(&t.base.join("a.conf"), "user.gone", b"1").unwrap();
+        copy::testing::set_xattr(&t.vendor.join("a.conf"), "user.gone", b"1").unwrap();
+        copy::testing::set_xattr(&t.local.join("a.conf"), "user.new", b"2").unwrap();
         let r = merge(&t);
         let x = read_xattrs(&t.target.join("a.conf")).unwrap();
         assert_eq!(

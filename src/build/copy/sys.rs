@@ -656,7 +656,7 @@ pub(crate) fn set_path_times(path: &Path, atime: Time, mtime: Time) -> Result<()
 
 /// Makes the xattrs of `t` exactly `want`: removes extra ones, sets missing or
 /// different ones. Returns true when it changed any.
-fn sync_xattrs(t: Target, path: &Path, want: &Xattrs) -> Result<bool> {
+pub(crate) fn sync_xattrs(t: Target, path: &Path, want: &Xattrs) -> Result<bool> {
     let have = read_xattrs(t).map_err(|e| dst_err(e, "listing extended attributes of", path))?;
     let mut changed = false;
     for (name, _) in &have {
