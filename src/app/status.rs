@@ -4,6 +4,7 @@
 
 use crate::app::commands::with_disk;
 use crate::store::{layout, versions};
+use crate::target::mount::{self, MountEntry};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -25,19 +26,13 @@ pub struct Status {
     pub state_merge_pending: bool,
 }
 
-/// The mount of `/` in `mountinfo` text: (source device, root inside the
-/// filesystem), when `/` is a Btrfs.
-fn root_mount(mountinfo: &str) -> Option<(PathBuf, String)> {
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let sep = f.iter().position(|x| *x == "-")?;
-        if f.get(4) == Some(&"/") && f.get(sep + 1) == Some(&"btrfs") {
-            let source = crate::target::mount::unescape_mount(f.get(sep + 2)?);
-            let root = crate::target::mount::unescape_mount(f.get(3)?);
-            return Some((PathBuf::from(source), root));
-        }
-    }
-    None
+/// The mount of `/`: (source device, root inside the filesystem), when `/`
+/// is a Btrfs.
+fn root_mount(mounts: &[MountEntry]) -> Option<(PathBuf, String)> {
+    mounts
+        .iter()
+        .find(|m| m.mount_point == Path::new("/") && m.fstype == "btrfs")
+        .map(|m| (PathBuf::from(&m.source), m.root.clone()))
 }
 
 /// The label of `systems/<label>/run` in a subvolume path.
@@ -50,8 +45,7 @@ fn running_label(root: &str) -> Option<String> {
 /// The running system: its root's device and version, when `/` is a
 /// version of this layout.
 pub fn running_system() -> Option<(PathBuf, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let (dev, root) = root_mount(&info)?;
+    let (dev, root) = root_mount(&mount::own_mounts())?;
     Some((dev, running_label(&root)?))
 }
 
@@ -125,12 +119,15 @@ mod tests {
         let info = "22 1 0:21 / /proc rw - proc proc rw\n\
                     25 1 0:33 /systems/v2/run / rw,noatime - btrfs /dev/vda2 rw,subvol=/systems/v2/run\n\
                     26 25 0:33 /state/home /home rw - btrfs /dev/vda2 rw\n";
-        let (dev, root) = root_mount(info).unwrap();
+        let (dev, root) = root_mount(&mount::parse_mountinfo(info)).unwrap();
         assert_eq!(dev, PathBuf::from("/dev/vda2"));
         assert_eq!(running_label(&root).as_deref(), Some("v2"));
         // Not a version: a plain Btrfs root, or another filesystem.
         assert_eq!(running_label("/"), None);
         assert_eq!(running_label("/systems/v2/orig"), None);
-        assert!(root_mount("25 1 8:1 / / rw - ext4 /dev/sda1 rw\n").is_none());
+        assert!(root_mount(&mount::parse_mountinfo(
+            "25 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        ))
+        .is_none());
     }
 }

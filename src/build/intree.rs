@@ -16,7 +16,7 @@
 //! originals are kept next to them (`.resolv.conf.btrfs-deploy-saved`, ...)
 //! and put back by the next run.
 
-use crate::target::mount::{unescape_mount, MountGuard};
+use crate::target::mount::MountGuard;
 use crate::util::rootpath;
 use crate::UsageError;
 use anyhow::{bail, Context, Result};
@@ -271,10 +271,9 @@ fn new_mounts(now: &[PathBuf], before: &[PathBuf]) -> Vec<PathBuf> {
 pub fn mounts_under(tree: &Path) -> Result<Vec<PathBuf>> {
     let text =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|mp| PathBuf::from(unescape_mount(mp)))
+    Ok(crate::target::mount::parse_mountinfo(&text)
+        .into_iter()
+        .map(|m| m.mount_point)
         .filter(|p| p != tree && p.starts_with(tree))
         .collect())
 }
@@ -606,10 +605,10 @@ mod tests {
     #[test]
     fn runs_a_command_in_the_tree_and_cleans_up() {
         const NAME: &str = "build::intree::tests::runs_a_command_in_the_tree_and_cleans_up";
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (mounts in a private namespace): run the suite as root"
+        );
         if let Some(tree) = std::env::var_os(CHILD_ENV) {
             return child_runs_a_command(Path::new(&tree));
         }

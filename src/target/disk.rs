@@ -67,23 +67,12 @@ fn is_device_dir(dir: &Path) -> bool {
     if canon.starts_with("/dev") {
         return true;
     }
-    // The mount holding `canon` (longest mount point that prefixes it).
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut best: Option<(usize, bool)> = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let (Some(mp), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else {
-            continue;
-        };
-        let mp = mp.replace("\\040", " ");
-        if canon.starts_with(&mp) && best.is_none_or(|(len, _)| mp.len() >= len) {
-            best = Some((mp.len(), *fstype == "devtmpfs"));
-        }
-    }
-    best.is_some_and(|(_, dev)| dev)
+    // The mount holding `canon`: the longest mount point that prefixes it.
+    crate::target::mount::own_mounts()
+        .into_iter()
+        .filter(|m| canon.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .is_some_and(|m| m.fstype == "devtmpfs")
 }
 
 /// Where the Btrfs of a deploy disk is, and how the disk boots.

@@ -29,14 +29,9 @@ fn mount_private_base() -> Result<PathBuf> {
     let root = Path::new(MOUNT_ROOT);
     // A deploy started by a deploy (an extension's `run-in-tree`) inherits
     // its parent's private tmpfs, whose mount points it needs: reuse it.
-    let inherited = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-");
-            f.get(4) == Some(&MOUNT_ROOT) && sep.and_then(|i| f.get(i + 2)) == Some(&"btrfs-deploy")
-        });
+    let inherited = own_mounts()
+        .iter()
+        .any(|m| m.mount_point == root && m.source == "btrfs-deploy");
     if inherited {
         return Ok(root.to_path_buf());
     }
@@ -178,6 +173,43 @@ impl Drop for MountGuard {
     }
 }
 
+/// One line of `/proc/<pid>/mountinfo` (proc(5)), octal escapes decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// `major:minor` of the filesystem (Btrfs shows an anonymous `0:N`).
+    pub dev: String,
+    /// The directory of the filesystem mounted here (`/systems/v2/run`).
+    pub root: String,
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount source (`/dev/vda2`, `tmpfs`, ...).
+    pub source: String,
+}
+
+/// Parses mountinfo text; malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some(MountEntry {
+                dev: f.get(2)?.to_string(),
+                root: unescape_mount(f.get(3)?),
+                mount_point: PathBuf::from(unescape_mount(f.get(4)?)),
+                fstype: f.get(sep + 1)?.to_string(),
+                source: unescape_mount(f.get(sep + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// The mounts this process sees.
+pub fn own_mounts() -> Vec<MountEntry> {
+    parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
 /// Devices (`major:minor`) mounted anywhere on the host, from the initial
 /// namespace's view (`/proc/1/mountinfo`), falling back to ours.
 pub fn mounted_devices() -> Vec<String> {
@@ -187,28 +219,21 @@ pub fn mounted_devices() -> Vec<String> {
         .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
         .unwrap_or_default();
     let mut out = Vec::new();
-    for l in text.lines() {
-        let fields: Vec<&str> = l.split(' ').collect();
-        if let Some(dev) = fields.get(2) {
-            out.push(dev.to_string());
-        }
-        // Btrfs shows an anonymous device number (0:N) in the third field:
-        // the mount source names the real block device.
-        let source = fields
-            .iter()
-            .position(|f| *f == "-")
-            .and_then(|i| fields.get(i + 2));
-        if let Some(source) = source.filter(|s| s.starts_with("/dev/")) {
-            if let Ok(m) = std::fs::metadata(unescape_mount(source)) {
-                if m.file_type().is_block_device() {
+    for m in parse_mountinfo(&text) {
+        // Btrfs shows an anonymous device number (0:N): the mount source
+        // names the real block device.
+        if m.source.starts_with("/dev/") {
+            if let Ok(meta) = std::fs::metadata(&m.source) {
+                if meta.file_type().is_block_device() {
                     out.push(format!(
                         "{}:{}",
-                        libc::major(m.rdev()),
-                        libc::minor(m.rdev())
+                        libc::major(meta.rdev()),
+                        libc::minor(meta.rdev())
                     ));
                 }
             }
         }
+        out.push(m.dev);
     }
     out
 }
