@@ -548,14 +548,28 @@ struct BtrfsImage {
 }
 
 impl BtrfsImage {
-    fn new(dir: &Path) -> Option<BtrfsImage> {
+    /// Panics, naming what failed, when the image cannot be made: the
+    /// test needs root, btrfs-progs and loop devices, and must not pass
+    /// without them.
+    fn new(dir: &Path) -> BtrfsImage {
         let img = dir.join("btrfs.img");
         let mnt = dir.join("btrfs");
-        std::fs::create_dir(&mnt).ok()?;
-        std::fs::File::create(&img).ok()?.set_len(300 << 20).ok()?;
-        let ok = |c: &mut Command| c.output().ok().filter(|o| o.status.success());
-        ok(Command::new("mkfs.btrfs").arg("-q").arg(&img))?;
-        let out = ok(Command::new("losetup").args(["--find", "--show"]).arg(&img))?;
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(300 << 20)
+            .unwrap();
+        let run = |c: &mut Command| {
+            let o = c.output().unwrap_or_else(|e| panic!("starting {c:?}: {e}"));
+            assert!(
+                o.status.success(),
+                "{c:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            o
+        };
+        run(Command::new("mkfs.btrfs").arg("-q").arg(&img));
+        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(&img));
         let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let image = BtrfsImage { mnt, loopdev };
         nix::mount::mount(
@@ -565,8 +579,8 @@ impl BtrfsImage {
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .ok()?;
-        Some(image)
+        .unwrap_or_else(|e| panic!("mounting {} (run as root): {e}", image.loopdev));
+        image
     }
 
     fn subvolume(&self, name: &str) -> PathBuf {
@@ -591,10 +605,7 @@ impl Drop for BtrfsImage {
 #[test]
 fn btrfs_reflinks_across_subvolumes() {
     let t = tmp();
-    let Some(fs) = BtrfsImage::new(t.path()) else {
-        eprintln!("skipping: cannot make a Btrfs loop image here");
-        return;
-    };
+    let fs = BtrfsImage::new(t.path());
     let a = fs.subvolume("a");
     let b = fs.subvolume("b");
     make_test_tree(&a).unwrap();
