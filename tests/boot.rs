@@ -6,32 +6,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// The `TINY-MOUNT: <mountpoint> <root in fs> ...` lines, as (mountpoint, root).
-fn mounts(console: &str) -> Vec<(String, String)> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("TINY-MOUNT: "))
-        .map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next().unwrap().to_string(), f.next().unwrap().to_string())
-        })
-        .collect()
-}
-
-fn assert_layout_mounted(console: &str, label: &str) {
-    let m = mounts(console);
-    assert!(
-        m.contains(&("/".into(), format!("/systems/{label}/run"))),
-        "/ is not systems/{label}/run: {m:?}\n{console}"
-    );
-    for d in ["home", "root", "opt", "srv", "var"] {
-        assert!(
-            m.contains(&(format!("/{d}"), format!("/state/{d}"))),
-            "/{d} is not /state/{d}: {m:?}"
-        );
-    }
-}
-
 /// A copy of the tiny system with a hook printing /home's marker files and
 /// the hostname file, and an `etc/issue` naming the version.
 fn tiny_variant(dir: &Path, name: &str) -> PathBuf {

@@ -468,7 +468,7 @@ fn a_mounted_btrfs_device_is_never_wiped_but_can_be_upgraded() {
     let dev = sh(&format!("losetup --find --show {}", backing.display()))
         .trim()
         .to_string();
-    let detach = scopeguard(dev.clone());
+    let detach = LoopDetach(dev.clone());
     let out = run_ok(&["--rootfs", r, "--no-bootloader", &dev]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Creating a 1.1 GiB Btrfs"), "{err}");
@@ -507,9 +507,6 @@ impl Drop for LoopDetach {
             .args(["-d", &self.0])
             .status();
     }
-}
-fn scopeguard(dev: String) -> LoopDetach {
-    LoopDetach(dev)
 }
 
 #[test]

@@ -12,31 +12,6 @@ use std::path::{Path, PathBuf};
 /// Offset of the ESP on the disks `deploy` writes (partition 1 at 1 MiB).
 const ESP_OFFSET: u64 = 1 << 20;
 
-fn mounts(console: &str) -> Vec<(String, String)> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("TINY-MOUNT: "))
-        .map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next().unwrap().to_string(), f.next().unwrap().to_string())
-        })
-        .collect()
-}
-
-fn assert_layout_mounted(console: &str, label: &str) {
-    let m = mounts(console);
-    assert!(
-        m.contains(&("/".into(), format!("/systems/{label}/run"))),
-        "/ is not systems/{label}/run: {m:?}\n{console}"
-    );
-    for d in ["home", "root", "opt", "srv", "var"] {
-        assert!(
-            m.contains(&(format!("/{d}"), format!("/state/{d}"))),
-            "/{d} is not /state/{d}: {m:?}"
-        );
-    }
-}
-
 /// Every path on the ESP of `img` (mtools' recursive listing).
 fn esp_files(img: &Path) -> Vec<String> {
     sh(&format!(

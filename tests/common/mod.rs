@@ -499,3 +499,31 @@ pub fn boot_console_with(img: &Path, version: Option<&str>, firmware: Option<&st
     );
     std::fs::read_to_string(&log).unwrap()
 }
+
+/// The `TINY-MOUNT: <mountpoint> <root in fs> ...` lines, as (mountpoint, root).
+pub fn mounts(console: &str) -> Vec<(String, String)> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TINY-MOUNT: "))
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// Asserts the guest mounted `/` from `systems/<label>/run` and every
+/// state directory from its `/state` subvolume.
+pub fn assert_layout_mounted(console: &str, label: &str) {
+    let m = mounts(console);
+    assert!(
+        m.contains(&("/".into(), format!("/systems/{label}/run"))),
+        "/ is not systems/{label}/run: {m:?}\n{console}"
+    );
+    for d in ["home", "root", "opt", "srv", "var"] {
+        assert!(
+            m.contains(&(format!("/{d}"), format!("/state/{d}"))),
+            "/{d} is not /state/{d}: {m:?}"
+        );
+    }
+}
