@@ -8,12 +8,12 @@
 //! carrying that mark. After locking, the path must still name the locked
 //! file (a process that unlinked or replaced it meanwhile is detected).
 
+use crate::build::copy::sys;
 use crate::target::lock::TargetLock;
 use anyhow::{bail, Context, Result};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 /// Extended attribute that marks a `.partial` image made by this tool.
@@ -137,39 +137,16 @@ fn same_file(path: &Path, file: &File) -> Result<bool> {
     Ok(a.dev() == b.dev() && a.ino() == b.ino())
 }
 
+fn mark_name() -> CString {
+    CString::new(MARK).expect("no NUL")
+}
+
 fn set_mark(f: &File) -> std::io::Result<()> {
-    let name = CString::new(MARK).expect("no NUL");
-    let value = b"1";
-    // SAFETY: valid fd, NUL-terminated name, value buffer of the given length.
-    let r = unsafe {
-        libc::fsetxattr(
-            f.as_raw_fd(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    sys::set_xattr(sys::Target::fd(f), &mark_name(), b"1")
 }
 
 fn has_mark(f: &File) -> bool {
-    let name = CString::new(MARK).expect("no NUL");
-    let mut buf = [0u8; 8];
-    // SAFETY: valid fd, NUL-terminated name, buffer of the given length.
-    let r = unsafe {
-        libc::fgetxattr(
-            f.as_raw_fd(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    r == 1 && buf[0] == b'1'
+    matches!(sys::get_xattr(sys::Target::fd(f), &mark_name()), Ok(Some(v)) if v == b"1")
 }
 
 #[cfg(test)]

@@ -461,7 +461,7 @@ fn list_xattr_names(t: Target) -> io::Result<Vec<CString>> {
     }
 }
 
-fn get_xattr(t: Target, name: &CString) -> io::Result<Option<Vec<u8>>> {
+pub(crate) fn get_xattr(t: Target, name: &CString) -> io::Result<Option<Vec<u8>>> {
     let call = |buf: &mut [u8]| -> io::Result<usize> {
         let (ptr, len) = if buf.is_empty() {
             (std::ptr::null_mut(), 0)
@@ -570,7 +570,7 @@ pub(crate) fn read_xattrs_at(at: At) -> io::Result<Xattrs> {
     by_path()
 }
 
-fn set_xattr(t: Target, name: &CString, value: &[u8]) -> io::Result<()> {
+pub(crate) fn set_xattr(t: Target, name: &CString, value: &[u8]) -> io::Result<()> {
     let ptr = value.as_ptr() as *const libc::c_void;
     // SAFETY: name is NUL-terminated, value is a valid buffer.
     let r = match t {
