@@ -277,17 +277,26 @@ pub(crate) fn receive(b: &Opened, dir: &Path) -> Result<PathBuf> {
             |_| signals::check(),
         ),
     };
-    drop(stdin);
+    // Kill before closing its input: on EOF after a refused first chunk it
+    // would exit on its own ("empty stream") and hide why we stopped.
     if fed.is_err() {
         let _ = child.kill();
     }
+    drop(stdin);
     let status = child.wait().context("waiting for btrfs receive")?;
     let out = out_thread.join().unwrap_or_default();
     let err = err_thread.join().unwrap_or_default();
-    // btrfs receive failing on its own (not killed by us after a bad chunk)
-    // is the cause; our write to its closed pipe only the consequence.
-    if fed.is_ok() || status.code().is_none() {
-        fed?;
+    // Our failure (a refused chunk, a read error) is the cause, except a
+    // broken pipe: then btrfs receive failed on its own, and its message
+    // below says why.
+    if let Err(e) = fed {
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if !broken_pipe {
+            return Err(e);
+        }
     }
     if !status.success() {
         bail!(
