@@ -945,7 +945,7 @@ mod tests {
                 args: crate::boot::extlinux::DEFAULT_KERNEL_ARGS.into(),
             })
             .collect();
-        let main = crate::boot::extlinux::render(UUID, &entries).unwrap();
+        let main = crate::boot::extlinux::render(UUID, &entries, None).unwrap();
         let d = entries.iter().find(|e| e.label == default).unwrap();
         main.replace(
             &format!("include /systems/default/{}\n", layout::DEFAULT_ENTRY),

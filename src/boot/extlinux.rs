@@ -36,10 +36,11 @@ pub struct Entry {
 /// Renders the menu for `entries`: one entry per version, and the
 /// `default` entry included from `/systems/default/default-entry.conf`.
 /// Nothing in it depends on which version is the default.
-pub fn render(fs_uuid: &str, entries: &[Entry]) -> Result<String> {
+pub fn render(fs_uuid: &str, entries: &[Entry], trial: Option<&Entry>) -> Result<String> {
     let mut ctx = tera::Context::new();
     ctx.insert("fs_uuid", fs_uuid);
     ctx.insert("versions", entries);
+    ctx.insert("trial", &trial);
     ctx.insert("entry_file", layout::DEFAULT_ENTRY);
     ctx.insert("timeout", &PROMPT_TIMEOUT);
     tera::Tera::one_off(TEMPLATE, &ctx, false).context("rendering templates/extlinux.conf.tera")
@@ -127,6 +128,78 @@ pub fn install(layout: &Layout) -> Result<()> {
 pub struct Extlinux {
     /// Whether to install SYSLINUX (false on `uefi` disks).
     pub install_boot_code: bool,
+    /// Where SYSLINUX's ADV is read: the disk and the byte offset of the
+    /// Btrfs on it (when SYSLINUX is installed).
+    pub adv: Option<(std::path::PathBuf, u64)>,
+}
+
+/// Byte offsets, from the start of the Btrfs, of the two copies of the ADV
+/// (SYSLINUX's auxiliary data vector) that `extlinux --install` reserves in
+/// the Btrfs boot area (its first 64 KiB, which Btrfs leaves unused).
+const ADV_OFFSETS: [u64; 2] = [0xfc00, 0xfe00];
+const ADV_MAGIC1: u32 = 0x5a2d_2fa5;
+const ADV_MAGIC2: u32 = 0xa304_1767;
+const ADV_MAGIC3: u32 = 0xdd28_bf64;
+/// The ADV record holding the one-shot label (`extlinux --once`).
+const ADV_BOOTONCE: u8 = 1;
+
+/// The one-shot label in an ADV sector, if the sector is valid: magic, a
+/// checksum that makes the 32-bit words after the first sum to MAGIC2,
+/// then tag/length/value records up to a zero tag.
+pub fn adv_bootonce(sector: &[u8]) -> Option<Option<String>> {
+    let word = |i: usize| u32::from_le_bytes(sector[i..i + 4].try_into().unwrap());
+    if sector.len() != 512 || word(0) != ADV_MAGIC1 || word(508) != ADV_MAGIC3 {
+        return None;
+    }
+    let sum = (1..127).fold(0u32, |acc, i| acc.wrapping_add(word(i * 4)));
+    if sum != ADV_MAGIC2 {
+        return None;
+    }
+    let data = &sector[8..508];
+    let mut i = 0;
+    while i + 2 <= data.len() && data[i] != 0 {
+        let (tag, len) = (data[i], data[i + 1] as usize);
+        let value = data.get(i + 2..i + 2 + len)?;
+        if tag == ADV_BOOTONCE {
+            return Some(Some(String::from_utf8_lossy(value).into_owned()));
+        }
+        i += 2 + len;
+    }
+    Some(None)
+}
+
+impl Extlinux {
+    /// The one-shot label SYSLINUX will boot next, read from the first
+    /// valid ADV copy (as SYSLINUX does); `None` when none is set.
+    fn read_bootonce(&self) -> Result<Option<String>> {
+        use std::os::unix::fs::FileExt;
+        let Some((disk, start)) = &self.adv else {
+            return Ok(None);
+        };
+        let f = std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+        for off in ADV_OFFSETS {
+            let mut sector = [0u8; 512];
+            f.read_exact_at(&mut sector, start + off)
+                .with_context(|| format!("reading SYSLINUX's ADV on {}", disk.display()))?;
+            if let Some(once) = adv_bootonce(&sector) {
+                return Ok(once);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs `extlinux ARG DIR` on the mounted Btrfs and flushes the disk.
+    fn extlinux_adv(&self, top: &Layout, arg: &str) -> Result<()> {
+        let dir = top.extlinux_dir();
+        cmd::run("extlinux", &[arg, &dir.to_string_lossy()])
+            .with_context(|| format!("writing SYSLINUX's ADV ({arg})"))?;
+        if let Some((disk, _)) = &self.adv {
+            std::fs::File::open(disk)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("flushing {}", disk.display()))?;
+        }
+        Ok(())
+    }
 }
 
 impl super::Backend for Extlinux {
@@ -136,13 +209,44 @@ impl super::Backend for Extlinux {
         fs_uuid: &str,
         entries: &[Entry],
         _default: &str,
+        trial: Option<&Entry>,
     ) -> Result<()> {
         // Nothing here names the default: it is reached through
         // systems/default, and each version has its own default entry.
         for e in entries {
             write_default_entry(top, fs_uuid, e)?;
         }
-        write_config(top, &render(fs_uuid, entries)?)
+        write_config(top, &render(fs_uuid, entries, trial)?)
+    }
+
+    fn can_trial(&self) -> bool {
+        self.adv.is_some()
+    }
+
+    fn arm_trial(&self, top: &Layout) -> Result<()> {
+        self.extlinux_adv(top, &format!("--once={}", crate::store::trial::MENU_LABEL))?;
+        // Read back: a SYSLINUX that kept its ADV elsewhere would never
+        // start the trial, and the version would look failed.
+        if self.read_bootonce()?.as_deref() != Some(crate::store::trial::MENU_LABEL) {
+            anyhow::bail!(
+                "extlinux --once did not leave the one-shot boot in SYSLINUX's ADV where \
+                 this tool reads it (offsets {:#x}/{:#x} of the Btrfs): is this SYSLINUX 6?",
+                ADV_OFFSETS[0],
+                ADV_OFFSETS[1]
+            );
+        }
+        Ok(())
+    }
+
+    fn trial_armed(&self, _top: &Layout) -> Result<bool> {
+        Ok(self.read_bootonce()?.as_deref() == Some(crate::store::trial::MENU_LABEL))
+    }
+
+    fn disarm_trial(&self, top: &Layout) -> Result<()> {
+        if self.read_bootonce()?.is_some() {
+            self.extlinux_adv(top, "--clear-once")?;
+        }
+        Ok(())
     }
 
     fn install(&self, top: &Layout) -> Result<()> {
@@ -169,7 +273,7 @@ mod tests {
 
     #[test]
     fn renders_one_entry_per_version_and_includes_the_default_entry() {
-        let conf = render("1234", &[entry("factory", true), entry("v2", false)]).unwrap();
+        let conf = render("1234", &[entry("factory", true), entry("v2", false)], None).unwrap();
         assert!(conf.starts_with("# Written by btrfs-deploy"));
         assert!(conf.contains("\nserial 0 115200\n"));
         assert!(conf.contains("\ndefault default\n"));
@@ -188,6 +292,50 @@ mod tests {
         assert!(!e.contains("initrd"), "v2 has no initramfs: {e}");
         let e = render_default_entry("1234", &entry("factory", true)).unwrap();
         assert!(e.contains("  initrd /systems/default/initramfs\n"), "{e}");
+    }
+
+    /// An ADV sector as `extlinux --once=factory` wrote it on a Btrfs here
+    /// (its checksum copied from that disk).
+    fn real_adv_sector() -> Vec<u8> {
+        let mut s = vec![0u8; 512];
+        s[0..4].copy_from_slice(&ADV_MAGIC1.to_le_bytes());
+        s[4..8].copy_from_slice(&[0x8a, 0x9b, 0x2e, 0xcf]);
+        s[8..10].copy_from_slice(&[ADV_BOOTONCE, 7]);
+        s[10..17].copy_from_slice(b"factory");
+        s[508..512].copy_from_slice(&ADV_MAGIC3.to_le_bytes());
+        s
+    }
+
+    #[test]
+    fn reads_the_one_shot_label_from_a_valid_adv_only() {
+        let s = real_adv_sector();
+        assert_eq!(adv_bootonce(&s), Some(Some("factory".to_string())));
+        // A torn write (checksum no longer matching) is not trusted.
+        let mut torn = s.clone();
+        torn[12] ^= 1;
+        assert_eq!(adv_bootonce(&torn), None);
+        let mut no_magic = s.clone();
+        no_magic[0] = 0;
+        assert_eq!(adv_bootonce(&no_magic), None);
+        // An ADV without the record: valid, nothing armed.
+        let mut empty = vec![0u8; 512];
+        empty[0..4].copy_from_slice(&ADV_MAGIC1.to_le_bytes());
+        empty[4..8].copy_from_slice(&ADV_MAGIC2.to_le_bytes());
+        empty[508..512].copy_from_slice(&ADV_MAGIC3.to_le_bytes());
+        assert_eq!(adv_bootonce(&empty), Some(None));
+    }
+
+    #[test]
+    fn the_trial_entry_is_in_the_menu_only_while_a_trial_is_pending() {
+        let mut t = entry("v3", true);
+        t.args = crate::store::trial::entry_args(&t.args, "v3");
+        let conf = render("1234", &[entry("v2", true), entry("v3", true)], Some(&t)).unwrap();
+        assert!(
+            conf.contains("label trial\n  kernel /systems/v3/kernel\n  initrd /systems/v3/initramfs\n  append root=UUID=1234 rootfstype=btrfs rootflags=subvol=systems/v3/run rw console=tty0 console=ttyS0,115200 panic=10 btrfs_deploy.trial=v3\n"),
+            "{conf}"
+        );
+        let conf = render("1234", &[entry("v2", true)], None).unwrap();
+        assert!(!conf.contains("label trial"), "{conf}");
     }
 
     #[test]

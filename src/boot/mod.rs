@@ -91,6 +91,7 @@ pub(crate) trait Backend {
         fs_uuid: &str,
         entries: &[Entry],
         default: &str,
+        trial: Option<&Entry>,
     ) -> Result<()>;
     /// Installs the boot loader where it is missing.
     fn install(&self, top: &Layout) -> Result<()>;
@@ -100,6 +101,25 @@ pub(crate) trait Backend {
     }
     /// Removes what this backend keeps for version `label` (already out of the menu).
     fn remove_version(&self, _label: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Whether this firmware path can boot a version once (`--trial`).
+    fn can_trial(&self) -> bool {
+        false
+    }
+    /// Arms the one-shot boot of the menu's trial entry (written by
+    /// [`Backend::write_menu`] and committed): the next boot, and only the
+    /// next, starts it; the loader clears the record before the kernel runs.
+    fn arm_trial(&self, _top: &Layout) -> Result<()> {
+        Ok(())
+    }
+    /// Whether a one-shot boot armed by [`Backend::arm_trial`] is still
+    /// waiting for a boot.
+    fn trial_armed(&self, _top: &Layout) -> Result<bool> {
+        Ok(false)
+    }
+    /// Withdraws an armed one-shot boot (nothing when none is armed).
+    fn disarm_trial(&self, _top: &Layout) -> Result<()> {
         Ok(())
     }
     /// Removes what belongs to no version in `labels` (interrupted writes,
@@ -113,19 +133,28 @@ pub(crate) trait Backend {
 /// The backends of one disk.
 pub(crate) struct Boot {
     backends: Vec<Box<dyn Backend>>,
+    kind: BootKind,
 }
 
 impl Boot {
     /// The backends of a disk of `kind` at `disk`, whose EFI system
     /// partition (if any) is the byte range `esp`.
-    pub fn new(kind: BootKind, disk: &Path, esp: Option<(u64, u64)>) -> Boot {
+    pub fn new(
+        kind: BootKind,
+        disk: &Path,
+        btrfs: Option<(u64, u64)>,
+        esp: Option<(u64, u64)>,
+    ) -> Boot {
         let mut backends: Vec<Box<dyn Backend>> = vec![Box::new(extlinux::Extlinux {
             install_boot_code: kind.bios(),
+            adv: kind
+                .bios()
+                .then(|| (disk.to_path_buf(), btrfs.map_or(0, |(start, _)| start))),
         })];
         if let (true, Some(esp)) = (kind.uefi(), esp) {
             backends.push(Box::new(uefi::SystemdBoot::new(disk, esp)));
         }
-        Boot { backends }
+        Boot { backends, kind }
     }
 
     /// See [`Backend::check_space`].
@@ -141,10 +170,47 @@ impl Boot {
         fs_uuid: &str,
         entries: &[Entry],
         default: &str,
+        trial: Option<&Entry>,
     ) -> Result<()> {
         self.backends
             .iter()
-            .try_for_each(|b| b.write_menu(top, fs_uuid, entries, default))
+            .try_for_each(|b| b.write_menu(top, fs_uuid, entries, default, trial))
+    }
+    /// Refuses when no firmware path of this disk can boot a version once.
+    pub fn check_trial(&self) -> Result<()> {
+        if !self.backends.iter().any(|b| b.can_trial()) {
+            anyhow::bail!(
+                "--trial needs a boot loader that can boot a version once, and this {} disk \
+                 has none that can yet: add the version with --no-default and test it with \
+                 deploy boot-test --version, or make it the default with set-default",
+                self.kind
+            );
+        }
+        Ok(())
+    }
+    /// See [`Backend::arm_trial`] (every backend that can).
+    pub fn arm_trial(&self, top: &Layout) -> Result<()> {
+        self.check_trial()?;
+        self.backends
+            .iter()
+            .filter(|b| b.can_trial())
+            .try_for_each(|b| b.arm_trial(top))
+    }
+    /// Whether any backend still waits to boot the trial entry.
+    pub fn trial_armed(&self, top: &Layout) -> Result<bool> {
+        for b in &self.backends {
+            if b.can_trial() && b.trial_armed(top)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+    /// See [`Backend::disarm_trial`] (every backend).
+    pub fn disarm_trial(&self, top: &Layout) -> Result<()> {
+        self.backends
+            .iter()
+            .filter(|b| b.can_trial())
+            .try_for_each(|b| b.disarm_trial(top))
     }
     /// See [`Backend::install`].
     pub fn install(&self, top: &Layout) -> Result<()> {

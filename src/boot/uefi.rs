@@ -211,6 +211,7 @@ impl Backend for SystemdBoot {
         fs_uuid: &str,
         entries: &[Entry],
         _default: &str,
+        _trial: Option<&Entry>,
     ) -> Result<()> {
         self.with_esp(|fat| {
             for e in entries {
@@ -478,7 +479,7 @@ mod tests {
             std::fs::write(v.join(layout::INITRAMFS), vec![2u8; 1000]).unwrap();
         }
         let b = SystemdBoot::new(&img, esp);
-        b.write_menu(&top, "U", &[entry("a")], "a").unwrap();
+        b.write_menu(&top, "U", &[entry("a")], "a", None).unwrap();
         b.switch_default("a").unwrap();
         // A second 40 MiB kernel does not fit: clear error, nothing written.
         let msg = format!("{:#}", b.check_space("b", &[40 << 20, 1000]).unwrap_err());
@@ -500,7 +501,7 @@ mod tests {
         assert!(!super::super::fat::repair(&img, esp.0, esp.1).unwrap());
         let msg = format!(
             "{:#}",
-            b.write_menu(&top, "U", &[entry("a"), entry("b")], "a")
+            b.write_menu(&top, "U", &[entry("a"), entry("b")], "a", None)
                 .unwrap_err()
         );
         assert!(msg.contains("needs"), "{msg}");
@@ -510,7 +511,7 @@ mod tests {
         // Removing a frees its space; b then fits and becomes the default.
         b.remove_version("a").unwrap();
         b.check_space("b", &[40 << 20, 1000]).unwrap();
-        b.write_menu(&top, "U", &[entry("b")], "b").unwrap();
+        b.write_menu(&top, "U", &[entry("b")], "b", None).unwrap();
         b.switch_default("b").unwrap();
         let st = inspect(&img, esp).unwrap();
         assert_eq!(st.complete, vec!["b"]);

@@ -16,6 +16,11 @@
 //!   through `systems/default`, so that rename is the whole switch.
 //! - **remove** L (never the default): the menu without L → commit → rename
 //!   L to `.L.removing` → commit → delete its subvolumes and files → commit.
+//! - **trial** of L (`--trial`, see `store::trial`): L published, not the
+//!   default → its `trial.json` says `arming` → commit → the menu gains the
+//!   `trial` entry → commit → the loaders are armed for one boot → the
+//!   record says `armed` → commit. Ending a trial (good, failed, withdrawn)
+//!   disarms the loaders first, records the outcome, then drops the entry.
 //! - **cleanup**: delete `.L.partial` and `.L.removing` leftovers and temp
 //!   files of interrupted atomic replaces, then rewrite the menu from what is
 //!   on disk → commit.
@@ -23,6 +28,7 @@
 use crate::boot::{extlinux, Boot};
 use crate::store::btrfs;
 use crate::store::layout::{self, Layout};
+use crate::store::trial::{self, Failure, State, Trial};
 use crate::store::versions::{self, Version};
 use crate::util::{fsutil, ui};
 use anyhow::{bail, Context, Result};
@@ -69,6 +75,14 @@ pub fn switch(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Result<(
         extlinux::write_default_entry(top, fs_uuid, &entry_of(v))?;
         btrfs::sync_fs(&top.top)?;
     }
+    // A trial of this version succeeds by becoming the default; a trial of
+    // another one no longer makes sense against a new default.
+    let open_trial = trial::open(top)?;
+    if let Some(t) = &open_trial {
+        if t.version != label {
+            end_trial(top, boot, fs_uuid, t.clone(), Some(Failure::Withdrawn))?;
+        }
+    }
     // /state follows the default: merged from the old default's vendor
     // copy to the new one's, journaled, around the rename.
     let switch = || fsutil::replace_symlink(&top.default_link(), Path::new(label));
@@ -84,7 +98,108 @@ pub fn switch(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Result<(
     if v.deployment.has_kernel {
         boot.switch_default(label)?;
     }
+    if let Some(t) = open_trial.filter(|t| t.version == label) {
+        end_trial(top, boot, fs_uuid, t, None)?;
+    }
     Ok(())
+}
+
+/// Arms a trial of `label`: published, with a kernel, not the default. The
+/// next boot, and only it, starts `label`; the default does not change.
+pub fn arm_trial(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Result<()> {
+    boot.check_trial()?;
+    let default = versions::default_label(top)?;
+    if label == default {
+        bail!("{label} is the default already: there is nothing to try (a trial boots a version that is not the default once)");
+    }
+    let all = versions::list(top)?;
+    match all.iter().find(|v| v.label == label) {
+        None => bail!("no complete version {label} on this disk"),
+        Some(v) if !v.deployment.has_kernel => {
+            bail!("version {label} has no kernel (deployed with --no-bootloader): it cannot be booted on trial")
+        }
+        Some(_) => {}
+    }
+    if let Some(old) = trial::open(top)? {
+        ui::detail(format!("Withdrawing the pending trial of {}", old.version));
+        end_trial(top, boot, fs_uuid, old, Some(Failure::Withdrawn))?;
+    }
+    let mut t = Trial::new(label, &default);
+    trial::save(top, &t)?;
+    write_boot_menu(top, boot, fs_uuid, None)?;
+    btrfs::sync_fs(&top.top)?;
+    boot.arm_trial(top)?;
+    t.state = State::Armed;
+    trial::save(top, &t)
+}
+
+/// Ends trial `t` as good (`failure` None) or failed: loaders disarmed,
+/// outcome recorded, the menu without the trial entry, committed.
+pub fn end_trial(
+    top: &Layout,
+    boot: &Boot,
+    fs_uuid: &str,
+    mut t: Trial,
+    failure: Option<Failure>,
+) -> Result<()> {
+    boot.disarm_trial(top)?;
+    t.end(failure);
+    trial::save(top, &t)?;
+    if top.extlinux_conf().exists() {
+        write_boot_menu(top, boot, fs_uuid, None)?;
+    }
+    btrfs::sync_fs(&top.top)
+}
+
+/// What a boot finds about the trial, from the version it runs (`running`)
+/// and the trial its kernel command line names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootFinding {
+    /// No trial is open.
+    None,
+    /// This boot is the trial of the running version: check its health.
+    OnTrial(Trial),
+    /// A trial waits for a later boot (armed, not yet used).
+    Pending(Trial),
+    /// A trial ended now, as failed, because this boot is not it.
+    Failed(Trial),
+}
+
+/// Settles the open trial at boot (`deploy trial-watch`): the trial boot
+/// records that it got to user space; any other boot ends an open trial
+/// whose one-shot boot was used as failed (it panicked, hung or lost power),
+/// and one that was never armed as interrupted.
+pub fn settle_trial_at_boot(
+    top: &Layout,
+    boot: &Boot,
+    fs_uuid: &str,
+    running: &str,
+    cmdline_trial: Option<&str>,
+) -> Result<BootFinding> {
+    let Some(mut t) = trial::open(top)? else {
+        return Ok(BootFinding::None);
+    };
+    if t.version == running && cmdline_trial == Some(running) {
+        if t.state != State::Booted {
+            // The other firmware path of a hybrid disk must not try it again.
+            boot.disarm_trial(top)?;
+            t.state = State::Booted;
+            t.booted_at = Some(crate::store::deployment::now().0);
+            trial::save(top, &t)?;
+        }
+        return Ok(BootFinding::OnTrial(t));
+    }
+    let armed = boot.trial_armed(top)?;
+    let failure = match t.state {
+        State::Arming if !armed => Failure::Interrupted,
+        State::Arming | State::Armed if armed => return Ok(BootFinding::Pending(t)),
+        State::Booted => Failure::Lost,
+        _ => Failure::Panic,
+    };
+    end_trial(top, boot, fs_uuid, t.clone(), Some(failure))?;
+    Ok(BootFinding::Failed(
+        trial::load(top, &t.version)?.unwrap_or(t),
+    ))
 }
 
 /// Removes version `label`, which must not be the default.
@@ -92,6 +207,9 @@ pub fn remove(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Result<(
     let default = versions::default_label(top)?;
     if label == default {
         bail!("{label} is the default version: make another one the default first (deploy set-default LABEL TARGET)");
+    }
+    if let Some(t) = trial::open(top)?.filter(|t| t.version == label) {
+        end_trial(top, boot, fs_uuid, t, Some(Failure::Withdrawn))?;
     }
     // Out of the menu before anything it refers to goes.
     if top.extlinux_conf().exists() {
@@ -195,6 +313,16 @@ pub fn cleanup(top: &Layout, boot: &Boot, fs_uuid: &str) -> Result<Vec<String>> 
         ui::step(format!("EFI system partition: {p}"));
         removed.push(p);
     }
+    // A cut while a trial was being armed: armed or not, finish it one way.
+    if let Some(mut t) = trial::open(top)?.filter(|t| t.state == State::Arming) {
+        if boot.trial_armed(top)? {
+            t.state = State::Armed;
+            trial::save(top, &t)?;
+        } else {
+            ui::step(format!("Ending the trial of {}: its arming was interrupted", t.version));
+            end_trial(top, boot, fs_uuid, t, Some(Failure::Interrupted))?;
+        }
+    }
     // A cut between publishing a version and rewriting the menu leaves the
     // menu without it: rewrite it from the disk, and the default of the
     // loaders that keep their own.
@@ -242,6 +370,12 @@ pub fn write_boot_menu(
         .ok()
         .filter(|d| entries.iter().any(|e| &e.label == d))
         .unwrap_or_else(|| entries[entries.len() - 1].label.clone());
-    boot.write_menu(top, fs_uuid, &entries, &default)?;
+    let trial_entry = trial::open(top)?
+        .and_then(|t| entries.iter().find(|e| e.label == t.version).cloned())
+        .map(|mut e| {
+            e.args = trial::entry_args(&e.args, &e.label);
+            e
+        });
+    boot.write_menu(top, fs_uuid, &entries, &default, trial_entry.as_ref())?;
     Ok(true)
 }

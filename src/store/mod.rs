@@ -5,4 +5,5 @@ pub(crate) mod btrfs;
 pub(crate) mod deployment;
 pub(crate) mod layout;
 pub(crate) mod lifecycle;
+pub(crate) mod trial;
 pub(crate) mod versions;

@@ -350,7 +350,12 @@ impl Disk {
 
     /// The boot backends of this disk.
     pub fn boot(&self) -> Boot {
-        Boot::new(self.disk_layout.boot, &self.target, self.disk_layout.esp)
+        Boot::new(
+            self.disk_layout.boot,
+            &self.target,
+            self.disk_layout.btrfs,
+            self.disk_layout.esp,
+        )
     }
 
     /// UUID of the filesystem, from its on-disk superblock (never from the
