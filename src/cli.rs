@@ -90,6 +90,14 @@ pub struct DeployArgs {
     /// Add the version without making it the default.
     #[arg(long)]
     pub no_default: bool,
+    /// Add the version and boot it once, on trial: the default stays, the
+    /// next boot (only it) starts the new version, whose kernel arguments get
+    /// panic=10 (unless set). On the device, `deploy health` makes it the
+    /// default when /etc/btrfs-deploy/health.d passes (`deploy mark-good`);
+    /// a panic, a hang, a failed check or a timeout brings back the old
+    /// default by itself. See `deploy status`.
+    #[arg(long)]
+    pub trial: bool,
     /// After switching, remove the oldest versions beyond N (never the default
     /// or the previous default).
     #[arg(long, value_name = "N")]
@@ -158,6 +166,38 @@ pub enum Command {
         label: String,
         /// Disk image or block device.
         target: PathBuf,
+    },
+    /// On the device: make the running version the default (ends its
+    /// trial as good). `deploy health` runs it when the checks pass.
+    MarkGood {
+        /// The running system's disk (default: found from `/`).
+        target: Option<PathBuf>,
+    },
+    /// On the device, early at every boot (the on-device extension's
+    /// btrfs-deploy-trial-watch.service): records how the last trial ended
+    /// when this boot is not it; on a trial boot, records that it came up and
+    /// waits: if the trial has not passed its health checks TIMEOUT seconds
+    /// after boot, records a timeout and reboots onto the old default.
+    TrialWatch {
+        /// Seconds after boot (default: `trial_timeout` in
+        /// /etc/btrfs-deploy/deploy.toml, else 300).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// On the device, once the system is up (btrfs-deploy-health.service):
+    /// on a trial boot, runs the executables in /etc/btrfs-deploy/health.d
+    /// in name order; all pass: mark-good; one fails (or the timeout
+    /// passes): records it and reboots onto the old default. Does nothing
+    /// on other boots.
+    Health {
+        /// Seconds after boot (default: `trial_timeout` in
+        /// /etc/btrfs-deploy/deploy.toml, else 300).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        /// Record the outcome but do not reboot after a failure (for
+        /// testing health checks by hand).
+        #[arg(long)]
+        no_reboot: bool,
     },
     /// Boot a disk in QEMU and check that the expected text appears on its
     /// serial console.

@@ -64,6 +64,15 @@ pub struct Config {
     /// Extra extension folders (`--extensions-dir`).
     #[serde(alias = "extensions-dirs", alias = "extensions_dir")]
     pub extensions_dirs: Option<Vec<PathBuf>>,
+    /// Extensions every version gets, after those of `extensions` or
+    /// `--extension`, whatever the command line says (the device's
+    /// /etc/btrfs-deploy/deploy.toml lists `on-device` here, so the tool
+    /// stays on the device).
+    #[serde(alias = "required-extensions")]
+    pub required_extensions: Option<Vec<String>>,
+    /// Seconds a trial boot has to pass its health checks (default 300).
+    #[serde(alias = "trial-timeout")]
+    pub trial_timeout: Option<u64>,
     /// Public key bundles must be signed with (`--verify-key`).
     #[serde(alias = "verify-key")]
     pub verify_key: Option<PathBuf>,
@@ -211,6 +220,11 @@ pub fn apply(args: &mut DeployArgs, cfg: Option<&Config>) -> Result<BTreeMap<Str
         args.checksum |= cfg.checksum.unwrap_or(false);
         if args.extensions.is_empty() {
             args.extensions = cfg.extensions.clone().unwrap_or_default();
+        }
+        for e in cfg.required_extensions.iter().flatten() {
+            if !args.extensions.contains(e) {
+                args.extensions.push(e.clone());
+            }
         }
         if let Some(dirs) = &cfg.extensions_dirs {
             let mut all = dirs.clone();
@@ -388,6 +402,24 @@ mod tests {
         let missing = d.path().join("missing.toml");
         let msg = format!("{:#}", load(Some(&missing)).unwrap_err());
         assert!(msg.contains("missing.toml"), "{msg}");
+    }
+
+    #[test]
+    fn required_extensions_come_whatever_the_command_line_says() {
+        let cfg = parse_at(
+            "extensions = [\"a\"]\nrequired_extensions = [\"on-device\"]\ntrial_timeout = 60\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.trial_timeout, Some(60));
+        let mut args = DeployArgs::default();
+        apply(&mut args, Some(&cfg)).unwrap();
+        assert_eq!(args.extensions, vec!["a", "on-device"]);
+        let mut args = DeployArgs {
+            extensions: vec!["c".into(), "on-device".into()],
+            ..Default::default()
+        };
+        apply(&mut args, Some(&cfg)).unwrap();
+        assert_eq!(args.extensions, vec!["c", "on-device"]);
     }
 
     #[test]

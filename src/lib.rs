@@ -90,7 +90,30 @@ pub fn run(cli: Cli) -> Result<()> {
             let started = std::time::Instant::now();
             let mut args = cli.deploy.clone();
             let size_from_cli = args.size.is_some();
-            let cfg = config::load(args.config.as_deref())?;
+            // On a device of this layout, TARGET omitted (or `/`) is the disk
+            // it runs from, and its configuration is the device's own.
+            let on_device = match args.target.as_deref() {
+                None => true,
+                Some(t) => t == std::path::Path::new("/"),
+            };
+            let device_config = std::path::Path::new(app::trial::DEVICE_CONFIG);
+            let mut config_path = args.config.clone();
+            if on_device {
+                if let Some((dev, _)) = app::status::running_system() {
+                    args.target = Some(app::status::whole_disk(&dev));
+                    if config_path.is_none() && device_config.exists() {
+                        config_path = Some(device_config.to_path_buf());
+                    }
+                } else if args.target.is_some() {
+                    return Err(UsageError(
+                        "TARGET / means the disk the running system booted from, and / here is \
+                         not a version of a btrfs-deploy disk: name a disk image or block device"
+                            .into(),
+                    )
+                    .into());
+                }
+            }
+            let cfg = config::load(config_path.as_deref())?;
             if let Some((path, _)) = &cfg {
                 ui::step(format!("Using config {}", path.display()));
             }
@@ -133,6 +156,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Cleanup { target }) => {
             mount::enter_private_namespace()?;
             commands::cleanup(&target)
+        }
+        Some(Command::MarkGood { target }) => {
+            mount::enter_private_namespace()?;
+            app::trial::mark_good(target.as_deref())
+        }
+        Some(Command::TrialWatch { timeout }) => {
+            mount::enter_private_namespace()?;
+            app::trial::watch(timeout)
+        }
+        Some(Command::Health {
+            timeout,
+            no_reboot,
+        }) => {
+            mount::enter_private_namespace()?;
+            app::trial::health(timeout, no_reboot)
         }
         Some(Command::BootTest(args)) => {
             mount::enter_private_namespace()?;

@@ -49,6 +49,11 @@ pub struct ListEntry {
     pub upgraded_from: Option<String>,
     /// Unresolved /etc conflicts recorded at deploy time.
     pub etc_conflicts: usize,
+    /// Whether the running system is this version (`deploy list` on the device).
+    pub running: bool,
+    /// The state of its last trial (`armed`, `booted`, `good`, `failed`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trial: Option<crate::store::trial::State>,
     /// How the disk boots: bios, uefi or hybrid (the same in every row).
     pub boot: crate::boot::BootKind,
     /// With `--sizes`: bytes of data the version references (orig, run,
@@ -72,9 +77,17 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
     let (kind, rows) = with_disk(target, true, |disk| {
         let default = versions::default_label(&disk.layout)?;
         let kind = disk.disk_layout.boot;
+        let running = crate::app::status::running_system()
+            .filter(|_| crate::app::status::is_running_disk(disk, target))
+            .map(|(_, l)| l);
         versions::list(&disk.layout)?
             .into_iter()
             .map(|v| ListEntry {
+                running: running.as_deref() == Some(v.label.as_str()),
+                trial: crate::store::trial::load(&disk.layout, &v.label)
+                    .ok()
+                    .flatten()
+                    .map(|t| t.state),
                 default: v.label == default,
                 created: v.deployment.created.clone(),
                 kernel_version: v.deployment.kernel_version.clone(),
@@ -125,10 +138,19 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 .size_bytes
                 .map(|b| format!("{:<12}", units::format_size(b)))
                 .unwrap_or_default();
+            let mut label = r.label.clone();
+            if r.running {
+                label.push_str(" (running)");
+            }
+            match r.trial {
+                Some(crate::store::trial::State::Failed) => label.push_str(" (failed trial)"),
+                Some(s) if !s.ended() => label.push_str(" (on trial)"),
+                _ => {}
+            }
             outln!(
                 "{:<3}{:<24}{:<22}{:<28}{size_cols}{}",
                 if r.default { "*" } else { "" },
-                r.label,
+                label,
                 r.created,
                 r.kernel_version.as_deref().unwrap_or("-"),
                 r.upgraded_from.as_deref().unwrap_or("-")

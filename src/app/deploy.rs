@@ -89,6 +89,8 @@ pub struct Plan {
     pub kernel_args: String,
     /// Leave the default as it is.
     pub no_default: bool,
+    /// Boot the new version once, on trial (`--trial`); the default stays.
+    pub trial: bool,
     /// Keep at most this many versions.
     pub keep: Option<usize>,
     /// Compare contents when syncing an upgrade.
@@ -149,6 +151,14 @@ pub fn plan(
             .or_else(|| args.label.clone()),
         ..args.clone()
     };
+    if args.trial && args.no_default {
+        return Err(UsageError(
+            "--trial and --no-default contradict each other: --trial already leaves the default \
+             as it is and boots the new version once; drop --no-default"
+                .into(),
+        )
+        .into());
+    }
     if let Some(keep) = args.keep {
         if keep == 0 {
             return Err(UsageError(
@@ -237,6 +247,13 @@ pub fn plan(
             ),
         },
     };
+    if args.trial && is_new {
+        bail!(
+            "--trial boots a new version once and falls back to the default, and {} has no \
+             version yet: deploy the first one without --trial",
+            target.display()
+        );
+    }
     let boot_kind = if is_new {
         boot_arg.unwrap_or(DEFAULT_BOOT)
     } else {
@@ -385,7 +402,8 @@ pub fn plan(
             .kernel_args
             .clone()
             .unwrap_or_else(|| extlinux::DEFAULT_KERNEL_ARGS.into()),
-        no_default: args.no_default,
+        no_default: args.no_default || args.trial,
+        trial: args.trial,
         keep: args.keep,
         checksum: args.checksum,
         rootfs_bytes,
@@ -757,6 +775,12 @@ fn check_upgrade_target(plan: &Plan, disk: &Disk) -> Result<()> {
         );
     }
     versions::default_label(top)?;
+    if plan.trial {
+        if plan.no_bootloader {
+            bail!("--trial boots the new version once, and --no-bootloader deploys it without a kernel: drop one of them");
+        }
+        disk.boot().check_trial()?;
+    }
     if disk.disk_layout.boot.partitioned() {
         // FAT names ignore case: `V2` and `v2` would share files on the ESP.
         if let Some(other) = versions::list(top)?
@@ -884,6 +908,13 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
         }
     };
     publish_version(plan, disk, &dir, &fs_uuid, !plan.no_default)?;
+    if plan.trial {
+        ui::step(format!(
+            "Arming a trial: the next boot, and only it, starts {}",
+            plan.label
+        ));
+        lifecycle::arm_trial(top, &disk.boot(), &plan.label, &fs_uuid)?;
+    }
     let removed = match plan.keep {
         Some(keep) => lifecycle::prune(top, &disk.boot(), keep, &old, &fs_uuid)?,
         None => Vec::new(),

@@ -9,3 +9,4 @@ pub(crate) mod deploy;
 pub(crate) mod generate;
 pub(crate) mod status;
 pub(crate) mod summary;
+pub(crate) mod trial;

@@ -24,6 +24,12 @@ pub struct Status {
     pub versions: Vec<String>,
     /// Whether an interrupted /state merge waits to be finished.
     pub state_merge_pending: bool,
+    /// A trial without an outcome yet (armed, or booted and being checked).
+    pub trial: Option<crate::store::trial::Trial>,
+    /// The newest trial that ended (good or failed).
+    pub last_trial: Option<crate::store::trial::Trial>,
+    /// Versions whose last trial failed (never tried again unless asked).
+    pub failed_versions: Vec<String>,
 }
 
 /// The mount of `/`: (source device, root inside the filesystem), when `/`
@@ -49,12 +55,56 @@ pub fn running_system() -> Option<(PathBuf, String)> {
     Some((dev, running_label(&root)?))
 }
 
+/// The whole disk a partition belongs to (`/dev/vda2` → `/dev/vda`), or
+/// `dev` itself: versions are added to the disk, whose boot partition
+/// changes with them.
+pub fn whole_disk(dev: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(dev) else {
+        return dev.to_path_buf();
+    };
+    let (maj, min) = (libc::major(m.rdev()), libc::minor(m.rdev()));
+    let sys = PathBuf::from(format!("/sys/dev/block/{maj}:{min}"));
+    if !sys.join("partition").exists() {
+        return dev.to_path_buf();
+    }
+    match std::fs::canonicalize(sys.join("..")) {
+        Ok(parent) => match parent.file_name() {
+            Some(name) => {
+                let d = Path::new("/dev").join(name);
+                if d.exists() {
+                    d
+                } else {
+                    dev.to_path_buf()
+                }
+            }
+            None => dev.to_path_buf(),
+        },
+        Err(_) => dev.to_path_buf(),
+    }
+}
+
+/// Whether the running system's `/` is on `disk` (opened from `target`).
+pub fn is_running_disk(disk: &crate::target::disk::Disk, target: &Path) -> bool {
+    let Some((dev, _)) = running_system() else {
+        return false;
+    };
+    let same = |a: &Path, b: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.rdev() != 0 && x.rdev() == y.rdev(),
+            _ => false,
+        }
+    };
+    same(&dev, &disk.device) || same(&dev, target) || same(&whole_disk(&dev), target)
+}
+
 /// Resolves an omitted TARGET (or `/`) to the running system's disk.
 pub fn resolve_target(target: Option<&Path>) -> Result<PathBuf> {
     match target {
         Some(t) if t != Path::new("/") => Ok(t.to_path_buf()),
         _ => match running_system() {
-            Some((dev, _)) => Ok(dev),
+            Some((dev, _)) => Ok(whole_disk(&dev)),
             None => Err(crate::UsageError(
                 "no TARGET given, and / is not a version of a btrfs-deploy disk: name a disk \
                  image or block device"
@@ -72,17 +122,23 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
     let st = with_disk(&target, true, |disk| {
         let top = &disk.layout;
         // The running version counts only when `/` is on this disk.
-        let here = running.as_ref().and_then(|(dev, label)| {
-            let same = |a: &Path, b: &Path| {
-                use std::os::unix::fs::MetadataExt;
-                match (std::fs::metadata(a), std::fs::metadata(b)) {
-                    (Ok(x), Ok(y)) => x.rdev() != 0 && x.rdev() == y.rdev(),
-                    _ => false,
+        let here = running
+            .as_ref()
+            .filter(|_| is_running_disk(disk, &target))
+            .map(|(_, label)| label.clone());
+        let trials = crate::store::trial::all(top)?;
+        let mut failed_versions = Vec::new();
+        for v in versions::list(top)? {
+            if let Some(t) = crate::store::trial::load(top, &v.label)? {
+                if t.state == crate::store::trial::State::Failed {
+                    failed_versions.push(v.label);
                 }
-            };
-            (same(dev, &disk.device) || same(dev, &target)).then(|| label.clone())
-        });
+            }
+        }
         Ok(Status {
+            trial: trials.iter().rev().find(|t| !t.state.ended()).cloned(),
+            last_trial: trials.iter().rev().find(|t| t.state.ended()).cloned(),
+            failed_versions,
             target: target.display().to_string(),
             boot: disk.disk_layout.boot,
             default: versions::default_label(top)?,
@@ -103,6 +159,18 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
                 .unwrap_or("- (the running system is not on this disk)")
         );
         outln!("Versions: {}", st.versions.join(", "));
+        if let Some(t) = &st.trial {
+            outln!("Trial:    {}", t.describe());
+        }
+        if let Some(t) = &st.last_trial {
+            outln!("Last trial: {}", t.describe());
+        }
+        if !st.failed_versions.is_empty() {
+            outln!(
+                "Failed:   {} (not tried again unless asked: deploy --trial, or set-default)",
+                st.failed_versions.join(", ")
+            );
+        }
         if st.state_merge_pending {
             outln!("Pending:  an interrupted /state merge: the next deploy, set-default or cleanup finishes it");
         }

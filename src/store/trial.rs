@@ -229,11 +229,6 @@ pub fn open(top: &Layout) -> Result<Option<Trial>> {
     Ok(all(top)?.into_iter().rev().find(|t| !t.state.ended()))
 }
 
-/// The newest trial, whatever its state.
-pub fn last(top: &Layout) -> Result<Option<Trial>> {
-    Ok(all(top)?.pop())
-}
-
 /// The version named on a kernel command line by [`CMDLINE_KEY`].
 pub fn from_cmdline(cmdline: &str) -> Option<String> {
     cmdline
