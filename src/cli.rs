@@ -344,6 +344,15 @@ pub struct BootTestArgs {
     /// (repeatable; kernel panics and bootloader errors always fail it).
     #[arg(long, value_name = "REGEX")]
     pub fail_on: Vec<String>,
+    /// Let the guest reboot up to N times in this one run (a trial, a
+    /// fallback); the expected text must then appear in boot N+1, and only
+    /// --fail-on patterns count before it. The log (--log) marks each boot.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub reboots: u32,
+    /// Add a watchdog device (QEMU's i6300esb) that resets a guest that
+    /// stops feeding it (with --reboots, the reset is one of the reboots).
+    #[arg(long)]
+    pub watchdog: bool,
 }
 
 /// `deploy bundle ...`.

@@ -320,6 +320,8 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     opts.memory_mib = args.memory;
     opts.log = args.log.clone();
     opts.extra_fail = extra_fail;
+    opts.reboots = args.reboots;
+    opts.watchdog = args.watchdog;
     ui::step(format!(
         "Booting {}{} in QEMU ({firmware}, accel {}, timeout {} s), waiting for /{}/",
         args.target.display(),

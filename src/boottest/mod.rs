@@ -160,7 +160,18 @@ pub struct BootTestOptions {
     /// More console patterns that fail the test at once, in addition to
     /// [`BUILTIN_FAIL_PATTERNS`].
     pub extra_fail: Vec<Regex>,
+    /// How many times the guest may reboot in this run; `expect` must then
+    /// appear during the last boot (boot `reboots + 1`). 0: a reboot ends
+    /// QEMU (`-no-reboot`), as a failure.
+    pub reboots: u32,
+    /// Add a watchdog device (i6300esb) that resets the guest when it
+    /// stops being fed.
+    pub watchdog: bool,
 }
+
+/// Console lines that start a boot: the firmware's banner (SeaBIOS, OVMF's
+/// boot manager, U-Boot), seen again after each reboot.
+const BOOT_START: &str = r"SeaBIOS \(version |BdsDxe: loading Boot|^U-Boot 20";
 
 impl BootTestOptions {
     /// Options with defaults: default entry, 60 s timeout, `Accel::Auto`,
@@ -178,6 +189,8 @@ impl BootTestOptions {
             memory_mib: 512,
             log: None,
             extra_fail: Vec::new(),
+            reboots: 0,
+            watchdog: false,
         }
     }
 }
@@ -323,11 +336,15 @@ pub fn qemu_args(opts: &BootTestOptions, accel: Accel) -> Vec<String> {
         Accel::Kvm => args.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
         Accel::Tcg | Accel::Auto => args.extend(["-accel", "tcg"].map(String::from)),
     }
+    args.extend(["-m".into(), opts.memory_mib.to_string()]);
+    if opts.reboots == 0 {
+        args.push("-no-reboot".into());
+    }
+    if opts.watchdog {
+        args.extend(["-device", "i6300esb", "-action", "watchdog=reset"].map(String::from));
+    }
     args.extend(
         [
-            "-m",
-            &opts.memory_mib.to_string(),
-            "-no-reboot",
             "-display",
             "none",
             "-vga",
@@ -564,6 +581,13 @@ struct Session<'a> {
     last_text_check: Option<Instant>,
     text_dirty: bool,
     decided_at: Option<Instant>,
+    /// Which boot of the run the guest is in (1 = the first).
+    boot: u32,
+    /// Whether a firmware banner was seen (the first one starts boot 1).
+    seen_boot_start: bool,
+    /// Length of the console text when the current boot started.
+    boot_text_start: usize,
+    boot_start: Regex,
 }
 
 impl<'a> Session<'a> {
@@ -579,7 +603,36 @@ impl<'a> Session<'a> {
             last_text_check: None,
             text_dirty: false,
             decided_at: None,
+            boot: 1,
+            seen_boot_start: false,
+            boot_text_start: 0,
+            boot_start: Regex::new(BOOT_START).expect("BOOT_START is a valid pattern"),
         }
+    }
+
+    /// Whether the guest is in the boot where `expect` counts.
+    fn in_last_boot(&self) -> bool {
+        self.boot > self.opts.reboots
+    }
+
+    /// Notes a firmware banner: after the first, a new boot begins.
+    fn on_boot_start(&mut self, log: &mut Option<File>) -> Option<SessionEnd> {
+        if !self.seen_boot_start {
+            self.seen_boot_start = true;
+            return None;
+        }
+        self.boot += 1;
+        self.typed = false;
+        self.boot_text_start = self.console.full_text().len();
+        log_note(log, &format!("boot {} (the guest rebooted)", self.boot));
+        tracing::info!("the guest rebooted: boot {}", self.boot);
+        if self.boot > self.opts.reboots + 1 {
+            return Some(SessionEnd::Failed(format!(
+                "the guest rebooted more than {} time(s) before the expected text appeared",
+                self.opts.reboots
+            )));
+        }
+        None
     }
 
     /// Reads QEMU's output until a decision.
@@ -633,8 +686,17 @@ impl<'a> Session<'a> {
         log: &mut Option<File>,
     ) -> Option<SessionEnd> {
         let lines = self.console.feed(bytes, log);
-        if let Some(end) = lines.iter().find_map(|l| self.matcher.check_line(l).end()) {
-            return Some(end);
+        for l in &lines {
+            if self.opts.reboots > 0 && self.boot_start.is_match(l) {
+                if let Some(end) = self.on_boot_start(log) {
+                    return Some(end);
+                }
+                continue;
+            }
+            let decision = self.matcher.check_line(l, self.in_last_boot());
+            if let Some(end) = decision.end() {
+                return Some(end);
+            }
         }
         self.maybe_type(qemu, &lines);
         self.text_dirty = true;
@@ -675,7 +737,13 @@ impl<'a> Session<'a> {
         }
         self.last_text_check = Some(now);
         self.text_dirty = false;
-        self.matcher.check_text(&self.console.full_text()).end()
+        if !self.in_last_boot() {
+            return None;
+        }
+        let text = self.console.full_text();
+        self.matcher
+            .check_text(text.get(self.boot_text_start..).unwrap_or(&text))
+            .end()
     }
 
     fn on_stderr(&mut self, line: &str, log: &mut Option<File>) -> Option<SessionEnd> {
@@ -764,7 +832,7 @@ impl<'a> Session<'a> {
     fn final_checks(&mut self) -> Option<SessionEnd> {
         let partial = self.console.partial();
         if !partial.is_empty() {
-            if let Some(end) = self.matcher.check_line(&partial).end() {
+            if let Some(end) = self.matcher.check_line(&partial, self.in_last_boot()).end() {
                 return Some(end);
             }
         }
@@ -918,11 +986,19 @@ impl Matcher {
     }
 
     /// A complete console line: fatal patterns first, then the expectation.
-    fn check_line(&self, line: &str) -> Decision {
-        for (re, meaning) in &self.fatal {
+    /// Before the last boot of a run with reboots (`last_boot` false) only
+    /// `--fail-on` patterns count: a trial that panics is expected to reboot.
+    fn check_line(&self, line: &str, last_boot: bool) -> Decision {
+        for (i, (re, meaning)) in self.fatal.iter().enumerate() {
+            if !last_boot && i < BUILTIN_FAIL_PATTERNS.len() {
+                continue;
+            }
             if matches_text(re, line) {
                 return Decision::Fail(format!("{meaning}: {}", line.trim()));
             }
+        }
+        if !last_boot {
+            return Decision::Continue;
         }
         if matches_text(&self.expect, line) {
             return Decision::Pass;
@@ -1210,22 +1286,53 @@ mod tests {
     }
 
     #[test]
+    fn before_the_last_boot_only_fail_on_patterns_count() {
+        let m = Matcher::new(
+            &Regex::new("TINY: boot done").unwrap(),
+            &[Regex::new("EXPLODED").unwrap()],
+        )
+        .unwrap();
+        // A trial that panics is expected to reboot; the expectation waits
+        // for the last boot.
+        assert_eq!(
+            m.check_line("Kernel panic - not syncing: Attempted to kill init!", false),
+            Decision::Continue
+        );
+        assert_eq!(m.check_line("TINY: boot done", false), Decision::Continue);
+        assert!(matches!(m.check_line("EXPLODED", false), Decision::Fail(_)));
+        assert!(matches!(
+            m.check_line("Kernel panic - not syncing: Attempted to kill init!", true),
+            Decision::Fail(_)
+        ));
+        assert_eq!(m.check_line("TINY: boot done", true), Decision::Pass);
+        let opts = BootTestOptions {
+            reboots: 3,
+            watchdog: true,
+            ..BootTestOptions::new("/x.img", Regex::new("x").unwrap())
+        };
+        let args = qemu_args(&opts, Accel::Tcg).join(" ");
+        assert!(!args.contains("-no-reboot"), "{args}");
+        assert!(args.contains("-device i6300esb -action watchdog=reset"), "{args}");
+        assert!(Regex::new(BOOT_START).unwrap().is_match("SeaBIOS (version 1.16.2-debian-1.16.2-1)"));
+    }
+
+    #[test]
     fn an_empty_match_never_decides_a_test() {
         // Built directly (not through console_pattern): still no pass on an
         // empty line or on text the pattern only matches emptily.
         let m = matcher("login:|", &["x*"]);
-        assert_eq!(m.check_line(""), Decision::Continue);
-        assert_eq!(m.check_line("booting"), Decision::Continue);
+        assert_eq!(m.check_line("", true), Decision::Continue);
+        assert_eq!(m.check_line("booting", true), Decision::Continue);
         assert_eq!(m.check_text(""), Decision::Continue);
-        assert_eq!(m.check_line("debian login: "), Decision::Pass);
-        assert!(matches!(m.check_line("xx"), Decision::Fail(_)));
+        assert_eq!(m.check_line("debian login: ", true), Decision::Pass);
+        assert!(matches!(m.check_line("xx", true), Decision::Fail(_)));
     }
 
     #[test]
     fn decides_pass_on_line_and_on_text() {
         let m = matcher("^TINY: boot done$", &[]);
-        assert_eq!(m.check_line("TINY: boot start"), Decision::Continue);
-        assert_eq!(m.check_line("TINY: boot done"), Decision::Pass);
+        assert_eq!(m.check_line("TINY: boot start", true), Decision::Continue);
+        assert_eq!(m.check_line("TINY: boot done", true), Decision::Pass);
         // Anchors are per line: the whole text does not match without (?m).
         assert_eq!(m.check_text("a\nTINY: boot done\n"), Decision::Continue);
         let m = matcher(
@@ -1233,7 +1340,7 @@ mod tests {
             &[],
         );
         assert_eq!(
-            m.check_line("TINY-MOUNT: / /systems/x/run rw"),
+            m.check_line("TINY-MOUNT: / /systems/x/run rw", true),
             Decision::Continue
         );
         assert_eq!(
@@ -1245,12 +1352,12 @@ mod tests {
     #[test]
     fn decides_fail_on_panic_and_extra_patterns_before_expect() {
         let m = matcher("TINY", &["^TINY-INITRAMFS: FAILED"]);
-        match m.check_line("[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs") {
+        match m.check_line("[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs", true) {
             Decision::Fail(r) => assert!(r.starts_with("kernel panic: "), "{r}"),
             other => panic!("expected a failure, got {other:?}"),
         }
         // The line matches expect too, but the fatal pattern wins.
-        match m.check_line("TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)") {
+        match m.check_line("TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)", true) {
             Decision::Fail(r) => assert_eq!(
                 r,
                 "fatal console output: TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)"
@@ -1262,16 +1369,16 @@ mod tests {
             "failed: I/O error",
             "Loading /systems/default/initramfs...failed: No such file or directory",
         ] {
-            match m.check_line(line) {
+            match m.check_line(line, true) {
                 Decision::Fail(r) => assert!(r.starts_with("bootloader failed: "), "{r}"),
                 other => panic!("expected a failure for {line:?}, got {other:?}"),
             }
         }
         assert_eq!(
-            m.check_line("Loading /systems/x/kernel... ok"),
+            m.check_line("Loading /systems/x/kernel... ok", true),
             Decision::Continue
         );
-        assert_eq!(m.check_line("TINY: boot start"), Decision::Pass);
+        assert_eq!(m.check_line("TINY: boot start", true), Decision::Pass);
     }
 
     #[test]
