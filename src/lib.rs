@@ -72,6 +72,29 @@ pub struct Verdict {
     pub message: String,
 }
 
+/// A `deploy` carried into a system by the `on-device` extension lives in
+/// `/usr/lib/btrfs-deploy/bin` (marked by a `.carried` file) next to the
+/// programs it runs, which the system may lack: they come first on `PATH`.
+/// Called by `main` before any thread starts.
+pub fn use_carried_tools() {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
+    else {
+        return;
+    };
+    if !dir.join(".carried").is_file() {
+        return;
+    }
+    let old = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let mut paths = vec![dir];
+    paths.extend(std::env::split_paths(&old));
+    if let Ok(p) = std::env::join_paths(paths) {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("PATH", p) };
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     ui::set_level(if cli.quiet {

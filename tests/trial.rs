@@ -1,0 +1,387 @@
+//! Field upgrades with trials (issue 13), on real images and real boots:
+//! `--trial` on an image (the one-shot record in SYSLINUX's ADV, the trial
+//! menu entry, the refusals), and one QEMU run in which the tiny system,
+//! made with `-e on-device`, upgrades itself again and again: a healthy
+//! trial that commits, a kernel panic, a failing health check and a hang the
+//! watchdog resets each come back to the old default by themselves, then a
+//! power cut during a trial boot.
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn copy_tree(src: &Path, dst: &Path) {
+    sh(&format!("cp -a {}/. {}", src.display(), dst.display()));
+}
+
+fn status_json(img: &Path) -> serde_json::Value {
+    let out = run_ok(&["status", img.to_str().unwrap(), "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn menu(img: &Path) -> String {
+    let i = Inspect::open(img);
+    std::fs::read_to_string(i.path("extlinux/extlinux.conf")).unwrap()
+}
+
+/// Boots the default under BIOS with the guest's writes kept (SYSLINUX
+/// clears its one-shot record, the tool records trials).
+fn boot_kept(img: &Path) -> String {
+    let log = PathBuf::from(format!("{}.console.log", img.display()));
+    run_ok(&[
+        "boot-test",
+        img.to_str().unwrap(),
+        "--persist",
+        "--firmware",
+        "bios",
+        "--timeout",
+        "180",
+        "--accel",
+        "tcg",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    std::fs::read_to_string(&log).unwrap()
+}
+
+fn image_bytes(img: &Path) -> Vec<u8> {
+    std::fs::read(img).unwrap()
+}
+
+#[test]
+fn a_trial_prepared_on_an_image_arms_one_boot_and_keeps_the_default() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    let rootfs = tiny_rootfs();
+    let (r, i) = (rootfs.to_str().unwrap(), img.to_str().unwrap());
+    // Refusals first: nothing written.
+    run_fails(
+        &["--trial", "--rootfs", r, i],
+        1,
+        &["has no version yet", "without --trial"],
+    );
+    assert!(!img.exists());
+    run_ok(&["--boot", "bios", "--rootfs", r, i]);
+    run_fails(
+        &["--version", "v2", "--trial", "--no-default", "--rootfs", r, i],
+        2,
+        &["--trial and --no-default"],
+    );
+    let before = image_bytes(&img);
+    run_fails(
+        &["--version", "v2", "--trial", "--no-bootloader", "--rootfs", r, i],
+        1,
+        &["--no-bootloader"],
+    );
+    assert!(image_bytes(&img) == before, "a refused --trial changed the image");
+
+    run_ok(&["--version", "v2", "--trial", "--rootfs", r, i]);
+    let st = status_json(&img);
+    assert_eq!(st["default"], "factory", "{st}");
+    assert_eq!(st["trial"]["version"], "v2", "{st}");
+    assert_eq!(st["trial"]["state"], "armed", "{st}");
+    assert_eq!(st["trial"]["fallback"], "factory", "{st}");
+    let conf = menu(&img);
+    assert!(
+        conf.contains("label trial\n  kernel /systems/v2/kernel\n"),
+        "{conf}"
+    );
+    assert!(conf.contains("panic=10 btrfs_deploy.trial=v2\n"), "{conf}");
+    let text = String::from_utf8_lossy(&run_ok(&["status", i]).stdout).into_owned();
+    assert!(
+        text.contains("Trial:    v2: pending since") && text.contains("Default:  factory"),
+        "{text}"
+    );
+    let list = String::from_utf8_lossy(&run_ok(&["list", i]).stdout).into_owned();
+    assert!(list.contains("v2 (on trial)"), "{list}");
+
+    // The next boot starts v2 (SYSLINUX takes the one-shot record)...
+    let console = boot_kept(&img);
+    assert_layout_mounted(&console, "v2");
+    assert!(console.contains("btrfs_deploy.trial=v2"), "{console}");
+    // ... and only that boot: the record is used, the default is factory.
+    let st = status_json(&img);
+    assert_eq!(st["default"], "factory", "{st}");
+    let console = boot_kept(&img);
+    assert_layout_mounted(&console, "factory");
+
+    // set-default of another version withdraws a pending trial.
+    run_ok(&["--version", "v3", "--trial", "--rootfs", r, i]);
+    run_ok(&["set-default", "factory", i]);
+    let st = status_json(&img);
+    assert!(st["trial"].is_null(), "{st}");
+    assert_eq!(st["last_trial"]["version"], "v3", "{st}");
+    assert_eq!(st["last_trial"]["failure"]["kind"], "withdrawn", "{st}");
+    assert!(!menu(&img).contains("label trial"));
+    let console = boot_kept(&img);
+    assert_layout_mounted(&console, "factory");
+    // A trial of a version on a disk whose loader cannot boot once is
+    // refused before anything is written.
+    let uefi = d.path().join("uefi.img");
+    let u = uefi.to_str().unwrap();
+    run_ok(&["--boot", "uefi", "--rootfs", r, u]);
+    let before = image_bytes(&uefi);
+    run_fails(
+        &["--version", "v2", "--trial", "--rootfs", r, u],
+        1,
+        &["--trial needs a boot loader that can boot a version once"],
+    );
+    assert!(image_bytes(&uefi) == before, "a refused --trial changed the image");
+}
+
+/// A tiny rootfs variant for the device scenario: the tiny system plus
+/// hooks that run the tool the way a non-systemd init would (docs/trials.md),
+/// and a scenario driver that keeps its step in /srv (state, shared by
+/// every version).
+fn scenario_tree(dir: &Path) {
+    copy_tree(&tiny_rootfs(), dir);
+    let hooks = dir.join("etc/tiny-boot.d");
+    write(
+        &hooks.join("10-trial-watch"),
+        b"#!/bin/sh\n\
+          # Early at boot: settle the last trial; on a trial boot, watch it.\n\
+          if grep -q btrfs_deploy.trial= /proc/cmdline; then\n\
+          \x20   deploy trial-watch --timeout 120 >/dev/console 2>&1 &\n\
+          \x20   sleep 3\n\
+          else\n\
+          \x20   deploy trial-watch\n\
+          fi\n",
+    );
+    write(&hooks.join("20-health"), b"#!/bin/sh\ndeploy health\n");
+    write(
+        &hooks.join("50-scenario"),
+        br#"#!/bin/sh
+step=$(cat /srv/step 2>/dev/null || echo 0)
+root=$(awk '$5 == "/" { print $4 }' /proc/self/mountinfo)
+echo "SCENARIO: step=$step root=$root"
+deploy status
+next() { echo "$1" >/srv/step; sync; }
+trial() {
+    v=$1
+    shift
+    deploy --version "$v" --trial --rootfs "/srv/$v.tar" "$@" || echo "SCENARIO: deploy $v failed"
+}
+case $step in
+0) trial v2; next 1; reboot -f ;;
+1) trial v3 "--kernel-args=console=ttyS0,115200 panic=1"; next 2; reboot -f ;;
+2) trial v4; next 3; reboot -f ;;
+3) trial v5 "--kernel-args=console=ttyS0,115200 panic=1"; next 4; reboot -f ;;
+4) trial v6; next 5; echo "SCENARIO: armed v6" ;;
+*) echo "SCENARIO: done" ;;
+esac
+"#,
+    );
+    for h in ["10-trial-watch", "20-health", "50-scenario"] {
+        chmod(&hooks.join(h), 0o755);
+    }
+}
+
+/// The softdog watchdog modules of the tiny system's kernel (its cloud
+/// kernel has no driver for QEMU's i6300esb), from the cached kernel .deb.
+fn add_softdog(tree: &Path) {
+    let debs = tiny_rootfs().join("../../debs");
+    let deb = sh(&format!(
+        "ls {}/linux-image-*-cloud-amd64_*.deb | tail -n1",
+        debs.display()
+    ));
+    let x = tempfile::tempdir().unwrap();
+    sh(&format!("dpkg-deb -x {} {}", deb.trim(), x.path().display()));
+    let m = tree.join("lib/wd");
+    std::fs::create_dir_all(&m).unwrap();
+    sh(&format!(
+        "cp $(find {x} -name watchdog.ko -o -name softdog.ko) {m}",
+        x = x.path().display(),
+        m = m.display()
+    ));
+}
+
+fn tar(tree: &Path, out: &Path) {
+    sh(&format!(
+        "tar -C {} --numeric-owner -cf {} .",
+        tree.display(),
+        out.display()
+    ));
+}
+
+/// Boots `img` until SYSLINUX has loaded the trial's kernel and the
+/// initramfs started, then kills QEMU: a power cut during the trial boot.
+fn cut_power_during_the_trial_boot(img: &Path, label: &str) -> String {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "512", "-no-reboot", "-display", "none"])
+        .args(["-vga", "none", "-nic", "none", "-monitor", "none", "-serial", "stdio"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", img.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).split(b'\n').map_while(Result::ok) {
+            if tx.send(String::from_utf8_lossy(&line).into_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut loaded = false;
+    while std::time::Instant::now() < end {
+        if let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            seen.push_str(&l);
+            seen.push('\n');
+            loaded |= l.contains(&format!("/systems/{label}/kernel"));
+            if loaded && l.contains("TINY-INITRAMFS: start") {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        loaded && seen.contains("TINY-INITRAMFS: start"),
+        "the trial boot of {label} did not start:\n{seen}"
+    );
+    seen
+}
+
+/// The console text of boot `n` (1-based) in a `--reboots` log.
+fn boot_of(log: &str, n: usize) -> String {
+    let parts: Vec<&str> = log.split("---- boot-test: boot ").collect();
+    assert!(parts.len() >= n, "the log has {} boot(s), not {n}:\n{log}", parts.len());
+    parts[n - 1].to_string()
+}
+
+#[test]
+fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    scenario_tree(&base);
+    // The vendor's versions, as tarballs the device finds on /srv.
+    let srv = d.path().join("srv");
+    std::fs::create_dir(&srv).unwrap();
+    for v in ["v2", "v3", "v4", "v5", "v6"] {
+        let t = d.path().join(v);
+        std::fs::create_dir(&t).unwrap();
+        copy_tree(&base, &t);
+        match v {
+            // The kernel panics: its init exits.
+            "v3" => write(
+                &t.join("sbin/init"),
+                b"#!/bin/sh\necho 'V3: init exits'\nexit 1\n",
+            ),
+            // A health check fails.
+            "v4" => {
+                let h = t.join("etc/btrfs-deploy/health.d/10-app-answers");
+                std::fs::create_dir_all(h.parent().unwrap()).unwrap();
+                write(&h, b"#!/bin/sh\necho 'V4: the app does not answer'\nexit 1\n");
+                chmod(&h, 0o755);
+            }
+            // The boot hangs before the tool runs, with a watchdog open
+            // that nobody feeds (what systemd's RuntimeWatchdogSec does).
+            "v5" => {
+                add_softdog(&t);
+                write(
+                    &t.join("sbin/init"),
+                    b"#!/bin/sh\nmount -t proc proc /proc\nmount -t devtmpfs devtmpfs /dev\n\
+                      insmod /lib/wd/watchdog.ko; insmod /lib/wd/softdog.ko soft_margin=5\n\
+                      exec 3>/dev/watchdog\necho 'V5: hangs'\nwhile :; do sleep 1000; done\n",
+                );
+            }
+            _ => {}
+        }
+        chmod(&t.join("sbin/init"), 0o755);
+        tar(&t, &srv.join(format!("{v}.tar")));
+    }
+    // The factory image: the tool put on it with -e on-device.
+    let factory = d.path().join("factory");
+    std::fs::create_dir(&factory).unwrap();
+    copy_tree(&base, &factory);
+    copy_tree(&srv, &factory.join("srv"));
+    let img = d.path().join("device.img");
+    let i = img.to_str().unwrap();
+    run_ok(&[
+        "--boot",
+        "bios",
+        "--size",
+        "1500M",
+        "-e",
+        "on-device",
+        "--rootfs",
+        factory.to_str().unwrap(),
+        i,
+    ]);
+    let log = d.path().join("scenario.log");
+    // boots: factory, v2 (trial, good), v3 (panic), v2, v4 (health), v2,
+    // v5 (hang, watchdog), v2: 7 reboots, "armed v6" in the 8th boot.
+    let out = run(&[
+        "boot-test",
+        i,
+        "--persist",
+        "--accel",
+        "tcg",
+        "--firmware",
+        "bios",
+        "--reboots",
+        "7",
+        "--watchdog",
+        "--timeout",
+        "900",
+        "--expect",
+        "SCENARIO: armed v6",
+        "--fail-on",
+        "SCENARIO: deploy .* failed",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(out.status.success(), "scenario failed; console:\n{text}");
+    let b = |n| boot_of(&text, n);
+    assert!(b(1).contains("SCENARIO: step=0 root=/systems/factory/run"), "{}", b(1));
+    // 2: v2 on trial passes (no health checks = healthy) and is committed.
+    assert!(b(2).contains("this boot is the trial of v2"), "{}", b(2));
+    assert!(b(2).contains("v2 is now the default"), "{}", b(2));
+    assert!(b(2).contains("SCENARIO: step=1 root=/systems/v2/run"), "{}", b(2));
+    // 3: v3 panics; 4: back on v2, which records it.
+    assert!(b(3).contains("V3: init exits"), "{}", b(3));
+    assert!(b(4).contains("SCENARIO: step=2 root=/systems/v2/run"), "{}", b(4));
+    assert!(b(4).contains("Last trial: v3: failed at"), "{}", b(4));
+    assert!(b(4).contains(": panic: "), "{}", b(4));
+    // 5: v4's health check fails: recorded, rebooted; 6: on v2.
+    assert!(b(5).contains("V4: the app does not answer"), "{}", b(5));
+    assert!(b(6).contains("SCENARIO: step=3 root=/systems/v2/run"), "{}", b(6));
+    assert!(
+        b(6).contains("Last trial: v4: failed at") && b(6).contains("health check 10-app-answers (exit status: 1)"),
+        "{}",
+        b(6)
+    );
+    // 7: v5 hangs; the watchdog resets it; 8: on v2.
+    assert!(b(7).contains("V5: hangs"), "{}", b(7));
+    assert!(b(8).contains("SCENARIO: step=4 root=/systems/v2/run"), "{}", b(8));
+    assert!(b(8).contains("Last trial: v5: failed at"), "{}", b(8));
+    assert!(b(8).contains("Failed:   v3, v4, v5"), "{}", b(8));
+
+    // A power cut during the trial boot of v6: the next boot is v2's.
+    cut_power_during_the_trial_boot(&img, "v6");
+    let console = boot_kept(&img);
+    assert!(console.contains("SCENARIO: step=5 root=/systems/v2/run"), "{console}");
+    assert!(console.contains("Last trial: v6: failed at"), "{console}");
+    let st = status_json(&img);
+    assert_eq!(st["default"], "v2", "{st}");
+    assert_eq!(
+        st["failed_versions"],
+        serde_json::json!(["v3", "v4", "v5", "v6"]),
+        "{st}"
+    );
+    // Every version added on the device carries the tool again.
+    let ins = Inspect::open(&img);
+    for v in ["v2", "v3", "v4", "v5", "v6"] {
+        let p: PathBuf = ins.path(&format!("systems/{v}/run/usr/lib/btrfs-deploy/bin/deploy"));
+        assert!(p.is_file(), "{v} lacks the tool");
+    }
+}
