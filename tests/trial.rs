@@ -302,7 +302,6 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
     let factory = d.path().join("factory");
     std::fs::create_dir(&factory).unwrap();
     copy_tree(&base, &factory);
-    copy_tree(&srv, &factory.join("srv"));
     let img = d.path().join("device.img");
     let i = img.to_str().unwrap();
     run_ok(&[
@@ -316,6 +315,12 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
         factory.to_str().unwrap(),
         i,
     ]);
+    // The updates, downloaded onto the device's /srv (its data, in /state:
+    // not shipped by a version, so no upgrade's state merge removes them).
+    {
+        let e = Edit::open(&img);
+        copy_tree(&srv, &e.path("state/srv"));
+    }
     let log = d.path().join("scenario.log");
     // boots: factory, v2 (trial, good), v3 (panic), v2, v4 (health), v2,
     // v5 (hang, watchdog), v2: 7 reboots, "armed v6" in the 8th boot.

@@ -223,7 +223,7 @@ impl super::Backend for Extlinux {
         self.adv.is_some()
     }
 
-    fn arm_trial(&self, top: &Layout) -> Result<()> {
+    fn arm_trial(&self, top: &Layout, _: &str, _: &Entry, _: &Entry) -> Result<()> {
         self.extlinux_adv(top, &format!("--once={}", crate::store::trial::MENU_LABEL))?;
         // Read back: a SYSLINUX that kept its ADV elsewhere would never
         // start the trial, and the version would look failed.

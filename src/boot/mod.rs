@@ -110,7 +110,15 @@ pub(crate) trait Backend {
     /// Arms the one-shot boot of the menu's trial entry (written by
     /// [`Backend::write_menu`] and committed): the next boot, and only the
     /// next, starts it; the loader clears the record before the kernel runs.
-    fn arm_trial(&self, _top: &Layout) -> Result<()> {
+    /// `trial` is the trial entry (its arguments already those of a trial),
+    /// `fallback` the default's entry.
+    fn arm_trial(
+        &self,
+        _top: &Layout,
+        _fs_uuid: &str,
+        _trial: &Entry,
+        _fallback: &Entry,
+    ) -> Result<()> {
         Ok(())
     }
     /// Whether a one-shot boot armed by [`Backend::arm_trial`] is still
@@ -189,12 +197,18 @@ impl Boot {
         Ok(())
     }
     /// See [`Backend::arm_trial`] (every backend that can).
-    pub fn arm_trial(&self, top: &Layout) -> Result<()> {
+    pub fn arm_trial(
+        &self,
+        top: &Layout,
+        fs_uuid: &str,
+        trial: &Entry,
+        fallback: &Entry,
+    ) -> Result<()> {
         self.check_trial()?;
         self.backends
             .iter()
             .filter(|b| b.can_trial())
-            .try_for_each(|b| b.arm_trial(top))
+            .try_for_each(|b| b.arm_trial(top, fs_uuid, trial, fallback))
     }
     /// Whether any backend still waits to boot the trial entry.
     pub fn trial_armed(&self, top: &Layout) -> Result<bool> {

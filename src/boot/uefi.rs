@@ -13,6 +13,16 @@
 //! ```
 //! The directories are made once (see [`super::fat`]); files stay flat in them.
 //!
+//! A trial (`deploy --trial`) uses systemd-boot's boot counting: two more
+//! entries, `next-1-trial+1-0.conf` (the version on trial, one try left)
+//! and `next-2-default.conf` (a copy of the default's entry), with sort keys
+//! that put the trial first, and `loader.conf` switched (one sector) to
+//! `default next-*`. systemd-boot picks the first entry the pattern matches
+//! in its sorted order; before starting a counted entry it renames it to
+//! `next-1-trial+0-1.conf`, and an entry with no tries left sorts last, so
+//! every later boot picks `next-2-default`: the version boots once. Ending
+//! the trial writes `loader.conf` back to the default, then removes both.
+//!
 //! Power cuts: a new version's files are written under temporary names,
 //! renamed, and its entry is written last, so an entry only ever names
 //! complete files (what an interruption leaves is unreferenced and removed
@@ -57,13 +67,26 @@ const TMP: &str = ".tmp";
 /// Room for directory entries and the entry file of a version, on top of its files.
 const ENTRY_OVERHEAD: u64 = 16 << 10;
 
+/// File name (without `+N-M.conf`) of the trial's entry.
+pub const TRIAL_ENTRY: &str = "next-1-trial";
+/// File name (without `.conf`) of the default's copy during a trial.
+pub const FALLBACK_ENTRY: &str = "next-2-default";
+/// `loader.conf`'s default during a trial: the trial while it has a try
+/// left, else the default's copy.
+pub const TRIAL_PATTERN: &str = "next-*";
+
 /// The `loader.conf` that makes `label` the default, padded to [`LOADER_CONF_SIZE`].
 pub fn loader_conf(label: &str) -> Vec<u8> {
+    loader_conf_for(&format!("{label}.conf"))
+}
+
+/// The `loader.conf` whose `default` is `pattern`, padded to [`LOADER_CONF_SIZE`].
+fn loader_conf_for(pattern: &str) -> Vec<u8> {
     let mut s = format!(
         "# Written by btrfs-deploy: the default version. Rewritten in place (one\n\
          # sector) when the default changes. Hold a key at power-on for the menu.\n\
          timeout 0\n\
-         default {label}.conf\n"
+         default {pattern}\n"
     );
     let pad = LOADER_CONF_SIZE.saturating_sub(s.len() + 1);
     s.push_str(&"#".repeat(pad));
@@ -113,6 +136,29 @@ pub fn entry_label(file_name: &str) -> Option<&str> {
         _ => stem,
     };
     (!label.is_empty()).then_some(label)
+}
+
+/// An entry for the trial pair: `e`'s, with its own title and sort key.
+fn render_special(fs_uuid: &str, e: &Entry, title: &str, sort_key: &str) -> String {
+    render_entry(fs_uuid, e)
+        .lines()
+        .map(|l| {
+            if l.starts_with("title ") {
+                format!("title {title}")
+            } else if l.starts_with("sort-key ") {
+                format!("sort-key {sort_key}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// Whether an entry file belongs to the trial pair.
+fn is_trial_pair(file_name: &str) -> bool {
+    file_name.starts_with("next-")
 }
 
 fn entry_path(label: &str) -> String {
@@ -197,7 +243,84 @@ impl SystemdBoot {
     }
 }
 
+impl SystemdBoot {
+    /// Writes `data` to `path` on the ESP: temp name, sync, rename, sync.
+    fn write_file(fat: &FatPartition, path: &str, data: &[u8]) -> Result<()> {
+        let tmp = format!("{path}{TMP}");
+        fat.write(&tmp, data)?;
+        fat.sync()?;
+        fat.remove_all(path)?;
+        fat.rename(&tmp, path)?;
+        fat.sync()
+    }
+
+    /// Rewrites `loader.conf` (one sector, in place when it has its size).
+    fn write_loader_conf(fat: &FatPartition, conf: &[u8]) -> Result<()> {
+        if fat.file_len(LOADER_CONF)? == Some(LOADER_CONF_SIZE as u64) {
+            fat.overwrite_in_place(LOADER_CONF, conf)
+        } else {
+            Self::write_file(fat, LOADER_CONF, conf)
+        }
+    }
+}
+
 impl Backend for SystemdBoot {
+    fn can_trial(&self) -> bool {
+        true
+    }
+
+    fn arm_trial(&self, _top: &Layout, fs_uuid: &str, trial: &Entry, fallback: &Entry) -> Result<()> {
+        self.with_esp(|fat| {
+            for e in fat.list(ENTRIES_DIR)? {
+                if is_trial_pair(&e.name) {
+                    fat.remove_all(&format!("{ENTRIES_DIR}/{}", e.name))?;
+                }
+            }
+            let title = format!("{} (btrfs-deploy: default)", fallback.label);
+            let conf = render_special(fs_uuid, fallback, &title, "btrfs-deploy-next-2");
+            Self::write_file(fat, &format!("{ENTRIES_DIR}/{FALLBACK_ENTRY}.conf"), conf.as_bytes())?;
+            let title = format!("{} (btrfs-deploy: trial)", trial.label);
+            let conf = render_special(fs_uuid, trial, &title, "btrfs-deploy-next-1");
+            Self::write_file(fat, &format!("{ENTRIES_DIR}/{TRIAL_ENTRY}+1-0.conf"), conf.as_bytes())?;
+            // Both entries are complete before anything selects them.
+            Self::write_loader_conf(fat, &loader_conf_for(TRIAL_PATTERN))
+        })
+    }
+
+    fn trial_armed(&self, _top: &Layout) -> Result<bool> {
+        let fat = self.open(false)?;
+        let armed = fat
+            .list(ENTRIES_DIR)?
+            .iter()
+            .any(|e| e.name.eq_ignore_ascii_case(&format!("{TRIAL_ENTRY}+1-0.conf")));
+        fat.close()?;
+        Ok(armed)
+    }
+
+    fn disarm_trial(&self, top: &Layout) -> Result<()> {
+        let fat = self.open(false)?;
+        let pair = fat.list(ENTRIES_DIR)?.iter().any(|e| is_trial_pair(&e.name));
+        let conf = fat.read(LOADER_CONF)?;
+        fat.close()?;
+        let pattern = conf
+            .as_deref()
+            .and_then(|c| loader_conf_default(&String::from_utf8_lossy(c)));
+        if !pair && pattern.as_deref() != Some(TRIAL_PATTERN.trim_end_matches(".conf")) {
+            return Ok(());
+        }
+        let default = crate::store::versions::default_label(top)?;
+        self.with_esp(|fat| {
+            // Nothing selects the pair before it goes.
+            Self::write_loader_conf(fat, &loader_conf(&default))?;
+            for e in fat.list(ENTRIES_DIR)? {
+                if is_trial_pair(&e.name) {
+                    fat.remove_all(&format!("{ENTRIES_DIR}/{}", e.name))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn check_space(&self, label: &str, file_sizes: &[u64]) -> Result<()> {
         let fat = self.open(false)?;
         let need = file_sizes.iter().map(|s| fat.allocated(*s)).sum::<u64>() + ENTRY_OVERHEAD;
@@ -267,18 +390,8 @@ impl Backend for SystemdBoot {
 
     fn switch_default(&self, label: &str) -> Result<()> {
         let conf = loader_conf(label);
-        self.with_esp(|fat| {
-            if fat.file_len(LOADER_CONF)? == Some(LOADER_CONF_SIZE as u64) {
-                fat.overwrite_in_place(LOADER_CONF, &conf)
-            } else {
-                // First time (or a file someone else wrote): a new one, renamed into place.
-                let tmp = format!("{LOADER_CONF}{TMP}");
-                fat.write(&tmp, &conf)?;
-                fat.sync()?;
-                fat.remove_all(LOADER_CONF)?;
-                fat.rename(&tmp, LOADER_CONF)
-            }
-        })
+        // First time (or a file someone else wrote): a new one, renamed into place.
+        self.with_esp(|fat| Self::write_loader_conf(fat, &conf))
     }
 
     fn remove_version(&self, label: &str) -> Result<()> {
@@ -309,7 +422,9 @@ impl Backend for SystemdBoot {
                 removed.push("repaired an interrupted write with fsck.fat".to_string());
             }
             for e in fat.list(ENTRIES_DIR)? {
-                let keep = !e.name.ends_with(TMP) && entry_label(&e.name).is_some_and(known);
+                // The trial pair is the trial's (ended by lifecycle, not here).
+                let keep = !e.name.ends_with(TMP)
+                    && (is_trial_pair(&e.name) || entry_label(&e.name).is_some_and(known));
                 if !keep {
                     let p = format!("{ENTRIES_DIR}/{}", e.name);
                     fat.remove_all(&p)?;
@@ -373,7 +488,20 @@ pub fn inspect(disk: &Path, esp: (u64, u64)) -> Result<EspState> {
         Some(c) => st.default = loader_conf_default(&String::from_utf8_lossy(&c)),
         None => st.problems.push(format!("{LOADER_CONF} is missing")),
     }
+    if st.default.as_deref() == Some(TRIAL_PATTERN) {
+        // During a trial the default is the fallback entry's version.
+        st.default = fat
+            .read(&format!("{ENTRIES_DIR}/{FALLBACK_ENTRY}.conf"))?
+            .and_then(|c| {
+                String::from_utf8_lossy(&c)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("version ").map(|v| v.trim().to_string()))
+            });
+    }
     for e in fat.list(ENTRIES_DIR)? {
+        if is_trial_pair(&e.name) {
+            continue;
+        }
         let Some(label) = entry_label(&e.name) else {
             continue;
         };

@@ -113,13 +113,19 @@ pub fn arm_trial(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Resul
         bail!("{label} is the default already: there is nothing to try (a trial boots a version that is not the default once)");
     }
     let all = versions::list(top)?;
-    match all.iter().find(|v| v.label == label) {
+    let v = match all.iter().find(|v| v.label == label) {
         None => bail!("no complete version {label} on this disk"),
         Some(v) if !v.deployment.has_kernel => {
             bail!("version {label} has no kernel (deployed with --no-bootloader): it cannot be booted on trial")
         }
-        Some(_) => {}
-    }
+        Some(v) => v,
+    };
+    let Some(fallback) = all.iter().find(|v| v.label == default) else {
+        bail!("the default version {default} is not complete on this disk");
+    };
+    let mut trial_entry = entry_of(v);
+    trial_entry.args = trial::entry_args(&trial_entry.args, label);
+    let fallback_entry = entry_of(fallback);
     if let Some(old) = trial::open(top)? {
         ui::detail(format!("Withdrawing the pending trial of {}", old.version));
         end_trial(top, boot, fs_uuid, old, Some(Failure::Withdrawn))?;
@@ -128,7 +134,7 @@ pub fn arm_trial(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Resul
     trial::save(top, &t)?;
     write_boot_menu(top, boot, fs_uuid, None)?;
     btrfs::sync_fs(&top.top)?;
-    boot.arm_trial(top)?;
+    boot.arm_trial(top, fs_uuid, &trial_entry, &fallback_entry)?;
     t.state = State::Armed;
     trial::save(top, &t)
 }
@@ -329,7 +335,11 @@ pub fn cleanup(top: &Layout, boot: &Boot, fs_uuid: &str) -> Result<Vec<String>> 
     if top.extlinux_conf().exists() {
         write_boot_menu(top, boot, fs_uuid, None)?;
         btrfs::sync_fs(&top.top)?;
-        boot.switch_default(&versions::default_label(top)?)?;
+        // An armed trial keeps its one-shot boot (its loader.conf).
+        let armed = trial::open(top)?.is_some_and(|t| t.state == State::Armed);
+        if !armed {
+            boot.switch_default(&versions::default_label(top)?)?;
+        }
     }
     btrfs::sync_fs(&top.top)?;
     Ok(removed)
