@@ -390,3 +390,55 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
         assert!(p.is_file(), "{v} lacks the tool");
     }
 }
+
+#[test]
+fn a_uefi_trial_that_panics_falls_back_by_itself() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("hybrid.img");
+    let i = img.to_str().unwrap();
+    run_ok(&["--boot", "hybrid", "--rootfs", tiny_rootfs().to_str().unwrap(), i]);
+    let v2 = d.path().join("v2");
+    std::fs::create_dir(&v2).unwrap();
+    copy_tree(&tiny_rootfs(), &v2);
+    write(&v2.join("sbin/init"), b"#!/bin/sh\necho 'V2: init exits'\nexit 1\n");
+    chmod(&v2.join("sbin/init"), 0o755);
+    run_ok(&[
+        "--version",
+        "v2",
+        "--trial",
+        "--kernel-args=console=ttyS0,115200 panic=1",
+        "--rootfs",
+        v2.to_str().unwrap(),
+        i,
+    ]);
+    // The disk is consistent while the trial is pending.
+    run_ok(&["check", i]);
+    // systemd-boot starts v2 once (renaming its counted entry first); the
+    // kernel panics and reboots; the next boot is the default's.
+    let log = d.path().join("uefi.log");
+    run_ok(&[
+        "boot-test",
+        i,
+        "--persist",
+        "--firmware",
+        "uefi",
+        "--accel",
+        "tcg",
+        "--reboots",
+        "1",
+        "--timeout",
+        "300",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(boot_of(&text, 1).contains("V2: init exits"), "{text}");
+    assert!(boot_of(&text, 1).contains("btrfs_deploy.trial=v2"), "{text}");
+    assert_layout_mounted(&boot_of(&text, 2), "factory");
+    // And it stays there.
+    let console = boot_console_with(&img, None, Some("uefi"));
+    assert_layout_mounted(&console, "factory");
+    run_ok(&["check", i]);
+    let st = status_json(&img);
+    assert_eq!(st["default"], "factory", "{st}");
+}

@@ -707,7 +707,13 @@ fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Ve
         .filter_map(|l| l.strip_prefix("# include "))
         .map(|l| format!("included file {l}"))
         .collect();
-    problems.extend(boot_config_problems(&conf, fs_uuid, &with_kernel));
+    let trial = crate::store::trial::open(top).ok().flatten().map(|t| t.version);
+    problems.extend(boot_config_problems(
+        &conf,
+        fs_uuid,
+        &with_kernel,
+        trial.as_deref(),
+    ));
     let mut out = vec![Finding::from_problems(
         "bootloader config",
         problems,
@@ -733,7 +739,7 @@ fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Ve
 }
 
 /// One `label` block of an extlinux.conf.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct BootEntry {
     label: String,
     kernel: Option<String>,
@@ -774,9 +780,42 @@ fn parse_entries(conf: &str) -> Vec<BootEntry> {
 /// exactly one `label default` and one `label <L>` per version, no entry
 /// for anything else, and each entry booting its own kernel and `run`
 /// subvolume on `root=UUID=<fs_uuid>`.
-pub fn boot_config_problems(conf: &str, fs_uuid: &str, kernel_labels: &[String]) -> Vec<String> {
-    let entries = parse_entries(conf);
+/// While a trial of version T is open (`trial`), one `label trial` entry
+/// boots T with `btrfs_deploy.trial=T`.
+pub fn boot_config_problems(
+    conf: &str,
+    fs_uuid: &str,
+    kernel_labels: &[String],
+    trial: Option<&str>,
+) -> Vec<String> {
+    let mut entries = parse_entries(conf);
     let mut problems = Vec::new();
+    let trial_label = crate::store::trial::MENU_LABEL;
+    let trial_entries: Vec<_> = entries.iter().filter(|e| e.label == trial_label).cloned().collect();
+    entries.retain(|e| e.label != trial_label);
+    match (trial, trial_entries.as_slice()) {
+        (None, []) => {}
+        (None, _) => problems.push(format!(
+            "a `label {trial_label}` entry, but no trial is open (run deploy cleanup)"
+        )),
+        (Some(t), []) => problems.push(format!(
+            "the trial of {t} has no `label {trial_label}` entry (run deploy cleanup)"
+        )),
+        (Some(t), [e]) => {
+            let kernel = format!("/systems/{t}/kernel");
+            let append = e.append.as_deref().unwrap_or("");
+            let marker = format!("{}={t}", crate::store::trial::CMDLINE_KEY);
+            if e.kernel.as_deref() != Some(kernel.as_str())
+                || !append.split_whitespace().any(|a| a == marker)
+                || !append.contains(&format!("rootflags=subvol=systems/{t}/run"))
+            {
+                problems.push(format!(
+                    "entry `label {trial_label}` does not boot the version on trial, {t}, with {marker}"
+                ));
+            }
+        }
+        (Some(_), many) => problems.push(format!("{} `label {trial_label}` entries", many.len())),
+    }
     let count = |l: &str| entries.iter().filter(|e| e.label == l).count();
     let wanted =
         std::iter::once(layout::DEFAULT_LINK).chain(kernel_labels.iter().map(|s| s.as_str()));
@@ -960,16 +999,46 @@ mod tests {
     #[test]
     fn rendered_config_matches_its_versions() {
         let c = conf(&["factory", "v2"], "v2");
-        assert!(boot_config_problems(&c, UUID, &labels(&["factory", "v2"])).is_empty());
+        assert!(boot_config_problems(&c, UUID, &labels(&["factory", "v2"]), None).is_empty());
+    }
+
+    #[test]
+    fn the_trial_entry_is_checked_against_the_open_trial() {
+        let mut t = crate::boot::extlinux::Entry {
+            label: "v2".into(),
+            initramfs: true,
+            dtb: false,
+            args: crate::boot::extlinux::DEFAULT_KERNEL_ARGS.into(),
+        };
+        t.args = crate::store::trial::entry_args(&t.args, "v2");
+        let entries: Vec<_> = ["factory", "v2"]
+            .iter()
+            .map(|l| crate::boot::extlinux::Entry {
+                label: l.to_string(),
+                ..t.clone()
+            })
+            .collect();
+        let conf = crate::boot::extlinux::render(UUID, &entries, Some(&t)).unwrap();
+        let conf = format!("{conf}\nlabel default\n  kernel /systems/default/kernel\n  append root=UUID={UUID} rootflags=subvol=systems/default/run\n");
+        let l = labels(&["factory", "v2"]);
+        assert!(boot_config_problems(&conf, UUID, &l, Some("v2")).is_empty(), "{:?}", boot_config_problems(&conf, UUID, &l, Some("v2")));
+        assert_eq!(
+            boot_config_problems(&conf, UUID, &l, None),
+            ["a `label trial` entry, but no trial is open (run deploy cleanup)"]
+        );
+        assert_eq!(
+            boot_config_problems(&conf, UUID, &l, Some("factory")),
+            ["entry `label trial` does not boot the version on trial, factory, with btrfs_deploy.trial=factory"]
+        );
     }
 
     #[test]
     fn config_missing_extra_or_duplicate_entries() {
         let c = conf(&["factory"], "factory");
-        let p = boot_config_problems(&c, UUID, &labels(&["factory", "v2"]));
+        let p = boot_config_problems(&c, UUID, &labels(&["factory", "v2"]), None);
         assert_eq!(p, ["no `label v2` entry"]);
         let c = conf(&["factory", "v2"], "factory");
-        let p = boot_config_problems(&c, UUID, &labels(&["factory"]));
+        let p = boot_config_problems(&c, UUID, &labels(&["factory"]), None);
         assert_eq!(
             p,
             ["entry `label v2` has no version with a kernel on this disk"]
@@ -979,7 +1048,7 @@ mod tests {
             conf(&["factory"], "factory"),
             conf(&["factory"], "factory")
         );
-        let p = boot_config_problems(&c, UUID, &labels(&["factory"]));
+        let p = boot_config_problems(&c, UUID, &labels(&["factory"]), None);
         assert!(
             p.contains(&"2 `label default` entries".to_string()),
             "{p:?}"
@@ -993,11 +1062,11 @@ mod tests {
     #[test]
     fn config_with_wrong_uuid_or_subvolume() {
         let c = conf(&["factory"], "factory");
-        let p = boot_config_problems(&c, "other", &labels(&["factory"]));
+        let p = boot_config_problems(&c, "other", &labels(&["factory"]), None);
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p.iter().all(|s| s.contains("root=UUID=other")), "{p:?}");
         let c = c.replace("subvol=systems/factory/run", "subvol=systems/x/run");
-        let p = boot_config_problems(&c, UUID, &labels(&["factory"]));
+        let p = boot_config_problems(&c, UUID, &labels(&["factory"]), None);
         assert_eq!(
             p,
             ["entry `label factory` lacks rootflags=subvol=systems/factory/run"]

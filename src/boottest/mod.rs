@@ -170,9 +170,9 @@ pub struct BootTestOptions {
 }
 
 /// Console lines that start a boot, seen again after each reboot: SYSLINUX's
-/// banner (SeaBIOS prints nothing on the serial line), OVMF's boot manager,
+/// banner (SeaBIOS prints nothing on the serial line), OVMF starting a boot option,
 /// U-Boot's banner.
-const BOOT_START: &str = r"^SYSLINUX \d|BdsDxe: loading Boot|^U-Boot 20";
+const BOOT_START: &str = r"^SYSLINUX \d|BdsDxe: starting Boot|^U-Boot 20";
 
 impl BootTestOptions {
     /// Options with defaults: default entry, 60 s timeout, `Accel::Auto`,
