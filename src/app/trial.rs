@@ -219,7 +219,10 @@ fn health_checks(dir: &Path) -> Result<Vec<PathBuf>> {
         if m.is_file() && m.permissions().mode() & 0o111 != 0 {
             out.push(e.path());
         } else {
-            ui::detail(format!("{} is not an executable file: skipped", e.path().display()));
+            ui::detail(format!(
+                "{} is not an executable file: skipped",
+                e.path().display()
+            ));
         }
     }
     out.sort();
@@ -293,7 +296,13 @@ pub fn health(timeout_opt: Option<u64>, no_reboot: bool) -> Result<()> {
         match trial::open(top)?.filter(|t| t.version == r.label) {
             Some(t) => {
                 let fallback = t.fallback.clone();
-                lifecycle::end_trial(top, &disk.boot(), &disk.fs_uuid()?, t, Some(failure.clone()))?;
+                lifecycle::end_trial(
+                    top,
+                    &disk.boot(),
+                    &disk.fs_uuid()?,
+                    t,
+                    Some(failure.clone()),
+                )?;
                 Ok(Some(fallback))
             }
             None => Ok(None),
