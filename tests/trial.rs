@@ -135,21 +135,15 @@ fn a_trial_prepared_on_an_image_arms_one_boot_and_keeps_the_default() {
     assert!(!menu(&img).contains("label trial"));
     let console = boot_kept(&img);
     assert_layout_mounted(&console, "factory");
-    // A trial of a version on a disk whose loader cannot boot once is
-    // refused before anything is written.
+    // A uefi disk tries a version through systemd-boot's boot counting
+    // (booted in a_uefi_trial_that_panics_falls_back_by_itself); the disk
+    // stays consistent while it is pending.
     let uefi = d.path().join("uefi.img");
     let u = uefi.to_str().unwrap();
     run_ok(&["--boot", "uefi", "--rootfs", r, u]);
-    let before = image_bytes(&uefi);
-    run_fails(
-        &["--version", "v2", "--trial", "--rootfs", r, u],
-        1,
-        &["--trial needs a boot loader that can boot a version once"],
-    );
-    assert!(
-        image_bytes(&uefi) == before,
-        "a refused --trial changed the image"
-    );
+    run_ok(&["--version", "v2", "--trial", "--rootfs", r, u]);
+    run_ok(&["check", u]);
+    assert_eq!(status_json(&uefi)["trial"]["state"], "armed");
 }
 
 /// A tiny rootfs variant for the device scenario: the tiny system plus
@@ -190,6 +184,7 @@ case $step in
 2) trial v4; next 3; reboot -f ;;
 3) trial v5 "--kernel-args=console=ttyS0,115200 panic=1"; next 4; reboot -f ;;
 4) trial v6; next 5; echo "SCENARIO: armed v6" ;;
+5) trial v7; next 6; reboot -f ;;
 *) echo "SCENARIO: done" ;;
 esac
 "#,
@@ -311,7 +306,7 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
     // The vendor's versions, as tarballs the device finds on /srv.
     let srv = d.path().join("srv");
     std::fs::create_dir(&srv).unwrap();
-    for v in ["v2", "v3", "v4", "v5", "v6"] {
+    for v in ["v2", "v3", "v4", "v5", "v6", "v7"] {
         let t = d.path().join(v);
         std::fs::create_dir(&t).unwrap();
         copy_tree(&base, &t);
@@ -340,6 +335,20 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
                     b"#!/bin/sh\nmount -t proc proc /proc\nmount -t devtmpfs devtmpfs /dev\n\
                       insmod /lib/wd/watchdog.ko; insmod /lib/wd/softdog.ko soft_margin=5\n\
                       exec 3>/dev/watchdog\necho 'V5: hangs'\nwhile :; do sleep 1000; done\n",
+                );
+            }
+            // The system never gets healthy: its health step never runs,
+            // and the trial times out (60 s after boot).
+            "v7" => {
+                let hooks = t.join("etc/tiny-boot.d");
+                let watch = std::fs::read_to_string(hooks.join("10-trial-watch")).unwrap();
+                write(
+                    &hooks.join("10-trial-watch"),
+                    watch.replace("--timeout 120", "--timeout 60").as_bytes(),
+                );
+                write(
+                    &hooks.join("20-health"),
+                    b"#!/bin/sh\necho 'V7: stuck' >/dev/console\nsleep 1000\n",
                 );
             }
             _ => {}
@@ -441,24 +450,64 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
     assert!(b(8).contains("Last trial: v5: failed at"), "{}", b(8));
     assert!(b(8).contains("Failed:   v3, v4, v5"), "{}", b(8));
 
-    // A power cut during the trial boot of v6: the next boot is v2's.
+    // A power cut during the trial boot of v6: the next boot is v2's,
+    // which records it; then v7 never gets healthy and times out.
     cut_power_during_the_trial_boot(&img, "v6");
-    let console = boot_kept(&img);
+    let log = d.path().join("scenario2.log");
+    run_ok(&[
+        "boot-test",
+        i,
+        "--persist",
+        "--accel",
+        "tcg",
+        "--firmware",
+        "bios",
+        "--reboots",
+        "2",
+        "--timeout",
+        "600",
+        "--expect",
+        "SCENARIO: done",
+        "--fail-on",
+        "SCENARIO: deploy .* failed",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let b = |n| boot_of(&text, n);
     assert!(
-        console.contains("SCENARIO: step=5 root=/systems/v2/run"),
-        "{console}"
+        b(1).contains("SCENARIO: step=5 root=/systems/v2/run"),
+        "{}",
+        b(1)
     );
-    assert!(console.contains("Last trial: v6: failed at"), "{console}");
+    assert!(b(1).contains("Last trial: v6: failed at"), "{}", b(1));
+    assert!(b(2).contains("V7: stuck"), "{}", b(2));
+    assert!(
+        b(2).contains("did not pass its health checks within 60 s"),
+        "{}",
+        b(2)
+    );
+    assert!(
+        b(3).contains("SCENARIO: step=6 root=/systems/v2/run"),
+        "{}",
+        b(3)
+    );
+    assert!(
+        b(3).contains("Last trial: v7: failed at")
+            && b(3).contains("timeout: not healthy within 60 s"),
+        "{}",
+        b(3)
+    );
     let st = status_json(&img);
     assert_eq!(st["default"], "v2", "{st}");
     assert_eq!(
         st["failed_versions"],
-        serde_json::json!(["v3", "v4", "v5", "v6"]),
+        serde_json::json!(["v3", "v4", "v5", "v6", "v7"]),
         "{st}"
     );
     // Every version added on the device carries the tool again.
     let ins = Inspect::open(&img);
-    for v in ["v2", "v3", "v4", "v5", "v6"] {
+    for v in ["v2", "v3", "v4", "v5", "v6", "v7"] {
         let p: PathBuf = ins.path(&format!("systems/{v}/run/usr/lib/btrfs-deploy/bin/deploy"));
         assert!(p.is_file(), "{v} lacks the tool");
     }
@@ -526,4 +575,93 @@ fn a_uefi_trial_that_panics_falls_back_by_itself() {
     run_ok(&["check", i]);
     let st = status_json(&img);
     assert_eq!(st["default"], "factory", "{st}");
+}
+
+#[test]
+fn a_signed_bundle_is_tried_once_like_any_rootfs() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let r = tiny_rootfs();
+    let r = r.to_str().unwrap();
+    run_ok(&["keygen", "--output", &p("vendor")]);
+    // The vendor's build image, and the device it ships to.
+    run_ok(&["--boot", "bios", "--rootfs", r, &p("build.img")]);
+    // The device was flashed with the factory image.
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        p("build.img"),
+        p("device.img")
+    ));
+    let v2 = d.path().join("v2");
+    std::fs::create_dir(&v2).unwrap();
+    copy_tree(&tiny_rootfs(), &v2);
+    write(&v2.join("etc/v2-marker"), b"v2\n");
+    run_ok(&[
+        "--version",
+        "v2",
+        "--rootfs",
+        v2.to_str().unwrap(),
+        &p("build.img"),
+    ]);
+    run_ok(&[
+        "bundle",
+        "create",
+        &p("build.img"),
+        "--version",
+        "v2",
+        "--base",
+        "factory",
+        "--sign-key",
+        &p("vendor.key"),
+        "--output",
+        &p("v2.bundle"),
+    ]);
+    run_ok(&[
+        "--rootfs",
+        &p("v2.bundle"),
+        "--verify-key",
+        &p("vendor.pub"),
+        "--trial",
+        &p("device.img"),
+    ]);
+    let img = d.path().join("device.img");
+    let st = status_json(&img);
+    assert_eq!(st["default"], "factory", "{st}");
+    assert_eq!(st["trial"]["version"], "v2", "{st}");
+    assert_eq!(st["trial"]["state"], "armed", "{st}");
+    assert_layout_mounted(&boot_kept(&img), "v2");
+    assert_layout_mounted(&boot_kept(&img), "factory");
+}
+
+#[test]
+fn the_device_commands_refuse_clearly_off_a_device() {
+    // This host does not run from a btrfs-deploy disk.
+    for cmd in [&["mark-good"][..], &["trial-watch"], &["health"]] {
+        run_fails(
+            cmd,
+            1,
+            &[
+                "runs on a device booted from a btrfs-deploy disk",
+                "is not a version of one",
+            ],
+        );
+    }
+    let r = tiny_rootfs();
+    run_fails(
+        &[
+            "--version",
+            "v2",
+            "--trial",
+            "--rootfs",
+            r.to_str().unwrap(),
+            "/",
+        ],
+        2,
+        &["TARGET / means the disk the running system booted from"],
+    );
+    run_fails(
+        &["--version", "v2", "--rootfs", r.to_str().unwrap()],
+        2,
+        &["no TARGET given"],
+    );
 }
