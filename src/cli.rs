@@ -80,7 +80,7 @@ pub struct DeployArgs {
     pub no_bootloader: bool,
     /// How a new disk boots: hybrid (GPT with an EFI system partition:
     /// UEFI and BIOS), uefi (the same without BIOS boot code), bios
-    /// (whole-disk Btrfs, SYSLINUX). Default: bios. Existing disks keep theirs.
+    /// (whole-disk Btrfs, SYSLINUX). Default: hybrid. Existing disks keep theirs.
     #[arg(long, value_enum, value_name = "KIND")]
     pub boot: Option<BootArg>,
     /// Format a block device even when it already holds a filesystem or a

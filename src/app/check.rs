@@ -289,12 +289,20 @@ fn check_esp(disk: &Disk, esp: (u64, u64), versions: &[VersionInfo]) -> Finding 
         Ok(st) => st,
         Err(e) => return Finding::problem("esp", format!("{e:#}")),
     };
-    let mut problems = st.problems.clone();
     let with_kernel: Vec<&str> = versions
         .iter()
         .filter(|v| v.record.as_ref().is_some_and(|r| r.has_kernel))
         .map(|v| v.label.as_str())
         .collect();
+    let mut problems = st.problems.clone();
+    if with_kernel.is_empty() && st.loader_missing {
+        // Deployed with --no-bootloader: no loader expected yet.
+        let loader = [
+            format!("{} is missing", crate::boot::uefi::ESP_LOADER),
+            format!("{} is missing", crate::boot::uefi::LOADER_CONF),
+        ];
+        problems.retain(|p| !loader.contains(p));
+    }
     for l in &with_kernel {
         if !st.complete.iter().any(|c| c == l) {
             problems.push(format!(

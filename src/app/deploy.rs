@@ -53,7 +53,7 @@ const ESP_LABEL: &str = "ESP";
 /// legacy-BIOS-bootable attribute.
 pub const GPTMBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
 /// How a new disk boots when `--boot` is not given.
-pub const DEFAULT_BOOT: BootKind = BootKind::Bios;
+pub const DEFAULT_BOOT: BootKind = BootKind::Hybrid;
 
 /// A new image or device to format.
 #[derive(Debug)]

@@ -354,6 +354,9 @@ pub struct EspState {
     pub complete: Vec<String>,
     /// Problems found.
     pub problems: Vec<String>,
+    /// Whether systemd-boot or `loader.conf` is missing (a problem only
+    /// once a version has a kernel: `--no-bootloader` disks have neither).
+    pub loader_missing: bool,
 }
 
 /// Reads the ESP of `disk` at `esp` for `check`.
@@ -367,10 +370,14 @@ pub fn inspect(disk: &Path, esp: (u64, u64)) -> Result<EspState> {
     }
     if fat.file_len(ESP_LOADER)?.is_none() {
         st.problems.push(format!("{ESP_LOADER} is missing"));
+        st.loader_missing = true;
     }
     match fat.read(LOADER_CONF)? {
         Some(c) => st.default = loader_conf_default(&String::from_utf8_lossy(&c)),
-        None => st.problems.push(format!("{LOADER_CONF} is missing")),
+        None => {
+            st.problems.push(format!("{LOADER_CONF} is missing"));
+            st.loader_missing = true;
+        }
     }
     for e in fat.list(ENTRIES_DIR)? {
         let Some(label) = entry_label(&e.name) else {
