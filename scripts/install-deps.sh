@@ -14,7 +14,7 @@ set -euo pipefail
 what=${1:-all}
 build=(libbtrfsutil-dev libclang-dev pkg-config gcc make)
 run=(btrfs-progs mount util-linux extlinux syslinux-common kmod fdisk mtools dosfstools)
-qemu=(qemu-system-x86 ovmf systemd-boot-efi)
+qemu=(qemu-system-x86 qemu-utils ovmf systemd-boot-efi)
 deb=(dpkg-dev debootstrap)
 # Bundle tests sign and make keys with minisign itself (format compatibility).
 tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign)

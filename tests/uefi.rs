@@ -335,7 +335,7 @@ fn hybrid_errors_name_the_problem_and_write_nothing() {
     );
     let bios_img = tmp.path().join("b.img");
     let bs = bios_img.to_str().unwrap();
-    run_ok(&["--rootfs", r, bs]);
+    run_ok(&["--boot", "bios", "--rootfs", r, bs]);
     assert_eq!(list_json(bs)[0]["boot"], "bios");
     run_fails(
         &["boot-test", bs, "--firmware", "uefi"],
