@@ -274,7 +274,9 @@ pub struct BootTestArgs {
     /// Disk image to boot.
     pub target: PathBuf,
     /// Boot this version's menu entry instead of the default (the default on
-    /// disk is not changed).
+    /// disk is not changed: under UEFI a temporary overlay of the disk makes
+    /// it the default, which needs qemu-utils; under BIOS it is typed at the
+    /// SYSLINUX prompt).
     #[arg(long = "version", value_name = "LABEL")]
     pub label: Option<String>,
     /// Regular expression that marks a successful boot on the serial console
