@@ -88,7 +88,7 @@ deb-test: deb deb-chroot fixture
 demo: build fixture
 	@scripts/install-deps.sh demo
 	@rm -f $(DEMO_IMG)
-	$(DEPLOY) --boot hybrid --version factory --rootfs $(CACHE)/tiny/rootfs $(DEMO_IMG)
+	$(DEPLOY) --version factory --rootfs $(CACHE)/tiny/rootfs $(DEMO_IMG)
 	$(DEPLOY) list $(DEMO_IMG)
 	$(DEPLOY) boot-test $(DEMO_IMG) --firmware uefi --timeout 120 --log $(CACHE)/demo-console-uefi.log
 	$(DEPLOY) boot-test $(DEMO_IMG) --firmware bios --timeout 120 --log $(CACHE)/demo-console.log

@@ -14,10 +14,11 @@ set -euo pipefail
 what=${1:-all}
 build=(libbtrfsutil-dev libclang-dev pkg-config gcc make)
 run=(btrfs-progs mount util-linux extlinux syslinux-common kmod fdisk mtools dosfstools)
-qemu=(qemu-system-x86 ovmf systemd-boot-efi)
+qemu=(qemu-system-x86 qemu-utils ovmf systemd-boot-efi)
 deb=(dpkg-dev debootstrap)
 # Bundle tests sign and make keys with minisign itself (format compatibility).
-tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign)
+# fusefat mounts an ESP the way a device's /boot/efi is (the host kernel may lack vfat).
+tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign fusefat)
 case $what in
   build) pkgs=("${build[@]}") ;;
   demo) pkgs=("${build[@]}" "${run[@]}" "${qemu[@]}") ;;

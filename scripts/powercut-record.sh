@@ -10,6 +10,7 @@
 #
 # Operations, in order, each starting from the disk the previous one left:
 #   1 deploy      first deploy of `factory` (a directory rootfs) to a blank disk
+#                 (`--boot bios`: the whole-disk layout)
 #   2 upgrade     the user edits /etc in factory's run, then v2 is deployed
 #                 from a tarball with the `marker` configure extension (the
 #                 /etc three-way merge carries the edit) and its own kernel
@@ -103,7 +104,7 @@ chmod 0755 "$p/powercut/ext/marker.configure"
 
 D="deploy"
 cat >"$p/powercut/ops/deploy.sh" <<OP
-$D --version factory --rootfs /powercut/rootfs /dev/vda
+$D --boot bios --version factory --rootfs /powercut/rootfs /dev/vda
 OP
 cat >"$p/powercut/ops/upgrade.sh" <<OP
 mount -t btrfs -o subvol=systems/factory/run /dev/vda /mnt

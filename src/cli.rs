@@ -80,7 +80,7 @@ pub struct DeployArgs {
     pub no_bootloader: bool,
     /// How a new disk boots: hybrid (GPT with an EFI system partition:
     /// UEFI and BIOS), uefi (the same without BIOS boot code), bios
-    /// (whole-disk Btrfs, SYSLINUX). Default: bios. Existing disks keep theirs.
+    /// (whole-disk Btrfs, SYSLINUX). Default: hybrid. Existing disks keep theirs.
     #[arg(long, value_enum, value_name = "KIND")]
     pub boot: Option<BootArg>,
     /// Format a block device even when it already holds a filesystem or a
@@ -314,7 +314,9 @@ pub struct BootTestArgs {
     /// Disk image to boot.
     pub target: PathBuf,
     /// Boot this version's menu entry instead of the default (the default on
-    /// disk is not changed).
+    /// disk is not changed: under UEFI a temporary overlay of the disk makes
+    /// it the default, which needs qemu-utils; under BIOS it is typed at the
+    /// SYSLINUX prompt).
     #[arg(long = "version", value_name = "LABEL")]
     pub label: Option<String>,
     /// Regular expression that marks a successful boot on the serial console

@@ -50,7 +50,7 @@ pub struct Config {
     pub no_bootloader: Option<bool>,
     /// Format a block device that holds a filesystem (`--wipe`).
     pub wipe: Option<bool>,
-    /// How a new disk boots (`--boot`): "bios", "uefi" or "hybrid".
+    /// How a new disk boots (`--boot`): "hybrid" (the default), "uefi" or "bios".
     pub boot: Option<crate::cli::BootArg>,
     /// Do not make the new version the default (`--no-default`).
     #[serde(alias = "no-default")]

@@ -50,7 +50,7 @@ fn fixture() -> Fixture {
         "--rootfs",
         &f.p("rootfs"),
         "--size",
-        "400M",
+        "660M",
         &f.p("good.img"),
     ]);
     run_ok(&[

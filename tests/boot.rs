@@ -1,6 +1,8 @@
-//! Boot tests (issues 3 and 4): real disks produced by `deploy`, booted in
-//! QEMU through SeaBIOS → extlinux → kernel, asserting on what the tiny test
-//! system reports from inside the guest.
+//! Boot tests (issues 3 and 4): real disks produced by `deploy` (the
+//! default, hybrid layout), booted in QEMU through their default firmware
+//! path (OVMF → systemd-boot → kernel; tests/uefi.rs boots the same disks
+//! under SeaBIOS too), asserting on what the tiny test system reports from
+//! inside the guest.
 
 mod common;
 use common::*;
@@ -42,7 +44,7 @@ fn factory_boots_with_root_on_run_and_state_mounted_from_fstab() {
         opts[0].contains("noatime") && opts[0].contains("subvol=/state/home"),
         "{opts:?}"
     );
-    assert!(console.contains(&format!("root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/default/run rw console=tty0 console=ttyS0,115200")), "{console}");
+    assert!(console.contains(&format!("root=UUID={uuid} rootfstype=btrfs rootflags=subvol=systems/factory/run rw console=tty0 console=ttyS0,115200")), "{console}");
     assert!(console.contains("TINY: hostname=tiny"));
     assert!(!console.contains("mount -a failed"), "{console}");
     // Nothing of the deploy or the boot test is left attached or mounted.
@@ -59,12 +61,13 @@ fn boot_test_fails_clearly_when_root_subvolume_is_missing() {
         img.to_str().unwrap(),
     ]);
     {
+        // The root subvolume every boot entry names goes away.
         let e = Edit::open(&img);
-        let conf = e.path("systems/factory/default-entry.conf");
-        let text = std::fs::read_to_string(&conf)
-            .unwrap()
-            .replace("subvol=systems/default/run", "subvol=systems/missing/run");
-        std::fs::write(&conf, text).unwrap();
+        std::fs::rename(
+            e.path("systems/factory/run"),
+            e.path("systems/factory/run.gone"),
+        )
+        .unwrap();
     }
     let started = std::time::Instant::now();
     let stderr = run_fails(
@@ -151,10 +154,17 @@ fn upgrade_rollback_remove_each_followed_by_a_boot() {
     assert_layout_mounted(&c, "v2");
     assert!(c.contains("issue=v2-rootfs"), "{c}");
     assert!(c.contains("home-file /home/kept.txt: from the host"), "{c}");
-    // --version boots another entry without changing the default.
+    // --version boots another entry (under UEFI: from an overlay whose
+    // loader.conf names it) without changing the default or the image.
+    let before = fingerprint(&img);
     let c = boot_console(&img, Some("factory"));
     assert_layout_mounted(&c, "factory");
     assert!(c.contains("issue=factory-rootfs"));
+    assert!(
+        fingerprint(&img) == before,
+        "boot-test --version changed the image"
+    );
+    assert_no_leftovers(&img, false);
 
     run_ok(&["set-default", "factory", imgs]);
     let c = boot_console(&img, None);

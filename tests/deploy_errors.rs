@@ -224,14 +224,15 @@ fn disk_full_mid_copy_leaves_nothing() {
     let (tmp, _, img) = setup();
     // Empty files with long names cost Btrfs metadata (the name is stored
     // three times, metadata is duplicated) but almost nothing on the source:
-    // the size check passes and the filesystem fills during the copy.
+    // the size check passes and the filesystem fills during the copy (the
+    // default hybrid disk: a 256 MiB ESP and a 262 MiB Btrfs).
     let rootfs = tmp.path().join("manyfiles");
     make_rootfs(&rootfs);
     sh(&format!(
         "cd {} && mkdir -p many && cd many && for d in $(seq 1 50); do mkdir d$d; (cd d$d && seq -f \"%06g-$(printf 'n%.0s' $(seq 1 200))\" 1 2800 | xargs touch); done",
         rootfs.display()
     ));
-    let out = run(&["--size", "256M", "--rootfs", rootfs.to_str().unwrap(), &img]);
+    let out = run(&["--size", "520M", "--rootfs", rootfs.to_str().unwrap(), &img]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no space left"), "{stderr}");

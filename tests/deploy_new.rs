@@ -320,6 +320,23 @@ fn explicit_kernel_overrides_discovery() {
     );
 }
 
+/// The device holds the default (hybrid) layout: a GPT whose second
+/// partition is the Btrfs.
+fn assert_hybrid_layout(dev: &str) {
+    assert_eq!(
+        sh(&format!("blkid -p -o value -s PTTYPE {dev}")).trim(),
+        "gpt"
+    );
+    let (offset, _) = btrfs_partition(Path::new(dev)).expect("a GPT with a Btrfs partition");
+    assert_eq!(
+        sh(&format!(
+            "blkid -p --offset {offset} -o value -s TYPE {dev}"
+        ))
+        .trim(),
+        "btrfs"
+    );
+}
+
 #[test]
 fn block_device_target_is_formatted_only_when_empty_or_wiped() {
     let tmp = tempfile::tempdir().unwrap();
@@ -340,10 +357,7 @@ fn block_device_target_is_formatted_only_when_empty_or_wiped() {
     }
     let _d = Detach(dev.clone());
     run_ok(&["--rootfs", rootfs.to_str().unwrap(), &dev]);
-    assert_eq!(
-        sh(&format!("blkid -p -o value -s TYPE {dev}")).trim(),
-        "btrfs"
-    );
+    assert_hybrid_layout(&dev);
     // Now it holds the layout: a second deploy without --version is a usage error.
     run_fails(
         &["--rootfs", rootfs.to_str().unwrap(), &dev],
@@ -363,8 +377,5 @@ fn block_device_target_is_formatted_only_when_empty_or_wiped() {
         "refused deploy changed the device"
     );
     run_ok(&["--wipe", "--rootfs", rootfs.to_str().unwrap(), &dev]);
-    assert_eq!(
-        sh(&format!("blkid -p -o value -s TYPE {dev}")).trim(),
-        "btrfs"
-    );
+    assert_hybrid_layout(&dev);
 }

@@ -1009,7 +1009,7 @@ fn all_shipped_extensions_customise_a_deployed_tree() {
         "--rootfs".into(),
         rootfs.to_str().unwrap().into(),
         "--size".into(),
-        "400M".into(),
+        "660M".into(),
     ];
     for e in [
         "users",
@@ -1448,7 +1448,7 @@ fn deploy_toml_in_the_cwd_and_set_overrides() {
     std::fs::rename(m.join("manifest"), site.join("manifest")).unwrap();
     write(
         &site.join("deploy.toml"),
-        b"# site config\nrootfs = \"rootfs\"\nversion = \"site1\"\nsize = \"400M\"\n\
+        b"# site config\nrootfs = \"rootfs\"\nversion = \"site1\"\nsize = \"660M\"\n\
           no_bootloader = true\nextensions = [\"hostname\", \"install-files\"]\n\n\
           [settings]\nHOSTNAME = \"from-config\"\nAPP_NAME = \"cfg-app\"\nDB_PASSWORD = \"cfg-secret\"\n\
           INSTALL_FILES_MANIFEST = \"manifest\"\n",

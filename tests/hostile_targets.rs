@@ -403,17 +403,18 @@ fn read_only_commands_work_on_a_disk_with_an_unreplayed_log() {
     let mnt = d.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     sh(&format!(
-        "set -e; l=$(losetup --find --show {img}); mount -o commit=300,subvolid=5 $l {mnt}; \
+        "set -e; l=$(losetup --find --show {range} {img}); mount -o commit=300,subvolid=5 $l {mnt}; \
          dd if=/dev/zero of={mnt}/state/srv/fsynced bs=4k count=4 conv=fsync status=none; \
          cp --sparse=always {img} {cut}; umount {mnt}; losetup -d $l",
+        range = btrfs_losetup_range(&img),
         img = img.display(),
         mnt = mnt.display(),
         cut = cut.display()
     ));
-    let sb = sh(&format!(
-        "btrfs inspect-internal dump-super {}",
-        cut.display()
-    ));
+    let sb = {
+        let dev = BtrfsDev::attach(&cut, true);
+        sh(&format!("btrfs inspect-internal dump-super {}", dev.dev))
+    };
     let log_root = sb
         .lines()
         .find_map(|l| l.strip_prefix("log_root\t\t"))
@@ -454,10 +455,12 @@ fn read_only_commands_work_on_a_disk_with_an_unreplayed_log() {
 }
 
 /// A mounted Btrfs shows an anonymous device number in mountinfo: it must
-/// still be seen as mounted. A mounted disk is never formatted (`--wipe` or
-/// not), while adding a version to it (a device upgrading the disk it runs
-/// from) and reading it keep working. The filesystem made on a device is
-/// reported with the device's size.
+/// still be seen as mounted, also when it is a partition of the disk (the
+/// default, hybrid layout: partition nodes made with `partx -a`, as this
+/// kernel does not parse GPTs). A mounted disk is never formatted (`--wipe`
+/// or not), while adding a version to it (a device upgrading the disk it
+/// runs from) and reading it keep working. The filesystem made on a device
+/// is reported with the device's size.
 #[test]
 fn a_mounted_btrfs_device_is_never_wiped_but_can_be_upgraded() {
     let d = tempfile::tempdir().unwrap();
@@ -465,17 +468,18 @@ fn a_mounted_btrfs_device_is_never_wiped_but_can_be_upgraded() {
     let r = rootfs.to_str().unwrap();
     let backing = d.path().join("disk.raw");
     sh(&format!("truncate -s 1100M {}", backing.display()));
-    let dev = sh(&format!("losetup --find --show {}", backing.display()))
+    let dev = sh(&format!("losetup --find --show -P {}", backing.display()))
         .trim()
         .to_string();
     let detach = LoopDetach(dev.clone());
     let out = run_ok(&["--rootfs", r, "--no-bootloader", &dev]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Creating a 1.1 GiB Btrfs"), "{err}");
+    sh(&format!("partx -a {dev}"));
     let mnt = d.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     sh(&format!(
-        "mount -o subvol=systems/factory/run {dev} {}",
+        "mount -o subvol=systems/factory/run {dev}p2 {}",
         mnt.display()
     ));
     let before = fingerprint(&backing);

@@ -115,7 +115,17 @@ fn package_installs_and_deploys_in_a_clean_debian_12() {
         assert!(depends.contains(d), "Depends lacks {d}: {depends}");
     }
     let recommends = field("Recommends");
-    for r in ["extlinux", "syslinux-common", "qemu-system-x86", "ovmf"] {
+    for r in [
+        "extlinux",
+        "syslinux-common",
+        "fdisk",
+        "mtools",
+        "dosfstools",
+        "systemd-boot-efi",
+        "qemu-system-x86",
+        "qemu-utils",
+        "ovmf",
+    ] {
         assert!(recommends.contains(r), "Recommends lacks {r}: {recommends}");
     }
 
@@ -128,7 +138,10 @@ fn package_installs_and_deploys_in_a_clean_debian_12() {
             ("before", "command -v deploy || echo absent"),
             (
                 "install",
-                "apt-get install -y -q --no-install-recommends /tmp/pkg.deb",
+                // What the default (hybrid) disks need beyond the chroot's
+                // extlinux: the recommended partitioning and FAT tools.
+                "apt-get install -y -q --no-install-recommends /tmp/pkg.deb \
+                 fdisk mtools dosfstools systemd-boot-efi",
             ),
             ("help", "deploy --help"),
             ("man", "man -w deploy && man -w deploy-list"),

@@ -116,20 +116,7 @@ fn check_clean(img: &Path) -> Result<(), String> {
 }
 
 fn btrfs_check(img: &Path) -> Result<(), String> {
-    let out = std::process::Command::new("btrfs")
-        .args(["check", "--readonly"])
-        .arg(img)
-        .output()
-        .expect("btrfs check");
-    if !out.status.success() {
-        return Err(format!(
-            "btrfs check --readonly {}: {}{}",
-            img.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
+    btrfs_check_image(img)
 }
 
 /// The default label and the names in `systems/` of an image.
@@ -1397,11 +1384,8 @@ fn check_reports_each_broken_invariant_by_name() {
 
 /// Physical offsets of the copies of the metadata block at `logical`
 /// (from the chunk tree; a single device, so stripes are plain offsets).
-fn physical_copies(img: &Path, logical: u64) -> Vec<u64> {
-    let dump = sh(&format!(
-        "btrfs inspect-internal dump-tree -t chunk {}",
-        img.display()
-    ));
+fn physical_copies(dev: &str, logical: u64) -> Vec<u64> {
+    let dump = sh(&format!("btrfs inspect-internal dump-tree -t chunk {dev}"));
     let mut out = Vec::new();
     let (mut start, mut len) = (0u64, 0u64);
     for l in dump.lines().map(str::trim) {
@@ -1424,9 +1408,12 @@ fn check_reports_a_damaged_filesystem() {
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("d.img");
     run_ok(&["--rootfs", &s(&tiny_rootfs()), &s(&img)]);
+    // The Btrfs is the second partition of the (default, hybrid) disk.
+    let part = btrfs_partition(&img).map_or(0, |(offset, _)| offset);
+    let dev = BtrfsDev::attach(&img, true);
     let roots = sh(&format!(
         "btrfs inspect-internal dump-tree -t root {}",
-        img.display()
+        dev.dev
     ));
     let bytenr: u64 = roots
         .split("(FREE_SPACE_TREE ROOT_ITEM 0)")
@@ -1435,13 +1422,14 @@ fn check_reports_a_damaged_filesystem() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no free space tree root:\n{roots}"));
-    let copies = physical_copies(&img, bytenr);
+    let copies = physical_copies(&dev.dev, bytenr);
+    drop(dev);
     assert!(!copies.is_empty(), "no mapping for {bytenr}");
     for p in copies {
         sh(&format!(
             "dd if=/dev/urandom of={} bs=1 seek={} count=64 conv=notrunc 2>/dev/null",
             img.display(),
-            p + 100
+            part + p + 100
         ));
     }
     let out = deploy().arg("check").arg(&img).output().unwrap();

@@ -23,7 +23,7 @@ fn status_names_the_default_the_versions_and_the_disk_kind() {
     assert_eq!(v["format"], 1);
     assert_eq!(v["default"], "factory");
     assert_eq!(v["versions"], serde_json::json!(["factory", "v2"]));
-    assert_eq!(v["boot"], "bios");
+    assert_eq!(v["boot"], "hybrid");
     // This host's / is not on the image.
     assert!(v["running"].is_null(), "{v}");
     assert_eq!(v["state_merge_pending"], false);

@@ -31,6 +31,49 @@ fn esp_read(img: &Path, path: &str) -> String {
     ))
 }
 
+/// The ESP files (`/btrfs-deploy/<hash>.linux`, `.initrd`) the entry of
+/// `label` names, kernel first; each must be on the ESP.
+fn entry_files(img: &Path, label: &str) -> Vec<String> {
+    let entry = esp_read(img, &format!("/loader/entries/{label}.conf"));
+    let named: Vec<String> = entry
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next()) {
+                (Some("linux" | "initrd"), Some(p)) => Some(p.to_string()),
+                _ => None,
+            }
+        })
+        .collect();
+    let files = esp_files(img);
+    for f in &named {
+        assert!(
+            files.contains(f),
+            "{label}'s entry names {f}, not on the ESP: {files:?}"
+        );
+    }
+    named
+}
+
+/// The kernel files on the ESP (in `/btrfs-deploy/`), sorted.
+fn esp_kernel_files(img: &Path) -> Vec<String> {
+    let mut v: Vec<String> = esp_files(img)
+        .into_iter()
+        .filter(|f| f.starts_with("/btrfs-deploy/") && !f.ends_with('/'))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The files the entries of `labels` name, once each, sorted: what the ESP
+/// must hold in `/btrfs-deploy/`, no more.
+fn named_by(img: &Path, labels: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = labels.iter().flat_map(|l| entry_files(img, l)).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// `fsck.fat -n` on a copy of the ESP finds nothing to repair.
 fn assert_esp_clean(img: &Path) {
     let copy = PathBuf::from(format!("{}.esp", img.display()));
@@ -95,8 +138,6 @@ fn hybrid_image_boots_under_seabios_and_ovmf() {
         "/EFI/BOOT/BOOTX64.EFI",
         "/loader/loader.conf",
         "/loader/entries/factory.conf",
-        "/btrfs-deploy/factory.linux",
-        "/btrfs-deploy/factory.initrd",
     ] {
         assert!(
             files.iter().any(|x| x == f),
@@ -104,6 +145,14 @@ fn hybrid_image_boots_under_seabios_and_ovmf() {
         );
     }
     assert!(esp_read(&img, "/loader/loader.conf").contains("\ndefault factory.conf\n"));
+    // The kernel files, named by their content.
+    let named = entry_files(&img, "factory");
+    assert_eq!(named.len(), 2, "{named:?}");
+    assert!(
+        named[0].ends_with(".linux") && named[1].ends_with(".initrd"),
+        "{named:?}"
+    );
+    assert_eq!(esp_kernel_files(&img), named_by(&img, &["factory"]));
     // The entry boots this Btrfs (its UUID, read from the partition) and the version's run.
     let uuid = fs_uuid(&img);
     assert_eq!(uuid.len(), 36, "{uuid}");
@@ -135,9 +184,10 @@ fn hybrid_image_boots_under_seabios_and_ovmf() {
     assert_layout_mounted(&bios, "factory");
     // Without --firmware a hybrid disk boots under UEFI.
     let uefi = boot_console_with(&img, None, None);
+    let initrd = named[1].replace('/', "\\");
     assert!(
-        uefi.contains("initrd=\\btrfs-deploy\\factory.initrd"),
-        "not booted by systemd-boot from the ESP:\n{uefi}"
+        uefi.contains(&format!("initrd={initrd}")),
+        "not booted by systemd-boot from the ESP ({initrd}):\n{uefi}"
     );
     assert_layout_mounted(&uefi, "factory");
     assert_no_leftovers(&img, false);
@@ -155,7 +205,10 @@ fn upgrade_rollback_remove_each_followed_by_a_uefi_boot() {
     let v2 = tiny_variant(tmp.path(), "v2-rootfs");
     run_ok(&["--version", "v2", "--rootfs", v2.to_str().unwrap(), imgs]);
     assert!(esp_read(&img, "/loader/loader.conf").contains("\ndefault v2.conf\n"));
-    assert!(esp_files(&img).contains(&"/btrfs-deploy/v2.linux".to_string()));
+    // v2 changed userland only: its entry names factory's kernel files,
+    // which the ESP holds once.
+    assert_eq!(entry_files(&img, "v2"), entry_files(&img, "factory"));
+    assert_eq!(esp_kernel_files(&img).len(), 2);
     let c = boot_console_with(&img, None, Some("uefi"));
     assert_layout_mounted(&c, "v2");
     assert!(c.contains("issue=v2-rootfs"), "{c}");
@@ -170,8 +223,10 @@ fn upgrade_rollback_remove_each_followed_by_a_uefi_boot() {
     let files = esp_files(&img);
     assert!(
         !files.iter().any(|f| f.contains("v2")),
-        "v2's files stay on the ESP: {files:?}"
+        "v2's entry stays on the ESP: {files:?}"
     );
+    // The shared files stay: factory names them.
+    assert_eq!(esp_kernel_files(&img), named_by(&img, &["factory"]));
     assert_esp_clean(&img);
     run_ok(&["check", imgs]);
     let c = boot_console_with(&img, None, Some("uefi"));
@@ -179,30 +234,47 @@ fn upgrade_rollback_remove_each_followed_by_a_uefi_boot() {
     assert_no_leftovers(&img, false);
 }
 
-/// A synthetic rootfs whose kernel is `mib` MiB of non-zero data.
-fn rootfs_with_kernel(dir: &Path, name: &str, mib: usize) -> PathBuf {
+/// A synthetic rootfs whose kernel is `mib` MiB of the byte `fill`.
+fn rootfs_with_kernel(dir: &Path, name: &str, mib: usize, fill: u8) -> PathBuf {
     let root = dir.join(name);
     make_rootfs(&root);
     write(
         &root.join(format!("boot/vmlinuz-{FAKE_KVER}")),
-        &vec![0x5a; mib << 20],
+        &vec![fill; mib << 20],
     );
     root
 }
 
-/// The ESP's space is checked before anything is written; removing a
-/// version frees its files; `cleanup` removes ESP files of no version.
+/// The ESP's space is checked before anything is written, counting a
+/// kernel the ESP holds already (identical in another version) once;
+/// removing a version frees the files no other version names; `cleanup`
+/// removes ESP files of no version.
 #[test]
 fn esp_space_is_checked_at_planning_and_freed_by_remove() {
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("full.img");
     let imgs = img.to_str().unwrap();
-    let big = rootfs_with_kernel(tmp.path(), "big", 140);
-    run_ok(&["--boot", "hybrid", "--rootfs", big.to_str().unwrap(), imgs]);
-    // A second 140 MiB kernel does not fit on the 256 MiB ESP.
+    let big = rootfs_with_kernel(tmp.path(), "big", 140, 0x5a);
+    run_ok(&["--rootfs", big.to_str().unwrap(), imgs]);
+    // The same 140 MiB kernel again is shared: it fits, and the ESP still
+    // holds one copy.
+    run_ok(&[
+        "--version",
+        "same",
+        "--no-default",
+        "--rootfs",
+        big.to_str().unwrap(),
+        imgs,
+    ]);
+    assert_eq!(entry_files(&img, "same"), entry_files(&img, "factory"));
+    assert_eq!(esp_kernel_files(&img).len(), 2);
+    run_ok(&["remove", "same", imgs]);
+    assert_eq!(esp_kernel_files(&img), named_by(&img, &["factory"]));
+    // A second, different 140 MiB kernel does not fit on the 256 MiB ESP.
+    let big2 = rootfs_with_kernel(tmp.path(), "big2", 140, 0x5b);
     let before = fingerprint(&img);
     run_fails(
-        &["--version", "v2", "--rootfs", big.to_str().unwrap(), imgs],
+        &["--version", "v2", "--rootfs", big2.to_str().unwrap(), imgs],
         1,
         &["EFI system partition", "v2 needs", "deploy remove"],
     );
@@ -212,12 +284,19 @@ fn esp_space_is_checked_at_planning_and_freed_by_remove() {
     );
     assert_no_leftovers(&img, false);
     // A small one fits; then the big one is removed, and its space is free again.
-    let small = rootfs_with_kernel(tmp.path(), "small", 1);
+    let small = rootfs_with_kernel(tmp.path(), "small", 1, 0x5a);
     run_ok(&["--version", "v2", "--rootfs", small.to_str().unwrap(), imgs]);
+    let factory_kernel = entry_files(&img, "factory")[0].clone();
     run_ok(&["remove", "factory", imgs]);
-    assert!(!esp_files(&img).iter().any(|f| f.contains("factory")));
-    run_ok(&["--version", "v3", "--rootfs", big.to_str().unwrap(), imgs]);
-    assert!(esp_files(&img).contains(&"/btrfs-deploy/v3.linux".to_string()));
+    let files = esp_files(&img);
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.contains("factory") || *f == factory_kernel),
+        "{files:?}"
+    );
+    run_ok(&["--version", "v3", "--rootfs", big2.to_str().unwrap(), imgs]);
+    assert_eq!(esp_kernel_files(&img), named_by(&img, &["v2", "v3"]));
     assert_esp_clean(&img);
 
     // Leftovers of an interrupted write, or of a version that is gone.
@@ -276,13 +355,11 @@ fn esp_space_is_checked_at_planning_and_freed_by_remove() {
     let files = esp_files(&img);
     assert!(!files.iter().any(|f| f.contains("/v2.")), "{files:?}");
     assert!(
-        files.contains(&"/btrfs-deploy/v4.linux".to_string()),
-        "{files:?}"
-    );
-    assert!(
         files.contains(&"/loader/entries/v3.conf".to_string()),
         "{files:?}"
     );
+    // v4 has v2's small kernel: that file stays, with v4's entry naming it.
+    assert_eq!(esp_kernel_files(&img), named_by(&img, &["v3", "v4"]));
     assert_esp_clean(&img);
 }
 
@@ -328,14 +405,33 @@ fn hybrid_errors_name_the_problem_and_write_nothing() {
         1,
         &["uefi disk", "does not boot under BIOS"],
     );
+    // --version under UEFI boots an overlay: the guest's writes cannot
+    // reach the disk, so --persist is refused; a version without an entry
+    // on the ESP cannot be booted.
     run_fails(
-        &["boot-test", us, "--version", "factory"],
+        &["boot-test", us, "--version", "factory", "--persist"],
         2,
-        &["--firmware bios"],
+        &["--persist with --version under UEFI", "deploy set-default"],
     );
+    run_ok(&[
+        "--version",
+        "nokernel",
+        "--no-bootloader",
+        "--no-default",
+        "--rootfs",
+        r,
+        us,
+    ]);
+    let before_us = fingerprint(&uefi_img);
+    run_fails(
+        &["boot-test", us, "--version", "nokernel"],
+        1,
+        &["version nokernel has no complete boot entry on the EFI system partition"],
+    );
+    assert!(fingerprint(&uefi_img) == before_us);
     let bios_img = tmp.path().join("b.img");
     let bs = bios_img.to_str().unwrap();
-    run_ok(&["--rootfs", r, bs]);
+    run_ok(&["--boot", "bios", "--rootfs", r, bs]);
     assert_eq!(list_json(bs)[0]["boot"], "bios");
     run_fails(
         &["boot-test", bs, "--firmware", "uefi"],
@@ -387,6 +483,79 @@ fn hybrid_errors_name_the_problem_and_write_nothing() {
     for i in [&img, &uefi_img, &bios_img, &foreign] {
         assert_no_leftovers(i, false);
     }
+}
+
+/// On a device the running system may have the ESP mounted at /boot/efi.
+/// deploy writes the ESP through the disk, so it refuses to write while a
+/// partition over the ESP is mounted, naming it and the mount point, and
+/// writes nothing; read-only commands still work; once unmounted, the same
+/// command succeeds. (This kernel has no vfat: `fusefat` mounts the
+/// partition instead, read-only so that any change would be deploy's, its
+/// mount source naming the partition node as the kernel's vfat mount does;
+/// partition nodes come from `partx -a`.)
+#[test]
+fn a_mounted_esp_is_never_written_through_the_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = tmp.path().join("rootfs");
+    make_rootfs(&rootfs);
+    let r = rootfs.to_str().unwrap();
+    let backing = tmp.path().join("backing.img");
+    sh(&format!("truncate -s 800M {}", backing.display()));
+    let dev = sh(&format!("losetup --find --show -P {}", backing.display()))
+        .trim()
+        .to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _d = Detach(dev.clone());
+    run_ok(&["--rootfs", r, &dev]);
+    run_ok(&["--version", "v2", "--no-default", "--rootfs", r, &dev]);
+    sh(&format!("partx -a {dev}"));
+    let efi = tmp.path().join("boot-efi");
+    std::fs::create_dir(&efi).unwrap();
+    sh(&format!(
+        "fusefat -o ro,fsname={dev}p1 {dev}p1 {} >/dev/null",
+        efi.display()
+    ));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let mounted = Unmount(efi.clone());
+    let before = fingerprint(&backing);
+    let at = efi.display().to_string();
+    let needles = [
+        "the EFI system partition of",
+        "p1) is mounted at",
+        "never through a second path",
+        "umount",
+    ];
+    for args in [
+        vec!["--version", "v3", "--rootfs", r, &dev],
+        vec!["set-default", "v2", &dev],
+        vec!["remove", "v2", &dev],
+        vec!["cleanup", &dev],
+    ] {
+        let err = run_fails(&args, 1, &needles);
+        assert!(err.contains(&at), "{err}");
+        assert!(fingerprint(&backing) == before, "deploy {args:?} wrote");
+    }
+    // Reading is fine.
+    let out = run_ok(&["list", &dev]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("v2"));
+    assert!(fingerprint(&backing) == before);
+    drop(mounted);
+    // Unmounted, the same command works.
+    run_ok(&["set-default", "v2", &dev]);
+    run_ok(&["check", &dev]);
+    sh(&format!("partx -d {dev} || true"));
 }
 
 /// A loop device standing in for a disk: a hybrid layout is written on it

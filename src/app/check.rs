@@ -275,7 +275,12 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
              deploy or set-default) finishes or undoes it",
         ));
     }
-    out.extend(check_bootloader(top, &versions, &fs_uuid));
+    out.extend(check_bootloader(
+        top,
+        &versions,
+        &fs_uuid,
+        disk.disk_layout.boot.bios(),
+    ));
     if let Some(esp) = disk.disk_layout.esp {
         out.push(check_esp(disk, esp, &versions));
     }
@@ -289,12 +294,20 @@ fn check_esp(disk: &Disk, esp: (u64, u64), versions: &[VersionInfo]) -> Finding 
         Ok(st) => st,
         Err(e) => return Finding::problem("esp", format!("{e:#}")),
     };
-    let mut problems = st.problems.clone();
     let with_kernel: Vec<&str> = versions
         .iter()
         .filter(|v| v.record.as_ref().is_some_and(|r| r.has_kernel))
         .map(|v| v.label.as_str())
         .collect();
+    let mut problems = st.problems.clone();
+    if with_kernel.is_empty() && st.loader_missing {
+        // Deployed with --no-bootloader: no loader expected yet.
+        let loader = [
+            format!("{} is missing", crate::boot::uefi::ESP_LOADER),
+            format!("{} is missing", crate::boot::uefi::LOADER_CONF),
+        ];
+        problems.retain(|p| !loader.contains(p));
+    }
     for l in &with_kernel {
         if !st.complete.iter().any(|c| c == l) {
             problems.push(format!(
@@ -676,8 +689,14 @@ fn check_state(versions: &[VersionInfo], state_subvols: &[String]) -> Finding {
     )
 }
 
-/// The bootloader config (and its installation) against the versions.
-fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Vec<Finding> {
+/// The bootloader config (and, with `syslinux`, its installation) against
+/// the versions. (Disks that do not boot under BIOS have no SYSLINUX.)
+fn check_bootloader(
+    top: &Layout,
+    versions: &[VersionInfo],
+    fs_uuid: &str,
+    syslinux: bool,
+) -> Vec<Finding> {
     let with_kernel: Vec<String> = versions
         .iter()
         .filter(|v| v.record.as_ref().is_some_and(|r| r.has_kernel))
@@ -725,6 +744,9 @@ fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Ve
             with_kernel.join(", ")
         ),
     )];
+    if !syslinux {
+        return out;
+    }
     let mut install = Vec::new();
     if !top.extlinux_dir().join("ldlinux.c32").is_file() {
         install.push("extlinux/ldlinux.c32 is missing (SYSLINUX not installed)".to_string());

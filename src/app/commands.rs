@@ -271,7 +271,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     }
     // Hold the lock while QEMU runs, so no deploy changes the disk under it.
     let _lock = disk::lock_existing(&args.target)?;
-    let boot_kind = open_checked(&args.target, kind, true, |disk| {
+    let (boot_kind, esp) = open_checked(&args.target, kind, true, |disk| {
         let top = &disk.layout;
         let default = versions::default_label(top)?;
         let label = args.label.as_deref().unwrap_or(&default);
@@ -282,7 +282,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
                 args.target.display()
             );
         }
-        Ok(disk.disk_layout.boot)
+        Ok((disk.disk_layout.boot, disk.disk_layout.esp))
     })?;
     let firmware = match args.firmware {
         Some(FirmwareArg::Bios) if !boot_kind.bios() => bail!(
@@ -299,17 +299,33 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
         None if boot_kind.uefi() => Firmware::Uefi,
         None => Firmware::Bios,
     };
-    if firmware == Firmware::Uefi && args.label.is_some() {
-        return Err(crate::UsageError(
-            "--version picks a menu entry at the SYSLINUX prompt, which only the BIOS path has: \
-             add --firmware bios (on a hybrid disk), or boot the default under UEFI"
-                .into(),
-        )
-        .into());
-    }
+    // Under UEFI, --version boots a temporary overlay of the disk whose
+    // loader.conf names that version (the disk is not changed); under
+    // BIOS, the label is typed at the SYSLINUX prompt.
+    let overlay = match (&args.label, firmware, esp) {
+        (Some(_), Firmware::Uefi, _) if args.persist => {
+            return Err(crate::UsageError(
+                "--persist with --version under UEFI: the version is booted from a temporary \
+                 overlay of the disk, so the guest's writes could not reach it; make the version \
+                 the default first (deploy set-default), or add --firmware bios (hybrid disks)"
+                    .into(),
+            )
+            .into())
+        }
+        (Some(label), Firmware::Uefi, Some(esp)) => {
+            let writes = crate::boot::uefi::default_switch_writes(&args.target, esp, label)?;
+            Some(boottest::Overlay::new(&args.target, &writes)?)
+        }
+        _ => None,
+    };
     let mut opts = BootTestOptions::new(&args.target, expect);
     opts.firmware = firmware;
-    opts.entry = args.label.clone();
+    if let Some(o) = &overlay {
+        opts.image = o.path.clone();
+        opts.image_format = "qcow2";
+    } else {
+        opts.entry = args.label.clone();
+    }
     opts.timeout = std::time::Duration::from_secs(args.timeout);
     opts.accel = match args.accel {
         AccelArg::Auto => Accel::Auto,

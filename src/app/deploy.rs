@@ -53,7 +53,7 @@ const ESP_LABEL: &str = "ESP";
 /// legacy-BIOS-bootable attribute.
 pub const GPTMBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
 /// How a new disk boots when `--boot` is not given.
-pub const DEFAULT_BOOT: BootKind = BootKind::Bios;
+pub const DEFAULT_BOOT: BootKind = BootKind::Hybrid;
 
 /// A new image or device to format.
 #[derive(Debug)]
@@ -801,11 +801,9 @@ fn check_upgrade_target(plan: &Plan, disk: &Disk) -> Result<()> {
             .then(|| kernel::find_boot_files(&plan.rootfs, &plan.kernel_choice))
             .transpose()?;
         if let Some(b) = &planned {
-            let mut sizes = vec![file_size(&b.kernel)?];
-            if let Some(i) = &b.initramfs {
-                sizes.push(file_size(i)?);
-            }
-            disk.boot().check_space(&plan.label, &sizes)?;
+            let mut files = vec![b.kernel.clone()];
+            files.extend(b.initramfs.clone());
+            disk.boot().check_space_for(&plan.label, &files)?;
         }
     }
     if plan.no_bootloader && !plan.no_default && top.extlinux_conf().exists() {
@@ -1161,23 +1159,16 @@ fn publish_version(
     Ok(())
 }
 
-fn file_size(p: &Path) -> Result<u64> {
-    Ok(std::fs::metadata(p)
-        .with_context(|| format!("reading {}", p.display()))?
-        .len())
-}
-
 /// Checks that the boot files written to the version directory `dir` fit on
 /// the disk's boot partition, before anything is written there.
 fn check_boot_space(disk: &Disk, label: &str, dir: &Path) -> Result<()> {
-    let mut sizes = Vec::new();
-    for f in [layout::KERNEL, layout::INITRAMFS] {
-        if let Ok(m) = std::fs::metadata(dir.join(f)) {
-            sizes.push(m.len());
-        }
-    }
-    if sizes.is_empty() {
+    let files: Vec<PathBuf> = [layout::KERNEL, layout::INITRAMFS]
+        .iter()
+        .map(|f| dir.join(f))
+        .take_while(|p| p.exists())
+        .collect();
+    if files.is_empty() {
         return Ok(());
     }
-    disk.boot().check_space(label, &sizes)
+    disk.boot().check_space_for(label, &files)
 }

@@ -21,23 +21,50 @@ use std::path::Path;
 
 type Fs = fatfs::FileSystem<StreamSlice<DiskFile>>;
 
+/// Writes kept in memory instead of reaching the disk: (byte offset on the
+/// disk, data), in the order they were made.
+pub type Captured = Vec<(u64, Vec<u8>)>;
+
 /// The disk under a [`FatPartition`]. Opened read-only, writes are dropped:
 /// `fatfs` updates its cached free-cluster count (FSInfo) even when only
 /// reading, and a read-only inspection must leave the disk byte-identical.
+/// Opened to capture, writes are kept in memory (and read back over the
+/// disk's data) for the caller to apply elsewhere.
 struct DiskFile {
     file: File,
     write: bool,
+    capture: Option<std::rc::Rc<std::cell::RefCell<Captured>>>,
 }
 
 impl Read for DiskFile {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.file.read(buf)
+        let Some(cap) = &self.capture else {
+            return self.file.read(buf);
+        };
+        use std::io::Seek;
+        let at = self.file.stream_position()?;
+        let n = self.file.read(buf)?;
+        for (off, data) in cap.borrow().iter() {
+            let (start, end) = ((*off).max(at), (off + data.len() as u64).min(at + n as u64));
+            if start < end {
+                buf[(start - at) as usize..(end - at) as usize]
+                    .copy_from_slice(&data[(start - off) as usize..(end - off) as usize]);
+            }
+        }
+        Ok(n)
     }
 }
 
 impl Write for DiskFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.write {
+        if let Some(cap) = &self.capture {
+            use std::io::Seek;
+            let at = self.file.stream_position()?;
+            cap.borrow_mut().push((at, buf.to_vec()));
+            self.file
+                .seek(std::io::SeekFrom::Current(buf.len() as i64))?;
+            Ok(buf.len())
+        } else if self.write {
             self.file.write(buf)
         } else {
             Ok(buf.len())
@@ -67,6 +94,7 @@ pub fn format(disk: &Path, start: u64, size: u64, label: &str) -> Result<()> {
     let disk_file = DiskFile {
         file: file.try_clone()?,
         write: true,
+        capture: None,
     };
     let slice = StreamSlice::new(disk_file, start, start + size)
         .with_context(|| format!("reaching the boot partition of {}", disk.display()))?;
@@ -100,16 +128,36 @@ pub struct FatPartition {
     file: File,
     what: String,
     write: bool,
+    capture: Option<std::rc::Rc<std::cell::RefCell<Captured>>>,
 }
 
 impl FatPartition {
     /// Opens the FAT filesystem in the byte range `start..start+size` of `disk`.
     pub fn open(disk: &Path, start: u64, size: u64, write: bool) -> Result<FatPartition> {
+        Self::open_with(disk, start, size, write, None)
+    }
+
+    /// Opens the FAT filesystem read-only, keeping what would be written in
+    /// memory (later reads see it): [`FatPartition::close_captured`]
+    /// returns those writes, to be applied to a copy or overlay of the disk.
+    pub fn open_capturing(disk: &Path, start: u64, size: u64) -> Result<FatPartition> {
+        let cap = std::rc::Rc::new(std::cell::RefCell::new(Captured::new()));
+        Self::open_with(disk, start, size, false, Some(cap))
+    }
+
+    fn open_with(
+        disk: &Path,
+        start: u64,
+        size: u64,
+        write: bool,
+        capture: Option<std::rc::Rc<std::cell::RefCell<Captured>>>,
+    ) -> Result<FatPartition> {
         let what = format!("the FAT boot partition of {}", disk.display());
         let file = open(disk, write)?;
         let disk_file = DiskFile {
             file: file.try_clone()?,
             write,
+            capture: capture.clone(),
         };
         let slice = StreamSlice::new(disk_file, start, start + size)
             .with_context(|| format!("reaching {what}"))?;
@@ -120,7 +168,23 @@ impl FatPartition {
             file,
             what,
             write,
+            capture,
         })
+    }
+
+    /// Unmounts a partition opened with [`FatPartition::open_capturing`]
+    /// and returns every write made to it, in order (byte offsets on the
+    /// disk); the disk itself is unchanged.
+    pub fn close_captured(mut self) -> Result<Captured> {
+        if let Some(fs) = self.fs.take() {
+            fs.unmount()
+                .with_context(|| format!("unmounting {}", self.what))?;
+        }
+        Ok(self
+            .capture
+            .take()
+            .map(|c| c.borrow().clone())
+            .unwrap_or_default())
     }
 
     fn fs(&self) -> &Fs {

@@ -82,6 +82,16 @@ pub(crate) trait Backend {
     fn check_space(&self, _label: &str, _file_sizes: &[u64]) -> Result<()> {
         Ok(())
     }
+    /// Like [`Backend::check_space`], given the files themselves (kernel
+    /// first, then the initramfs): a backend that shares identical files
+    /// between versions counts only those it does not hold yet.
+    fn check_space_for(&self, label: &str, files: &[std::path::PathBuf]) -> Result<()> {
+        let mut sizes = Vec::new();
+        for f in files {
+            sizes.push(std::fs::metadata(f)?.len());
+        }
+        self.check_space(label, &sizes)
+    }
     /// Writes the menu: one entry per version in `entries`, `default` marked
     /// as the default where the menu itself names it. Adds what new
     /// versions need; never changes what boots by default.
@@ -165,11 +175,11 @@ impl Boot {
         Boot { backends, kind }
     }
 
-    /// See [`Backend::check_space`].
-    pub fn check_space(&self, label: &str, file_sizes: &[u64]) -> Result<()> {
+    /// See [`Backend::check_space_for`].
+    pub fn check_space_for(&self, label: &str, files: &[std::path::PathBuf]) -> Result<()> {
         self.backends
             .iter()
-            .try_for_each(|b| b.check_space(label, file_sizes))
+            .try_for_each(|b| b.check_space_for(label, files))
     }
     /// See [`Backend::write_menu`].
     pub fn write_menu(

@@ -8,8 +8,8 @@
 //! EFI/BOOT/BOOTX64.EFI               systemd-boot (the removable-media path: no NVRAM entry needed)
 //! loader/loader.conf                 `default <label>.conf`: exactly one 512-byte sector
 //! loader/entries/<label>.conf        one entry per version (boot counting may add `+N[-M]` later)
-//! btrfs-deploy/<label>.linux         the version's kernel
-//! btrfs-deploy/<label>.initrd        its initramfs
+//! btrfs-deploy/<hash>.linux          a kernel, named by its content (SHA-256, 16 hex digits)
+//! btrfs-deploy/<hash>.initrd         an initramfs, likewise
 //! ```
 //! The directories are made once (see [`super::fat`]); files stay flat in them.
 //!
@@ -22,6 +22,13 @@
 //! `next-1-trial+0-1.conf`, and an entry with no tries left sorts last, so
 //! every later boot picks `next-2-default`: the version boots once. Ending
 //! the trial writes `loader.conf` back to the default, then removes both.
+//!
+//! Kernel files are content-addressed: versions whose kernel or initramfs
+//! are identical (an upgrade that changed only userland) name the same file
+//! in their entries, so the ESP holds each distinct file once. A file is
+//! removed once no entry names it; the space check counts only the files
+//! the ESP does not hold yet. (Disks made before kept `<label>.linux`; their
+//! entries still name those files, which go with the last entry naming them.)
 //!
 //! Power cuts: a new version's files are written under temporary names,
 //! renamed, and its entry is written last, so an entry only ever names
@@ -64,6 +71,8 @@ pub const ESP_DIRS: [&str; 5] = ["EFI", "EFI/BOOT", "loader", ENTRIES_DIR, VERSI
 pub const LOADER_CONF_SIZE: usize = 512;
 /// Suffix of files being written.
 const TMP: &str = ".tmp";
+/// Hex digits of a boot file's SHA-256 in its name on the ESP.
+const HASH_DIGITS: usize = 16;
 /// Room for directory entries and the entry file of a version, on top of its files.
 const ENTRY_OVERHEAD: u64 = 16 << 10;
 
@@ -103,15 +112,14 @@ pub fn loader_conf_default(conf: &str) -> Option<String> {
         .map(|rest| rest.trim().trim_end_matches(".conf").to_string())
 }
 
-/// The Boot Loader Specification entry of one version.
-pub fn render_entry(fs_uuid: &str, e: &Entry) -> String {
+/// The Boot Loader Specification entry of one version, whose kernel and
+/// initramfs are the ESP files `files` (paths on the ESP, kernel first).
+pub fn render_entry(fs_uuid: &str, e: &Entry, files: &[String]) -> String {
     let l = &e.label;
-    let mut s = format!(
-        "# Written by btrfs-deploy.\ntitle {l} (btrfs-deploy)\nversion {l}\nsort-key btrfs-deploy\n\
-         linux /{VERSIONS_DIR}/{l}{ESP_KERNEL}\n"
-    );
-    if e.initramfs {
-        s.push_str(&format!("initrd /{VERSIONS_DIR}/{l}{ESP_INITRD}\n"));
+    let mut s =
+        format!("# Written by btrfs-deploy.\ntitle {l} (btrfs-deploy)\nversion {l}\nsort-key btrfs-deploy\n");
+    for (kw, f) in ["linux", "initrd"].iter().zip(files) {
+        s.push_str(&format!("{kw} /{f}\n"));
     }
     s.push_str(&format!(
         "options root=UUID={fs_uuid} rootfstype=btrfs rootflags=subvol=systems/{l}/run rw {}\n",
@@ -138,9 +146,16 @@ pub fn entry_label(file_name: &str) -> Option<&str> {
     (!label.is_empty()).then_some(label)
 }
 
-/// An entry for the trial pair: `e`'s, with its own title and sort key.
-fn render_special(fs_uuid: &str, e: &Entry, title: &str, sort_key: &str) -> String {
-    render_entry(fs_uuid, e)
+/// An entry for the trial pair: `e`'s (naming the ESP files `files`),
+/// with its own title and sort key.
+fn render_special(
+    fs_uuid: &str,
+    e: &Entry,
+    files: &[String],
+    title: &str,
+    sort_key: &str,
+) -> String {
+    render_entry(fs_uuid, e, files)
         .lines()
         .map(|l| {
             if l.starts_with("title ") {
@@ -165,14 +180,40 @@ fn entry_path(label: &str) -> String {
     format!("{ENTRIES_DIR}/{label}.conf")
 }
 
-/// The version label of a file in `btrfs-deploy/` (`None` for anything
-/// else, such as a file left half-written).
-pub fn file_label(file_name: &str) -> Option<&str> {
-    [ESP_KERNEL, ESP_INITRD]
-        .iter()
-        .find_map(|sfx| file_name.strip_suffix(sfx))
-        .filter(|l| !l.is_empty())
+/// The ESP files an entry names (its `linux` and `initrd` lines), as paths
+/// on the ESP (no leading `/`).
+pub fn entry_files(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let mut w = line.split_whitespace();
+            match (w.next(), w.next()) {
+                (Some("linux" | "initrd"), Some(path)) => {
+                    Some(path.trim_start_matches('/').to_string())
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
+
+/// The name on the ESP of a boot file with the content of `src`:
+/// `btrfs-deploy/<first 16 hex digits of its SHA-256><suffix>`.
+pub fn content_name(src: &Path, suffix: &str) -> Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(src).with_context(|| format!("reading {}", src.display()))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", src.display()))?;
+    let hex: String = h
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    Ok(format!("{VERSIONS_DIR}/{}{suffix}", &hex[..HASH_DIGITS]))
+}
+
+/// What [`SystemdBoot::plan_files`] found: the ESP names of a version's
+/// boot files, the (source, name) pairs still to copy, and the bytes those take.
+type PlannedFiles = (Vec<String>, Vec<(PathBuf, String)>, u64);
 
 /// systemd-boot on the EFI system partition at byte range `esp` of `disk`.
 pub struct SystemdBoot {
@@ -230,6 +271,75 @@ impl SystemdBoot {
         Ok(())
     }
 
+    /// Every ESP file named by an entry (finished entries only).
+    fn referenced(fat: &FatPartition) -> Result<std::collections::BTreeSet<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for e in fat.list(ENTRIES_DIR)? {
+            if e.is_dir || e.name.ends_with(TMP) {
+                continue;
+            }
+            if let Some(text) = fat.read(&format!("{ENTRIES_DIR}/{}", e.name))? {
+                for f in entry_files(&String::from_utf8_lossy(&text)) {
+                    out.insert(f.to_ascii_lowercase());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the files of `btrfs-deploy/` that no entry names (shared
+    /// files stay while one entry names them); returns their paths.
+    fn remove_unreferenced(fat: &FatPartition) -> Result<Vec<String>> {
+        let used = Self::referenced(fat)?;
+        let mut removed = Vec::new();
+        for e in fat.list(VERSIONS_DIR)? {
+            let p = format!("{VERSIONS_DIR}/{}", e.name);
+            if e.is_dir || !used.contains(&p.to_ascii_lowercase()) {
+                fat.remove_all(&p)?;
+                removed.push(p);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The ESP files of one version's boot files `files` (kernel first):
+    /// the names its entry has now when those files are there with the
+    /// same sizes (a version's boot files never change, so they need not
+    /// be hashed again), else their content names. Also returns which of
+    /// them are missing (source, name) and the bytes those take.
+    fn plan_files(
+        fat: &FatPartition,
+        current: Option<&str>,
+        files: &[PathBuf],
+    ) -> Result<PlannedFiles> {
+        let old = current.map(entry_files).unwrap_or_default();
+        let (mut names, mut todo, mut need) = (Vec::new(), Vec::new(), 0);
+        for (i, src) in files.iter().enumerate() {
+            let suffix = if i == 0 { ESP_KERNEL } else { ESP_INITRD };
+            let len = std::fs::metadata(src)
+                .with_context(|| format!("reading {}", src.display()))?
+                .len();
+            let reuse = match old.get(i) {
+                Some(n) if fat.file_len(n)? == Some(len) => Some(n.clone()),
+                _ => None,
+            };
+            let name = match reuse {
+                Some(n) => n,
+                None => {
+                    let n = content_name(src, suffix)?;
+                    let planned = todo.iter().any(|(_, t): &(PathBuf, String)| *t == n);
+                    if fat.file_len(&n)? != Some(len) && !planned {
+                        need += fat.allocated(len);
+                        todo.push((src.clone(), n.clone()));
+                    }
+                    n
+                }
+            };
+            names.push(name);
+        }
+        Ok((names, todo, need))
+    }
+
     /// Copies `src` to `dst` on the ESP under a temporary name, then renames it.
     fn copy_file(fat: &FatPartition, src: &Path, dst: &str) -> Result<()> {
         let tmp = format!("{dst}{TMP}");
@@ -277,20 +387,41 @@ impl Backend for SystemdBoot {
         fallback: &Entry,
     ) -> Result<()> {
         self.with_esp(|fat| {
+            // The pair names the files the versions' own entries name.
+            let files_of = |label: &str| -> Result<Vec<String>> {
+                for e in fat.list(ENTRIES_DIR)? {
+                    if !is_trial_pair(&e.name) && entry_label(&e.name) == Some(label) {
+                        if let Some(text) = fat.read(&format!("{ENTRIES_DIR}/{}", e.name))? {
+                            return Ok(entry_files(&String::from_utf8_lossy(&text)));
+                        }
+                    }
+                }
+                bail!(
+                    "version {label} has no entry on the EFI system partition: run deploy cleanup"
+                )
+            };
+            let trial_files = files_of(&trial.label)?;
+            let fallback_files = files_of(&fallback.label)?;
             for e in fat.list(ENTRIES_DIR)? {
                 if is_trial_pair(&e.name) {
                     fat.remove_all(&format!("{ENTRIES_DIR}/{}", e.name))?;
                 }
             }
             let title = format!("{} (btrfs-deploy: default)", fallback.label);
-            let conf = render_special(fs_uuid, fallback, &title, "btrfs-deploy-next-2");
+            let conf = render_special(
+                fs_uuid,
+                fallback,
+                &fallback_files,
+                &title,
+                "btrfs-deploy-next-2",
+            );
             Self::write_file(
                 fat,
                 &format!("{ENTRIES_DIR}/{FALLBACK_ENTRY}.conf"),
                 conf.as_bytes(),
             )?;
             let title = format!("{} (btrfs-deploy: trial)", trial.label);
-            let conf = render_special(fs_uuid, trial, &title, "btrfs-deploy-next-1");
+            let conf = render_special(fs_uuid, trial, &trial_files, &title, "btrfs-deploy-next-1");
             Self::write_file(
                 fat,
                 &format!("{ENTRIES_DIR}/{TRIAL_ENTRY}+1-0.conf"),
@@ -345,6 +476,15 @@ impl Backend for SystemdBoot {
         fat.close()
     }
 
+    fn check_space_for(&self, label: &str, files: &[PathBuf]) -> Result<()> {
+        let fat = self.open(false)?;
+        // Files the ESP holds already (another version's identical kernel)
+        // take no more room.
+        let (_, _, need) = Self::plan_files(&fat, None, files)?;
+        self.require_free(&fat, label, need + ENTRY_OVERHEAD)?;
+        fat.close()
+    }
+
     fn write_menu(
         &self,
         top: &Layout,
@@ -356,32 +496,24 @@ impl Backend for SystemdBoot {
         self.with_esp(|fat| {
             for e in entries {
                 let dir = top.version(&e.label);
-                let mut files = vec![(dir.join(layout::KERNEL), ESP_KERNEL)];
+                let mut files = vec![dir.join(layout::KERNEL)];
                 if e.initramfs {
-                    files.push((dir.join(layout::INITRAMFS), ESP_INITRD));
+                    files.push(dir.join(layout::INITRAMFS));
                 }
-                // What is missing or incomplete on the ESP, checked before writing.
-                let mut todo = Vec::new();
-                let mut need = 0;
-                for (src, name) in files {
-                    let len = std::fs::metadata(&src)
-                        .with_context(|| format!("reading {}", src.display()))?
-                        .len();
-                    let dst = format!("{VERSIONS_DIR}/{}{name}", e.label);
-                    if fat.file_len(&dst)? != Some(len) {
-                        need += fat.allocated(len);
-                        todo.push((src, dst));
-                    }
-                }
+                let path = entry_path(&e.label);
+                let current = fat
+                    .read(&path)?
+                    .map(|b| String::from_utf8_lossy(&b).into_owned());
+                // What is missing on the ESP, checked before writing.
+                let (names, todo, need) = Self::plan_files(fat, current.as_deref(), &files)?;
                 if !todo.is_empty() {
                     self.require_free(fat, &e.label, need + ENTRY_OVERHEAD)?;
                 }
                 for (src, dst) in &todo {
                     Self::copy_file(fat, src, dst)?;
                 }
-                let conf = render_entry(fs_uuid, e);
-                let path = entry_path(&e.label);
-                if fat.read(&path)?.as_deref() != Some(conf.as_bytes()) {
+                let conf = render_entry(fs_uuid, e, &names);
+                if current.as_deref() != Some(conf.as_str()) {
                     let tmp = format!("{path}{TMP}");
                     fat.write(&tmp, conf.as_bytes())?;
                     fat.sync()?;
@@ -420,11 +552,9 @@ impl Backend for SystemdBoot {
                 }
             }
             fat.sync()?;
-            for f in fat.list(VERSIONS_DIR)? {
-                if file_label(&f.name).is_some_and(|l| l.eq_ignore_ascii_case(label)) {
-                    fat.remove_all(&format!("{VERSIONS_DIR}/{}", f.name))?;
-                }
-            }
+            // Then the files no remaining entry names: another version's
+            // identical kernel stays.
+            Self::remove_unreferenced(fat)?;
             Ok(())
         })
     }
@@ -448,13 +578,11 @@ impl Backend for SystemdBoot {
                     removed.push(format!("removed {p}"));
                 }
             }
-            for e in fat.list(VERSIONS_DIR)? {
-                if e.is_dir || !file_label(&e.name).is_some_and(known) {
-                    let p = format!("{VERSIONS_DIR}/{}", e.name);
-                    fat.remove_all(&p)?;
-                    removed.push(format!("removed {p}"));
-                }
-            }
+            removed.extend(
+                Self::remove_unreferenced(fat)?
+                    .into_iter()
+                    .map(|p| format!("removed {p}")),
+            );
             for tmp in [format!("{LOADER_CONF}{TMP}"), format!("{ESP_LOADER}{TMP}")] {
                 if fat.file_len(&tmp)?.is_some() {
                     fat.remove_all(&tmp)?;
@@ -464,6 +592,35 @@ impl Backend for SystemdBoot {
             Ok(removed)
         })
     }
+}
+
+/// The writes that would make `label` the UEFI default on the ESP at `esp`
+/// of `disk` (its `loader.conf` rewritten), computed without changing the
+/// disk: `boot-test --version` applies them to a temporary overlay. Fails
+/// when `label` has no complete entry on the ESP.
+pub fn default_switch_writes(
+    disk: &Path,
+    esp: (u64, u64),
+    label: &str,
+) -> Result<super::fat::Captured> {
+    let st = inspect(disk, esp)?;
+    if !st.complete.iter().any(|c| c == label) {
+        bail!(
+            "version {label} has no complete boot entry on the EFI system partition of {} \
+             (run deploy cleanup {}, which rewrites missing entries)",
+            disk.display(),
+            disk.display()
+        );
+    }
+    let fat = FatPartition::open_capturing(disk, esp.0, esp.1)?;
+    let conf = loader_conf(label);
+    if fat.file_len(LOADER_CONF)? == Some(LOADER_CONF_SIZE as u64) {
+        fat.overwrite_in_place(LOADER_CONF, &conf)?;
+    } else {
+        fat.remove_all(LOADER_CONF)?;
+        fat.write(LOADER_CONF, &conf)?;
+    }
+    fat.close_captured()
 }
 
 /// Fails, naming the package, when systemd-boot is not installed on the host.
@@ -487,6 +644,9 @@ pub struct EspState {
     pub complete: Vec<String>,
     /// Problems found.
     pub problems: Vec<String>,
+    /// Whether systemd-boot or `loader.conf` is missing (a problem only
+    /// once a version has a kernel: `--no-bootloader` disks have neither).
+    pub loader_missing: bool,
 }
 
 /// Reads the ESP of `disk` at `esp` for `check`.
@@ -500,10 +660,14 @@ pub fn inspect(disk: &Path, esp: (u64, u64)) -> Result<EspState> {
     }
     if fat.file_len(ESP_LOADER)?.is_none() {
         st.problems.push(format!("{ESP_LOADER} is missing"));
+        st.loader_missing = true;
     }
     match fat.read(LOADER_CONF)? {
         Some(c) => st.default = loader_conf_default(&String::from_utf8_lossy(&c)),
-        None => st.problems.push(format!("{LOADER_CONF} is missing")),
+        None => {
+            st.problems.push(format!("{LOADER_CONF} is missing"));
+            st.loader_missing = true;
+        }
     }
     if st.default.as_deref() == Some(TRIAL_PATTERN) {
         // During a trial the default is the fallback entry's version.
@@ -571,10 +735,6 @@ mod tests {
         assert_eq!(entry_label("a+b.conf"), Some("a+b"));
         assert_eq!(entry_label("v2.conf.tmp"), None);
         assert_eq!(entry_label(".conf"), None);
-        assert_eq!(file_label("v2.linux"), Some("v2"));
-        assert_eq!(file_label("v2.1.initrd"), Some("v2.1"));
-        assert_eq!(file_label("v2.linux.tmp"), None);
-        assert_eq!(file_label(".linux"), None);
     }
 
     #[test]
@@ -585,8 +745,13 @@ mod tests {
             dtb: false,
             args: "console=ttyS0".into(),
         };
-        let s = render_entry("1234", &e);
-        assert!(s.contains("\nlinux /btrfs-deploy/v2.linux\ninitrd /btrfs-deploy/v2.initrd\n"));
+        let files = [
+            "btrfs-deploy/k.linux".to_string(),
+            "btrfs-deploy/i.initrd".to_string(),
+        ];
+        let s = render_entry("1234", &e, &files);
+        assert!(s.contains("\nlinux /btrfs-deploy/k.linux\ninitrd /btrfs-deploy/i.initrd\n"));
+        assert_eq!(entry_files(&s), files);
         assert!(s.contains(
             "options root=UUID=1234 rootfstype=btrfs rootflags=subvol=systems/v2/run rw console=ttyS0\n"
         ));
@@ -596,6 +761,7 @@ mod tests {
                 initramfs: false,
                 ..e
             },
+            &files[..1],
         );
         assert!(!s.contains("initrd"));
     }
@@ -617,10 +783,10 @@ mod tests {
             dtb: false,
             args: "x".into(),
         };
-        for l in ["a", "b"] {
+        for (l, k) in [("a", 1u8), ("b", 3)] {
             let v = top.version(l);
             std::fs::create_dir_all(&v).unwrap();
-            std::fs::write(v.join(layout::KERNEL), vec![1u8; 40 << 20]).unwrap();
+            std::fs::write(v.join(layout::KERNEL), vec![k; 40 << 20]).unwrap();
             std::fs::write(v.join(layout::INITRAMFS), vec![2u8; 1000]).unwrap();
         }
         let b = SystemdBoot::new(&img, esp);
@@ -678,5 +844,146 @@ mod tests {
             ]
         );
         assert_eq!(inspect(&img, esp).unwrap().complete, vec!["b"]);
+    }
+
+    /// Versions with identical kernel files share one copy: counted once by
+    /// the space check, kept while an entry names them, removed with the
+    /// last one.
+    #[test]
+    fn identical_kernels_share_one_copy_on_the_esp() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let esp = (1u64 << 20, 64u64 << 20);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(esp.0 + esp.1)
+            .unwrap();
+        super::super::fat::format(&img, esp.0, esp.1, "ESP").unwrap();
+        let top = Layout::new(&d.path().join("top"));
+        let entry = |l: &str| Entry {
+            label: l.into(),
+            initramfs: true,
+            dtb: false,
+            args: "x".into(),
+        };
+        // a and b: the same 40 MiB kernel and initramfs; c: another kernel.
+        for (l, k) in [("a", 1u8), ("b", 1), ("c", 3)] {
+            let v = top.version(l);
+            std::fs::create_dir_all(&v).unwrap();
+            std::fs::write(v.join(layout::KERNEL), vec![k; 40 << 20]).unwrap();
+            std::fs::write(v.join(layout::INITRAMFS), vec![2u8; 1000]).unwrap();
+        }
+        let files = |l: &str| {
+            vec![
+                top.version(l).join(layout::KERNEL),
+                top.version(l).join(layout::INITRAMFS),
+            ]
+        };
+        let esp_files = || {
+            let fat = FatPartition::open(&img, esp.0, esp.1, false).unwrap();
+            let mut v: Vec<String> = fat
+                .list(VERSIONS_DIR)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
+            fat.close().unwrap();
+            v.sort();
+            v
+        };
+        let b = SystemdBoot::new(&img, esp);
+        b.write_menu(&top, "U", &[entry("a")], "a").unwrap();
+        b.switch_default("a").unwrap();
+        let one_copy = esp_files();
+        assert_eq!(one_copy.len(), 2, "{one_copy:?}");
+        assert!(one_copy
+            .iter()
+            .all(|n| n.len() == HASH_DIGITS + 6 || n.len() == HASH_DIGITS + 7));
+        // b shares a's files: it fits, though a second 40 MiB would not
+        // (the sizes alone say so).
+        assert!(b.check_space("b", &[40 << 20, 1000]).is_err());
+        b.check_space_for("b", &files("b")).unwrap();
+        b.write_menu(&top, "U", &[entry("a"), entry("b")], "a")
+            .unwrap();
+        assert_eq!(esp_files(), one_copy);
+        let st = inspect(&img, esp).unwrap();
+        assert_eq!(st.complete, vec!["a", "b"]);
+        // (No systemd-boot installed here: the only problem.)
+        assert_eq!(st.problems, vec![format!("{ESP_LOADER} is missing")]);
+        // c's kernel differs: refused by the space check.
+        let msg = format!("{:#}", b.check_space_for("c", &files("c")).unwrap_err());
+        assert!(msg.contains("needs 40"), "{msg}");
+        // Removing a keeps the files b names.
+        b.remove_version("a").unwrap();
+        assert_eq!(esp_files(), one_copy);
+        assert_eq!(inspect(&img, esp).unwrap().complete, vec!["b"]);
+        // A stray copy nobody names goes with cleanup; b's stay.
+        let fat = FatPartition::open(&img, esp.0, esp.1, true).unwrap();
+        fat.write("btrfs-deploy/0123456789abcdef.linux", b"x")
+            .unwrap();
+        fat.close().unwrap();
+        assert_eq!(
+            b.cleanup(&["b".to_string()]).unwrap(),
+            vec!["removed btrfs-deploy/0123456789abcdef.linux"]
+        );
+        assert_eq!(esp_files(), one_copy);
+        // Removing b, the last version naming them, frees them: c fits.
+        b.write_menu(&top, "U", &[entry("b")], "b").unwrap();
+        b.remove_version("b").unwrap();
+        assert!(esp_files().is_empty());
+        b.check_space_for("c", &files("c")).unwrap();
+    }
+
+    /// The writes that make another version the default are computed
+    /// without touching the disk; applied to a copy, they switch it.
+    #[test]
+    fn default_switch_writes_leave_the_disk_and_switch_a_copy() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let esp = (1u64 << 20, 64u64 << 20);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(esp.0 + esp.1)
+            .unwrap();
+        super::super::fat::format(&img, esp.0, esp.1, "ESP").unwrap();
+        let top = Layout::new(&d.path().join("top"));
+        let entry = |l: &str| Entry {
+            label: l.into(),
+            initramfs: false,
+            dtb: false,
+            args: "x".into(),
+        };
+        for l in ["a", "b"] {
+            let v = top.version(l);
+            std::fs::create_dir_all(&v).unwrap();
+            std::fs::write(v.join(layout::KERNEL), l.repeat(5000)).unwrap();
+        }
+        let b = SystemdBoot::new(&img, esp);
+        b.write_menu(&top, "U", &[entry("a"), entry("b")], "a")
+            .unwrap();
+        b.switch_default("a").unwrap();
+        let before = std::fs::read(&img).unwrap();
+        let writes = default_switch_writes(&img, esp, "b").unwrap();
+        assert!(!writes.is_empty());
+        assert!(std::fs::read(&img).unwrap() == before, "the disk changed");
+        let msg = format!("{:#}", default_switch_writes(&img, esp, "c").unwrap_err());
+        assert!(
+            msg.contains("version c has no complete boot entry"),
+            "{msg}"
+        );
+        let copy = d.path().join("copy.img");
+        std::fs::copy(&img, &copy).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+            for (off, data) in &writes {
+                f.write_all_at(data, *off).unwrap();
+            }
+        }
+        let st = inspect(&copy, esp).unwrap();
+        assert_eq!(st.default.as_deref(), Some("b"));
+        assert_eq!(st.complete, vec!["a", "b"]);
+        assert!(!super::super::fat::is_dirty(&copy, esp.0).unwrap());
+        assert_eq!(inspect(&img, esp).unwrap().default.as_deref(), Some("a"));
     }
 }

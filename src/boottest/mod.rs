@@ -1,6 +1,9 @@
 //! Boot testing: boot a disk image in QEMU through its own bootloader
-//! (SeaBIOS → extlinux → kernel), read the serial console, and pass when the
-//! expected text appears within the timeout.
+//! (SeaBIOS → extlinux → kernel, or OVMF → systemd-boot → kernel), read the
+//! serial console, and pass when the expected text appears within the
+//! timeout. Another version than the default is booted by typing its label
+//! at the SYSLINUX prompt, or under UEFI from an [`Overlay`] of the disk
+//! whose `loader.conf` names it.
 //!
 //! QEMU runs with the serial line on its stdio (`-serial stdio`, no display,
 //! no monitor, no NIC), `-no-reboot`, and `-snapshot` unless the caller asks
@@ -47,6 +50,17 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 /// The Debian package that provides [`OVMF_CODE`].
 pub const OVMF_PACKAGE: &str = "ovmf";
+/// `qemu-img` and `qemu-io`, which make and write the overlay of a UEFI
+/// `--version` boot.
+pub const QEMU_IMG: crate::util::cmd::Tool = crate::util::cmd::Tool {
+    program: "qemu-img",
+    package: "qemu-utils",
+};
+/// See [`QEMU_IMG`].
+pub const QEMU_IO: crate::util::cmd::Tool = crate::util::cmd::Tool {
+    program: "qemu-io",
+    package: "qemu-utils",
+};
 /// The text of the SYSLINUX prompt at which a menu label is typed.
 pub const SYSLINUX_PROMPT: &str = "boot:";
 /// How many console lines [`BootTestOutcome::tail`] keeps.
@@ -140,8 +154,10 @@ pub struct BootTestOptions {
     pub firmware: Firmware,
     /// The private copy of [`OVMF_VARS`] for a UEFI boot (set by [`run`]).
     pub uefi_vars: Option<PathBuf>,
-    /// The raw disk image (or block device) to boot.
+    /// The disk image (or block device) to boot.
     pub image: PathBuf,
+    /// Its format for QEMU: `raw`, or `qcow2` for an [`Overlay`].
+    pub image_format: &'static str,
     /// Menu label to type at the SYSLINUX `boot:` prompt; `None` boots the
     /// default entry.
     pub entry: Option<String>,
@@ -182,6 +198,7 @@ impl BootTestOptions {
             firmware: Firmware::Bios,
             uefi_vars: None,
             image: image.into(),
+            image_format: "raw",
             entry: None,
             expect,
             timeout: Duration::from_secs(60),
@@ -370,11 +387,67 @@ pub fn qemu_args(opts: &BootTestOptions, accel: Accel) -> Vec<String> {
     args.push("-drive".into());
     // QEMU option values escape a comma by doubling it.
     let file = opts.image.to_string_lossy().replace(',', ",,");
-    args.push(format!("file={file},format=raw,if=virtio"));
+    args.push(format!(
+        "file={file},format={},if=virtio",
+        opts.image_format
+    ));
     if !opts.persist {
         args.push("-snapshot".into());
     }
     args
+}
+
+/// A temporary qcow2 overlay of a disk: the guest (and the writes given to
+/// [`Overlay::new`]) change the overlay, never the disk under it. Removed
+/// on drop.
+pub struct Overlay {
+    _dir: tempfile::TempDir,
+    /// The qcow2 file to boot.
+    pub path: PathBuf,
+}
+
+impl Overlay {
+    /// An overlay of `disk` (a raw image or block device) holding `writes`
+    /// (byte offset on the disk, data).
+    pub fn new(disk: &Path, writes: &[(u64, Vec<u8>)]) -> Result<Overlay> {
+        use crate::util::cmd;
+        cmd::require(&[&QEMU_IMG, &QEMU_IO])?;
+        let dir = tempfile::Builder::new()
+            .prefix("btrfs-deploy-overlay.")
+            .tempdir()
+            .context("creating a directory for the boot-test overlay")?;
+        let path = dir.path().join("overlay.qcow2");
+        let backing = disk
+            .canonicalize()
+            .with_context(|| format!("resolving {}", disk.display()))?;
+        let (b, p) = (backing.to_string_lossy(), path.to_string_lossy());
+        cmd::run(
+            QEMU_IMG.program,
+            &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &b, &p],
+        )?;
+        let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
+        for (i, (off, data)) in writes.iter().enumerate() {
+            let chunk = dir.path().join(format!("write-{i}"));
+            std::fs::write(&chunk, data).with_context(|| format!("writing {}", chunk.display()))?;
+            args.push("-c".into());
+            args.push(format!(
+                "write -q -s {} {off} {}",
+                chunk.display(),
+                data.len()
+            ));
+        }
+        args.push(p.into_owned());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = cmd::run(QEMU_IO.program, &argv)?;
+        if out.contains("failed") {
+            bail!(
+                "writing the boot-test overlay of {}: {}",
+                disk.display(),
+                out.trim()
+            );
+        }
+        Ok(Overlay { _dir: dir, path })
+    }
 }
 
 /// How one QEMU run ended.

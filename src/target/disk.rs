@@ -212,6 +212,80 @@ pub fn is_mounted(target: &Path) -> Result<bool> {
     Ok(devs.iter().any(|d| mounted.contains(d)))
 }
 
+/// Where a partition of block device `target` that overlaps the byte range
+/// `range` (offset, size) is mounted: (partition device, mount point). On a
+/// device the running system may have its EFI system partition mounted at
+/// `/boot/efi`; this tool then must not write that range through the disk.
+pub fn range_mounted(target: &Path, range: (u64, u64)) -> Result<Option<(String, PathBuf)>> {
+    let meta =
+        std::fs::metadata(target).with_context(|| format!("reading {}", target.display()))?;
+    if !meta.file_type().is_block_device() {
+        return Ok(None);
+    }
+    let rdev = meta.rdev();
+    let Some(name) = sys_block_name(libc::major(rdev), libc::minor(rdev)) else {
+        return Ok(None);
+    };
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|v| v.trim().to_string())
+    };
+    let mut parts = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/sys/class/block/{name}")) {
+        for e in rd.flatten() {
+            let (Some(start), Some(size), Some(dev)) = (
+                read(e.path().join("start")).and_then(|v| v.parse::<u64>().ok()),
+                read(e.path().join("size")).and_then(|v| v.parse::<u64>().ok()),
+                read(e.path().join("dev")),
+            ) else {
+                continue;
+            };
+            let (start, end) = (start * 512, (start + size) * 512);
+            if start < range.0 + range.1 && range.0 < end {
+                parts.push((format!("/dev/{}", e.file_name().to_string_lossy()), dev));
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string("/proc/1/mountinfo")
+        .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
+        .unwrap_or_default();
+    for m in crate::target::mount::parse_mountinfo(&text) {
+        let source_dev = std::fs::metadata(&m.source)
+            .ok()
+            .filter(|s| m.source.starts_with("/dev/") && s.file_type().is_block_device())
+            .map(|s| format!("{}:{}", libc::major(s.rdev()), libc::minor(s.rdev())));
+        if let Some((part, _)) = parts
+            .iter()
+            .find(|(_, dev)| *dev == m.dev || source_dev.as_deref() == Some(dev))
+        {
+            return Ok(Some((part.clone(), m.mount_point)));
+        }
+    }
+    Ok(None)
+}
+
+/// Fails when the EFI system partition `esp` of block device `target` is
+/// mounted: it is written from user space through the disk, and never
+/// through a second path while the kernel (or anything else) has it mounted.
+pub fn ensure_esp_not_mounted(target: &Path, esp: (u64, u64)) -> Result<()> {
+    if let Some((part, at)) = range_mounted(target, esp)? {
+        bail!(
+            "the EFI system partition of {} ({part}) is mounted at {}: deploy writes it itself \
+             and never through a second path while it is mounted (the mounted filesystem's \
+             cache would undo or corrupt the change); unmount it (umount {}), run the command \
+             again, then mount it back",
+            target.display(),
+            at.display(),
+            at.display()
+        );
+    }
+    Ok(())
+}
+
 fn sys_block_name(maj: u32, min: u32) -> Option<String> {
     let link = std::fs::read_link(format!("/sys/dev/block/{maj}:{min}")).ok()?;
     link.file_name().map(|n| n.to_string_lossy().into_owned())
@@ -284,6 +358,9 @@ impl Disk {
     /// The caller holds the target lock and has entered the private namespace.
     pub fn open(target: &Path, kind: TargetKind, read_only: bool) -> Result<Disk> {
         let disk_layout = require_btrfs(target)?;
+        if let (false, TargetKind::BlockDevice, Some(esp)) = (read_only, kind, disk_layout.esp) {
+            ensure_esp_not_mounted(target, esp)?;
+        }
         let (device, loopdev) = match (kind, disk_layout.btrfs) {
             (TargetKind::BlockDevice, None) => (target.to_path_buf(), None),
             (_, range) => {

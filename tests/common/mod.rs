@@ -527,3 +527,50 @@ pub fn assert_layout_mounted(console: &str, label: &str) {
         );
     }
 }
+
+/// A loop device over the Btrfs of `image` (its partition on a GPT image,
+/// else the whole image), detached on drop: for tools that read a Btrfs
+/// device (`btrfs check`, `btrfs inspect-internal`).
+pub struct BtrfsDev {
+    pub dev: String,
+}
+
+impl BtrfsDev {
+    pub fn attach(image: &Path, read_only: bool) -> BtrfsDev {
+        let dev = sh(&format!(
+            "losetup --find --show {} {} {}",
+            if read_only { "--read-only" } else { "" },
+            btrfs_losetup_range(image),
+            image.display()
+        ))
+        .trim()
+        .to_string();
+        BtrfsDev { dev }
+    }
+}
+
+impl Drop for BtrfsDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// `btrfs check --readonly` of the Btrfs of `image`; Err with its output.
+pub fn btrfs_check_image(image: &Path) -> Result<(), String> {
+    let d = BtrfsDev::attach(image, true);
+    let out = Command::new("btrfs")
+        .args(["check", "--readonly", &d.dev])
+        .output()
+        .expect("btrfs check");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "btrfs check --readonly {} ({}): {}{}",
+            image.display(),
+            d.dev,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
