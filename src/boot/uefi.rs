@@ -892,7 +892,7 @@ mod tests {
             v
         };
         let b = SystemdBoot::new(&img, esp);
-        b.write_menu(&top, "U", &[entry("a")], "a").unwrap();
+        b.write_menu(&top, "U", &[entry("a")], "a", None).unwrap();
         b.switch_default("a").unwrap();
         let one_copy = esp_files();
         assert_eq!(one_copy.len(), 2, "{one_copy:?}");
@@ -903,7 +903,7 @@ mod tests {
         // (the sizes alone say so).
         assert!(b.check_space("b", &[40 << 20, 1000]).is_err());
         b.check_space_for("b", &files("b")).unwrap();
-        b.write_menu(&top, "U", &[entry("a"), entry("b")], "a")
+        b.write_menu(&top, "U", &[entry("a"), entry("b")], "a", None)
             .unwrap();
         assert_eq!(esp_files(), one_copy);
         let st = inspect(&img, esp).unwrap();
@@ -928,7 +928,7 @@ mod tests {
         );
         assert_eq!(esp_files(), one_copy);
         // Removing b, the last version naming them, frees them: c fits.
-        b.write_menu(&top, "U", &[entry("b")], "b").unwrap();
+        b.write_menu(&top, "U", &[entry("b")], "b", None).unwrap();
         b.remove_version("b").unwrap();
         assert!(esp_files().is_empty());
         b.check_space_for("c", &files("c")).unwrap();
@@ -959,7 +959,7 @@ mod tests {
             std::fs::write(v.join(layout::KERNEL), l.repeat(5000)).unwrap();
         }
         let b = SystemdBoot::new(&img, esp);
-        b.write_menu(&top, "U", &[entry("a"), entry("b")], "a")
+        b.write_menu(&top, "U", &[entry("a"), entry("b")], "a", None)
             .unwrap();
         b.switch_default("a").unwrap();
         let before = std::fs::read(&img).unwrap();
