@@ -225,9 +225,10 @@ fn tar(tree: &Path, out: &Path) {
     ));
 }
 
-/// Boots `img` until SYSLINUX has loaded the trial's kernel and the
-/// initramfs started, then kills QEMU: a power cut during the trial boot.
-fn cut_power_during_the_trial_boot(img: &Path, label: &str) -> String {
+/// Boots `img` until SYSLINUX has loaded the trial's kernel and `until`
+/// appeared on the console, then kills QEMU: a power cut during the trial
+/// boot.
+fn cut_power_during_the_trial_boot(img: &Path, label: &str, until: &str) -> String {
     let mut child = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
@@ -272,7 +273,7 @@ fn cut_power_during_the_trial_boot(img: &Path, label: &str) -> String {
             seen.push_str(&l);
             seen.push('\n');
             loaded |= l.contains(&format!("/systems/{label}/kernel"));
-            if loaded && l.contains("TINY-INITRAMFS: start") {
+            if loaded && l.contains(until) {
                 break;
             }
         }
@@ -280,7 +281,7 @@ fn cut_power_during_the_trial_boot(img: &Path, label: &str) -> String {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
-        loaded && seen.contains("TINY-INITRAMFS: start"),
+        loaded && seen.contains(until),
         "the trial boot of {label} did not start:\n{seen}"
     );
     seen
@@ -452,7 +453,9 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
 
     // A power cut during the trial boot of v6: the next boot is v2's,
     // which records it; then v7 never gets healthy and times out.
-    cut_power_during_the_trial_boot(&img, "v6");
+    // The cut comes once the trial boot reached user space (trial-watch
+    // recorded it): the old default records the trial as lost.
+    cut_power_during_the_trial_boot(&img, "v6", "this boot is the trial of v6");
     let log = d.path().join("scenario2.log");
     run_ok(&[
         "boot-test",
@@ -480,7 +483,11 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
         "{}",
         b(1)
     );
-    assert!(b(1).contains("Last trial: v6: failed at"), "{}", b(1));
+    assert!(
+        b(1).contains("Last trial: v6: failed at") && b(1).contains(": lost: "),
+        "{}",
+        b(1)
+    );
     assert!(b(2).contains("V7: stuck"), "{}", b(2));
     assert!(
         b(2).contains("did not pass its health checks within 60 s"),
@@ -664,4 +671,43 @@ fn the_device_commands_refuse_clearly_off_a_device() {
         2,
         &["no TARGET given"],
     );
+}
+
+#[test]
+fn cleanup_ends_a_trial_whose_arming_was_interrupted() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    let i = img.to_str().unwrap();
+    let r = tiny_rootfs();
+    run_ok(&["--boot", "bios", "--rootfs", r.to_str().unwrap(), i]);
+    run_ok(&[
+        "--version",
+        "v2",
+        "--no-default",
+        "--rootfs",
+        r.to_str().unwrap(),
+        i,
+    ]);
+    // What a power cut right after `deploy --trial` wrote its first record
+    // leaves: `arming`, no one-shot boot armed.
+    {
+        let e = Edit::open(&img);
+        write(
+            &e.path("systems/v2/trial.json"),
+            br#"{"version":"v2","fallback":"factory","state":"arming","armed_at":"2026-11-29T10:00:00Z","armed_unix":1795946400}"#,
+        );
+    }
+    assert_eq!(status_json(&img)["trial"]["state"], "arming");
+    let out = run_ok(&["cleanup", i]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("Ending the trial of v2: its arming was interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = status_json(&img);
+    assert!(st["trial"].is_null(), "{st}");
+    assert_eq!(st["last_trial"]["failure"]["kind"], "interrupted", "{st}");
+    assert_eq!(st["default"], "factory", "{st}");
+    run_ok(&["check", i]);
 }
