@@ -18,6 +18,7 @@ use std::path::PathBuf;
       deploy --version v2 --rootfs ./rootfs-v2 disk.img add v2 beside it and make it default\n  \
       deploy list disk.img                              show the versions\n  \
       deploy set-default factory disk.img               roll back\n  \
+      deploy --version v3 --trial --rootfs ./v3         on a device: boot v3 once, keep it if healthy\n  \
       deploy boot-test disk.img                         boot it in QEMU and check it comes up\n\n\
       A value that starts with \"-\" is given with \"=\" (--kernel-args=-s). A target named like a\n\
       subcommand follows \"--\": deploy --rootfs ./rootfs -- list\n\n\
