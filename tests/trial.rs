@@ -101,6 +101,7 @@ fn a_trial_prepared_on_an_image_arms_one_boot_and_keeps_the_default() {
     assert_eq!(st["trial"]["version"], "v2", "{st}");
     assert_eq!(st["trial"]["state"], "armed", "{st}");
     assert_eq!(st["trial"]["fallback"], "factory", "{st}");
+    assert_eq!(st["trial_boot_used"], false, "{st}");
     let conf = menu(&img);
     assert!(
         conf.contains("label trial\n  kernel /systems/v2/kernel\n"),
@@ -582,6 +583,10 @@ fn a_uefi_trial_that_panics_falls_back_by_itself() {
     run_ok(&["check", i]);
     let st = status_json(&img);
     assert_eq!(st["default"], "factory", "{st}");
+    // Nothing ran trial-watch in this system: the trial waits to be
+    // settled, and status says its one-shot boot was used.
+    assert_eq!(st["trial"]["state"], "armed", "{st}");
+    assert_eq!(st["trial_boot_used"], true, "{st}");
 }
 
 #[test]

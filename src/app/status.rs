@@ -26,6 +26,9 @@ pub struct Status {
     pub state_merge_pending: bool,
     /// A trial without an outcome yet (armed, or booted and being checked).
     pub trial: Option<crate::store::trial::Trial>,
+    /// With an armed trial: whether a boot already used its one-shot boot
+    /// (the outcome is recorded by the next boot that runs `trial-watch`).
+    pub trial_boot_used: bool,
     /// The newest trial that ended (good or failed).
     pub last_trial: Option<crate::store::trial::Trial>,
     /// Versions whose last trial failed (never tried again unless asked).
@@ -135,8 +138,17 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
                 }
             }
         }
+        let open = trials.iter().rev().find(|t| !t.state.ended()).cloned();
+        let trial_boot_used = match &open {
+            Some(t) if t.state == crate::store::trial::State::Armed => {
+                disk.boot().trial_used(top)?
+            }
+            Some(t) => t.state == crate::store::trial::State::Booted,
+            None => false,
+        };
         Ok(Status {
-            trial: trials.iter().rev().find(|t| !t.state.ended()).cloned(),
+            trial_boot_used,
+            trial: open,
             last_trial: trials.iter().rev().find(|t| t.state.ended()).cloned(),
             failed_versions,
             target: target.display().to_string(),
@@ -160,7 +172,16 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
         );
         outln!("Versions: {}", st.versions.join(", "));
         if let Some(t) = &st.trial {
-            outln!("Trial:    {}", t.describe());
+            if st.trial_boot_used && st.running.as_deref() != Some(t.version.as_str()) {
+                outln!(
+                    "Trial:    {}: armed at {}; a boot used its one-shot boot, and the next boot \
+                     that runs `deploy trial-watch` records the outcome",
+                    t.version,
+                    t.armed_at
+                );
+            } else {
+                outln!("Trial:    {}", t.describe());
+            }
         }
         if let Some(t) = &st.last_trial {
             outln!("Last trial: {}", t.describe());

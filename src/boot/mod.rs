@@ -229,6 +229,17 @@ impl Boot {
         }
         Ok(false)
     }
+    /// Whether a firmware path already used its one-shot boot of an armed
+    /// trial (on a hybrid disk the other path stays armed until the boot
+    /// that ran disarms it).
+    pub fn trial_used(&self, top: &Layout) -> Result<bool> {
+        for b in &self.backends {
+            if b.can_trial() && !b.trial_armed(top)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
     /// See [`Backend::disarm_trial`] (every backend).
     pub fn disarm_trial(&self, top: &Layout) -> Result<()> {
         self.backends
