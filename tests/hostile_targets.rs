@@ -474,7 +474,7 @@ fn a_mounted_btrfs_device_is_never_wiped_but_can_be_upgraded() {
     let detach = LoopDetach(dev.clone());
     let out = run_ok(&["--rootfs", r, "--no-bootloader", &dev]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Creating a 1.1 GiB Btrfs"), "{err}");
+    assert!(err.contains("Creating a 1.07 GiB Btrfs"), "{err}");
     sh(&format!("partx -a {dev}"));
     let mnt = d.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();

