@@ -14,8 +14,8 @@
 #                                 boot/vmlinuz-<ver>, boot/initrd.img-<ver>,
 #                                 /vmlinuz and /initrd.img relative symlinks;
 #                                 arm64: vmlinuz is an uncompressed Image, and
-#                                 usr/lib/linux-image-<ver>/ holds a few device
-#                                 trees (Raspberry Pi ones) as Debian ships them)
+#                                 usr/lib/linux-image-<ver>/arm/ holds the device
+#                                 trees of Arm's reference boards, as Debian ships them)
 #   tinySUFFIX/kernel-version     the kernel version, e.g. 6.1.0-56-cloud-amd64
 #   tinySUFFIX/.stamp             what the tree was built from (quick path)
 #
@@ -377,12 +377,13 @@ install -m 0644 "$VMLINUZ" "$R/boot/vmlinuz-$KVER"
 install -m 0644 "$INITRD" "$R/boot/initrd.img-$KVER"
 ln -s "boot/vmlinuz-$KVER" "$R/vmlinuz"
 ln -s "boot/initrd.img-$KVER" "$R/initrd.img"
-# Device trees, where Debian's arm64 kernel package ships them (a few of
-# them: enough for `fdtdir` in a boot menu, without 13 MB of files).
+# Device trees, where Debian's arm64 kernel package ships them (those of
+# Arm's reference boards only: enough for `fdtdir` in a boot menu, without
+# the 13 MB of all of them).
 DTB_DIR=usr/lib/linux-image-$KVER
-if [[ -d $WORK/kernel/$DTB_DIR/broadcom ]]; then
-    mkdir -p "$R/$DTB_DIR/broadcom"
-    cp "$WORK/kernel/$DTB_DIR"/broadcom/bcm27*-rpi-*.dtb "$R/$DTB_DIR/broadcom/"
+if [[ -d $WORK/kernel/$DTB_DIR/arm ]]; then
+    mkdir -p "$R/$DTB_DIR/arm"
+    cp "$WORK/kernel/$DTB_DIR"/arm/*.dtb "$R/$DTB_DIR/arm/"
 fi
 chmod 1777 "$R/tmp" "$R/var/tmp"
 chmod 0700 "$R/root"

@@ -14,7 +14,7 @@ set -euo pipefail
 what=${1:-all}
 build=(libbtrfsutil-dev libclang-dev pkg-config gcc make)
 run=(btrfs-progs mount util-linux extlinux syslinux-common kmod fdisk mtools dosfstools)
-qemu=(qemu-system-x86 ovmf systemd-boot-efi)
+qemu=(qemu-system-x86 ovmf systemd-boot-efi qemu-system-arm u-boot-qemu qemu-user-static binfmt-support)
 deb=(dpkg-dev debootstrap)
 # Bundle tests sign and make keys with minisign itself (format compatibility).
 tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign)

@@ -80,9 +80,15 @@ pub struct DeployArgs {
     pub no_bootloader: bool,
     /// How a new disk boots: hybrid (GPT with an EFI system partition:
     /// UEFI and BIOS), uefi (the same without BIOS boot code), bios
-    /// (whole-disk Btrfs, SYSLINUX). Default: bios. Existing disks keep theirs.
+    /// (whole-disk Btrfs, SYSLINUX), uboot (GPT: a FAT boot partition with
+    /// extlinux/extlinux.conf for U-Boot, and the Btrfs partition). Default:
+    /// uboot for an arm64 rootfs, else bios. Existing disks keep theirs.
     #[arg(long, value_enum, value_name = "KIND")]
     pub boot: Option<BootArg>,
+    /// Architecture of the rootfs (amd64, arm64, armhf, i386, riscv64),
+    /// instead of the one read from its /sbin/init or /bin/sh ELF header.
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<String>,
     /// Format a block device even when it already holds a filesystem or a
     /// partition table.
     #[arg(long)]
@@ -246,6 +252,9 @@ pub enum BootArg {
     Uefi,
     /// Like uefi, plus SYSLINUX's GPT boot code: boots under UEFI and BIOS.
     Hybrid,
+    /// GPT: a FAT boot partition (extlinux/extlinux.conf, kernels) that
+    /// U-Boot reads, and the Btrfs partition: ARM boards.
+    Uboot,
 }
 
 /// Firmware of a boot test (`--firmware`).
@@ -255,6 +264,9 @@ pub enum FirmwareArg {
     Bios,
     /// OVMF (Debian package ovmf).
     Uefi,
+    /// U-Boot on qemu-system-aarch64 -M virt (Debian packages u-boot-qemu,
+    /// qemu-system-arm); the default for uboot disks.
+    Uboot,
 }
 
 /// QEMU acceleration.

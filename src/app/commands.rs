@@ -236,20 +236,13 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
         ))
         .into());
     }
-    if crate::util::cmd::which(boottest::QEMU_BINARY).is_none() {
-        bail!(
-            "{} not found: install the Debian package {}",
-            boottest::QEMU_BINARY,
-            boottest::QEMU_PACKAGE
-        );
-    }
     let kind = disk::classify(&args.target)?;
     if kind == TargetKind::Missing {
         bail!("{} does not exist: nothing to boot", args.target.display());
     }
     // Hold the lock while QEMU runs, so no deploy changes the disk under it.
     let _lock = disk::lock_existing(&args.target)?;
-    let boot_kind = open_checked(&args.target, kind, true, |disk| {
+    let (boot_kind, arch) = open_checked(&args.target, kind, true, |disk| {
         let top = &disk.layout;
         let default = versions::default_label(top)?;
         let label = args.label.as_deref().unwrap_or(&default);
@@ -260,9 +253,39 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
                 args.target.display()
             );
         }
-        Ok(disk.disk_layout.boot)
+        // The architecture of the version booted picks QEMU's machine.
+        let arch = versions::list(top)?
+            .into_iter()
+            .find(|v| v.label == label)
+            .and_then(|v| v.deployment.arch);
+        Ok((disk.disk_layout.boot, arch))
     })?;
+    let uboot = if arch.as_deref() == Some("amd64") {
+        Firmware::UbootX86
+    } else {
+        Firmware::UbootArm64
+    };
+    if arch
+        .as_deref()
+        .is_some_and(|a| a != "amd64" && a != "arm64")
+    {
+        bail!(
+            "{} holds a {} system: boot-test boots amd64 and arm64 systems only",
+            args.target.display(),
+            arch.as_deref().unwrap_or_default()
+        );
+    }
     let firmware = match args.firmware {
+        Some(FirmwareArg::Uboot) if !boot_kind.uboot() => bail!(
+            "{} is a {boot_kind} disk: U-Boot does not boot it (new disks for U-Boot: --boot uboot)",
+            args.target.display()
+        ),
+        Some(FirmwareArg::Bios | FirmwareArg::Uefi) if boot_kind.uboot() => bail!(
+            "{} is a uboot disk: it boots through U-Boot only; use --firmware uboot (or no --firmware)",
+            args.target.display()
+        ),
+        Some(FirmwareArg::Uboot) => uboot,
+        None if boot_kind.uboot() => uboot,
         Some(FirmwareArg::Bios) if !boot_kind.bios() => bail!(
             "{} is a {boot_kind} disk: it does not boot under BIOS; use --firmware uefi",
             args.target.display()
@@ -277,6 +300,18 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
         None if boot_kind.uefi() => Firmware::Uefi,
         None => Firmware::Bios,
     };
+    let (qemu, qemu_package) = firmware.qemu();
+    if crate::util::cmd::which(qemu).is_none() {
+        bail!("{qemu} not found: install the Debian package {qemu_package}");
+    }
+    if firmware.uboot_image().is_some() && args.label.is_some() {
+        return Err(crate::UsageError(
+            "--version picks a menu entry at the SYSLINUX prompt, which U-Boot disks do not have: \
+             boot the default (deploy set-default LABEL first to boot another version)"
+                .into(),
+        )
+        .into());
+    }
     if firmware == Firmware::Uefi && args.label.is_some() {
         return Err(crate::UsageError(
             "--version picks a menu entry at the SYSLINUX prompt, which only the BIOS path has: \

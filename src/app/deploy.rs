@@ -7,6 +7,7 @@
 //! systems/default → sync → unmount, detach (→ rename image.partial to image).
 
 use crate::boot::{extlinux, uefi, BootKind};
+use crate::build::arch::{self, Arch};
 use crate::build::copy::{self, CopyOptions, SyncOptions};
 use crate::build::extensions::{self, Extension};
 use crate::build::fstab;
@@ -52,8 +53,11 @@ const ESP_LABEL: &str = "ESP";
 /// SYSLINUX's MBR boot code for GPT disks: boots the partition with the
 /// legacy-BIOS-bootable attribute.
 pub const GPTMBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
-/// How a new disk boots when `--boot` is not given.
+/// How a new disk boots when `--boot` is not given (an arm64 rootfs: `uboot`).
 pub const DEFAULT_BOOT: BootKind = BootKind::Bios;
+/// Default kernel arguments of an arm64 system: the PL011 serial port of
+/// QEMU's `virt` board and of most boards' debug header.
+pub const ARM64_KERNEL_ARGS: &str = "console=tty0 console=ttyAMA0,115200";
 
 /// A new image or device to format.
 #[derive(Debug)]
@@ -101,6 +105,9 @@ pub struct Plan {
     pub ext_context: extensions::Context,
     /// A verified bundle given as `--rootfs` (then `rootfs` is its path or `-`).
     pub bundle: Option<crate::bundle::apply::Opened>,
+    /// Architecture of the rootfs (`--arch`, or read from a directory
+    /// rootfs; an archive's is read once it is extracted).
+    pub arch: Option<Arch>,
 }
 
 /// Validates the request into a plan. Nothing is written.
@@ -171,8 +178,16 @@ pub fn plan(
         BootArg::Bios => BootKind::Bios,
         BootArg::Uefi => BootKind::Uefi,
         BootArg::Hybrid => BootKind::Hybrid,
+        BootArg::Uboot => BootKind::Uboot,
     });
     let tarball = bundle.is_none() && rootfs.is_file();
+    let arch = match &args.arch {
+        Some(a) => Some(Arch::parse(a).ok_or_else(|| {
+            UsageError(format!("invalid --arch {a}: use one of {}", arch::names()))
+        })?),
+        None if !tarball && bundle.is_none() => Some(arch::detect_rootfs(&rootfs)?),
+        None => None,
+    };
     let kernel_choice = KernelChoice {
         kernel: args.kernel.clone(),
         initramfs: args.initramfs.clone(),
@@ -185,7 +200,16 @@ pub fn plan(
     // anything is written; the files installed are looked up again in the
     // written tree, after extensions ran.
     if !args.no_bootloader && !tarball && bundle.is_none() {
-        kernel::find_boot_files(&rootfs, &kernel_choice)?;
+        let files = kernel::find_boot_files(&rootfs, &kernel_choice)?;
+        if let Some(a) = arch {
+            arch::check_kernel(
+                &files.kernel,
+                a,
+                &format!("the rootfs {}", rootfs.display()),
+            )?;
+        }
+    } else if let (Some(k), Some(a)) = (&kernel_choice.kernel, arch) {
+        arch::check_kernel(k, a, "the rootfs (--arch)")?;
     }
 
     let kind = disk::classify(&target)?;
@@ -238,7 +262,11 @@ pub fn plan(
         },
     };
     let boot_kind = if is_new {
-        boot_arg.unwrap_or(DEFAULT_BOOT)
+        boot_arg.unwrap_or(if arch == Some(Arch::Arm64) {
+            BootKind::Uboot
+        } else {
+            DEFAULT_BOOT
+        })
     } else {
         let existing = disk::require_btrfs(&target)?.boot;
         if let Some(b) = boot_arg.filter(|b| *b != existing) {
@@ -252,7 +280,7 @@ pub fn plan(
     };
     if is_new && boot_kind.partitioned() {
         cmd::require(&[&partition::SFDISK, &crate::boot::fat::MTOOLS])?;
-        if !args.no_bootloader {
+        if !args.no_bootloader && boot_kind.uefi() {
             uefi::require_systemd_boot()?;
         }
     }
@@ -307,8 +335,16 @@ pub fn plan(
                     );
                 }
                 if size < needed.max(MIN_IMAGE + extra) {
+                    let part = if boot_kind.partitioned() {
+                        format!(
+                            " and the {} boot partition of a {boot_kind} disk",
+                            units::format_size(ESP_SIZE)
+                        )
+                    } else {
+                        String::new()
+                    };
                     bail!(
-                        "--size {} is too small for the rootfs {} ({} used): give at least {}",
+                        "--size {} is too small for the rootfs {} ({} used){part}: give at least {}",
                         units::format_size(size),
                         rootfs.display(),
                         units::format_size(rootfs_bytes),
@@ -324,10 +360,15 @@ pub fn plan(
             if dev_size < (MIN_IMAGE + extra).max(needed) {
                 bail!(
                     "{} ({}) is too small for a {boot_kind} disk with this rootfs: it needs at least {} \
-                     (the EFI system partition takes {})",
+                     (the {} takes {})",
                     target.display(),
                     units::format_size(dev_size),
                     units::format_size((MIN_IMAGE + extra).max(needed)),
+                    if boot_kind.uboot() {
+                        "U-Boot boot partition"
+                    } else {
+                        "EFI system partition"
+                    },
                     units::format_size(ESP_SIZE)
                 );
             }
@@ -381,10 +422,13 @@ pub fn plan(
         tarball,
         no_bootloader: args.no_bootloader,
         kernel_choice,
-        kernel_args: args
-            .kernel_args
-            .clone()
-            .unwrap_or_else(|| extlinux::DEFAULT_KERNEL_ARGS.into()),
+        kernel_args: args.kernel_args.clone().unwrap_or_else(|| {
+            if arch == Some(Arch::Arm64) {
+                ARM64_KERNEL_ARGS.into()
+            } else {
+                extlinux::DEFAULT_KERNEL_ARGS.into()
+            }
+        }),
         no_default: args.no_default,
         keep: args.keep,
         checksum: args.checksum,
@@ -392,6 +436,7 @@ pub fn plan(
         extensions: exts,
         ext_context,
         bundle,
+        arch,
     })
 }
 
@@ -542,9 +587,14 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
     };
     let partitions = if new.boot.partitioned() {
         format!(
-            " ({} disk: GPT, {} EFI system partition, Btrfs partition)",
+            " ({} disk: GPT, {} {}, Btrfs partition)",
             new.boot,
-            units::format_size(ESP_SIZE)
+            units::format_size(ESP_SIZE),
+            if new.boot.uboot() {
+                "FAT boot partition"
+            } else {
+                "EFI system partition"
+            }
         )
     } else {
         String::new()
@@ -608,19 +658,32 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
     })
 }
 
-/// Writes the GPT of a new `uefi`/`hybrid` disk (EFI system partition, then
-/// the Btrfs partition over the rest), SYSLINUX's GPT boot code for
-/// `hybrid`, and formats the ESP. Returns the Btrfs partition's byte range.
+/// Writes the GPT of a new `uefi`/`hybrid`/`uboot` disk (the FAT boot
+/// partition, then the Btrfs partition over the rest), SYSLINUX's GPT boot
+/// code for `hybrid`, and formats the boot partition. Returns the Btrfs
+/// partition's byte range. On `uboot` disks the boot partition is a FAT
+/// data partition with the legacy-BIOS-bootable attribute: U-Boot's distro
+/// boot scans partitions so flagged first.
 fn partition_new_disk(disk: &Path, kind: BootKind) -> Result<(u64, u64)> {
+    let boot_part = if kind.uboot() {
+        PartSpec {
+            size: Some(ESP_SIZE),
+            type_guid: partition::TYPE_BASIC_DATA,
+            name: "boot",
+            legacy_boot: true,
+        }
+    } else {
+        PartSpec {
+            size: Some(ESP_SIZE),
+            type_guid: partition::TYPE_ESP,
+            name: "EFI system partition",
+            legacy_boot: false,
+        }
+    };
     partition::write_gpt(
         disk,
         &[
-            PartSpec {
-                size: Some(ESP_SIZE),
-                type_guid: partition::TYPE_ESP,
-                name: "EFI system partition",
-                legacy_boot: false,
-            },
+            boot_part,
             PartSpec {
                 size: None,
                 type_guid: partition::TYPE_LINUX,
@@ -641,7 +704,8 @@ fn partition_new_disk(disk: &Path, kind: BootKind) -> Result<(u64, u64)> {
             parts.len()
         );
     };
-    crate::boot::fat::format(disk, esp.start, esp.size, ESP_LABEL)?;
+    let label = if kind.uboot() { "BOOT" } else { ESP_LABEL };
+    crate::boot::fat::format(disk, esp.start, esp.size, label)?;
     Ok((root.start, root.size))
 }
 
@@ -962,6 +1026,11 @@ fn finish_version(
     let upgraded_from = upgrade.map(|(old, _)| old);
     let orig = dir.join(layout::ORIG);
     signals::check()?;
+    // An archive's architecture is known once it is written.
+    let arch = match plan.arch {
+        Some(a) => a,
+        None => arch::detect_rootfs(&orig)?,
+    };
     if !plan.extensions.is_empty() {
         // (run_configure announces each extension as it starts it.)
         extensions::run_configure(&plan.extensions, &orig, &plan.ext_context)?;
@@ -997,6 +1066,7 @@ fn finish_version(
         warnings: completion.warnings.clone(),
         extensions: plan.extensions.iter().map(|e| e.name.clone()).collect(),
         settings: crate::config::redact(&plan.ext_context.settings),
+        arch: Some(arch.name().to_string()),
         ..Default::default()
     };
     record.details.insert(
@@ -1012,6 +1082,7 @@ fn finish_version(
             .with_context(|| format!("finding the kernel of version {}", plan.label))?;
         ui::step("Installing kernel files");
         install_boot_file(&boot.kernel, &dir.join(layout::KERNEL), &orig)?;
+        arch::check_kernel(&boot.kernel, arch, &format!("version {}", plan.label))?;
         record.has_kernel = true;
         record.kernel_version = boot.version.clone();
         if let Some(i) = &boot.initramfs {

@@ -2,6 +2,7 @@
 //! extensions, fstab completion, state directories, the /etc merge and the
 //! kernel files.
 
+pub(crate) mod arch;
 pub mod copy;
 pub(crate) mod etcmerge;
 pub(crate) mod extensions;
