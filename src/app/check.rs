@@ -275,7 +275,12 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
              deploy or set-default) finishes or undoes it",
         ));
     }
-    out.extend(check_bootloader(top, &versions, &fs_uuid));
+    out.extend(check_bootloader(
+        top,
+        &versions,
+        &fs_uuid,
+        !disk.disk_layout.boot.uboot(),
+    ));
     if let Some(esp) = disk.disk_layout.esp {
         if disk.disk_layout.boot.uboot() {
             out.push(check_uboot(disk, esp, &versions));
@@ -729,8 +734,15 @@ fn check_state(versions: &[VersionInfo], state_subvols: &[String]) -> Finding {
     )
 }
 
-/// The bootloader config (and its installation) against the versions.
-fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Vec<Finding> {
+/// The bootloader config (and, with `syslinux`, its installation) against
+/// the versions. (`uboot` disks have no SYSLINUX: U-Boot reads the boot
+/// partition, checked by [`check_uboot`].)
+fn check_bootloader(
+    top: &Layout,
+    versions: &[VersionInfo],
+    fs_uuid: &str,
+    syslinux: bool,
+) -> Vec<Finding> {
     let with_kernel: Vec<String> = versions
         .iter()
         .filter(|v| v.record.as_ref().is_some_and(|r| r.has_kernel))
@@ -769,6 +781,9 @@ fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Ve
             with_kernel.join(", ")
         ),
     )];
+    if !syslinux {
+        return out;
+    }
     let mut install = Vec::new();
     if !top.extlinux_dir().join("ldlinux.c32").is_file() {
         install.push("extlinux/ldlinux.c32 is missing (SYSLINUX not installed)".to_string());

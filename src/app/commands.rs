@@ -45,6 +45,10 @@ pub struct ListEntry {
     pub created: String,
     /// Kernel version, if known.
     pub kernel_version: Option<String>,
+    /// CPU architecture of its rootfs (`amd64`, `arm64`, ...); absent for
+    /// versions deployed before it was recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
     /// The version it was upgraded from.
     pub upgraded_from: Option<String>,
     /// Unresolved /etc conflicts recorded at deploy time.
@@ -78,6 +82,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 default: v.label == default,
                 created: v.deployment.created.clone(),
                 kernel_version: v.deployment.kernel_version.clone(),
+                arch: v.deployment.arch.clone(),
                 upgraded_from: v.deployment.upgraded_from.clone(),
                 etc_conflicts: v
                     .deployment
@@ -114,11 +119,12 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
         };
         outln!("Disk: {}", kind.describe());
         outln!(
-            "{:<3}{:<24}{:<22}{:<28}{size_head}FROM",
+            "{:<3}{:<24}{:<22}{:<28}{:<9}{size_head}FROM",
             "",
             "VERSION",
             "CREATED",
-            "KERNEL"
+            "KERNEL",
+            "ARCH"
         );
         for r in rows {
             let size_cols = r
@@ -126,11 +132,12 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 .map(|b| format!("{:<12}", units::format_size(b)))
                 .unwrap_or_default();
             outln!(
-                "{:<3}{:<24}{:<22}{:<28}{size_cols}{}",
+                "{:<3}{:<24}{:<22}{:<28}{:<9}{size_cols}{}",
                 if r.default { "*" } else { "" },
                 r.label,
                 r.created,
                 r.kernel_version.as_deref().unwrap_or("-"),
+                r.arch.as_deref().unwrap_or("-"),
                 r.upgraded_from.as_deref().unwrap_or("-")
             );
         }

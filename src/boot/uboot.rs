@@ -7,7 +7,7 @@
 //!
 //! On the boot partition:
 //! ```text
-//! extlinux/extlinux.conf             `default <label>` + `include` of the menu: exactly one 512-byte sector
+//! extlinux/extlinux.conf             `default <label>` + `include` of the menu: exactly 511 bytes, one sector
 //! btrfs-deploy/menu-<N>.conf         the entries, one per version (N grows with each change)
 //! btrfs-deploy/<label>.linux         the version's kernel
 //! btrfs-deploy/<label>.initrd        its initramfs
@@ -39,8 +39,12 @@ pub const CONF: &str = "extlinux/extlinux.conf";
 pub const VERSIONS_DIR: &str = "btrfs-deploy";
 /// The directories of the boot partition, parents first.
 pub const DIRS: [&str; 2] = ["extlinux", VERSIONS_DIR];
-/// Size of `extlinux.conf`: one sector, so a switch is one sector write.
-pub const CONF_SIZE: usize = 512;
+/// Size of `extlinux.conf`: within one sector, so a switch is one sector
+/// write. Not a multiple of 4: U-Boot 2023.01 loads an included file at the
+/// end of the including one rounded up to 4 bytes, so a file whose length
+/// is a multiple of 4 loses its terminating NUL and its parser runs on into
+/// the included text, listing every entry twice.
+pub const CONF_SIZE: usize = 511;
 /// Suffix of a version's kernel.
 pub const KERNEL: &str = ".linux";
 /// Suffix of a version's initramfs.
@@ -80,9 +84,12 @@ pub fn render_conf(default: &str, menu: &str) -> Result<Vec<u8>> {
     if s.len() + 1 > CONF_SIZE {
         bail!("the U-Boot menu header for {default} does not fit in {CONF_SIZE} bytes");
     }
-    let pad = CONF_SIZE - s.len() - 1;
-    s.push_str(&"#".repeat(pad));
-    s.push('\n');
+    // Padding in short comment lines.
+    while s.len() < CONF_SIZE {
+        let n = (CONF_SIZE - s.len()).min(64);
+        s.push_str(&"#".repeat(n - 1));
+        s.push('\n');
+    }
     Ok(s.into_bytes())
 }
 
@@ -633,6 +640,7 @@ mod tests {
             render_conf(&long, "menu-99999.conf").unwrap().len(),
             CONF_SIZE
         );
+        assert!(text.lines().all(|l| l.len() < 80), "{text}");
         assert_eq!(menu_number("menu-12.conf"), Some(12));
         assert_eq!(menu_number("menu-12.conf.tmp"), None);
         assert_eq!(file_label("v2.dtbs"), Some("v2"));

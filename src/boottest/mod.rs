@@ -73,6 +73,8 @@ pub const BUILTIN_FAIL_PATTERNS: &[(&str, &str)] = &[
         "bootloader failed",
     ),
     (r"Could not find kernel image: ", "bootloader failed"),
+    // U-Boot's distro boot: the extlinux.conf it found did not boot.
+    (r"^EXTLINUX FAILED: continuing", "bootloader failed"),
 ];
 /// QEMU stderr messages that mean KVM does not work on this machine.
 const KVM_FAILURE_MARKERS: &[&str] = &[
