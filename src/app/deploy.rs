@@ -412,6 +412,12 @@ pub fn plan(
         let names: Vec<&str> = exts.iter().map(|e| e.name.as_str()).collect();
         ui::step(format!("Checking extensions: {}", names.join(", ")));
         extensions::run_checks(&exts, &ext_context)?;
+        // Extensions run the tree's programs: a foreign tree needs qemu-user.
+        if let Some(a) = arch {
+            if let Some(note) = crate::build::foreign::ensure_runnable(a, "the rootfs")? {
+                ui::detail(note);
+            }
+        }
     }
     Ok(Plan {
         label,
@@ -1029,7 +1035,16 @@ fn finish_version(
     // An archive's architecture is known once it is written.
     let arch = match plan.arch {
         Some(a) => a,
-        None => arch::detect_rootfs(&orig)?,
+        None => {
+            let a = arch::detect_rootfs(&orig)?;
+            if !plan.extensions.is_empty() {
+                let what = format!("the rootfs {}", plan.rootfs.display());
+                if let Some(note) = crate::build::foreign::ensure_runnable(a, &what)? {
+                    ui::detail(note);
+                }
+            }
+            a
+        }
     };
     if !plan.extensions.is_empty() {
         // (run_configure announces each extension as it starts it.)

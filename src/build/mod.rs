@@ -6,6 +6,7 @@ pub(crate) mod arch;
 pub mod copy;
 pub(crate) mod etcmerge;
 pub(crate) mod extensions;
+pub(crate) mod foreign;
 pub(crate) mod fstab;
 pub(crate) mod intree;
 pub(crate) mod kernel;
