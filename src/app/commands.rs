@@ -267,17 +267,12 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
             .and_then(|v| v.deployment.arch);
         Ok((disk.disk_layout.boot, arch))
     })?;
-    let uboot = if arch.as_deref() == Some("amd64") {
-        Firmware::UbootX86
-    } else {
-        Firmware::UbootArm64
-    };
-    if arch
-        .as_deref()
-        .is_some_and(|a| a != "amd64" && a != "arm64")
-    {
+    let uboot = Firmware::UbootArm64;
+    if boot_kind.uboot() && arch.as_deref().is_some_and(|a| a != "arm64") {
         bail!(
-            "{} holds a {} system: boot-test boots amd64 and arm64 systems only",
+            "{} is a uboot disk whose system is {}: boot-test boots uboot disks of arm64 systems \
+             only (qemu-system-aarch64 -M virt with Debian's U-Boot; Debian's U-Boot for QEMU's \
+             x86 PC resets when it starts Debian's amd64 kernel, see docs/arm.md)",
             args.target.display(),
             arch.as_deref().unwrap_or_default()
         );

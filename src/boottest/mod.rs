@@ -53,9 +53,8 @@ pub const QEMU_ARM64_BINARY: &str = "qemu-system-aarch64";
 pub const QEMU_ARM64_PACKAGE: &str = "qemu-system-arm";
 /// Debian's U-Boot for QEMU's arm64 `virt` board (given as `-bios`).
 pub const UBOOT_ARM64: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
-/// Debian's U-Boot for QEMU's x86-64 PC (given as `-bios`).
-pub const UBOOT_X86_64: &str = "/usr/lib/u-boot/qemu-x86_64/u-boot.rom";
-/// The Debian package that provides [`UBOOT_ARM64`] and [`UBOOT_X86_64`].
+/// The Debian package that provides [`UBOOT_ARM64`].
+
 pub const UBOOT_PACKAGE: &str = "u-boot-qemu";
 /// The text of the SYSLINUX prompt at which a menu label is typed.
 pub const SYSLINUX_PROMPT: &str = "boot:";
@@ -137,8 +136,6 @@ pub enum Firmware {
     /// U-Boot on `qemu-system-aarch64 -M virt -cpu cortex-a57` (TCG):
     /// `extlinux/extlinux.conf` on the boot partition.
     UbootArm64,
-    /// U-Boot on `qemu-system-x86_64` (an amd64 `uboot` disk).
-    UbootX86,
 }
 
 impl Firmware {
@@ -153,7 +150,6 @@ impl Firmware {
     pub fn uboot_image(self) -> Option<&'static str> {
         match self {
             Firmware::UbootArm64 => Some(UBOOT_ARM64),
-            Firmware::UbootX86 => Some(UBOOT_X86_64),
             _ => None,
         }
     }
@@ -164,8 +160,7 @@ impl fmt::Display for Firmware {
         f.write_str(match self {
             Firmware::Bios => "bios",
             Firmware::Uefi => "uefi",
-            Firmware::UbootArm64 => "uboot, arm64",
-            Firmware::UbootX86 => "uboot, amd64",
+            Firmware::UbootArm64 => "uboot",
         })
     }
 }
