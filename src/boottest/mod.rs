@@ -54,7 +54,6 @@ pub const QEMU_ARM64_PACKAGE: &str = "qemu-system-arm";
 /// Debian's U-Boot for QEMU's arm64 `virt` board (given as `-bios`).
 pub const UBOOT_ARM64: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
 /// The Debian package that provides [`UBOOT_ARM64`].
-
 pub const UBOOT_PACKAGE: &str = "u-boot-qemu";
 /// The text of the SYSLINUX prompt at which a menu label is typed.
 pub const SYSLINUX_PROMPT: &str = "boot:";
