@@ -344,3 +344,114 @@ fn arm64_errors_are_caught_at_planning() {
     );
     assert_eq!(before, after, "the device was written to");
 }
+
+/// `text` as a U-Boot script image (what `mkimage -T script` writes; the
+/// tool's own generator, `boot::uboot::script_image`, is checked byte for
+/// byte against mkimage in its unit test).
+fn script_image(text: &str) -> Vec<u8> {
+    let mut data = (text.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(&[0; 4]);
+    data.extend_from_slice(text.as_bytes());
+    let mut h = [0u8; 64];
+    h[0..4].copy_from_slice(&0x2705_1956u32.to_be_bytes());
+    h[12..16].copy_from_slice(&(data.len() as u32).to_be_bytes());
+    h[24..28].copy_from_slice(&crc32fast::hash(&data).to_be_bytes());
+    h[28..32].copy_from_slice(&[5, 22, 6, 0]);
+    h[32..44].copy_from_slice(b"btrfs-deploy");
+    let hcrc = crc32fast::hash(&h);
+    h[4..8].copy_from_slice(&hcrc.to_be_bytes());
+    let mut out = h.to_vec();
+    out.extend(data);
+    out
+}
+
+/// Boots `img` under U-Boot, letting the guest's writes (U-Boot's `fatrm`)
+/// reach the image, and returns the console.
+fn boot_persist(img: &Path) -> String {
+    let log = PathBuf::from(format!("{}.console.log", img.display()));
+    let args = [
+        "boot-test",
+        img.to_str().unwrap(),
+        "--persist",
+        "--timeout",
+        "120",
+        "--log",
+        log.to_str().unwrap(),
+    ];
+    run_ok(&args);
+    std::fs::read_to_string(&log).unwrap()
+}
+
+/// Proof of concept for `--trial` on uboot disks (docs/arm.md, "Trials
+/// under U-Boot"): with the menu moved to /boot/extlinux/extlinux.conf,
+/// Debian's U-Boot runs /boot.scr (templates/uboot-trial.cmd) first; it
+/// deletes /btrfs-deploy/trial-once with `fatrm` and boots the menu of
+/// /btrfs-deploy/trial.conf (default v2) once; the next boot is the
+/// default again. The boot partition stays clean for fsck.fat.
+#[test]
+fn one_shot_trial_script_boots_the_trial_version_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("trial.img");
+    let imgs = img.to_str().unwrap();
+    let factory = arm64_variant(tmp.path(), "factory");
+    let v2 = arm64_variant(tmp.path(), "v2");
+    run_ok(&["--rootfs", factory.to_str().unwrap(), imgs]);
+    run_ok(&[
+        "--version",
+        "v2",
+        "--no-default",
+        "--rootfs",
+        v2.to_str().unwrap(),
+        imgs,
+    ]);
+    // The layout the trial needs (what --trial would write).
+    let conf = part_read(&img, "/extlinux/extlinux.conf");
+    assert!(conf.contains("\ndefault factory\n"), "{conf}");
+    let trial = conf.replace("\ndefault factory\n", "\ndefault v2\n");
+    let files = tmp.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    write(&files.join("extlinux.conf"), conf.as_bytes());
+    write(&files.join("trial.conf"), trial.as_bytes());
+    write(&files.join("trial-once"), b"");
+    write(
+        &files.join("boot.scr"),
+        &script_image(include_str!("../templates/uboot-trial.cmd")),
+    );
+    let i = format!("{imgs}@@{PART_OFFSET}");
+    let f = files.display();
+    sh(&format!(
+        "export MTOOLS_SKIP_CHECK=1; mmd -i {i} ::/boot ::/boot/extlinux && \
+         mcopy -i {i} {f}/extlinux.conf ::/boot/extlinux/extlinux.conf && \
+         mdel -i {i} ::/extlinux/extlinux.conf && \
+         mcopy -i {i} {f}/trial.conf {f}/trial-once ::/btrfs-deploy/ && \
+         mcopy -i {i} {f}/boot.scr ::/boot.scr"
+    ));
+    assert_part_clean(&img);
+
+    let console = boot_persist(&img);
+    assert!(
+        console.contains("Found U-Boot script /boot.scr"),
+        "{console}"
+    );
+    assert!(
+        console.contains("btrfs-deploy: trial boot (one-shot)"),
+        "{console}"
+    );
+    assert_layout_mounted(&console, "v2");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("v2"));
+    // U-Boot deleted the mark before starting the kernel; its FAT write is clean.
+    let left = part_files(&img);
+    assert!(
+        !left.iter().any(|p| p == "/btrfs-deploy/trial-once"),
+        "{left:?}"
+    );
+    assert_part_clean(&img);
+
+    let console = boot_persist(&img);
+    assert!(
+        !console.contains("trial boot"),
+        "a second trial boot:\n{console}"
+    );
+    assert_layout_mounted(&console, "factory");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("factory"));
+}

@@ -543,6 +543,47 @@ impl Backend for UBoot {
     }
 }
 
+/// The one-shot trial script (proof of concept for `--trial`, issue 13;
+/// tested in QEMU by `tests/arm.rs`, design in docs/arm.md "Trials under
+/// U-Boot"): U-Boot's distro boot runs it as `/boot.scr` when the boot
+/// partition has no `/extlinux/extlinux.conf` (the menu then lives at
+/// `/boot/extlinux/extlinux.conf`, which distro boot also finds by itself
+/// should the script fail).
+#[allow(dead_code)] // Wired into --trial by issue 13.
+pub const TRIAL_SCRIPT: &str = include_str!("../../templates/uboot-trial.cmd");
+
+/// `text` as a U-Boot script image (`boot.scr`), byte for byte what
+/// `mkimage -A arm64 -O linux -T script -C none -n btrfs-deploy` writes with
+/// `SOURCE_DATE_EPOCH=0`: a 64-byte legacy image header (big-endian magic,
+/// header CRC, time, size, load, entry, data CRC, OS Linux, arch arm64,
+/// type script, no compression, name), then the size table of the one
+/// script (its length, 0) and the script. `source` refuses a script
+/// without this header, and this way no `u-boot-tools` are needed.
+#[allow(dead_code)] // Wired into --trial by issue 13.
+pub fn script_image(text: &str) -> Vec<u8> {
+    let mut data = Vec::with_capacity(text.len() + 8);
+    data.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    data.extend_from_slice(&0u32.to_be_bytes());
+    data.extend_from_slice(text.as_bytes());
+    let mut h = [0u8; 64];
+    h[0..4].copy_from_slice(&0x2705_1956u32.to_be_bytes());
+    // 4..8 header CRC (over the header with this field 0), 8..12 time 0.
+    h[12..16].copy_from_slice(&(data.len() as u32).to_be_bytes());
+    // 16..20 load address, 20..24 entry point: 0.
+    h[24..28].copy_from_slice(&crc32fast::hash(&data).to_be_bytes());
+    h[28] = 5; // IH_OS_LINUX
+    h[29] = 22; // IH_ARCH_ARM64
+    h[30] = 6; // IH_TYPE_SCRIPT
+    h[31] = 0; // IH_COMP_NONE
+    let name = b"btrfs-deploy";
+    h[32..32 + name.len()].copy_from_slice(name);
+    let hcrc = crc32fast::hash(&h);
+    h[4..8].copy_from_slice(&hcrc.to_be_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(&data);
+    out
+}
+
 /// What `check` reads from a U-Boot boot partition.
 #[derive(Debug, Default)]
 pub struct PartState {
@@ -645,6 +686,25 @@ mod tests {
         assert_eq!(menu_number("menu-12.conf.tmp"), None);
         assert_eq!(file_label("v2.dtbs"), Some("v2"));
         assert_eq!(file_label("v2.dtbs.tmp"), None);
+    }
+
+    #[test]
+    fn script_image_is_what_mkimage_writes() {
+        // SOURCE_DATE_EPOCH=0 mkimage -A arm64 -O linux -T script -C none
+        //   -n btrfs-deploy -d hi.cmd hi.scr   (hi.cmd: "echo hi\n"; u-boot-tools 2023.01)
+        let expected: [u8; 80] = [
+            0x27, 0x05, 0x19, 0x56, 0x64, 0x04, 0xf1, 0x44, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xd9, 0x34, 0x01, 0x62,
+            0x05, 0x16, 0x06, 0x00, 0x62, 0x74, 0x72, 0x66, 0x73, 0x2d, 0x64, 0x65, 0x70, 0x6c,
+            0x6f, 0x79, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x08, 0x00, 0x00,
+            0x00, 0x00, 0x65, 0x63, 0x68, 0x6f, 0x20, 0x68, 0x69, 0x0a,
+        ];
+        assert_eq!(script_image("echo hi\n"), expected.to_vec());
+        let img = script_image(TRIAL_SCRIPT);
+        assert_eq!(img.len(), 64 + 8 + TRIAL_SCRIPT.len());
+        assert!(TRIAL_SCRIPT
+            .contains("fatrm ${devtype} ${devnum}:${distro_bootpart} /btrfs-deploy/trial-once"));
     }
 
     #[test]
