@@ -72,7 +72,8 @@ pub struct DeployArgs {
     /// Initramfs (host path), instead of the one found in the rootfs.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
-    /// Device tree blob (host path).
+    /// Device tree blob: a host path, or a path relative to the rootfs's
+    /// usr/lib/linux-image-<ver>/ (broadcom/bcm2711-rpi-4-b.dtb).
     #[arg(long, value_name = "PATH")]
     pub dtb: Option<PathBuf>,
     /// Deploy without kernel and bootloader (e.g. a rootfs without a kernel).

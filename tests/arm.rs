@@ -274,6 +274,30 @@ fn arm64_errors_are_caught_at_planning() {
         &["invalid --arch sparc", "arm64"],
     );
     assert!(!img.exists());
+    // --dtb names one of the rootfs's device trees (or a host file).
+    run_fails(
+        &["--dtb", "arm/nope.dtb", "--rootfs", arms, imgs],
+        1,
+        &["--dtb arm/nope.dtb", "/usr/lib/linux-image-"],
+    );
+    assert!(!img.exists());
+    run_ok(&["--dtb", "arm/juno.dtb", "--rootfs", arms, imgs]);
+    let files = part_files(&img);
+    let menu = files
+        .iter()
+        .find(|f| f.starts_with("/btrfs-deploy/menu-"))
+        .expect("a menu file");
+    let menu_text = part_read(&img, menu);
+    assert!(
+        menu_text.contains("  fdt /btrfs-deploy/factory.dtb\n") && !menu_text.contains("fdtdir"),
+        "{menu_text}"
+    );
+    let juno = sh(&format!("ls {arms}/usr/lib/linux-image-*/arm/juno.dtb"));
+    assert_eq!(
+        part_read(&img, "/btrfs-deploy/factory.dtb").into_bytes(),
+        std::fs::read(juno.trim()).unwrap()
+    );
+    std::fs::remove_file(&img).unwrap();
 
     // No qemu-user (simulated: binfmt_misc and the definitions point at
     // empty directories): refused, naming the packages.

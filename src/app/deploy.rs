@@ -185,7 +185,9 @@ pub fn plan(
         Some(a) => Some(Arch::parse(a).ok_or_else(|| {
             UsageError(format!("invalid --arch {a}: use one of {}", arch::names()))
         })?),
-        None if !tarball && bundle.is_none() => Some(arch::detect_rootfs(&rootfs)?),
+        // A tree whose architecture cannot be read (no ELF init or shell)
+        // is deployed as before: nothing checked, nothing recorded.
+        None if !tarball && bundle.is_none() => arch::detect_rootfs(&rootfs).ok(),
         None => None,
     };
     let kernel_choice = KernelChoice {
@@ -1034,10 +1036,10 @@ fn finish_version(
     signals::check()?;
     // An archive's architecture is known once it is written.
     let arch = match plan.arch {
-        Some(a) => a,
+        Some(a) => Some(a),
         None => {
-            let a = arch::detect_rootfs(&orig)?;
-            if !plan.extensions.is_empty() {
+            let a = arch::detect_rootfs(&orig).ok();
+            if let (Some(a), false) = (a, plan.extensions.is_empty()) {
                 let what = format!("the rootfs {}", plan.rootfs.display());
                 if let Some(note) = crate::build::foreign::ensure_runnable(a, &what)? {
                     ui::detail(note);
@@ -1081,7 +1083,7 @@ fn finish_version(
         warnings: completion.warnings.clone(),
         extensions: plan.extensions.iter().map(|e| e.name.clone()).collect(),
         settings: crate::config::redact(&plan.ext_context.settings),
-        arch: Some(arch.name().to_string()),
+        arch: arch.map(|a| a.name().to_string()),
         ..Default::default()
     };
     record.details.insert(
@@ -1097,7 +1099,9 @@ fn finish_version(
             .with_context(|| format!("finding the kernel of version {}", plan.label))?;
         ui::step("Installing kernel files");
         install_boot_file(&boot.kernel, &dir.join(layout::KERNEL), &orig)?;
-        arch::check_kernel(&boot.kernel, arch, &format!("version {}", plan.label))?;
+        if let Some(a) = arch {
+            arch::check_kernel(&boot.kernel, a, &format!("version {}", plan.label))?;
+        }
         record.has_kernel = true;
         record.kernel_version = boot.version.clone();
         if let Some(i) = &boot.initramfs {
