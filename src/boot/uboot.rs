@@ -708,6 +708,108 @@ mod tests {
     }
 
     #[test]
+    fn versions_on_the_boot_partition_added_switched_removed_cleaned() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let part = (1u64 << 20, 64u64 << 20);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(part.0 + part.1)
+            .unwrap();
+        super::super::fat::format(&img, part.0, part.1, "BOOT").unwrap();
+        let top = Layout::new(&d.path().join("top"));
+        let entry = |l: &str| Entry {
+            label: l.into(),
+            initramfs: true,
+            dtb: false,
+            args: "x".into(),
+        };
+        for l in ["a", "b"] {
+            let v = top.version(l);
+            let dtbs = v.join(layout::ORIG).join(dtb_dir("6.1-arm64")).join("arm");
+            std::fs::create_dir_all(&dtbs).unwrap();
+            std::fs::write(dtbs.join("board.dtb"), b"dtb").unwrap();
+            std::fs::write(v.join(layout::KERNEL), vec![1u8; 40 << 20]).unwrap();
+            std::fs::write(v.join(layout::INITRAMFS), vec![2u8; 1000]).unwrap();
+            let rec = Deployment {
+                label: l.into(),
+                kernel_version: Some("6.1-arm64".into()),
+                ..Default::default()
+            };
+            rec.save(&v.join(layout::DEPLOYMENT_JSON)).unwrap();
+        }
+        let b = UBoot::new(&img, part);
+        b.write_menu(&top, "U", &[entry("a")], "a").unwrap();
+        b.switch_default("a").unwrap();
+        let st = inspect(&img, part).unwrap();
+        assert_eq!(st.complete, vec!["a"]);
+        assert_eq!(st.default.as_deref(), Some("a"));
+        assert!(st.problems.is_empty(), "{:?}", st.problems);
+        // A second 40 MiB kernel does not fit: a clear error, the menu as it was.
+        let msg = format!("{:#}", b.check_space("b", &[40 << 20, 1000]).unwrap_err());
+        assert!(
+            msg.contains("U-Boot boot partition") && msg.contains("deploy remove"),
+            "{msg}"
+        );
+        let msg = format!(
+            "{:#}",
+            b.write_menu(&top, "U", &[entry("a"), entry("b")], "a")
+                .unwrap_err()
+        );
+        assert!(msg.contains("needs"), "{msg}");
+        assert_eq!(inspect(&img, part).unwrap().complete, vec!["a"]);
+        // Removing a frees the room for b.
+        b.remove_version("a").unwrap();
+        b.write_menu(&top, "U", &[entry("b")], "b").unwrap();
+        b.switch_default("b").unwrap();
+        let st = inspect(&img, part).unwrap();
+        assert_eq!(st.complete, vec!["b"]);
+        assert_eq!(st.default.as_deref(), Some("b"));
+        let fat = FatPartition::open(&img, part.0, part.1, false).unwrap();
+        let names: Vec<String> = fat
+            .list(VERSIONS_DIR)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(
+            fat.read(CONF).unwrap().unwrap().len(),
+            CONF_SIZE,
+            "{names:?}"
+        );
+        assert_eq!(
+            fat.file_len("btrfs-deploy/b.dtbs/arm/board.dtb").unwrap(),
+            Some(3)
+        );
+        fat.close().unwrap();
+        assert_eq!(
+            names.iter().filter(|n| menu_number(n).is_some()).count(),
+            1,
+            "one menu: {names:?}"
+        );
+        assert!(!names.iter().any(|n| n.starts_with("a.")), "{names:?}");
+        // Leftovers of interrupted writes and unknown versions go; b stays.
+        let fat = FatPartition::open(&img, part.0, part.1, true).unwrap();
+        fat.write("btrfs-deploy/b.linux.tmp", b"x").unwrap();
+        fat.write("btrfs-deploy/gone.initrd", b"x").unwrap();
+        fat.write("btrfs-deploy/menu-99.conf", b"x").unwrap();
+        fat.close().unwrap();
+        let mut removed = b.cleanup(&["b".to_string()]).unwrap();
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                "removed btrfs-deploy/b.linux.tmp",
+                "removed btrfs-deploy/gone.initrd",
+                "removed btrfs-deploy/menu-99.conf"
+            ]
+        );
+        let st = inspect(&img, part).unwrap();
+        assert_eq!(st.complete, vec!["b"]);
+        assert!(st.problems.is_empty(), "{:?}", st.problems);
+    }
+
+    #[test]
     fn menu_has_fdt_or_fdtdir() {
         let e = MenuEntry {
             label: "v2".into(),
