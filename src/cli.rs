@@ -310,7 +310,7 @@ pub struct BootTestArgs {
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// Firmware to boot with. Default: uefi for uefi and hybrid disks, bios
-    /// for bios disks.
+    /// for bios disks, uboot for uboot disks (arm64 systems).
     #[arg(long, value_enum)]
     pub firmware: Option<FirmwareArg>,
     /// Regular expression that fails the test as soon as it appears
