@@ -28,6 +28,7 @@ deps:
 
 fixture:
 	@scripts/build-tiny-system.sh $(CACHE)
+	@scripts/build-tiny-system.sh $(CACHE) arm64
 
 build: deps
 	cargo build --release
@@ -104,6 +105,7 @@ lint: deps
 test: fixture lint deb deb-chroot
 	@scripts/install-deps.sh test
 	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs DEPLOY_DEB_CHROOT=$(CACHE)/debian12 \
+	  DEPLOY_TINY_ARM64_ROOTFS=$(CACHE)/tiny-arm64/rootfs \
 	  cargo test --release -- --test-threads=2
 
 bench: build fixture

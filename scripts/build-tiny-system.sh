@@ -1,17 +1,23 @@
 #!/bin/bash
-# build-tiny-system.sh CACHE_DIR
+# build-tiny-system.sh CACHE_DIR [ARCH]
 #
 # Builds the tiny bootable test system used by btrfs-deploy's boot tests,
-# from two Debian packages: the kernel behind linux-image-cloud-amd64 and
-# busybox-static.
+# from two Debian packages: the kernel behind linux-image-cloud-ARCH and
+# busybox-static. ARCH is amd64 (the default) or arm64; an arm64 system is
+# built on an amd64 host from arm64 packages (apt package lists of its own,
+# under CACHE_DIR/apt-arm64, so the host's dpkg architectures stay as they
+# are; busybox's applet list is read through qemu-user: qemu-user-static).
 #
-# Outputs (all under CACHE_DIR):
+# Outputs (all under CACHE_DIR; SUFFIX is empty for amd64, -arm64 for arm64):
 #   debs/                         the downloaded .debs (delete to refresh)
-#   tiny/rootfs/                  the root filesystem tree (Debian kernel layout:
+#   tinySUFFIX/rootfs/            the root filesystem tree (Debian kernel layout:
 #                                 boot/vmlinuz-<ver>, boot/initrd.img-<ver>,
-#                                 /vmlinuz and /initrd.img relative symlinks)
-#   tiny/kernel-version           the kernel version, e.g. 6.1.0-56-cloud-amd64
-#   tiny/.stamp                   what the tree was built from (quick path)
+#                                 /vmlinuz and /initrd.img relative symlinks;
+#                                 arm64: vmlinuz is an uncompressed Image, and
+#                                 usr/lib/linux-image-<ver>/arm/ holds the device
+#                                 trees of Arm's reference boards, as Debian ships them)
+#   tinySUFFIX/kernel-version     the kernel version, e.g. 6.1.0-56-cloud-amd64
+#   tinySUFFIX/.stamp             what the tree was built from (quick path)
 #
 # The rootfs's /sbin/init prints lines that tests grep for:
 #   TINY: boot start | TINY: hostname=<h> | TINY: cmdline=<...>
@@ -25,7 +31,13 @@
 # Idempotent: returns at once when the tree is already built by this script.
 set -euo pipefail
 
-readonly META_PKG=linux-image-cloud-amd64
+ARCH=${2:-amd64}
+case $ARCH in
+amd64 | arm64) ;;
+*) echo "build-tiny-system: error: unsupported ARCH $ARCH (amd64 or arm64)" >&2 && exit 2 ;;
+esac
+readonly ARCH
+readonly META_PKG=linux-image-cloud-$ARCH
 readonly BUSYBOX_PKG=busybox-static
 # Modules the initramfs needs to find a virtio disk and mount Btrfs on it.
 readonly WANTED_MODULES=(virtio_pci virtio_blk btrfs)
@@ -39,17 +51,22 @@ die() {
 }
 
 usage() {
-    echo "usage: $0 CACHE_DIR" >&2
+    echo "usage: $0 CACHE_DIR [amd64|arm64]" >&2
     exit 2
 }
 
-[[ $# -eq 1 ]] || usage
+[[ $# -eq 1 || $# -eq 2 ]] || usage
 [[ $EUID -eq 0 ]] || die "must run as root (creates files owned by other users and device nodes)"
 
 mkdir -p "$1"
 CACHE_DIR=$(cd "$1" && pwd)
 DEBS_DIR=$CACHE_DIR/debs
-TINY_DIR=$CACHE_DIR/tiny
+if [[ $ARCH == amd64 ]]; then
+    TINY_DIR=$CACHE_DIR/tiny
+else
+    TINY_DIR=$CACHE_DIR/tiny-$ARCH
+fi
+HOST_ARCH=$(dpkg --print-architecture)
 SCRIPT_SUM=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)
 
 # ---------------------------------------------------------------- quick path
@@ -74,7 +91,9 @@ fi
 # ---------------------------------------------------------------- host tools
 ensure_tools() {
     local missing=() pair cmd pkg
-    for pair in cpio:cpio gzip:gzip depmod:kmod modprobe:kmod dpkg-deb:dpkg apt-get:apt; do
+    local pairs=(cpio:cpio gzip:gzip depmod:kmod modprobe:kmod dpkg-deb:dpkg apt-get:apt)
+    [[ $ARCH == "$HOST_ARCH" ]] || pairs+=("qemu-$(qemu_arch)-static:qemu-user-static")
+    for pair in "${pairs[@]}"; do
         cmd=${pair%%:*}
         pkg=${pair#*:}
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
@@ -86,16 +105,26 @@ ensure_tools() {
             die "cannot install ${missing[*]}"
     fi
 }
+# qemu-user's name of ARCH.
+qemu_arch() {
+    case $ARCH in amd64) echo x86_64 ;; arm64) echo aarch64 ;; esac
+}
 ensure_tools
 # depmod and modprobe live in /sbin, which a non-login root shell may lack.
 export PATH=$PATH:/usr/sbin:/sbin
 
 # ---------------------------------------------------------------- downloads
 APT_OPTS=(-o APT::Sandbox::User=root -q)
+if [[ $ARCH != "$HOST_ARCH" ]]; then
+    # Package lists of ARCH in the cache: the host's configuration is untouched.
+    mkdir -p "$CACHE_DIR/apt-$ARCH/lists/partial" "$CACHE_DIR/apt-$ARCH/cache/archives/partial"
+    APT_OPTS+=(-o "Dir::State::Lists=$CACHE_DIR/apt-$ARCH/lists" -o "Dir::Cache=$CACHE_DIR/apt-$ARCH/cache"
+        -o "APT::Architecture=$ARCH" -o "APT::Architectures::=$ARCH")
+fi
 
 # Prints the versioned kernel package behind the metapackage.
 resolve_kernel_pkg() {
-    apt-cache depends "$META_PKG" 2>/dev/null |
+    apt-cache "${APT_OPTS[@]}" depends "$META_PKG" 2>/dev/null |
         awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
 }
 
@@ -111,13 +140,13 @@ apt_download() {
 # Prints the newest cached .deb whose name starts with PREFIX_ (empty if none).
 cached_deb() {
     local f
-    f=$(find "$DEBS_DIR" -maxdepth 1 -name "$1_*_amd64.deb" -printf '%f\n' | sort -V | tail -n1)
+    f=$(find "$DEBS_DIR" -maxdepth 1 -name "$1_*_$ARCH.deb" -printf '%f\n' | sort -V | tail -n1)
     [[ -n $f ]] && echo "$f"
     return 0
 }
 
 mkdir -p "$DEBS_DIR"
-KERNEL_DEB=$(find "$DEBS_DIR" -maxdepth 1 -name 'linux-image-[0-9]*-cloud-amd64_*_amd64.deb' -printf '%f\n' | sort -V | tail -n1)
+KERNEL_DEB=$(find "$DEBS_DIR" -maxdepth 1 -name "linux-image-[0-9]*-cloud-${ARCH}_*_$ARCH.deb" -printf '%f\n' | sort -V | tail -n1)
 if [[ -z $KERNEL_DEB ]]; then
     kpkg=$(resolve_kernel_pkg)
     if [[ -z $kpkg ]]; then
@@ -164,6 +193,16 @@ MODROOT=$WORK/kernel
 [[ -d $MODROOT/lib/modules/$KVER ]] || die "no lib/modules/$KVER in $KERNEL_DEB"
 depmod -b "$MODROOT" "$KVER"
 
+# run_target PROGRAM ARGS...: runs an ARCH binary (through qemu-user when
+# ARCH is not the host's).
+run_target() {
+    if [[ $ARCH == "$HOST_ARCH" ]]; then
+        "$@"
+    else
+        "qemu-$(qemu_arch)-static" "$@"
+    fi
+}
+
 # install_busybox ROOT: busybox at ROOT/bin/busybox plus applet symlinks
 # (relative), except init/linuxrc which are ours.
 install_busybox() {
@@ -180,7 +219,7 @@ install_busybox() {
         *) die "unexpected busybox applet path $applet" ;;
         esac
         [[ -e $root/$applet || -L $root/$applet ]] || ln -s "$rel" "$root/$applet"
-    done < <("$BUSYBOX" --list-full)
+    done < <(run_target "$BUSYBOX" --list-full)
 }
 
 # ---------------------------------------------------------------- initramfs
@@ -338,6 +377,14 @@ install -m 0644 "$VMLINUZ" "$R/boot/vmlinuz-$KVER"
 install -m 0644 "$INITRD" "$R/boot/initrd.img-$KVER"
 ln -s "boot/vmlinuz-$KVER" "$R/vmlinuz"
 ln -s "boot/initrd.img-$KVER" "$R/initrd.img"
+# Device trees, where Debian's arm64 kernel package ships them (those of
+# Arm's reference boards only: enough for `fdtdir` in a boot menu, without
+# the 13 MB of all of them).
+DTB_DIR=usr/lib/linux-image-$KVER
+if [[ -d $WORK/kernel/$DTB_DIR/arm ]]; then
+    mkdir -p "$R/$DTB_DIR/arm"
+    cp "$WORK/kernel/$DTB_DIR"/arm/*.dtb "$R/$DTB_DIR/arm/"
+fi
 chmod 1777 "$R/tmp" "$R/var/tmp"
 chmod 0700 "$R/root"
 

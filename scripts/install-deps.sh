@@ -14,7 +14,7 @@ set -euo pipefail
 what=${1:-all}
 build=(libbtrfsutil-dev libclang-dev pkg-config gcc make)
 run=(btrfs-progs mount util-linux extlinux syslinux-common kmod fdisk mtools dosfstools)
-qemu=(qemu-system-x86 qemu-utils ovmf systemd-boot-efi)
+qemu=(qemu-system-x86 qemu-utils ovmf systemd-boot-efi qemu-system-arm u-boot-qemu qemu-user-static binfmt-support)
 deb=(dpkg-dev debootstrap)
 # Bundle tests sign and make keys with minisign itself (format compatibility).
 # fusefat mounts an ESP the way a device's /boot/efi is (the host kernel may lack vfat).

@@ -73,7 +73,8 @@ pub struct DeployArgs {
     /// Initramfs (host path), instead of the one found in the rootfs.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
-    /// Device tree blob (host path).
+    /// Device tree blob: a host path, or a path relative to the rootfs's
+    /// usr/lib/linux-image-<ver>/ (broadcom/bcm2711-rpi-4-b.dtb).
     #[arg(long, value_name = "PATH")]
     pub dtb: Option<PathBuf>,
     /// Deploy without kernel and bootloader (e.g. a rootfs without a kernel).
@@ -81,9 +82,15 @@ pub struct DeployArgs {
     pub no_bootloader: bool,
     /// How a new disk boots: hybrid (GPT with an EFI system partition:
     /// UEFI and BIOS), uefi (the same without BIOS boot code), bios
-    /// (whole-disk Btrfs, SYSLINUX). Default: hybrid. Existing disks keep theirs.
+    /// (whole-disk Btrfs, SYSLINUX), uboot (GPT: a FAT boot partition with
+    /// extlinux/extlinux.conf for U-Boot, and the Btrfs partition). Default:
+    /// uboot for an arm64 rootfs, else hybrid. Existing disks keep theirs.
     #[arg(long, value_enum, value_name = "KIND")]
     pub boot: Option<BootArg>,
+    /// Architecture of the rootfs (amd64, arm64, armhf, i386, riscv64),
+    /// instead of the one read from its /sbin/init or /bin/sh ELF header.
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<String>,
     /// Format a block device even when it already holds a filesystem or a
     /// partition table.
     #[arg(long)]
@@ -287,6 +294,9 @@ pub enum BootArg {
     Uefi,
     /// Like uefi, plus SYSLINUX's GPT boot code: boots under UEFI and BIOS.
     Hybrid,
+    /// GPT: a FAT boot partition (extlinux/extlinux.conf, kernels) that
+    /// U-Boot reads, and the Btrfs partition: ARM boards.
+    Uboot,
 }
 
 /// Firmware of a boot test (`--firmware`).
@@ -296,6 +306,9 @@ pub enum FirmwareArg {
     Bios,
     /// OVMF (Debian package ovmf).
     Uefi,
+    /// U-Boot on qemu-system-aarch64 -M virt (Debian packages u-boot-qemu,
+    /// qemu-system-arm); the default for uboot disks.
+    Uboot,
 }
 
 /// QEMU acceleration.
@@ -340,7 +353,7 @@ pub struct BootTestArgs {
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// Firmware to boot with. Default: uefi for uefi and hybrid disks, bios
-    /// for bios disks.
+    /// for bios disks, uboot for uboot disks (arm64 systems).
     #[arg(long, value_enum)]
     pub firmware: Option<FirmwareArg>,
     /// Regular expression that fails the test as soon as it appears

@@ -226,6 +226,7 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         })) => app::bundle::info(&file, verify_key.as_deref(), json),
         Some(Command::RunInTree { tree, cmd }) => {
+            intree::prepare_foreign(&tree)?;
             mount::enter_private_namespace()?;
             let code = intree::run_in_tree(&tree, &cmd)?;
             if code != 0 {

@@ -282,7 +282,11 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
         disk.disk_layout.boot.bios(),
     ));
     if let Some(esp) = disk.disk_layout.esp {
-        out.push(check_esp(disk, esp, &versions));
+        if disk.disk_layout.boot.uboot() {
+            out.push(check_uboot(disk, esp, &versions));
+        } else {
+            out.push(check_esp(disk, esp, &versions));
+        }
     }
     Ok(out)
 }
@@ -337,6 +341,55 @@ fn check_esp(disk: &Disk, esp: (u64, u64), versions: &[VersionInfo]) -> Finding 
         problems,
         format!(
             "EFI system partition: systemd-boot, {} entr{}, default {}",
+            st.complete.len(),
+            if st.complete.len() == 1 { "y" } else { "ies" },
+            st.default.as_deref().unwrap_or("-")
+        ),
+    )
+}
+
+/// U-Boot's boot partition: `extlinux.conf` naming a menu, one complete
+/// entry per version with a kernel, the default the same as `systems/default`.
+fn check_uboot(disk: &Disk, part: (u64, u64), versions: &[VersionInfo]) -> Finding {
+    let st = match crate::boot::uboot::inspect(&disk.target, part) {
+        Ok(st) => st,
+        Err(e) => return Finding::problem("boot partition", format!("{e:#}")),
+    };
+    let mut problems = st.problems.clone();
+    let with_kernel: Vec<&str> = versions
+        .iter()
+        .filter(|v| v.record.as_ref().is_some_and(|r| r.has_kernel))
+        .map(|v| v.label.as_str())
+        .collect();
+    for l in &with_kernel {
+        if !st.complete.iter().any(|c| c == l) {
+            problems.push(format!(
+                "version {l} has no complete entry in the U-Boot menu on the boot partition (run deploy cleanup)"
+            ));
+        }
+    }
+    for c in &st.complete {
+        if !with_kernel.contains(&c.as_str()) {
+            problems.push(format!(
+                "the U-Boot menu has an entry for {c}, which is not a version with a kernel (run deploy cleanup)"
+            ));
+        }
+    }
+    if let (Some(part_default), Ok(default)) = (
+        &st.default,
+        crate::store::versions::default_label(&disk.layout),
+    ) {
+        if !with_kernel.is_empty() && *part_default != default {
+            problems.push(format!(
+                "extlinux.conf on the boot partition makes {part_default} U-Boot's default, systems/default is {default} (run deploy cleanup)"
+            ));
+        }
+    }
+    Finding::from_problems(
+        "boot partition",
+        problems,
+        format!(
+            "U-Boot boot partition: {} entr{}, default {}",
             st.complete.len(),
             if st.complete.len() == 1 { "y" } else { "ies" },
             st.default.as_deref().unwrap_or("-")
@@ -690,7 +743,9 @@ fn check_state(versions: &[VersionInfo], state_subvols: &[String]) -> Finding {
 }
 
 /// The bootloader config (and, with `syslinux`, its installation) against
-/// the versions. (Disks that do not boot under BIOS have no SYSLINUX.)
+/// the versions. (Disks that do not boot under BIOS have no SYSLINUX:
+/// `uefi` disks boot through systemd-boot, `uboot` disks through U-Boot,
+/// which reads the boot partition, checked by [`check_uboot`].)
 fn check_bootloader(
     top: &Layout,
     versions: &[VersionInfo],

@@ -45,6 +45,10 @@ pub struct ListEntry {
     pub created: String,
     /// Kernel version, if known.
     pub kernel_version: Option<String>,
+    /// CPU architecture of its rootfs (`amd64`, `arm64`, ...); absent for
+    /// versions deployed before it was recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
     /// The version it was upgraded from.
     pub upgraded_from: Option<String>,
     /// Unresolved /etc conflicts recorded at deploy time.
@@ -91,6 +95,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 default: v.label == default,
                 created: v.deployment.created.clone(),
                 kernel_version: v.deployment.kernel_version.clone(),
+                arch: v.deployment.arch.clone(),
                 upgraded_from: v.deployment.upgraded_from.clone(),
                 etc_conflicts: v
                     .deployment
@@ -127,11 +132,12 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
         };
         outln!("Disk: {}", kind.describe());
         outln!(
-            "{:<3}{:<24}{:<22}{:<28}{size_head}FROM",
+            "{:<3}{:<24}{:<22}{:<28}{:<9}{size_head}FROM",
             "",
             "VERSION",
             "CREATED",
-            "KERNEL"
+            "KERNEL",
+            "ARCH"
         );
         for r in rows {
             let size_cols = r
@@ -148,11 +154,12 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 _ => {}
             }
             outln!(
-                "{:<3}{:<24}{:<22}{:<28}{size_cols}{}",
+                "{:<3}{:<24}{:<22}{:<28}{:<9}{size_cols}{}",
                 if r.default { "*" } else { "" },
                 label,
                 r.created,
                 r.kernel_version.as_deref().unwrap_or("-"),
+                r.arch.as_deref().unwrap_or("-"),
                 r.upgraded_from.as_deref().unwrap_or("-")
             );
         }
@@ -258,20 +265,13 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
         ))
         .into());
     }
-    if crate::util::cmd::which(boottest::QEMU_BINARY).is_none() {
-        bail!(
-            "{} not found: install the Debian package {}",
-            boottest::QEMU_BINARY,
-            boottest::QEMU_PACKAGE
-        );
-    }
     let kind = disk::classify(&args.target)?;
     if kind == TargetKind::Missing {
         bail!("{} does not exist: nothing to boot", args.target.display());
     }
     // Hold the lock while QEMU runs, so no deploy changes the disk under it.
     let _lock = disk::lock_existing(&args.target)?;
-    let (boot_kind, esp) = open_checked(&args.target, kind, true, |disk| {
+    let (boot_kind, esp, arch) = open_checked(&args.target, kind, true, |disk| {
         let top = &disk.layout;
         let default = versions::default_label(top)?;
         let label = args.label.as_deref().unwrap_or(&default);
@@ -282,9 +282,34 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
                 args.target.display()
             );
         }
-        Ok((disk.disk_layout.boot, disk.disk_layout.esp))
+        // The architecture of the version booted picks QEMU's machine.
+        let arch = versions::list(top)?
+            .into_iter()
+            .find(|v| v.label == label)
+            .and_then(|v| v.deployment.arch);
+        Ok((disk.disk_layout.boot, disk.disk_layout.esp, arch))
     })?;
+    let uboot = Firmware::UbootArm64;
+    if boot_kind.uboot() && arch.as_deref().is_some_and(|a| a != "arm64") {
+        bail!(
+            "{} is a uboot disk whose system is {}: boot-test boots uboot disks of arm64 systems \
+             only (qemu-system-aarch64 -M virt with Debian's U-Boot; Debian's U-Boot for QEMU's \
+             x86 PC resets when it starts Debian's amd64 kernel, see docs/arm.md)",
+            args.target.display(),
+            arch.as_deref().unwrap_or_default()
+        );
+    }
     let firmware = match args.firmware {
+        Some(FirmwareArg::Uboot) if !boot_kind.uboot() => bail!(
+            "{} is a {boot_kind} disk: U-Boot does not boot it (new disks for U-Boot: --boot uboot)",
+            args.target.display()
+        ),
+        Some(FirmwareArg::Bios | FirmwareArg::Uefi) if boot_kind.uboot() => bail!(
+            "{} is a uboot disk: it boots through U-Boot only; use --firmware uboot (or no --firmware)",
+            args.target.display()
+        ),
+        Some(FirmwareArg::Uboot) => uboot,
+        None if boot_kind.uboot() => uboot,
         Some(FirmwareArg::Bios) if !boot_kind.bios() => bail!(
             "{} is a {boot_kind} disk: it does not boot under BIOS; use --firmware uefi",
             args.target.display()
@@ -299,6 +324,18 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
         None if boot_kind.uefi() => Firmware::Uefi,
         None => Firmware::Bios,
     };
+    let (qemu, qemu_package) = firmware.qemu();
+    if crate::util::cmd::which(qemu).is_none() {
+        bail!("{qemu} not found: install the Debian package {qemu_package}");
+    }
+    if firmware.uboot_image().is_some() && args.label.is_some() {
+        return Err(crate::UsageError(
+            "--version picks a menu entry at the SYSLINUX prompt, which U-Boot disks do not have: \
+             boot the default (deploy set-default LABEL first to boot another version)"
+                .into(),
+        )
+        .into());
+    }
     // Under UEFI, --version boots a temporary overlay of the disk whose
     // loader.conf names that version (the disk is not changed); under
     // BIOS, the label is typed at the SYSLINUX prompt.

@@ -7,6 +7,7 @@
 //! systems/default → sync → unmount, detach (→ rename image.partial to image).
 
 use crate::boot::{extlinux, uefi, BootKind};
+use crate::build::arch::{self, Arch};
 use crate::build::copy::{self, CopyOptions, SyncOptions};
 use crate::build::extensions::{self, Extension};
 use crate::build::fstab;
@@ -52,8 +53,11 @@ const ESP_LABEL: &str = "ESP";
 /// SYSLINUX's MBR boot code for GPT disks: boots the partition with the
 /// legacy-BIOS-bootable attribute.
 pub const GPTMBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
-/// How a new disk boots when `--boot` is not given.
+/// How a new disk boots when `--boot` is not given (an arm64 rootfs: `uboot`).
 pub const DEFAULT_BOOT: BootKind = BootKind::Hybrid;
+/// Default kernel arguments of an arm64 system: the PL011 serial port of
+/// QEMU's `virt` board and of most boards' debug header.
+pub const ARM64_KERNEL_ARGS: &str = "console=tty0 console=ttyAMA0,115200";
 
 /// A new image or device to format.
 #[derive(Debug)]
@@ -103,6 +107,9 @@ pub struct Plan {
     pub ext_context: extensions::Context,
     /// A verified bundle given as `--rootfs` (then `rootfs` is its path or `-`).
     pub bundle: Option<crate::bundle::apply::Opened>,
+    /// Architecture of the rootfs (`--arch`, or read from a directory
+    /// rootfs; an archive's is read once it is extracted).
+    pub arch: Option<Arch>,
 }
 
 /// Validates the request into a plan. Nothing is written.
@@ -181,8 +188,18 @@ pub fn plan(
         BootArg::Bios => BootKind::Bios,
         BootArg::Uefi => BootKind::Uefi,
         BootArg::Hybrid => BootKind::Hybrid,
+        BootArg::Uboot => BootKind::Uboot,
     });
     let tarball = bundle.is_none() && rootfs.is_file();
+    let arch = match &args.arch {
+        Some(a) => Some(Arch::parse(a).ok_or_else(|| {
+            UsageError(format!("invalid --arch {a}: use one of {}", arch::names()))
+        })?),
+        // A tree whose architecture cannot be read (no ELF init or shell)
+        // is deployed as before: nothing checked, nothing recorded.
+        None if !tarball && bundle.is_none() => arch::detect_rootfs(&rootfs).ok(),
+        None => None,
+    };
     let kernel_choice = KernelChoice {
         kernel: args.kernel.clone(),
         initramfs: args.initramfs.clone(),
@@ -195,7 +212,16 @@ pub fn plan(
     // anything is written; the files installed are looked up again in the
     // written tree, after extensions ran.
     if !args.no_bootloader && !tarball && bundle.is_none() {
-        kernel::find_boot_files(&rootfs, &kernel_choice)?;
+        let files = kernel::find_boot_files(&rootfs, &kernel_choice)?;
+        if let Some(a) = arch {
+            arch::check_kernel(
+                &files.kernel,
+                a,
+                &format!("the rootfs {}", rootfs.display()),
+            )?;
+        }
+    } else if let (Some(k), Some(a)) = (&kernel_choice.kernel, arch) {
+        arch::check_kernel(k, a, "the rootfs (--arch)")?;
     }
 
     let kind = disk::classify(&target)?;
@@ -255,7 +281,11 @@ pub fn plan(
         );
     }
     let boot_kind = if is_new {
-        boot_arg.unwrap_or(DEFAULT_BOOT)
+        boot_arg.unwrap_or(if arch == Some(Arch::Arm64) {
+            BootKind::Uboot
+        } else {
+            DEFAULT_BOOT
+        })
     } else {
         let existing = disk::require_btrfs(&target)?.boot;
         if let Some(b) = boot_arg.filter(|b| *b != existing) {
@@ -269,7 +299,7 @@ pub fn plan(
     };
     if is_new && boot_kind.partitioned() {
         cmd::require(&[&partition::SFDISK, &crate::boot::fat::MTOOLS])?;
-        if !args.no_bootloader {
+        if !args.no_bootloader && boot_kind.uefi() {
             uefi::require_systemd_boot()?;
         }
     }
@@ -324,8 +354,16 @@ pub fn plan(
                     );
                 }
                 if size < needed.max(MIN_IMAGE + extra) {
+                    let part = if boot_kind.partitioned() {
+                        format!(
+                            " and the {} boot partition of a {boot_kind} disk",
+                            units::format_size(ESP_SIZE)
+                        )
+                    } else {
+                        String::new()
+                    };
                     bail!(
-                        "--size {} is too small for the rootfs {} ({} used): give at least {}",
+                        "--size {} is too small for the rootfs {} ({} used){part}: give at least {}",
                         units::format_size(size),
                         rootfs.display(),
                         units::format_size(rootfs_bytes),
@@ -341,10 +379,15 @@ pub fn plan(
             if dev_size < (MIN_IMAGE + extra).max(needed) {
                 bail!(
                     "{} ({}) is too small for a {boot_kind} disk with this rootfs: it needs at least {} \
-                     (the EFI system partition takes {})",
+                     (the {} takes {})",
                     target.display(),
                     units::format_size(dev_size),
                     units::format_size((MIN_IMAGE + extra).max(needed)),
+                    if boot_kind.uboot() {
+                        "U-Boot boot partition"
+                    } else {
+                        "EFI system partition"
+                    },
                     units::format_size(ESP_SIZE)
                 );
             }
@@ -388,6 +431,12 @@ pub fn plan(
         let names: Vec<&str> = exts.iter().map(|e| e.name.as_str()).collect();
         ui::step(format!("Checking extensions: {}", names.join(", ")));
         extensions::run_checks(&exts, &ext_context)?;
+        // Extensions run the tree's programs: a foreign tree needs qemu-user.
+        if let Some(a) = arch {
+            if let Some(note) = crate::build::foreign::ensure_runnable(a, "the rootfs")? {
+                ui::detail(note);
+            }
+        }
     }
     Ok(Plan {
         label,
@@ -398,10 +447,13 @@ pub fn plan(
         tarball,
         no_bootloader: args.no_bootloader,
         kernel_choice,
-        kernel_args: args
-            .kernel_args
-            .clone()
-            .unwrap_or_else(|| extlinux::DEFAULT_KERNEL_ARGS.into()),
+        kernel_args: args.kernel_args.clone().unwrap_or_else(|| {
+            if arch == Some(Arch::Arm64) {
+                ARM64_KERNEL_ARGS.into()
+            } else {
+                extlinux::DEFAULT_KERNEL_ARGS.into()
+            }
+        }),
         no_default: args.no_default || args.trial,
         trial: args.trial,
         keep: args.keep,
@@ -410,6 +462,7 @@ pub fn plan(
         extensions: exts,
         ext_context,
         bundle,
+        arch,
     })
 }
 
@@ -560,9 +613,14 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
     };
     let partitions = if new.boot.partitioned() {
         format!(
-            " ({} disk: GPT, {} EFI system partition, Btrfs partition)",
+            " ({} disk: GPT, {} {}, Btrfs partition)",
             new.boot,
-            units::format_size(ESP_SIZE)
+            units::format_size(ESP_SIZE),
+            if new.boot.uboot() {
+                "FAT boot partition"
+            } else {
+                "EFI system partition"
+            }
         )
     } else {
         String::new()
@@ -626,19 +684,32 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
     })
 }
 
-/// Writes the GPT of a new `uefi`/`hybrid` disk (EFI system partition, then
-/// the Btrfs partition over the rest), SYSLINUX's GPT boot code for
-/// `hybrid`, and formats the ESP. Returns the Btrfs partition's byte range.
+/// Writes the GPT of a new `uefi`/`hybrid`/`uboot` disk (the FAT boot
+/// partition, then the Btrfs partition over the rest), SYSLINUX's GPT boot
+/// code for `hybrid`, and formats the boot partition. Returns the Btrfs
+/// partition's byte range. On `uboot` disks the boot partition is a FAT
+/// data partition with the legacy-BIOS-bootable attribute: U-Boot's distro
+/// boot scans partitions so flagged first.
 fn partition_new_disk(disk: &Path, kind: BootKind) -> Result<(u64, u64)> {
+    let boot_part = if kind.uboot() {
+        PartSpec {
+            size: Some(ESP_SIZE),
+            type_guid: partition::TYPE_BASIC_DATA,
+            name: "boot",
+            legacy_boot: true,
+        }
+    } else {
+        PartSpec {
+            size: Some(ESP_SIZE),
+            type_guid: partition::TYPE_ESP,
+            name: "EFI system partition",
+            legacy_boot: false,
+        }
+    };
     partition::write_gpt(
         disk,
         &[
-            PartSpec {
-                size: Some(ESP_SIZE),
-                type_guid: partition::TYPE_ESP,
-                name: "EFI system partition",
-                legacy_boot: false,
-            },
+            boot_part,
             PartSpec {
                 size: None,
                 type_guid: partition::TYPE_LINUX,
@@ -659,7 +730,8 @@ fn partition_new_disk(disk: &Path, kind: BootKind) -> Result<(u64, u64)> {
             parts.len()
         );
     };
-    crate::boot::fat::format(disk, esp.start, esp.size, ESP_LABEL)?;
+    let label = if kind.uboot() { "BOOT" } else { ESP_LABEL };
+    crate::boot::fat::format(disk, esp.start, esp.size, label)?;
     Ok((root.start, root.size))
 }
 
@@ -991,6 +1063,20 @@ fn finish_version(
     let upgraded_from = upgrade.map(|(old, _)| old);
     let orig = dir.join(layout::ORIG);
     signals::check()?;
+    // An archive's architecture is known once it is written.
+    let arch = match plan.arch {
+        Some(a) => Some(a),
+        None => {
+            let a = arch::detect_rootfs(&orig).ok();
+            if let (Some(a), false) = (a, plan.extensions.is_empty()) {
+                let what = format!("the rootfs {}", plan.rootfs.display());
+                if let Some(note) = crate::build::foreign::ensure_runnable(a, &what)? {
+                    ui::detail(note);
+                }
+            }
+            a
+        }
+    };
     if !plan.extensions.is_empty() {
         // (run_configure announces each extension as it starts it.)
         extensions::run_configure(&plan.extensions, &orig, &plan.ext_context)?;
@@ -1026,6 +1112,7 @@ fn finish_version(
         warnings: completion.warnings.clone(),
         extensions: plan.extensions.iter().map(|e| e.name.clone()).collect(),
         settings: crate::config::redact(&plan.ext_context.settings),
+        arch: arch.map(|a| a.name().to_string()),
         ..Default::default()
     };
     record.details.insert(
@@ -1041,6 +1128,9 @@ fn finish_version(
             .with_context(|| format!("finding the kernel of version {}", plan.label))?;
         ui::step("Installing kernel files");
         install_boot_file(&boot.kernel, &dir.join(layout::KERNEL), &orig)?;
+        if let Some(a) = arch {
+            arch::check_kernel(&boot.kernel, a, &format!("version {}", plan.label))?;
+        }
         record.has_kernel = true;
         record.kernel_version = boot.version.clone();
         if let Some(i) = &boot.initramfs {

@@ -18,6 +18,9 @@ pub struct Status {
     pub boot: crate::boot::BootKind,
     /// The version `systems/default` names.
     pub default: String,
+    /// CPU architecture of the default version's rootfs, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
     /// The version the running system booted, when it runs from this disk.
     pub running: Option<String>,
     /// Every complete version, oldest first.
@@ -146,6 +149,8 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
             Some(t) => t.state == crate::store::trial::State::Booted,
             None => false,
         };
+        let default = versions::default_label(top)?;
+        let all = versions::list(top)?;
         Ok(Status {
             trial_boot_used,
             trial: open,
@@ -153,9 +158,13 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
             failed_versions,
             target: target.display().to_string(),
             boot: disk.disk_layout.boot,
-            default: versions::default_label(top)?,
+            arch: all
+                .iter()
+                .find(|v| v.label == default)
+                .and_then(|v| v.deployment.arch.clone()),
+            default,
             running: here,
-            versions: versions::list(top)?.into_iter().map(|v| v.label).collect(),
+            versions: all.into_iter().map(|v| v.label).collect(),
             state_merge_pending: top.state().join(".deploy-merge").exists(),
         })
     })?;
@@ -163,7 +172,14 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
         crate::util::json::print(&st)?;
     } else {
         outln!("Disk:     {} ({})", st.target, st.boot.describe());
-        outln!("Default:  {}", st.default);
+        outln!(
+            "Default:  {}{}",
+            st.default,
+            st.arch
+                .as_deref()
+                .map(|a| format!(" ({a})"))
+                .unwrap_or_default()
+        );
         outln!(
             "Running:  {}",
             st.running

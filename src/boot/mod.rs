@@ -7,6 +7,9 @@
 //!   SYSLINUX (GPT boot code + legacy-BIOS-bootable attribute) for BIOS, and
 //!   systemd-boot on the ESP for UEFI ([`uefi`]).
 //! - `uefi`: the same disk without the BIOS boot code.
+//! - `uboot`: GPT with a FAT boot partition that U-Boot reads
+//!   (`extlinux/extlinux.conf`, the kernels) and the Btrfs partition
+//!   ([`uboot`]).
 //!
 //! The order of a change is fixed by the callers (see `store::versions`):
 //! write the menus (new files first, nothing that boots changes), install
@@ -15,6 +18,7 @@
 
 pub(crate) mod extlinux;
 pub(crate) mod fat;
+pub(crate) mod uboot;
 pub(crate) mod uefi;
 
 pub(crate) use extlinux::Entry;
@@ -34,6 +38,9 @@ pub enum BootKind {
     Uefi,
     /// Like `uefi`, plus SYSLINUX's GPT boot code: boots under BIOS and UEFI.
     Hybrid,
+    /// GPT, a FAT boot partition with `extlinux/extlinux.conf` and the
+    /// kernels for U-Boot, Btrfs partition: ARM boards ([`uboot`]).
+    Uboot,
 }
 
 impl BootKind {
@@ -43,19 +50,25 @@ impl BootKind {
             BootKind::Bios => "bios",
             BootKind::Uefi => "uefi",
             BootKind::Hybrid => "hybrid",
+            BootKind::Uboot => "uboot",
         }
     }
-    /// Whether the disk has a partition table with an EFI system partition.
+    /// Whether the disk has a partition table with a FAT boot partition
+    /// (an EFI system partition, or U-Boot's boot partition).
     pub fn partitioned(self) -> bool {
         self != BootKind::Bios
     }
     /// Whether legacy BIOS can boot it.
     pub fn bios(self) -> bool {
-        self != BootKind::Uefi
+        matches!(self, BootKind::Bios | BootKind::Hybrid)
     }
     /// Whether UEFI can boot it.
     pub fn uefi(self) -> bool {
-        self != BootKind::Bios
+        matches!(self, BootKind::Uefi | BootKind::Hybrid)
+    }
+    /// Whether U-Boot boots it (from its FAT boot partition).
+    pub fn uboot(self) -> bool {
+        self == BootKind::Uboot
     }
     /// A one-line description for `list` and `check`.
     pub fn describe(self) -> &'static str {
@@ -64,6 +77,9 @@ impl BootKind {
             BootKind::Uefi => "uefi (GPT: EFI system partition with systemd-boot + Btrfs)",
             BootKind::Hybrid => {
                 "hybrid (GPT: EFI system partition with systemd-boot + Btrfs with SYSLINUX)"
+            }
+            BootKind::Uboot => {
+                "uboot (GPT: FAT boot partition with extlinux.conf for U-Boot + Btrfs)"
             }
         }
     }
@@ -155,8 +171,9 @@ pub(crate) struct Boot {
 }
 
 impl Boot {
-    /// The backends of a disk of `kind` at `disk`, whose EFI system
-    /// partition (if any) is the byte range `esp`.
+    /// The backends of a disk of `kind` at `disk`, whose Btrfs is the byte
+    /// range `btrfs` (`None`: the whole disk) and whose FAT boot partition
+    /// (EFI system partition, or U-Boot's) is the byte range `esp`.
     pub fn new(
         kind: BootKind,
         disk: &Path,
@@ -171,6 +188,9 @@ impl Boot {
         })];
         if let (true, Some(esp)) = (kind.uefi(), esp) {
             backends.push(Box::new(uefi::SystemdBoot::new(disk, esp)));
+        }
+        if let (true, Some(part)) = (kind.uboot(), esp) {
+            backends.push(Box::new(uboot::UBoot::new(disk, part)));
         }
         Boot { backends, kind }
     }
@@ -196,15 +216,25 @@ impl Boot {
     }
     /// Refuses when no firmware path of this disk can boot a version once.
     pub fn check_trial(&self) -> Result<()> {
-        if !self.backends.iter().any(|b| b.can_trial()) {
+        if self.backends.iter().any(|b| b.can_trial()) {
+            return Ok(());
+        }
+        if self.kind.uboot() {
             anyhow::bail!(
-                "--trial needs a boot loader that can boot a version once, and this {} disk \
-                 has none that can yet: add the version with --no-default and test it with \
-                 deploy boot-test --version, or make it the default with set-default",
-                self.kind
+                "--trial is not available on uboot disks yet: Debian's U-Boot has no boot \
+                 counting (no bootcount/bootlimit/altbootcmd) and keeps its environment in \
+                 flash, so nothing on this disk can make it boot a version once; a boot.scr \
+                 one-shot works in QEMU but is not wired into --trial (docs/arm.md, \"Trials \
+                 under U-Boot\"). Add the version with --no-default, boot-test it, then \
+                 set-default"
             );
         }
-        Ok(())
+        anyhow::bail!(
+            "--trial needs a boot loader that can boot a version once, and this {} disk \
+             has none: add the version with --no-default and make it the default with \
+             set-default",
+            self.kind
+        )
     }
     /// See [`Backend::arm_trial`] (every backend that can).
     pub fn arm_trial(

@@ -61,6 +61,14 @@ pub const QEMU_IO: crate::util::cmd::Tool = crate::util::cmd::Tool {
     program: "qemu-io",
     package: "qemu-utils",
 };
+/// QEMU for arm64 guests (`-M virt`), and its Debian package.
+pub const QEMU_ARM64_BINARY: &str = "qemu-system-aarch64";
+/// The Debian package that provides [`QEMU_ARM64_BINARY`].
+pub const QEMU_ARM64_PACKAGE: &str = "qemu-system-arm";
+/// Debian's U-Boot for QEMU's arm64 `virt` board (given as `-bios`).
+pub const UBOOT_ARM64: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
+/// The Debian package that provides [`UBOOT_ARM64`].
+pub const UBOOT_PACKAGE: &str = "u-boot-qemu";
 /// The text of the SYSLINUX prompt at which a menu label is typed.
 pub const SYSLINUX_PROMPT: &str = "boot:";
 /// How many console lines [`BootTestOutcome::tail`] keeps.
@@ -77,6 +85,8 @@ pub const BUILTIN_FAIL_PATTERNS: &[(&str, &str)] = &[
         "bootloader failed",
     ),
     (r"Could not find kernel image: ", "bootloader failed"),
+    // U-Boot's distro boot: the extlinux.conf it found did not boot.
+    (r"^EXTLINUX FAILED: continuing", "bootloader failed"),
 ];
 /// QEMU stderr messages that mean KVM does not work on this machine.
 const KVM_FAILURE_MARKERS: &[&str] = &[
@@ -136,6 +146,26 @@ pub enum Firmware {
     Bios,
     /// OVMF: the ESP's `EFI/BOOT/BOOTX64.EFI`.
     Uefi,
+    /// U-Boot on `qemu-system-aarch64 -M virt -cpu cortex-a57` (TCG):
+    /// `extlinux/extlinux.conf` on the boot partition.
+    UbootArm64,
+}
+
+impl Firmware {
+    /// The QEMU binary that runs this firmware, and its Debian package.
+    pub fn qemu(self) -> (&'static str, &'static str) {
+        match self {
+            Firmware::UbootArm64 => (QEMU_ARM64_BINARY, QEMU_ARM64_PACKAGE),
+            _ => (QEMU_BINARY, QEMU_PACKAGE),
+        }
+    }
+    /// The U-Boot image given as `-bios`, if this firmware is U-Boot.
+    pub fn uboot_image(self) -> Option<&'static str> {
+        match self {
+            Firmware::UbootArm64 => Some(UBOOT_ARM64),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Firmware {
@@ -143,6 +173,7 @@ impl fmt::Display for Firmware {
         f.write_str(match self {
             Firmware::Bios => "bios",
             Firmware::Uefi => "uefi",
+            Firmware::UbootArm64 => "uboot",
         })
     }
 }
@@ -238,9 +269,18 @@ pub struct BootTestOutcome {
 /// KVM requested but unavailable) are errors; everything that happens once
 /// the guest runs is reported in the outcome.
 pub fn run(opts: &BootTestOptions) -> Result<BootTestOutcome> {
-    let qemu = find_qemu()?;
+    let qemu = find_qemu(opts.firmware)?;
+    if let Some(img) = opts.firmware.uboot_image() {
+        if !Path::new(img).is_file() {
+            bail!("{img} not found: U-Boot boot tests need Debian's U-Boot for QEMU; install the Debian package {UBOOT_PACKAGE}");
+        }
+    }
     let kvm = match opts.accel {
         Accel::Tcg => Err(anyhow::anyhow!("TCG was requested")),
+        // An arm64 guest on this (amd64) host: emulated.
+        _ if opts.firmware == Firmware::UbootArm64 && std::env::consts::ARCH != "aarch64" => Err(
+            anyhow::anyhow!("an arm64 guest on a {} host", std::env::consts::ARCH),
+        ),
         Accel::Kvm | Accel::Auto => kvm_usable(),
     };
     if opts.accel == Accel::Kvm {
@@ -307,15 +347,15 @@ fn run_with(qemu: &Path, opts: &BootTestOptions, kvm_available: bool) -> Result<
     }
 }
 
-/// Finds [`QEMU_BINARY`] on `PATH`.
-fn find_qemu() -> Result<PathBuf> {
+/// Finds the QEMU binary of `firmware` ([`QEMU_BINARY`] or
+/// [`QEMU_ARM64_BINARY`]) on `PATH`.
+fn find_qemu(firmware: Firmware) -> Result<PathBuf> {
+    let (binary, package) = firmware.qemu();
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
     std::env::split_paths(&path)
-        .map(|dir| dir.join(QEMU_BINARY))
+        .map(|dir| dir.join(binary))
         .find(|p| is_executable(p))
-        .with_context(|| {
-            format!("{QEMU_BINARY} not found: install the Debian package {QEMU_PACKAGE}")
-        })
+        .with_context(|| format!("{binary} not found: install the Debian package {package}"))
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -350,6 +390,12 @@ fn log_note(log: &mut Option<File>, note: &str) {
 /// QEMU's command line for one attempt (without the program name).
 pub fn qemu_args(opts: &BootTestOptions, accel: Accel) -> Vec<String> {
     let mut args: Vec<String> = vec!["-name".into(), "btrfs-deploy-boot-test".into()];
+    if opts.firmware == Firmware::UbootArm64 {
+        args.extend(["-M", "virt", "-cpu", "cortex-a57"].map(String::from));
+    }
+    if let Some(img) = opts.firmware.uboot_image() {
+        args.extend(["-bios".to_string(), img.to_string()]);
+    }
     match accel {
         Accel::Kvm => args.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
         Accel::Tcg | Accel::Auto => args.extend(["-accel", "tcg"].map(String::from)),
@@ -1516,7 +1562,7 @@ mod tests {
 
     #[test]
     fn missing_image_is_an_error() {
-        if find_qemu().is_err() {
+        if find_qemu(Firmware::Bios).is_err() {
             return; // the message for a missing QEMU is checked in real_boot
         }
         let opts = BootTestOptions::new("/nonexistent/disk.img", Regex::new("x").unwrap());

@@ -60,6 +60,7 @@ pub fn run_in_tree(tree: &Path, cmd: &[String]) -> Result<i32> {
     if !nix::unistd::geteuid().is_root() {
         bail!("run-in-tree must run as root (it mounts and chroots)");
     }
+
     let before = mounts_under(&tree)?;
     let mut session = Session::default();
     let result = session.setup(&tree).and_then(|()| run_command(&tree, cmd));
@@ -73,6 +74,21 @@ pub fn run_in_tree(tree: &Path, cmd: &[String]) -> Result<i32> {
             Err(e)
         }
     }
+}
+
+/// Makes sure the programs of `tree` can run here: a tree of another
+/// architecture runs through qemu-user (see [`crate::build::foreign`]; a
+/// tree whose architecture cannot be read is run as it is). Called before
+/// entering the private mount namespace, so that a registration it makes
+/// outlives this process.
+pub fn prepare_foreign(tree: &Path) -> Result<()> {
+    if let Ok(arch) = crate::build::arch::detect_rootfs(tree) {
+        let what = format!("tree {}", tree.display());
+        if let Some(note) = crate::build::foreign::ensure_runnable(arch, &what)? {
+            tracing::info!("{note}");
+        }
+    }
+    Ok(())
 }
 
 /// The tree, canonical; must be a directory other than `/`.

@@ -47,7 +47,10 @@ pub struct KernelChoice {
     pub kernel: Option<PathBuf>,
     /// `--initramfs PATH`: the initramfs, a host path.
     pub initramfs: Option<PathBuf>,
-    /// `--dtb PATH`: the device tree blob, a host path (never searched for).
+    /// `--dtb PATH`: the device tree blob, a host path (never searched
+    /// for), or, when relative and not a host file, a path inside the
+    /// rootfs's device trees (`usr/lib/linux-image-<ver>/`, as Debian ships
+    /// them), e.g. `broadcom/bcm2711-rpi-4-b.dtb`.
     pub dtb: Option<PathBuf>,
 }
 
@@ -93,7 +96,8 @@ pub fn find_boot_files(rootfs: &Path, choice: &KernelChoice) -> Result<BootFiles
     if !rootfs.is_dir() {
         bail!("rootfs {} is not a directory", rootfs.display());
     }
-    let dtb = explicit_file(choice.dtb.as_deref(), "device tree given with --dtb")?;
+    let host_dtb = choice.dtb.as_deref().filter(|p| !is_tree_dtb(p));
+    let dtb = explicit_file(host_dtb, "device tree given with --dtb")?;
     let (kernel, version, named) =
         match explicit_file(choice.kernel.as_deref(), "kernel given with --kernel")? {
             Some(path) => {
@@ -117,12 +121,46 @@ pub fn find_boot_files(rootfs: &Path, choice: &KernelChoice) -> Result<BootFiles
         None if choice.kernel.is_some() && !named => None,
         None => find_initramfs(rootfs, version.as_deref(), !named)?,
     };
+    let dtb = match (dtb, choice.dtb.as_deref()) {
+        (None, Some(rel)) => Some(tree_dtb(rootfs, rel, version.as_deref())?),
+        (dtb, _) => dtb,
+    };
     Ok(BootFiles {
         kernel,
         initramfs,
         dtb,
         version,
     })
+}
+
+/// Whether `--dtb` names a device tree of the rootfs: a relative path that
+/// is not a file on the host.
+fn is_tree_dtb(p: &Path) -> bool {
+    p.is_relative() && !p.exists()
+}
+
+/// The device tree `rel` of the rootfs's kernel `version`
+/// (`usr/lib/linux-image-<version>/<rel>`, resolved inside the rootfs).
+fn tree_dtb(rootfs: &Path, rel: &Path, version: Option<&str>) -> Result<PathBuf> {
+    let Some(ver) = version else {
+        bail!(
+            "--dtb {}: not a file on this host, and the rootfs's kernel version is unknown, so \
+             its device trees (usr/lib/linux-image-<version>/) cannot be looked up: give a host path",
+            rel.display()
+        );
+    };
+    let in_tree = Path::new("usr/lib")
+        .join(format!("linux-image-{ver}"))
+        .join(rel);
+    match rootpath::try_resolve_in_root(rootfs, &in_tree)? {
+        Some(p) if p.is_file() => Ok(p),
+        _ => bail!(
+            "--dtb {}: not a file on this host, nor a device tree of the rootfs (/{} does not \
+             exist): give a host path, or a path relative to /usr/lib/linux-image-{ver}/ of the rootfs",
+            rel.display(),
+            in_tree.display()
+        ),
+    }
 }
 
 /// Checks the explicit host files of `choice` (`--kernel`, `--initramfs`,
@@ -135,7 +173,11 @@ pub fn check_explicit(choice: &KernelChoice) -> Result<()> {
         choice.initramfs.as_deref(),
         "initramfs given with --initramfs",
     )?;
-    explicit_file(choice.dtb.as_deref(), "device tree given with --dtb")?;
+    // A relative --dtb that is no host file names one of the rootfs's.
+    explicit_file(
+        choice.dtb.as_deref().filter(|p| !is_tree_dtb(p)),
+        "device tree given with --dtb",
+    )?;
     Ok(())
 }
 
@@ -569,6 +611,42 @@ mod tests {
         assert_eq!(got.version.as_deref(), Some(V2));
         assert_eq!(got.initramfs, Some(r.join(format!("boot/initrd.img-{V2}"))));
         assert_eq!(got.dtb, Some(host.path().join("my.dtb")));
+    }
+
+    #[test]
+    fn dtb_of_the_rootfs_by_relative_path() {
+        let t = TempDir::new().unwrap();
+        let r = t.path();
+        debian(r);
+        let ver = find_boot_files(r, &KernelChoice::default())
+            .unwrap()
+            .version
+            .unwrap();
+        write(
+            r,
+            &format!("usr/lib/linux-image-{ver}/broadcom/rpi.dtb"),
+            "dtb",
+        );
+        let choice = KernelChoice {
+            dtb: Some(PathBuf::from("broadcom/rpi.dtb")),
+            ..Default::default()
+        };
+        check_explicit(&choice).unwrap();
+        let got = find_boot_files(r, &choice).unwrap();
+        assert_eq!(
+            got.dtb,
+            Some(r.join(format!("usr/lib/linux-image-{ver}/broadcom/rpi.dtb")))
+        );
+        let choice = KernelChoice {
+            dtb: Some(PathBuf::from("broadcom/nope.dtb")),
+            ..Default::default()
+        };
+        let msg = format!("{:#}", find_boot_files(r, &choice).unwrap_err());
+        assert!(
+            msg.contains("--dtb broadcom/nope.dtb")
+                && msg.contains(&format!("usr/lib/linux-image-{ver}/broadcom/nope.dtb")),
+            "{msg}"
+        );
     }
 
     #[test]

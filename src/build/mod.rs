@@ -2,9 +2,11 @@
 //! extensions, fstab completion, state directories, the /etc merge and the
 //! kernel files.
 
+pub(crate) mod arch;
 pub mod copy;
 pub(crate) mod etcmerge;
 pub(crate) mod extensions;
+pub(crate) mod foreign;
 pub(crate) mod fstab;
 pub(crate) mod intree;
 pub(crate) mod kernel;

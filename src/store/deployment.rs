@@ -27,6 +27,10 @@ pub struct Deployment {
     pub has_initramfs: bool,
     /// Whether it has a device tree.
     pub has_dtb: bool,
+    /// CPU architecture of its rootfs (`amd64`, `arm64`, ...): read from
+    /// the ELF header of its init or shell, or given with `--arch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
     /// Kernel arguments after root=...
     pub kernel_args: String,
     /// Label of the version it was upgraded from, if any.

@@ -312,11 +312,11 @@ pub fn cleanup(top: &Layout, boot: &Boot, fs_uuid: &str) -> Result<Vec<String>> 
             removed.push(tmp.display().to_string());
         }
     }
-    // The boot partition: files of versions that are gone or were being
+    // The boot partition (ESP or U-Boot's): files of versions that are gone or were being
     // written, repairs of interrupted writes.
     let labels: Vec<String> = versions::list(top)?.into_iter().map(|v| v.label).collect();
     for p in boot.cleanup(&labels)? {
-        ui::step(format!("EFI system partition: {p}"));
+        ui::step(format!("Boot partition: {p}"));
         removed.push(p);
     }
     // A cut while a trial was being armed: armed or not, finish it one way.

@@ -78,11 +78,12 @@ fn is_device_dir(dir: &Path) -> bool {
 /// Where the Btrfs of a deploy disk is, and how the disk boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskLayout {
-    /// bios (whole disk), uefi or hybrid (GPT).
+    /// bios (whole disk), uefi, hybrid or uboot (GPT).
     pub boot: BootKind,
     /// Byte range (offset, size) of the Btrfs partition; `None`: the whole disk.
     pub btrfs: Option<(u64, u64)>,
-    /// Byte range of the EFI system partition, on GPT disks.
+    /// Byte range of the FAT boot partition on GPT disks: the EFI system
+    /// partition, or U-Boot's boot partition on `uboot` disks.
     pub esp: Option<(u64, u64)>,
 }
 
@@ -120,6 +121,17 @@ pub fn probe(target: &Path) -> Result<Contents> {
                     } else {
                         BootKind::Uefi
                     },
+                    btrfs: Some((root.start, root.size)),
+                    esp: Some((esp.start, esp.size)),
+                }));
+            }
+            // U-Boot's: a FAT data partition flagged bootable, then the Btrfs.
+            if esp.type_guid == partition::TYPE_BASIC_DATA
+                && esp.legacy_boot
+                && btrfs::has_btrfs_magic_at(target, root.start)
+            {
+                return Ok(Contents::Btrfs(DiskLayout {
+                    boot: BootKind::Uboot,
                     btrfs: Some((root.start, root.size)),
                     esp: Some((esp.start, esp.size)),
                 }));

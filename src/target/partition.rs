@@ -21,6 +21,8 @@ pub const ALIGN: u64 = 1 << 20;
 pub const GPT_OVERHEAD: u64 = 2 * ALIGN;
 /// GPT partition type of an EFI system partition.
 pub const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+/// GPT partition type "Microsoft basic data": a plain FAT partition (U-Boot's boot partition).
+pub const TYPE_BASIC_DATA: &str = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7";
 /// GPT partition type "Linux filesystem data".
 pub const TYPE_LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 /// sfdisk's name of GPT attribute bit 2, which SYSLINUX's `gptmbr.bin` looks for.

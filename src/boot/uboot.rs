@@ -1,0 +1,841 @@
+//! The U-Boot backend: a FAT boot partition (partition 1 of a GPT disk,
+//! legacy-BIOS-bootable so U-Boot's distro boot scans it first) holding
+//! the menu U-Boot reads, `extlinux/extlinux.conf`, and each version's
+//! kernel, initramfs and device trees (U-Boot has no Btrfs driver here,
+//! and FAT has no symlinks: nothing can be reached through
+//! `systems/default`). Written from user space with [`super::fat`].
+//!
+//! On the boot partition:
+//! ```text
+//! extlinux/extlinux.conf             `default <label>` + `include` of the menu: exactly 511 bytes, one sector
+//! btrfs-deploy/menu-<N>.conf         the entries, one per version (N grows with each change)
+//! btrfs-deploy/<label>.linux         the version's kernel
+//! btrfs-deploy/<label>.initrd        its initramfs
+//! btrfs-deploy/<label>.dtb           its device tree (--dtb)
+//! btrfs-deploy/<label>.dtbs/         the device trees its rootfs ships (usr/lib/linux-image-<ver>/), for `fdtdir`
+//! ```
+//!
+//! Power cuts: a version's files are written under temporary names and
+//! renamed; a changed menu is written as a new file `menu-<N+1>.conf`
+//! (never over the one in use); then `extlinux.conf`, which always has
+//! exactly [`CONF_SIZE`] bytes (one sector in one cluster), is rewritten in
+//! place to name the new menu and the default: one sector write, which
+//! disks perform atomically, so U-Boot reads either the old menu and
+//! default or the new ones, and every file either names is complete.
+//! Only then are the old menu and files of removed versions deleted. What
+//! an interruption leaves is unreferenced and removed by `cleanup`.
+
+use super::fat::FatPartition;
+use super::{Backend, Entry};
+use crate::store::deployment::Deployment;
+use crate::store::layout::{self, Layout};
+use crate::util::units;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// The menu U-Boot's distro boot looks for on the boot partition.
+pub const CONF: &str = "extlinux/extlinux.conf";
+/// Directory of the versions' files and of the menus.
+pub const VERSIONS_DIR: &str = "btrfs-deploy";
+/// The directories of the boot partition, parents first.
+pub const DIRS: [&str; 2] = ["extlinux", VERSIONS_DIR];
+/// Size of `extlinux.conf`: within one sector, so a switch is one sector
+/// write. Not a multiple of 4: U-Boot 2023.01 loads an included file at the
+/// end of the including one rounded up to 4 bytes, so a file whose length
+/// is a multiple of 4 loses its terminating NUL and its parser runs on into
+/// the included text, listing every entry twice.
+pub const CONF_SIZE: usize = 511;
+/// Suffix of a version's kernel.
+pub const KERNEL: &str = ".linux";
+/// Suffix of a version's initramfs.
+pub const INITRD: &str = ".initrd";
+/// Suffix of a version's device tree (`--dtb`).
+pub const DTB: &str = ".dtb";
+/// Suffix of the directory of a version's device trees (`fdtdir`).
+pub const DTBS: &str = ".dtbs";
+/// Prefix and suffix of the menu files.
+const MENU_PREFIX: &str = "menu-";
+const MENU_SUFFIX: &str = ".conf";
+/// Suffix of files being written.
+const TMP: &str = ".tmp";
+/// Room for directory entries and the menu, on top of a version's files.
+const ENTRY_OVERHEAD: u64 = 64 << 10;
+/// U-Boot's menu timeout, in tenths of a second.
+pub const TIMEOUT: u32 = 20;
+
+/// Where Debian's kernel packages put the device trees of kernel `ver`,
+/// relative to the rootfs.
+pub fn dtb_dir(ver: &str) -> PathBuf {
+    Path::new("usr/lib").join(format!("linux-image-{ver}"))
+}
+
+/// `extlinux.conf` naming `default` and the menu file `menu`, padded to
+/// [`CONF_SIZE`]. Fails when the names do not fit (labels are at most 64
+/// characters, so they always do).
+pub fn render_conf(default: &str, menu: &str) -> Result<Vec<u8>> {
+    let mut s = format!(
+        "# Written by btrfs-deploy: the default version and the menu. Rewritten\n\
+         # in place (one sector) to switch; do not edit.\n\
+         timeout {TIMEOUT}\n\
+         menu title btrfs-deploy\n\
+         default {default}\n\
+         include /{VERSIONS_DIR}/{menu}\n"
+    );
+    if s.len() + 1 > CONF_SIZE {
+        bail!("the U-Boot menu header for {default} does not fit in {CONF_SIZE} bytes");
+    }
+    // Padding in short comment lines.
+    while s.len() < CONF_SIZE {
+        let n = (CONF_SIZE - s.len()).min(64);
+        s.push_str(&"#".repeat(n - 1));
+        s.push('\n');
+    }
+    Ok(s.into_bytes())
+}
+
+/// The default and the menu file named by an `extlinux.conf`.
+pub fn parse_conf(conf: &str) -> (Option<String>, Option<String>) {
+    let word = |key: &str| {
+        conf.lines().find_map(|l| {
+            let (k, v) = l.trim().split_once(char::is_whitespace)?;
+            k.eq_ignore_ascii_case(key).then(|| v.trim().to_string())
+        })
+    };
+    let menu = word("include").map(|p| {
+        p.trim_start_matches('/')
+            .trim_start_matches(VERSIONS_DIR)
+            .trim_start_matches('/')
+            .to_string()
+    });
+    (word("default"), menu)
+}
+
+/// How one version boots: its files on the boot partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MenuEntry {
+    /// The entry (label, initramfs, dtb, kernel arguments).
+    pub label: String,
+    /// Whether it has an initramfs.
+    pub initramfs: bool,
+    /// `fdt`: a single device tree (`--dtb`).
+    pub dtb: bool,
+    /// `fdtdir`: the device trees of the rootfs.
+    pub dtbs: bool,
+    /// Kernel arguments after the root= part.
+    pub args: String,
+}
+
+/// The menu: one entry per version.
+pub fn render_menu(fs_uuid: &str, entries: &[MenuEntry]) -> String {
+    let mut s = String::from(
+        "# Written by btrfs-deploy: one entry per version; extlinux.conf includes\n\
+         # this file and names the default.\n",
+    );
+    for e in entries {
+        let l = &e.label;
+        s.push_str(&format!(
+            "\nlabel {l}\n  menu label {l} (btrfs-deploy)\n  kernel /{VERSIONS_DIR}/{l}{KERNEL}\n"
+        ));
+        if e.initramfs {
+            s.push_str(&format!("  initrd /{VERSIONS_DIR}/{l}{INITRD}\n"));
+        }
+        if e.dtb {
+            s.push_str(&format!("  fdt /{VERSIONS_DIR}/{l}{DTB}\n"));
+        } else if e.dtbs {
+            s.push_str(&format!("  fdtdir /{VERSIONS_DIR}/{l}{DTBS}\n"));
+        }
+        s.push_str(&format!(
+            "  append root=UUID={fs_uuid} rootfstype=btrfs rootflags=subvol=systems/{l}/run rw {}\n",
+            e.args
+        ));
+    }
+    s
+}
+
+fn menu_number(name: &str) -> Option<u64> {
+    name.strip_prefix(MENU_PREFIX)?
+        .strip_suffix(MENU_SUFFIX)?
+        .parse()
+        .ok()
+}
+
+/// The version label of a file or directory in `btrfs-deploy/`.
+pub fn file_label(name: &str) -> Option<&str> {
+    [KERNEL, INITRD, DTB, DTBS]
+        .iter()
+        .find_map(|sfx| name.strip_suffix(sfx))
+        .filter(|l| !l.is_empty())
+}
+
+/// A file or directory of a version to put on the boot partition: (source
+/// on the Btrfs, name in `btrfs-deploy/`, whether it is a directory).
+type VersionFile = (PathBuf, String, bool);
+
+/// Regular files (relative path, size) and directories below a directory.
+type Tree = (Vec<(String, u64)>, Vec<String>);
+
+/// The menu entry of version `e` and its files to put on the boot partition.
+fn version_files(top: &Layout, e: &Entry) -> Result<(MenuEntry, Vec<VersionFile>)> {
+    let dir = top.version(&e.label);
+    let mut files = vec![(
+        dir.join(layout::KERNEL),
+        format!("{}{KERNEL}", e.label),
+        false,
+    )];
+    if e.initramfs {
+        files.push((
+            dir.join(layout::INITRAMFS),
+            format!("{}{INITRD}", e.label),
+            false,
+        ));
+    }
+    let mut dtbs = false;
+    if e.dtb {
+        files.push((dir.join(layout::DTB), format!("{}{DTB}", e.label), false));
+    } else {
+        let record = Deployment::load(&dir.join(layout::DEPLOYMENT_JSON))?;
+        if let Some(ver) = &record.kernel_version {
+            let src = dir.join(layout::ORIG).join(dtb_dir(ver));
+            if src.is_dir() && has_dtb(&src) {
+                files.push((src, format!("{}{DTBS}", e.label), true));
+                dtbs = true;
+            }
+        }
+    }
+    Ok((
+        MenuEntry {
+            label: e.label.clone(),
+            initramfs: e.initramfs,
+            dtb: e.dtb,
+            dtbs,
+            args: e.args.clone(),
+        },
+        files,
+    ))
+}
+
+/// Whether `dir` holds a `.dtb` file (one level of vendor directories deep).
+fn has_dtb(dir: &Path) -> bool {
+    walk(dir)
+        .map(|(files, _)| files.iter().any(|(rel, _)| rel.ends_with(".dtb")))
+        .unwrap_or(false)
+}
+
+/// Regular files (relative path, size) and directories (relative, parents
+/// first) below `dir`; symlinks are not followed.
+fn walk(dir: &Path) -> Result<Tree> {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    let mut todo = vec![String::new()];
+    while let Some(rel) = todo.pop() {
+        let abs = if rel.is_empty() {
+            dir.to_path_buf()
+        } else {
+            dir.join(&rel)
+        };
+        let mut names: Vec<_> = std::fs::read_dir(&abs)
+            .with_context(|| format!("reading {}", abs.display()))?
+            .collect::<std::io::Result<_>>()?;
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                dirs.push(r.clone());
+                todo.push(r);
+            } else if ft.is_file() {
+                files.push((r, e.metadata()?.len()));
+            }
+        }
+    }
+    dirs.sort();
+    Ok((files, dirs))
+}
+
+/// U-Boot's boot partition at byte range `part` of `disk`.
+pub struct UBoot {
+    disk: PathBuf,
+    part: (u64, u64),
+}
+
+impl UBoot {
+    /// The backend for the boot partition at `part` (offset, size) of `disk`.
+    pub fn new(disk: &Path, part: (u64, u64)) -> Self {
+        UBoot {
+            disk: disk.to_path_buf(),
+            part,
+        }
+    }
+
+    fn open(&self, write: bool) -> Result<FatPartition> {
+        FatPartition::open(&self.disk, self.part.0, self.part.1, write)
+    }
+
+    /// Makes `dirs` where missing (with no partition open), then runs `f`
+    /// on the partition opened for writing, closing (and syncing) it after.
+    fn with_part<T>(
+        &self,
+        dirs: &[String],
+        f: impl FnOnce(&FatPartition) -> Result<T>,
+    ) -> Result<T> {
+        let fat = self.open(false)?;
+        let want: Vec<&str> = DIRS
+            .iter()
+            .copied()
+            .chain(dirs.iter().map(String::as_str))
+            .collect();
+        let missing = fat.missing_dirs(&want)?;
+        fat.close()?;
+        super::fat::make_dirs(&self.disk, self.part.0, &missing)?;
+        let fat = self.open(true)?;
+        let v = f(&fat)?;
+        fat.close()?;
+        Ok(v)
+    }
+
+    fn require_free(&self, fat: &FatPartition, label: &str, need: u64) -> Result<()> {
+        let free = fat.free_bytes()?;
+        if need > free {
+            let hint = if super::fat::is_dirty(&self.disk, self.part.0)? {
+                format!(
+                    "; an interrupted write left space allocated there: run deploy cleanup {} first",
+                    self.disk.display()
+                )
+            } else {
+                String::new()
+            };
+            bail!(
+                "the U-Boot boot partition of {} has {} free, but version {label} needs {} for its \
+                 kernel, initramfs and device trees: remove old versions first (deploy remove LABEL {}), \
+                 or use --keep N{hint}",
+                self.disk.display(),
+                units::format_size(free),
+                units::format_size(need),
+                self.disk.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The menu file `extlinux.conf` names, and the default, if any.
+    fn current(fat: &FatPartition) -> Result<(Option<String>, Option<String>)> {
+        Ok(match fat.read(CONF)? {
+            Some(c) => parse_conf(&String::from_utf8_lossy(&c)),
+            None => (None, None),
+        })
+    }
+
+    /// Points `extlinux.conf` at `menu` with `default`: in place when it has
+    /// its fixed size, else (first time) a new file renamed into place.
+    fn write_conf(fat: &FatPartition, default: &str, menu: &str) -> Result<()> {
+        let conf = render_conf(default, menu)?;
+        if fat.file_len(CONF)? == Some(CONF_SIZE as u64) {
+            fat.overwrite_in_place(CONF, &conf)?;
+        } else {
+            let tmp = format!("{CONF}{TMP}");
+            fat.write(&tmp, &conf)?;
+            fat.sync()?;
+            fat.remove_all(CONF)?;
+            fat.rename(&tmp, CONF)?;
+        }
+        fat.sync()
+    }
+
+    /// Copies the version file or directory `src` to `btrfs-deploy/<name>`
+    /// under a temporary name, then renames it.
+    fn copy_in(fat: &FatPartition, src: &Path, name: &str, is_dir: bool) -> Result<()> {
+        let dst = format!("{VERSIONS_DIR}/{name}");
+        let tmp = format!("{dst}{TMP}");
+        if is_dir {
+            let (files, _) = walk(src)?;
+            for (rel, _) in files {
+                fat.copy_from(&format!("{tmp}/{rel}"), &src.join(&rel))?;
+            }
+        } else {
+            fat.remove_all(&tmp)?;
+            fat.copy_from(&tmp, src)?;
+        }
+        fat.sync()?;
+        fat.remove_all(&dst)?;
+        fat.rename(&tmp, &dst)?;
+        fat.sync()
+    }
+
+    /// Whether the version file or directory `src` is on the partition as
+    /// `btrfs-deploy/<name>` with the same sizes.
+    fn present(fat: &FatPartition, src: &Path, name: &str, is_dir: bool) -> Result<bool> {
+        let dst = format!("{VERSIONS_DIR}/{name}");
+        if !is_dir {
+            return Ok(fat.file_len(&dst)? == Some(file_len(src)?));
+        }
+        let (files, _) = walk(src)?;
+        for (rel, len) in files {
+            if fat.file_len(&format!("{dst}/{rel}"))? != Some(len) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn file_len(p: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .len())
+}
+
+impl Backend for UBoot {
+    fn check_space(&self, label: &str, file_sizes: &[u64]) -> Result<()> {
+        let fat = self.open(false)?;
+        let need = file_sizes.iter().map(|s| fat.allocated(*s)).sum::<u64>() + ENTRY_OVERHEAD;
+        self.require_free(&fat, label, need)?;
+        fat.close()
+    }
+
+    fn write_menu(
+        &self,
+        top: &Layout,
+        fs_uuid: &str,
+        entries: &[Entry],
+        default: &str,
+        _trial: Option<&Entry>,
+    ) -> Result<()> {
+        let mut menu = Vec::new();
+        let mut plan = Vec::new();
+        for e in entries {
+            let (m, files) = version_files(top, e)?;
+            menu.push(m);
+            plan.push((e.label.clone(), files));
+        }
+        // Directories of device trees being written: made up front (mtools).
+        let mut dirs = Vec::new();
+        {
+            let fat = self.open(false)?;
+            for (_, files) in &plan {
+                for (src, name, is_dir) in files {
+                    if *is_dir && !Self::present(&fat, src, name, true)? {
+                        let tmp = format!("{VERSIONS_DIR}/{name}{TMP}");
+                        dirs.push(tmp.clone());
+                        for d in walk(src)?.1 {
+                            dirs.push(format!("{tmp}/{d}"));
+                        }
+                    }
+                }
+            }
+            fat.close()?;
+        }
+        self.with_part(&dirs, |fat| {
+            for (label, files) in &plan {
+                let mut todo = Vec::new();
+                let mut need = 0;
+                for (src, name, is_dir) in files {
+                    if !Self::present(fat, src, name, *is_dir)? {
+                        need += if *is_dir {
+                            walk(src)?
+                                .0
+                                .iter()
+                                .map(|(_, l)| fat.allocated(*l))
+                                .sum::<u64>()
+                        } else {
+                            fat.allocated(file_len(src)?)
+                        };
+                        todo.push((src, name, *is_dir));
+                    }
+                }
+                if !todo.is_empty() {
+                    self.require_free(fat, label, need + ENTRY_OVERHEAD)?;
+                }
+                for (src, name, is_dir) in todo {
+                    Self::copy_in(fat, src, name, is_dir)?;
+                }
+            }
+            // The menu: a new file when it changes, then the one-sector switch.
+            let text = render_menu(fs_uuid, &menu);
+            let (cur_default, cur_menu) = Self::current(fat)?;
+            if let Some(m) = &cur_menu {
+                if fat.read(&format!("{VERSIONS_DIR}/{m}"))?.as_deref() == Some(text.as_bytes()) {
+                    return Ok(());
+                }
+            }
+            let next = fat
+                .list(VERSIONS_DIR)?
+                .iter()
+                .filter_map(|e| menu_number(&e.name))
+                .max()
+                .map_or(1, |n| n + 1);
+            let name = format!("{MENU_PREFIX}{next}{MENU_SUFFIX}");
+            fat.write(&format!("{VERSIONS_DIR}/{name}"), text.as_bytes())?;
+            fat.sync()?;
+            // The default stays what it was, unless it is gone from the menu.
+            let keep = cur_default
+                .filter(|d| menu.iter().any(|m| &m.label == d))
+                .unwrap_or_else(|| default.to_string());
+            Self::write_conf(fat, &keep, &name)?;
+            if let Some(old) = cur_menu.filter(|m| *m != name) {
+                fat.remove_all(&format!("{VERSIONS_DIR}/{old}"))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn install(&self, _top: &Layout) -> Result<()> {
+        // U-Boot itself is the board's firmware: nothing to install.
+        Ok(())
+    }
+
+    fn switch_default(&self, label: &str) -> Result<()> {
+        self.with_part(&[], |fat| {
+            let (_, menu) = Self::current(fat)?;
+            let Some(menu) = menu else {
+                bail!(
+                    "{CONF} on the boot partition of {} names no menu: run deploy cleanup",
+                    self.disk.display()
+                );
+            };
+            Self::write_conf(fat, label, &menu)
+        })
+    }
+
+    fn remove_version(&self, label: &str) -> Result<()> {
+        // The menu was rewritten without it (and switched to) before this.
+        self.with_part(&[], |fat| {
+            for f in fat.list(VERSIONS_DIR)? {
+                if file_label(&f.name).is_some_and(|l| l.eq_ignore_ascii_case(label)) {
+                    fat.remove_all(&format!("{VERSIONS_DIR}/{}", f.name))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn cleanup(&self, labels: &[String]) -> Result<Vec<String>> {
+        let known = |l: &str| labels.iter().any(|k| k.eq_ignore_ascii_case(l));
+        let repaired = super::fat::repair(&self.disk, self.part.0, self.part.1)?;
+        self.with_part(&[], |fat| {
+            let mut removed = Vec::new();
+            if repaired {
+                removed.push("repaired an interrupted write with fsck.fat".to_string());
+            }
+            let (_, menu) = Self::current(fat)?;
+            for e in fat.list(VERSIONS_DIR)? {
+                let keep = if menu_number(&e.name).is_some() {
+                    menu.as_deref() == Some(e.name.as_str())
+                } else {
+                    file_label(&e.name).is_some_and(known)
+                };
+                if !keep {
+                    let p = format!("{VERSIONS_DIR}/{}", e.name);
+                    fat.remove_all(&p)?;
+                    removed.push(format!("removed {p}"));
+                }
+            }
+            let tmp = format!("{CONF}{TMP}");
+            if fat.file_len(&tmp)?.is_some() {
+                fat.remove_all(&tmp)?;
+                removed.push(format!("removed {tmp}"));
+            }
+            Ok(removed)
+        })
+    }
+}
+
+/// The one-shot trial script (proof of concept for `--trial`, issue 13;
+/// tested in QEMU by `tests/arm.rs`, design in docs/arm.md "Trials under
+/// U-Boot"): U-Boot's distro boot runs it as `/boot.scr` when the boot
+/// partition has no `/extlinux/extlinux.conf` (the menu then lives at
+/// `/boot/extlinux/extlinux.conf`, which distro boot also finds by itself
+/// should the script fail).
+#[allow(dead_code)] // Wired into --trial by issue 13.
+pub const TRIAL_SCRIPT: &str = include_str!("../../templates/uboot-trial.cmd");
+
+/// `text` as a U-Boot script image (`boot.scr`), byte for byte what
+/// `mkimage -A arm64 -O linux -T script -C none -n btrfs-deploy` writes with
+/// `SOURCE_DATE_EPOCH=0`: a 64-byte legacy image header (big-endian magic,
+/// header CRC, time, size, load, entry, data CRC, OS Linux, arch arm64,
+/// type script, no compression, name), then the size table of the one
+/// script (its length, 0) and the script. `source` refuses a script
+/// without this header, and this way no `u-boot-tools` are needed.
+#[allow(dead_code)] // Wired into --trial by issue 13.
+pub fn script_image(text: &str) -> Vec<u8> {
+    let mut data = Vec::with_capacity(text.len() + 8);
+    data.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    data.extend_from_slice(&0u32.to_be_bytes());
+    data.extend_from_slice(text.as_bytes());
+    let mut h = [0u8; 64];
+    h[0..4].copy_from_slice(&0x2705_1956u32.to_be_bytes());
+    // 4..8 header CRC (over the header with this field 0), 8..12 time 0.
+    h[12..16].copy_from_slice(&(data.len() as u32).to_be_bytes());
+    // 16..20 load address, 20..24 entry point: 0.
+    h[24..28].copy_from_slice(&crc32fast::hash(&data).to_be_bytes());
+    h[28] = 5; // IH_OS_LINUX
+    h[29] = 22; // IH_ARCH_ARM64
+    h[30] = 6; // IH_TYPE_SCRIPT
+    h[31] = 0; // IH_COMP_NONE
+    let name = b"btrfs-deploy";
+    h[32..32 + name.len()].copy_from_slice(name);
+    let hcrc = crc32fast::hash(&h);
+    h[4..8].copy_from_slice(&hcrc.to_be_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(&data);
+    out
+}
+
+/// What `check` reads from a U-Boot boot partition.
+#[derive(Debug, Default)]
+pub struct PartState {
+    /// The default `extlinux.conf` names.
+    pub default: Option<String>,
+    /// Labels with an entry whose files are all present.
+    pub complete: Vec<String>,
+    /// Problems found.
+    pub problems: Vec<String>,
+}
+
+/// Reads the boot partition of `disk` at `part` for `check`.
+pub fn inspect(disk: &Path, part: (u64, u64)) -> Result<PartState> {
+    let fat = FatPartition::open(disk, part.0, part.1, false)?;
+    let mut st = PartState::default();
+    if super::fat::is_dirty(disk, part.0)? {
+        st.problems.push(
+            "a write to it was interrupted (its dirty flag is set): run deploy cleanup".into(),
+        );
+    }
+    let (default, menu) = UBoot::current(&fat)?;
+    st.default = default;
+    let Some(menu) = menu else {
+        st.problems
+            .push(format!("{CONF} is missing or names no menu"));
+        return Ok(st);
+    };
+    let Some(text) = fat.read(&format!("{VERSIONS_DIR}/{menu}"))? else {
+        st.problems.push(format!(
+            "{CONF} includes {VERSIONS_DIR}/{menu}, which is missing"
+        ));
+        return Ok(st);
+    };
+    let text = String::from_utf8_lossy(&text);
+    let mut label: Option<(String, bool)> = None;
+    fn finish(l: Option<(String, bool)>, st: &mut PartState) {
+        if let Some((l, true)) = l {
+            st.complete.push(l);
+        }
+    }
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next()) {
+            (Some("label"), Some(l)) => {
+                finish(label.take(), &mut st);
+                label = Some((l.to_string(), true));
+            }
+            (Some("kernel" | "initrd" | "fdt" | "fdtdir"), Some(path)) => {
+                let rel = path.trim_start_matches('/');
+                let exists = if line.trim_start().starts_with("fdtdir") {
+                    !fat.list(rel)?.is_empty()
+                } else {
+                    fat.file_len(rel)?.is_some()
+                };
+                if !exists {
+                    st.problems
+                        .push(format!("the menu names {path}, which is missing"));
+                    if let Some((_, ok)) = label.as_mut() {
+                        *ok = false;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    finish(label.take(), &mut st);
+    if let Some(d) = &st.default {
+        if !st.complete.contains(d) {
+            st.problems
+                .push(format!("the default {d} has no complete entry in the menu"));
+        }
+    }
+    Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conf_is_one_sector_and_names_default_and_menu() {
+        let c = render_conf("v2", "menu-3.conf").unwrap();
+        assert_eq!(c.len(), CONF_SIZE);
+        let text = String::from_utf8(c).unwrap();
+        assert!(
+            text.contains("\ndefault v2\ninclude /btrfs-deploy/menu-3.conf\n"),
+            "{text}"
+        );
+        assert_eq!(
+            parse_conf(&text),
+            (Some("v2".to_string()), Some("menu-3.conf".to_string()))
+        );
+        let long = "a".repeat(64);
+        assert_eq!(
+            render_conf(&long, "menu-99999.conf").unwrap().len(),
+            CONF_SIZE
+        );
+        assert!(text.lines().all(|l| l.len() < 80), "{text}");
+        assert_eq!(menu_number("menu-12.conf"), Some(12));
+        assert_eq!(menu_number("menu-12.conf.tmp"), None);
+        assert_eq!(file_label("v2.dtbs"), Some("v2"));
+        assert_eq!(file_label("v2.dtbs.tmp"), None);
+    }
+
+    #[test]
+    fn script_image_is_what_mkimage_writes() {
+        // SOURCE_DATE_EPOCH=0 mkimage -A arm64 -O linux -T script -C none
+        //   -n btrfs-deploy -d hi.cmd hi.scr   (hi.cmd: "echo hi\n"; u-boot-tools 2023.01)
+        let expected: [u8; 80] = [
+            0x27, 0x05, 0x19, 0x56, 0x64, 0x04, 0xf1, 0x44, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xd9, 0x34, 0x01, 0x62,
+            0x05, 0x16, 0x06, 0x00, 0x62, 0x74, 0x72, 0x66, 0x73, 0x2d, 0x64, 0x65, 0x70, 0x6c,
+            0x6f, 0x79, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x08, 0x00, 0x00,
+            0x00, 0x00, 0x65, 0x63, 0x68, 0x6f, 0x20, 0x68, 0x69, 0x0a,
+        ];
+        assert_eq!(script_image("echo hi\n"), expected.to_vec());
+        let img = script_image(TRIAL_SCRIPT);
+        assert_eq!(img.len(), 64 + 8 + TRIAL_SCRIPT.len());
+        assert!(TRIAL_SCRIPT
+            .contains("fatrm ${devtype} ${devnum}:${distro_bootpart} /btrfs-deploy/trial-once"));
+    }
+
+    #[test]
+    fn versions_on_the_boot_partition_added_switched_removed_cleaned() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let part = (1u64 << 20, 64u64 << 20);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(part.0 + part.1)
+            .unwrap();
+        super::super::fat::format(&img, part.0, part.1, "BOOT").unwrap();
+        let top = Layout::new(&d.path().join("top"));
+        let entry = |l: &str| Entry {
+            label: l.into(),
+            initramfs: true,
+            dtb: false,
+            args: "x".into(),
+        };
+        for l in ["a", "b"] {
+            let v = top.version(l);
+            let dtbs = v.join(layout::ORIG).join(dtb_dir("6.1-arm64")).join("arm");
+            std::fs::create_dir_all(&dtbs).unwrap();
+            std::fs::write(dtbs.join("board.dtb"), b"dtb").unwrap();
+            std::fs::write(v.join(layout::KERNEL), vec![1u8; 40 << 20]).unwrap();
+            std::fs::write(v.join(layout::INITRAMFS), vec![2u8; 1000]).unwrap();
+            let rec = Deployment {
+                label: l.into(),
+                kernel_version: Some("6.1-arm64".into()),
+                ..Default::default()
+            };
+            rec.save(&v.join(layout::DEPLOYMENT_JSON)).unwrap();
+        }
+        let b = UBoot::new(&img, part);
+        b.write_menu(&top, "U", &[entry("a")], "a", None).unwrap();
+        b.switch_default("a").unwrap();
+        let st = inspect(&img, part).unwrap();
+        assert_eq!(st.complete, vec!["a"]);
+        assert_eq!(st.default.as_deref(), Some("a"));
+        assert!(st.problems.is_empty(), "{:?}", st.problems);
+        // A second 40 MiB kernel does not fit: a clear error, the menu as it was.
+        let msg = format!("{:#}", b.check_space("b", &[40 << 20, 1000]).unwrap_err());
+        assert!(
+            msg.contains("U-Boot boot partition") && msg.contains("deploy remove"),
+            "{msg}"
+        );
+        let msg = format!(
+            "{:#}",
+            b.write_menu(&top, "U", &[entry("a"), entry("b")], "a", None)
+                .unwrap_err()
+        );
+        assert!(msg.contains("needs"), "{msg}");
+        assert_eq!(inspect(&img, part).unwrap().complete, vec!["a"]);
+        // Removing a frees the room for b.
+        b.remove_version("a").unwrap();
+        b.write_menu(&top, "U", &[entry("b")], "b", None).unwrap();
+        b.switch_default("b").unwrap();
+        let st = inspect(&img, part).unwrap();
+        assert_eq!(st.complete, vec!["b"]);
+        assert_eq!(st.default.as_deref(), Some("b"));
+        let fat = FatPartition::open(&img, part.0, part.1, false).unwrap();
+        let names: Vec<String> = fat
+            .list(VERSIONS_DIR)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(
+            fat.read(CONF).unwrap().unwrap().len(),
+            CONF_SIZE,
+            "{names:?}"
+        );
+        assert_eq!(
+            fat.file_len("btrfs-deploy/b.dtbs/arm/board.dtb").unwrap(),
+            Some(3)
+        );
+        fat.close().unwrap();
+        assert_eq!(
+            names.iter().filter(|n| menu_number(n).is_some()).count(),
+            1,
+            "one menu: {names:?}"
+        );
+        assert!(!names.iter().any(|n| n.starts_with("a.")), "{names:?}");
+        // Leftovers of interrupted writes and unknown versions go; b stays.
+        let fat = FatPartition::open(&img, part.0, part.1, true).unwrap();
+        fat.write("btrfs-deploy/b.linux.tmp", b"x").unwrap();
+        fat.write("btrfs-deploy/gone.initrd", b"x").unwrap();
+        fat.write("btrfs-deploy/menu-99.conf", b"x").unwrap();
+        fat.close().unwrap();
+        let mut removed = b.cleanup(&["b".to_string()]).unwrap();
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                "removed btrfs-deploy/b.linux.tmp",
+                "removed btrfs-deploy/gone.initrd",
+                "removed btrfs-deploy/menu-99.conf"
+            ]
+        );
+        let st = inspect(&img, part).unwrap();
+        assert_eq!(st.complete, vec!["b"]);
+        assert!(st.problems.is_empty(), "{:?}", st.problems);
+    }
+
+    #[test]
+    fn menu_has_fdt_or_fdtdir() {
+        let e = MenuEntry {
+            label: "v2".into(),
+            initramfs: true,
+            dtb: false,
+            dtbs: true,
+            args: "console=ttyAMA0".into(),
+        };
+        let m = render_menu("U", std::slice::from_ref(&e));
+        assert!(m.contains("label v2\n"), "{m}");
+        assert!(m.contains("  kernel /btrfs-deploy/v2.linux\n  initrd /btrfs-deploy/v2.initrd\n  fdtdir /btrfs-deploy/v2.dtbs\n"), "{m}");
+        assert!(m.contains("  append root=UUID=U rootfstype=btrfs rootflags=subvol=systems/v2/run rw console=ttyAMA0\n"));
+        let m = render_menu(
+            "U",
+            &[MenuEntry {
+                dtb: true,
+                initramfs: false,
+                ..e
+            }],
+        );
+        assert!(
+            m.contains("  fdt /btrfs-deploy/v2.dtb\n")
+                && !m.contains("fdtdir")
+                && !m.contains("initrd"),
+            "{m}"
+        );
+    }
+}

@@ -1,0 +1,484 @@
+//! Issue 16: arm64 systems deployed from this amd64 host, booted by U-Boot
+//! (`--boot uboot`, the default for an arm64 rootfs), customised in the tree
+//! through qemu-user. Real images, loop devices, QEMU (`qemu-system-aarch64
+//! -M virt` with Debian's U-Boot, TCG) and qemu-user; the FAT boot partition
+//! is read back with mtools and checked with fsck.fat, independently of the
+//! code under test.
+//!
+//! The arm64 tiny system is `scripts/build-tiny-system.sh .cache arm64`
+//! (`make fixture`), found through `DEPLOY_TINY_ARM64_ROOTFS`.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// Offset of the boot partition on the disks `deploy` writes (partition 1 at 1 MiB).
+const PART_OFFSET: u64 = 1 << 20;
+
+/// The arm64 tiny system.
+fn tiny_arm64() -> PathBuf {
+    let p = std::env::var_os("DEPLOY_TINY_ARM64_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/tiny-arm64/rootfs"));
+    assert!(
+        p.join("sbin/init").exists(),
+        "arm64 tiny system missing at {}: run `make fixture` (scripts/build-tiny-system.sh .cache arm64)",
+        p.display()
+    );
+    p
+}
+
+/// A copy of the arm64 tiny system whose boot reports its name.
+fn arm64_variant(dir: &Path, name: &str) -> PathBuf {
+    let root = dir.join(name);
+    sh(&format!(
+        "cp -a {} {}",
+        tiny_arm64().display(),
+        root.display()
+    ));
+    write(
+        &root.join("etc/tiny-boot.d/10-report"),
+        b"#!/bin/sh\necho \"issue=$(cat /etc/issue)\"\n[ -f /etc/arch-probe ] && echo \"probe=$(cat /etc/arch-probe)\"\nexit 0\n",
+    );
+    chmod(&root.join("etc/tiny-boot.d/10-report"), 0o755);
+    write(&root.join("etc/issue"), format!("{name}\n").as_bytes());
+    root
+}
+
+/// A configure extension that records `uname -m` as seen inside the tree.
+fn probe_extension(dir: &Path) -> PathBuf {
+    let ext = dir.join("ext");
+    std::fs::create_dir_all(&ext).unwrap();
+    write(
+        &ext.join("arch-probe.configure"),
+        b"#!/bin/sh\n# summary: records uname -m as seen inside the tree\nset -e\n\
+          m=$(\"$DEPLOY_RUN_IN_TREE\" run-in-tree \"$1\" -- uname -m)\n\
+          echo \"arch-probe: uname -m in the tree: $m\" >&2\n\
+          echo \"$m\" > \"$1/etc/arch-probe\"\n",
+    );
+    chmod(&ext.join("arch-probe.configure"), 0o755);
+    ext
+}
+
+/// A file of the boot partition of `img`.
+fn part_read(img: &Path, path: &str) -> String {
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mtype -i {}@@{PART_OFFSET} ::{path}",
+        img.display()
+    ))
+}
+
+/// Every path on the boot partition of `img`.
+fn part_files(img: &Path) -> Vec<String> {
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mdir -/ -b -i {}@@{PART_OFFSET} ::",
+        img.display()
+    ))
+    .lines()
+    .map(|l| l.trim().trim_start_matches("::").to_string())
+    .collect()
+}
+
+/// `fsck.fat -n` on a copy of the boot partition finds nothing to repair.
+fn assert_part_clean(img: &Path) {
+    let copy = PathBuf::from(format!("{}.boot", img.display()));
+    sh(&format!(
+        "dd if={} of={} bs=1M skip=1 count=256 conv=sparse status=none && fsck.fat -n {}",
+        img.display(),
+        copy.display(),
+        copy.display()
+    ));
+    std::fs::remove_file(copy).unwrap();
+}
+
+/// Boots `img` under U-Boot and returns the console.
+fn boot(img: &Path) -> String {
+    let console = boot_console(img, None);
+    assert!(console.contains("U-Boot 20"), "not U-Boot:\n{console}");
+    assert!(
+        console.contains("Found /extlinux/extlinux.conf"),
+        "{console}"
+    );
+    console
+}
+
+/// The `TINY-HOOK: <key>=<value>` value of `key`.
+fn hook(console: &str, key: &str) -> Option<String> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TINY-HOOK: "))
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| v.trim().to_string())
+}
+
+/// The whole workflow from this amd64 host: an arm64 system deployed
+/// (U-Boot by default, an extension running `uname -m` inside the tree
+/// through qemu-user), booted; an upgrade booted; a rollback booted.
+#[test]
+fn arm64_system_deploys_boots_upgrades_and_rolls_back_under_uboot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("arm.img");
+    let imgs = img.to_str().unwrap();
+    let factory = arm64_variant(tmp.path(), "factory");
+    let ext = probe_extension(tmp.path());
+    let out = run_ok(&[
+        "--extensions-dir",
+        ext.to_str().unwrap(),
+        "-e",
+        "arch-probe",
+        "--rootfs",
+        factory.to_str().unwrap(),
+        imgs,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("uname -m in the tree: aarch64"), "{stderr}");
+    assert!(stderr.contains("uboot disk"), "{stderr}");
+
+    // No --boot: uboot, recorded as arm64.
+    let list: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["list", imgs, "--json"]).stdout).unwrap();
+    let row = &list["versions"][0];
+    assert_eq!(row["boot"], "uboot", "{list}");
+    assert_eq!(row["arch"], "arm64", "{list}");
+    let status = String::from_utf8_lossy(&run_ok(&["status", imgs]).stdout).into_owned();
+    assert!(status.contains("factory (arm64)"), "{status}");
+    let parts = sh(&format!("sfdisk -d {imgs}"));
+    assert!(
+        parts.contains("type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7")
+            && parts.contains("attrs=\"LegacyBIOSBootable\""),
+        "{parts}"
+    );
+    // The menu U-Boot reads: one sector naming the default and the menu file.
+    let conf = part_read(&img, "/extlinux/extlinux.conf");
+    assert_eq!(conf.len(), 511, "{conf}");
+    assert!(conf.contains("\ndefault factory\n"), "{conf}");
+    let files = part_files(&img);
+    for f in [
+        "/btrfs-deploy/factory.linux",
+        "/btrfs-deploy/factory.initrd",
+        "/btrfs-deploy/factory.dtbs/arm/fvp-base-revc.dtb",
+    ] {
+        assert!(files.iter().any(|p| p == f), "{f} missing: {files:?}");
+    }
+    let menu = files
+        .iter()
+        .find(|f| f.starts_with("/btrfs-deploy/menu-"))
+        .expect("a menu file");
+    let menu_text = part_read(&img, menu);
+    assert!(
+        menu_text.contains("  fdtdir /btrfs-deploy/factory.dtbs\n"),
+        "{menu_text}"
+    );
+    assert_part_clean(&img);
+
+    let console = boot(&img);
+    assert_layout_mounted(&console, "factory");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("factory"));
+    assert_eq!(hook(&console, "probe").as_deref(), Some("aarch64"));
+
+    // Upgrade: v2 boots.
+    let v2 = arm64_variant(tmp.path(), "v2");
+    run_ok(&["--version", "v2", "--rootfs", v2.to_str().unwrap(), imgs]);
+    assert!(part_read(&img, "/extlinux/extlinux.conf").contains("\ndefault v2\n"));
+    let console = boot(&img);
+    assert_layout_mounted(&console, "v2");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("v2"));
+
+    // Rollback: factory boots again.
+    run_ok(&["set-default", "factory", imgs]);
+    assert!(part_read(&img, "/extlinux/extlinux.conf").contains("\ndefault factory\n"));
+    let console = boot(&img);
+    assert_layout_mounted(&console, "factory");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("factory"));
+
+    // Removing v2 frees its files; the disk checks clean.
+    run_ok(&["remove", "v2", imgs]);
+    let files = part_files(&img);
+    assert!(
+        !files.iter().any(|f| f.contains("/v2.")),
+        "v2's files remain: {files:?}"
+    );
+    assert_eq!(
+        files
+            .iter()
+            .filter(|f| f.starts_with("/btrfs-deploy/menu-"))
+            .count(),
+        1,
+        "{files:?}"
+    );
+    assert_part_clean(&img);
+    let check = String::from_utf8_lossy(&run_ok(&["check", imgs]).stdout).into_owned();
+    assert!(
+        check.contains("U-Boot boot partition: 1 entry, default factory"),
+        "{check}"
+    );
+    // The BIOS/UEFI firmwares cannot boot it: said before QEMU starts.
+    run_fails(
+        &["boot-test", imgs, "--firmware", "bios"],
+        1,
+        &["uboot disk", "--firmware uboot"],
+    );
+    assert_no_leftovers(&img, false);
+}
+
+/// The errors, each before anything is written: a kernel of another
+/// architecture, no qemu-user for a foreign tree's extensions, no room for
+/// the boot partition (image and block device), a bad --arch.
+#[test]
+fn arm64_errors_are_caught_at_planning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("x.img");
+    let imgs = img.to_str().unwrap();
+    let arm = tiny_arm64();
+    let arms = arm.to_str().unwrap();
+
+    // An amd64 kernel for the arm64 rootfs.
+    let amd64_kernel = std::fs::read_dir(tiny_rootfs().join("boot"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
+        .unwrap();
+    run_fails(
+        &[
+            "--kernel",
+            amd64_kernel.to_str().unwrap(),
+            "--rootfs",
+            arms,
+            imgs,
+        ],
+        1,
+        &["built for amd64", "is arm64", "--kernel"],
+    );
+    assert!(!img.exists());
+    // The amd64 rootfs said to be arm64: its own kernel does not match.
+    run_fails(
+        &[
+            "--arch",
+            "arm64",
+            "--rootfs",
+            tiny_rootfs().to_str().unwrap(),
+            imgs,
+        ],
+        1,
+        &["built for amd64", "is arm64"],
+    );
+    assert!(!img.exists());
+    run_fails(
+        &["--arch", "sparc", "--rootfs", arms, imgs],
+        2,
+        &["invalid --arch sparc", "arm64"],
+    );
+    assert!(!img.exists());
+    // --dtb names one of the rootfs's device trees (or a host file).
+    run_fails(
+        &["--dtb", "arm/nope.dtb", "--rootfs", arms, imgs],
+        1,
+        &["--dtb arm/nope.dtb", "/usr/lib/linux-image-"],
+    );
+    assert!(!img.exists());
+    run_ok(&["--dtb", "arm/juno.dtb", "--rootfs", arms, imgs]);
+    let files = part_files(&img);
+    let menu = files
+        .iter()
+        .find(|f| f.starts_with("/btrfs-deploy/menu-"))
+        .expect("a menu file");
+    let menu_text = part_read(&img, menu);
+    assert!(
+        menu_text.contains("  fdt /btrfs-deploy/factory.dtb\n") && !menu_text.contains("fdtdir"),
+        "{menu_text}"
+    );
+    // The file on the boot partition is the rootfs's juno.dtb (cmp fails the shell otherwise).
+    let copy = tmp.path().join("factory.dtb");
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mcopy -i {imgs}@@{PART_OFFSET} ::/btrfs-deploy/factory.dtb {} && \
+         cmp {} {arms}/usr/lib/linux-image-*/arm/juno.dtb",
+        copy.display(),
+        copy.display()
+    ));
+    std::fs::remove_file(&img).unwrap();
+
+    // No qemu-user (simulated: binfmt_misc and the definitions point at
+    // empty directories): refused, naming the packages.
+    let ext = probe_extension(tmp.path());
+    let empty_misc = tmp.path().join("binfmt_misc");
+    let empty_confs = tmp.path().join("binfmt.d");
+    std::fs::create_dir_all(&empty_misc).unwrap();
+    std::fs::create_dir_all(&empty_confs).unwrap();
+    let out = deploy()
+        .env("DEPLOY_BINFMT_MISC", &empty_misc)
+        .env("DEPLOY_BINFMT_CONF_DIR", &empty_confs)
+        .args([
+            "--extensions-dir",
+            ext.to_str().unwrap(),
+            "-e",
+            "arch-probe",
+            "--rootfs",
+            arms,
+            imgs,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("qemu-user-static") && stderr.contains("binfmt-support"),
+        "{stderr}"
+    );
+    assert!(!img.exists());
+    let out = deploy()
+        .env("DEPLOY_BINFMT_MISC", &empty_misc)
+        .env("DEPLOY_BINFMT_CONF_DIR", &empty_confs)
+        .args(["run-in-tree", arms, "--", "uname", "-m"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("qemu-user-static"), "{stderr}");
+
+    // No room for the boot partition: an image too small, a device too small.
+    run_fails(
+        &["--boot", "uboot", "--size", "400M", "--rootfs", arms, imgs],
+        1,
+        &[
+            "--size 400 MiB is too small",
+            "boot partition of a uboot disk",
+        ],
+    );
+    assert!(!img.exists());
+    let dev_file = tmp.path().join("dev.img");
+    std::fs::File::create(&dev_file)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let dev = sh(&format!("losetup --find --show {}", dev_file.display()))
+        .trim()
+        .to_string();
+    let before = sh(&format!("sha256sum < {dev}"));
+    let out = run(&["--rootfs", arms, &dev]);
+    let after = sh(&format!("sha256sum < {dev}"));
+    sh(&format!("losetup -d {dev}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("too small for a uboot disk")
+            && stderr.contains("U-Boot boot partition takes 256 MiB"),
+        "{stderr}"
+    );
+    assert_eq!(before, after, "the device was written to");
+}
+
+/// `text` as a U-Boot script image (what `mkimage -T script` writes; the
+/// tool's own generator, `boot::uboot::script_image`, is checked byte for
+/// byte against mkimage in its unit test).
+fn script_image(text: &str) -> Vec<u8> {
+    let mut data = (text.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(&[0; 4]);
+    data.extend_from_slice(text.as_bytes());
+    let mut h = [0u8; 64];
+    h[0..4].copy_from_slice(&0x2705_1956u32.to_be_bytes());
+    h[12..16].copy_from_slice(&(data.len() as u32).to_be_bytes());
+    h[24..28].copy_from_slice(&crc32fast::hash(&data).to_be_bytes());
+    h[28..32].copy_from_slice(&[5, 22, 6, 0]);
+    h[32..44].copy_from_slice(b"btrfs-deploy");
+    let hcrc = crc32fast::hash(&h);
+    h[4..8].copy_from_slice(&hcrc.to_be_bytes());
+    let mut out = h.to_vec();
+    out.extend(data);
+    out
+}
+
+/// Boots `img` under U-Boot, letting the guest's writes (U-Boot's `fatrm`)
+/// reach the image, and returns the console.
+fn boot_persist(img: &Path) -> String {
+    let log = PathBuf::from(format!("{}.console.log", img.display()));
+    let args = [
+        "boot-test",
+        img.to_str().unwrap(),
+        "--persist",
+        "--timeout",
+        "120",
+        "--log",
+        log.to_str().unwrap(),
+    ];
+    run_ok(&args);
+    std::fs::read_to_string(&log).unwrap()
+}
+
+/// Proof of concept for `--trial` on uboot disks (docs/arm.md, "Trials
+/// under U-Boot"): with the menu moved to /boot/extlinux/extlinux.conf,
+/// Debian's U-Boot runs /boot.scr (templates/uboot-trial.cmd) first; it
+/// deletes /btrfs-deploy/trial-once with `fatrm` and boots the menu of
+/// /btrfs-deploy/trial.conf (default v2) once; the next boot is the
+/// default again. The boot partition stays clean for fsck.fat.
+#[test]
+fn one_shot_trial_script_boots_the_trial_version_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("trial.img");
+    let imgs = img.to_str().unwrap();
+    let factory = arm64_variant(tmp.path(), "factory");
+    let v2 = arm64_variant(tmp.path(), "v2");
+    run_ok(&["--rootfs", factory.to_str().unwrap(), imgs]);
+    run_ok(&[
+        "--version",
+        "v2",
+        "--no-default",
+        "--rootfs",
+        v2.to_str().unwrap(),
+        imgs,
+    ]);
+    // The layout the trial needs (what --trial would write).
+    let conf = part_read(&img, "/extlinux/extlinux.conf");
+    assert!(conf.contains("\ndefault factory\n"), "{conf}");
+    let trial = conf.replace("\ndefault factory\n", "\ndefault v2\n");
+    let files = tmp.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    write(&files.join("extlinux.conf"), conf.as_bytes());
+    write(&files.join("trial.conf"), trial.as_bytes());
+    write(&files.join("trial-once"), b"");
+    write(
+        &files.join("boot.scr"),
+        &script_image(include_str!("../templates/uboot-trial.cmd")),
+    );
+    let i = format!("{imgs}@@{PART_OFFSET}");
+    let f = files.display();
+    sh(&format!(
+        "export MTOOLS_SKIP_CHECK=1; mmd -i {i} ::/boot ::/boot/extlinux && \
+         mcopy -i {i} {f}/extlinux.conf ::/boot/extlinux/extlinux.conf && \
+         mdel -i {i} ::/extlinux/extlinux.conf && \
+         mcopy -i {i} {f}/trial.conf {f}/trial-once ::/btrfs-deploy/ && \
+         mcopy -i {i} {f}/boot.scr ::/boot.scr"
+    ));
+    assert_part_clean(&img);
+
+    let console = boot_persist(&img);
+    assert!(
+        console.contains("Found U-Boot script /boot.scr"),
+        "{console}"
+    );
+    assert!(
+        console.contains("btrfs-deploy: trial boot (one-shot)"),
+        "{console}"
+    );
+    assert_layout_mounted(&console, "v2");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("v2"));
+    // U-Boot deleted the mark before starting the kernel; its FAT write is clean.
+    let left = part_files(&img);
+    assert!(
+        !left.iter().any(|p| p == "/btrfs-deploy/trial-once"),
+        "{left:?}"
+    );
+    assert_part_clean(&img);
+
+    let console = boot_persist(&img);
+    assert!(
+        !console.contains("trial boot"),
+        "a second trial boot:\n{console}"
+    );
+    assert_layout_mounted(&console, "factory");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("factory"));
+}
