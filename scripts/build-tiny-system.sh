@@ -148,11 +148,11 @@ cached_deb() {
 mkdir -p "$DEBS_DIR"
 KERNEL_DEB=$(find "$DEBS_DIR" -maxdepth 1 -name "linux-image-[0-9]*-cloud-${ARCH}_*_$ARCH.deb" -printf '%f\n' | sort -V | tail -n1)
 if [[ -z $KERNEL_DEB ]]; then
-    kpkg=$(resolve_kernel_pkg)
+    kpkg=$(resolve_kernel_pkg || true)
     if [[ -z $kpkg ]]; then
         log "$META_PKG unknown to apt-cache; running apt-get update"
         apt-get "${APT_OPTS[@]}" update >&2 || die "apt-get update failed"
-        kpkg=$(resolve_kernel_pkg)
+        kpkg=$(resolve_kernel_pkg || true)
     fi
     [[ -n $kpkg ]] || die "cannot resolve the kernel package behind $META_PKG"
     log "downloading $kpkg (from $META_PKG)"
