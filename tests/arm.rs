@@ -95,10 +95,13 @@ fn assert_part_clean(img: &Path) {
 fn boot(img: &Path) -> String {
     let console = boot_console(img, None);
     assert!(console.contains("U-Boot 20"), "not U-Boot:\n{console}");
+    // The menu is at /boot/extlinux/extlinux.conf, booted through /boot.scr
+    // (the trial script), which finds no trial mark.
     assert!(
-        console.contains("Found /extlinux/extlinux.conf"),
+        console.contains("Found U-Boot script /boot.scr"),
         "{console}"
     );
+    assert!(!console.contains("trial boot"), "{console}");
     console
 }
 
@@ -149,7 +152,7 @@ fn arm64_system_deploys_boots_upgrades_and_rolls_back_under_uboot() {
         "{parts}"
     );
     // The menu U-Boot reads: one sector naming the default and the menu file.
-    let conf = part_read(&img, "/extlinux/extlinux.conf");
+    let conf = part_read(&img, "/boot/extlinux/extlinux.conf");
     assert_eq!(conf.len(), 511, "{conf}");
     assert!(conf.contains("\ndefault factory\n"), "{conf}");
     let files = part_files(&img);
@@ -179,14 +182,14 @@ fn arm64_system_deploys_boots_upgrades_and_rolls_back_under_uboot() {
     // Upgrade: v2 boots.
     let v2 = arm64_variant(tmp.path(), "v2");
     run_ok(&["--version", "v2", "--rootfs", v2.to_str().unwrap(), imgs]);
-    assert!(part_read(&img, "/extlinux/extlinux.conf").contains("\ndefault v2\n"));
+    assert!(part_read(&img, "/boot/extlinux/extlinux.conf").contains("\ndefault v2\n"));
     let console = boot(&img);
     assert_layout_mounted(&console, "v2");
     assert_eq!(hook(&console, "issue").as_deref(), Some("v2"));
 
     // Rollback: factory boots again.
     run_ok(&["set-default", "factory", imgs]);
-    assert!(part_read(&img, "/extlinux/extlinux.conf").contains("\ndefault factory\n"));
+    assert!(part_read(&img, "/boot/extlinux/extlinux.conf").contains("\ndefault factory\n"));
     let console = boot(&img);
     assert_layout_mounted(&console, "factory");
     assert_eq!(hook(&console, "issue").as_deref(), Some("factory"));
@@ -409,14 +412,14 @@ fn boot_persist(img: &Path) -> String {
     std::fs::read_to_string(&log).unwrap()
 }
 
-/// Proof of concept for `--trial` on uboot disks (docs/arm.md, "Trials
-/// under U-Boot"): with the menu moved to /boot/extlinux/extlinux.conf,
-/// Debian's U-Boot runs /boot.scr (templates/uboot-trial.cmd) first; it
+/// `--trial` on a uboot disk (docs/arm.md, "Trials under U-Boot"):
+/// Debian's U-Boot runs /boot.scr (templates/uboot-trial.cmd), which
 /// deletes /btrfs-deploy/trial-once with `fatrm` and boots the menu of
-/// /btrfs-deploy/trial.conf (default v2) once; the next boot is the
-/// default again. The boot partition stays clean for fsck.fat.
+/// /btrfs-deploy/trial.conf (v2, with the trial's kernel arguments) once;
+/// the next boot is the default again. The boot partition stays clean for
+/// fsck.fat.
 #[test]
-fn one_shot_trial_script_boots_the_trial_version_once() {
+fn a_trial_under_uboot_boots_the_version_once() {
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("trial.img");
     let imgs = img.to_str().unwrap();
@@ -426,44 +429,40 @@ fn one_shot_trial_script_boots_the_trial_version_once() {
     run_ok(&[
         "--version",
         "v2",
-        "--no-default",
+        "--trial",
         "--rootfs",
         v2.to_str().unwrap(),
         imgs,
     ]);
-    // The layout the trial needs (what --trial would write).
-    let conf = part_read(&img, "/extlinux/extlinux.conf");
+    let files = part_files(&img);
+    for f in [
+        "/boot.scr",
+        "/btrfs-deploy/trial.conf",
+        "/btrfs-deploy/trial-once",
+    ] {
+        assert!(files.iter().any(|p| p == f), "{f} missing: {files:?}");
+    }
+    let conf = part_read(&img, "/boot/extlinux/extlinux.conf");
     assert!(conf.contains("\ndefault factory\n"), "{conf}");
-    let trial = conf.replace("\ndefault factory\n", "\ndefault v2\n");
-    let files = tmp.path().join("files");
-    std::fs::create_dir(&files).unwrap();
-    write(&files.join("extlinux.conf"), conf.as_bytes());
-    write(&files.join("trial.conf"), trial.as_bytes());
-    write(&files.join("trial-once"), b"");
-    write(
-        &files.join("boot.scr"),
-        &script_image(include_str!("../templates/uboot-trial.cmd")),
+    // The script, as mkimage would write it.
+    assert_eq!(
+        part_read(&img, "/boot.scr"),
+        String::from_utf8_lossy(&script_image(include_str!("../templates/uboot-trial.cmd")))
     );
-    let i = format!("{imgs}@@{PART_OFFSET}");
-    let f = files.display();
-    sh(&format!(
-        "export MTOOLS_SKIP_CHECK=1; mmd -i {i} ::/boot ::/boot/extlinux && \
-         mcopy -i {i} {f}/extlinux.conf ::/boot/extlinux/extlinux.conf && \
-         mdel -i {i} ::/extlinux/extlinux.conf && \
-         mcopy -i {i} {f}/trial.conf {f}/trial-once ::/btrfs-deploy/ && \
-         mcopy -i {i} {f}/boot.scr ::/boot.scr"
-    ));
+    let trial = part_read(&img, "/btrfs-deploy/trial.conf");
+    assert!(
+        trial.contains("\ndefault v2\n") && trial.contains("panic=10 btrfs_deploy.trial=v2"),
+        "{trial}"
+    );
     assert_part_clean(&img);
+    run_ok(&["check", imgs]);
 
     let console = boot_persist(&img);
-    assert!(
-        console.contains("Found U-Boot script /boot.scr"),
-        "{console}"
-    );
     assert!(
         console.contains("btrfs-deploy: trial boot (one-shot)"),
         "{console}"
     );
+    assert!(console.contains("btrfs_deploy.trial=v2"), "{console}");
     assert_layout_mounted(&console, "v2");
     assert_eq!(hook(&console, "issue").as_deref(), Some("v2"));
     // U-Boot deleted the mark before starting the kernel; its FAT write is clean.
@@ -481,4 +480,15 @@ fn one_shot_trial_script_boots_the_trial_version_once() {
     );
     assert_layout_mounted(&console, "factory");
     assert_eq!(hook(&console, "issue").as_deref(), Some("factory"));
+    let out = run_ok(&["status", imgs, "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["default"], "factory", "{st}");
+    assert_eq!(st["trial_boot_used"], true, "{st}");
+    // Ending it (here: set-default) removes the trial menu.
+    run_ok(&["set-default", "factory", imgs]);
+    let files = part_files(&img);
+    assert!(
+        !files.iter().any(|p| p.starts_with("/btrfs-deploy/trial")),
+        "{files:?}"
+    );
 }

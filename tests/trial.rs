@@ -716,33 +716,3 @@ fn cleanup_ends_a_trial_whose_arming_was_interrupted() {
     assert_eq!(st["default"], "factory", "{st}");
     run_ok(&["check", i]);
 }
-
-#[test]
-fn trials_are_refused_on_uboot_disks_with_the_reason() {
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("uboot.img");
-    let i = img.to_str().unwrap();
-    let r = tiny_rootfs();
-    run_ok(&["--boot", "uboot", "--rootfs", r.to_str().unwrap(), i]);
-    let before = image_bytes(&img);
-    run_fails(
-        &[
-            "--version",
-            "v2",
-            "--trial",
-            "--rootfs",
-            r.to_str().unwrap(),
-            i,
-        ],
-        1,
-        &[
-            "--trial is not available on uboot disks yet",
-            "no boot counting",
-            "docs/arm.md",
-        ],
-    );
-    assert!(
-        image_bytes(&img) == before,
-        "a refused --trial changed the image"
-    );
-}

@@ -219,16 +219,6 @@ impl Boot {
         if self.backends.iter().any(|b| b.can_trial()) {
             return Ok(());
         }
-        if self.kind.uboot() {
-            anyhow::bail!(
-                "--trial is not available on uboot disks yet: Debian's U-Boot has no boot \
-                 counting (no bootcount/bootlimit/altbootcmd) and keeps its environment in \
-                 flash, so nothing on this disk can make it boot a version once; a boot.scr \
-                 one-shot works in QEMU but is not wired into --trial (docs/arm.md, \"Trials \
-                 under U-Boot\"). Add the version with --no-default, boot-test it, then \
-                 set-default"
-            );
-        }
         anyhow::bail!(
             "--trial needs a boot loader that can boot a version once, and this {} disk \
              has none: add the version with --no-default and make it the default with \

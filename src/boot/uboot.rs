@@ -1,13 +1,16 @@
 //! The U-Boot backend: a FAT boot partition (partition 1 of a GPT disk,
 //! legacy-BIOS-bootable so U-Boot's distro boot scans it first) holding
-//! the menu U-Boot reads, `extlinux/extlinux.conf`, and each version's
+//! the menu U-Boot reads, `boot/extlinux/extlinux.conf`, and each version's
 //! kernel, initramfs and device trees (U-Boot has no Btrfs driver here,
 //! and FAT has no symlinks: nothing can be reached through
 //! `systems/default`). Written from user space with [`super::fat`].
 //!
 //! On the boot partition:
 //! ```text
-//! extlinux/extlinux.conf             `default <label>` + `include` of the menu: exactly 511 bytes, one sector
+//! boot.scr                           the trial script (U-Boot script image of templates/uboot-trial.cmd)
+//! boot/extlinux/extlinux.conf        `default <label>` + `include` of the menu: exactly 511 bytes, one sector
+//! btrfs-deploy/trial.conf            during a trial: a menu whose default is the version on trial
+//! btrfs-deploy/trial-once            during a trial: the one-shot mark (empty)
 //! btrfs-deploy/menu-<N>.conf         the entries, one per version (N grows with each change)
 //! btrfs-deploy/<label>.linux         the version's kernel
 //! btrfs-deploy/<label>.initrd        its initramfs
@@ -24,6 +27,16 @@
 //! default or the new ones, and every file either names is complete.
 //! Only then are the old menu and files of removed versions deleted. What
 //! an interruption leaves is unreferenced and removed by `cleanup`.
+//!
+//! Trials (`--trial`): Debian's U-Boot has no boot counting, but its distro
+//! boot runs `/boot.scr` when the partition has no `/extlinux/extlinux.conf`
+//! (it tries the menu before the script for each prefix, `/` then `/boot/`,
+//! which is why the menu lives in `/boot/extlinux/`). The script deletes
+//! `btrfs-deploy/trial-once` with `fatrm` and, when that worked, boots the
+//! menu of `trial.conf`; otherwise it boots `/boot/extlinux/extlinux.conf`,
+//! which distro boot also finds by itself if the script fails. Arming
+//! writes `trial.conf` (temp name, renamed), then the empty mark; disarming
+//! removes the mark first.
 
 use super::fat::FatPartition;
 use super::{Backend, Entry};
@@ -34,11 +47,17 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// The menu U-Boot's distro boot looks for on the boot partition.
-pub const CONF: &str = "extlinux/extlinux.conf";
+pub const CONF: &str = "boot/extlinux/extlinux.conf";
+/// The trial script, where distro boot looks for it.
+pub const SCRIPT: &str = "boot.scr";
+/// The menu of a trial boot.
+pub const TRIAL_CONF: &str = "btrfs-deploy/trial.conf";
+/// The one-shot mark the script deletes before booting `TRIAL_CONF`.
+pub const TRIAL_ONCE: &str = "btrfs-deploy/trial-once";
 /// Directory of the versions' files and of the menus.
 pub const VERSIONS_DIR: &str = "btrfs-deploy";
 /// The directories of the boot partition, parents first.
-pub const DIRS: [&str; 2] = ["extlinux", VERSIONS_DIR];
+pub const DIRS: [&str; 3] = ["boot", "boot/extlinux", VERSIONS_DIR];
 /// Size of `extlinux.conf`: within one sector, so a switch is one sector
 /// write. Not a multiple of 4: U-Boot 2023.01 loads an included file at the
 /// end of the including one rounded up to 4 bytes, so a file whose length
@@ -484,8 +503,72 @@ impl Backend for UBoot {
     }
 
     fn install(&self, _top: &Layout) -> Result<()> {
-        // U-Boot itself is the board's firmware: nothing to install.
-        Ok(())
+        // U-Boot itself is the board's firmware; the trial script is ours.
+        let image = script_image(TRIAL_SCRIPT);
+        self.with_part(&[], |fat| {
+            if fat.read(SCRIPT)?.as_deref() != Some(image.as_slice()) {
+                let tmp = format!("{SCRIPT}{TMP}");
+                fat.write(&tmp, &image)?;
+                fat.sync()?;
+                fat.remove_all(SCRIPT)?;
+                fat.rename(&tmp, SCRIPT)?;
+                fat.sync()?;
+            }
+            Ok(())
+        })
+    }
+
+    fn can_trial(&self) -> bool {
+        true
+    }
+
+    fn arm_trial(&self, top: &Layout, fs_uuid: &str, trial: &Entry, _: &Entry) -> Result<()> {
+        let (m, _) = version_files(top, trial)?;
+        let mut text = format!(
+            "# Written by btrfs-deploy: the menu of a trial boot of {l} (deploy --trial),\n\
+             # started once by /boot.scr.\ntimeout 0\ndefault {l}\n",
+            l = trial.label
+        );
+        text.push_str(&render_menu(fs_uuid, &[m]));
+        self.with_part(&[], |fat| {
+            if fat.read(SCRIPT)?.is_none() {
+                bail!(
+                    "the boot partition of {} has no /{SCRIPT}: run deploy cleanup first",
+                    self.disk.display()
+                );
+            }
+            let tmp = format!("{TRIAL_CONF}{TMP}");
+            fat.write(&tmp, text.as_bytes())?;
+            fat.sync()?;
+            fat.remove_all(TRIAL_CONF)?;
+            fat.rename(&tmp, TRIAL_CONF)?;
+            fat.sync()?;
+            // The mark last: only a complete trial menu is ever booted.
+            fat.write(TRIAL_ONCE, b"")?;
+            fat.sync()
+        })
+    }
+
+    fn trial_armed(&self, _top: &Layout) -> Result<bool> {
+        let fat = self.open(false)?;
+        let armed = fat.file_len(TRIAL_ONCE)?.is_some();
+        fat.close()?;
+        Ok(armed)
+    }
+
+    fn disarm_trial(&self, _top: &Layout) -> Result<()> {
+        let fat = self.open(false)?;
+        let any = fat.file_len(TRIAL_ONCE)?.is_some() || fat.file_len(TRIAL_CONF)?.is_some();
+        fat.close()?;
+        if !any {
+            return Ok(());
+        }
+        self.with_part(&[], |fat| {
+            fat.remove_all(TRIAL_ONCE)?;
+            fat.sync()?;
+            fat.remove_all(TRIAL_CONF)?;
+            fat.sync()
+        })
     }
 
     fn switch_default(&self, label: &str) -> Result<()> {
@@ -523,7 +606,13 @@ impl Backend for UBoot {
             }
             let (_, menu) = Self::current(fat)?;
             for e in fat.list(VERSIONS_DIR)? {
-                let keep = if menu_number(&e.name).is_some() {
+                // The trial's files are ended by lifecycle, not here.
+                let trial_file = [TRIAL_CONF, TRIAL_ONCE]
+                    .iter()
+                    .any(|t| t.ends_with(&format!("/{}", e.name)));
+                let keep = if trial_file {
+                    true
+                } else if menu_number(&e.name).is_some() {
                     menu.as_deref() == Some(e.name.as_str())
                 } else {
                     file_label(&e.name).is_some_and(known)
@@ -550,7 +639,6 @@ impl Backend for UBoot {
 /// partition has no `/extlinux/extlinux.conf` (the menu then lives at
 /// `/boot/extlinux/extlinux.conf`, which distro boot also finds by itself
 /// should the script fail).
-#[allow(dead_code)] // Wired into --trial by issue 13.
 pub const TRIAL_SCRIPT: &str = include_str!("../../templates/uboot-trial.cmd");
 
 /// `text` as a U-Boot script image (`boot.scr`), byte for byte what
