@@ -62,3 +62,10 @@ for t in "${TOOLS[@]}"; do
     copy_file "$p" "/usr/local/bin/$t"
     copy_libs "$p"
 done
+# mtools converts names through iconv (code page 850 by default): glibc
+# loads that converter at run time from its gconv directory.
+gconv=$(dirname "$(readlink -f "$(ldconfig -p | awk '$1 == "libc.so.6" && /x86-64/ { print $NF; exit }')")")/gconv
+for f in gconv-modules gconv-modules.cache IBM850.so IBM437.so gconv-modules.d/gconv-modules-extra.conf; do
+    [[ -e $gconv/$f ]] || die "$gconv/$f not found (glibc's iconv converters, package libc6)"
+    copy_file "$gconv/$f" "$gconv/$f"
+done

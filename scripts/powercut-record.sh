@@ -22,12 +22,18 @@
 #   6 keep        deploy v4 with --keep 1 (removes factory)
 #   7 cleanup     a deploy of v5 killed with SIGKILL while it copies, then
 #                 `deploy cleanup`
+# and on a second blank disk, the default hybrid layout (GPT, EFI system
+# partition written from user space, Btrfs partition through a loop device):
+#   8 hybrid-deploy       first deploy of `factory`
+#   9 hybrid-upgrade      v2 from the tarball (its kernel files are shared
+#                         with factory's on the ESP: the entry is new)
+#  10 hybrid-set-default  set-default factory (loader.conf rewritten in place)
 #
 # Output in OUT_DIR/<checksum of the inputs> (the deploy binary, these
 # scripts, the tiny kernel and initramfs), whose path is printed on
 # stdout: NN-OP.log (the write log), NN-OP.console (serial console),
 # NN-OP.sha256 (checksum of the disk the run left), `ops` (the operation
-# names in order), `size` (the disk size in bytes), `.stamp`. A recording
+# names in order), `size` (the size of each disk in bytes), `.stamp`. A recording
 # that exists is reused; recordings of other inputs stay side by side (the
 # 4 newest are kept), so that runs of different binaries sharing one
 # OUT_DIR never clobber each other. Recordings are serialised by a lock on
@@ -60,12 +66,25 @@ initrd=$(find "$tiny/boot" -maxdepth 1 -name 'initrd.img-*' | sort | head -n1)
 [[ -n $kernel && -n $initrd ]] || die "no boot/vmlinuz-* and boot/initrd.img-* in $tiny"
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found: apt-get install qemu-system-x86"
 timeout=${POWERCUT_TIMEOUT:-600}
-readonly SIZE=$((512 * 1024 * 1024))
-readonly OPS=(deploy upgrade set-default remove upgrade-v3 keep cleanup)
+readonly SIZE=$((1024 * 1024 * 1024))
+readonly OPS=(deploy upgrade set-default remove upgrade-v3 keep cleanup
+    hybrid-deploy hybrid-upgrade hybrid-set-default)
+# What a hybrid deploy needs in the guest beyond the carried tools: the
+# loop module (the Btrfs partition is reached through a loop device; the
+# tiny initramfs lacks it: taken from the tiny kernel's package, which
+# build-tiny-system.sh keeps in CACHE/debs), systemd-boot and SYSLINUX's
+# GPT boot code.
+kver=$(cat "$tiny/../kernel-version" 2>/dev/null) || die "no kernel-version next to $tiny (make fixture)"
+kdeb=$(find "$tiny/../../debs" -maxdepth 1 -name "linux-image-${kver}_*.deb" 2>/dev/null | head -n1)
+[[ -n $kdeb ]] || die "the tiny kernel's package linux-image-${kver}_*.deb is not in $tiny/../../debs (make fixture)"
+readonly SDBOOT=/usr/lib/systemd/boot/efi/systemd-bootx64.efi GPTMBR=/usr/lib/syslinux/mbr/gptmbr.bin
+[[ -f $SDBOOT ]] || die "$SDBOOT not found: apt-get install systemd-boot-efi"
+[[ -f $GPTMBR ]] || die "$GPTMBR not found: apt-get install syslinux-common"
 
 mkdir -p "$out"
 root=$(cd "$out" && pwd)
-stamp=$(cat "$deploy" "$0" "$here/carry-tool.sh" "$kernel" "$initrd" | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$deploy" "$0" "$here/carry-tool.sh" "$kernel" "$initrd" "$kdeb" "$SDBOOT" "$GPTMBR" |
+    sha256sum | cut -d' ' -f1)
 final=$root/${stamp:0:16}
 exec 9>"$root/.lock"
 flock 9
@@ -86,6 +105,12 @@ p=$work/payload
 mkdir -p "$p/powercut/ops" "$p/powercut/ext" "$p/mnt" "$p/tmp"
 "$here/carry-tool.sh" "$p" "$deploy" >/dev/null
 cp -a "$tiny" "$p/powercut/rootfs"
+dpkg-deb --fsys-tarfile "$kdeb" | tar -xO "./lib/modules/$kver/kernel/drivers/block/loop.ko" >"$p/powercut/loop.ko" ||
+    die "no loop.ko in $kdeb"
+for f in "$SDBOOT" "$GPTMBR"; do
+    mkdir -p "$p$(dirname "$f")"
+    cp "$f" "$p$f"
+done
 # v2: the same system with one more vendor file in /etc and in /opt.
 v2=$work/v2
 cp -a "$tiny" "$v2"
@@ -126,6 +151,15 @@ OP
 cat >"$p/powercut/ops/keep.sh" <<OP
 $D --version v4 --rootfs /powercut/v2.tar --keep 1 /dev/vda
 OP
+cat >"$p/powercut/ops/hybrid-deploy.sh" <<OP
+$D --version factory --rootfs /powercut/rootfs /dev/vda
+OP
+cat >"$p/powercut/ops/hybrid-upgrade.sh" <<OP
+$D --version v2 --rootfs /powercut/v2.tar /dev/vda
+OP
+cat >"$p/powercut/ops/hybrid-set-default.sh" <<OP
+$D set-default factory /dev/vda
+OP
 cat >"$p/powercut/ops/cleanup.sh" <<'OP'
 # Kill a deploy of v5 while it copies, like a crash of the process.
 deploy --version v5 --rootfs /powercut/rootfs /dev/vda 2>/tmp/v5.err &
@@ -162,6 +196,7 @@ op=
 for arg in $(cat /proc/cmdline); do
     case $arg in powercut.op=*) op=${arg#powercut.op=} ;; esac
 done
+insmod /powercut/loop.ko 2>/dev/null || [ -d /sys/module/loop ] || echo "POWERCUT: cannot load loop.ko"
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
 echo "POWERCUT: start $op"
@@ -178,10 +213,11 @@ chmod 0755 "$p/init"
 cat "$initrd" "$work/payload.cpio" >"$work/initrd.img"
 
 # ------------------------------------------------------------ the runs
-disk=$work/disk.img
-truncate -s "$SIZE" "$disk"
+# The whole-disk operations share one disk, the hybrid ones another.
+truncate -s "$SIZE" "$work/disk.img" "$work/hybrid.img"
 n=0
 for op in "${OPS[@]}"; do
+    case $op in hybrid-*) disk=$work/hybrid.img ;; *) disk=$work/disk.img ;; esac
     n=$((n + 1))
     name=$(printf '%02d-%s' "$n" "$op")
     log "recording $name"

@@ -645,7 +645,11 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
             let range = partition_new_disk(&work_path, new.boot)?;
             let dev =
                 crate::target::loopdev::LoopGuard::attach_range(&work_path, Some(range), false)?;
-            btrfs::mkfs(dev.path(), &new.fs_uuid, FS_LABEL)?;
+            // A loop device over a block device's partition: no trim (it
+            // would zero the whole partition); over an image file the trim
+            // punches holes and keeps it sparse.
+            let discard = plan.kind != TargetKind::BlockDevice;
+            btrfs::mkfs_with(dev.path(), &new.fs_uuid, FS_LABEL, discard)?;
             dev.close()?;
         } else {
             btrfs::mkfs(&work_path, &new.fs_uuid, FS_LABEL)?;

@@ -420,14 +420,27 @@ pub fn is_dirty(disk: &Path, start: u64) -> Result<bool> {
 
 /// Repairs an interrupted FAT partition with `fsck.fat -a` (clusters an
 /// interrupted file write allocated but never linked are freed, the second
-/// FAT and the dirty flag are set right), through a loop device on its
-/// byte range. Returns whether anything was repaired.
+/// FAT, the free cluster count and the dirty flag are set right), through a
+/// loop device on its byte range. A partition whose dirty flag is clear is
+/// first checked read-only (`fsck.fat -n`): a power cut can lose the flag's
+/// own write and keep later ones (the power-cut replay showed a wrong free
+/// cluster count so). Returns whether anything was repaired.
 pub fn repair(disk: &Path, start: u64, size: u64) -> Result<bool> {
-    if !is_dirty(disk, start)? {
-        return Ok(false);
-    }
     crate::util::cmd::require(&[&FSCK_FAT])?;
+    let dirty = is_dirty(disk, start)?;
     let dev = crate::target::loopdev::LoopGuard::attach_range(disk, Some((start, size)), false)?;
+    if !dirty {
+        let mut c = std::process::Command::new(FSCK_FAT.program);
+        c.arg("-n").arg(dev.path());
+        crate::util::cmd::prepare(&mut c);
+        let out = c
+            .output()
+            .with_context(|| format!("starting {} (install dosfstools)", FSCK_FAT.program))?;
+        if out.status.success() {
+            dev.close()?;
+            return Ok(false);
+        }
+    }
     let mut c = std::process::Command::new(FSCK_FAT.program);
     c.args(["-a", "-w"]).arg(dev.path());
     crate::util::cmd::prepare(&mut c);

@@ -9,12 +9,20 @@ use std::path::Path;
 /// Formats `device` (a file or block device) as Btrfs with the given UUID and
 /// filesystem label. btrfs-progs' default features are kept: SYSLINUX 6 boots them.
 pub fn mkfs(device: &Path, uuid: &str, fs_label: &str) -> Result<()> {
+    mkfs_with(device, uuid, fs_label, true)
+}
+
+/// Like [`mkfs`]; without `discard` the device is not trimmed first
+/// (`--nodiscard`): a loop device over a partition of a block device turns
+/// the trim into writing zeros over the whole partition.
+pub fn mkfs_with(device: &Path, uuid: &str, fs_label: &str, discard: bool) -> Result<()> {
     let dev = device.to_string_lossy();
-    cmd::run(
-        "mkfs.btrfs",
-        &["-q", "-f", "-U", uuid, "-L", fs_label, &dev],
-    )
-    .with_context(|| format!("formatting {dev} as Btrfs"))?;
+    let mut args = vec!["-q", "-f", "-U", uuid, "-L", fs_label];
+    if !discard {
+        args.push("--nodiscard");
+    }
+    args.push(&dev);
+    cmd::run("mkfs.btrfs", &args).with_context(|| format!("formatting {dev} as Btrfs"))?;
     Ok(())
 }
 
