@@ -26,8 +26,11 @@ all: build
 deps:
 	@scripts/install-deps.sh build
 
+# The tiny test system, and the Debian 12 system with systemd of
+# tests/trial_debian.rs.
 fixture:
 	@scripts/build-tiny-system.sh $(CACHE)
+	@scripts/build-debian-system.sh $(CACHE)
 
 build: deps
 	cargo build --release
@@ -104,6 +107,7 @@ lint: deps
 test: fixture lint deb deb-chroot
 	@scripts/install-deps.sh test
 	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs DEPLOY_DEB_CHROOT=$(CACHE)/debian12 \
+	  DEPLOY_DEBIAN_ROOTFS=$(CACHE)/debian12-systemd/rootfs \
 	  cargo test --release -- --test-threads=2
 
 bench: build fixture
