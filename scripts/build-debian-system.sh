@@ -16,7 +16,9 @@
 # The system needs no network at boot, has no getty on the serial console
 # (serial-getty@ttyS0 is masked: a getty there hangs up processes writing to
 # ttyS0, which QEMU tests read), no first-boot prompts (systemd-firstboot
-# masked, a machine-id set), and sends the journal to the console too.
+# masked, a machine-id set). systemd's status lines go to the console (the
+# kernel's last console= is ttyS0); units that should be seen there use
+# StandardOutput=journal+console (as the on-device extension's do) or tty.
 # Docs, man pages and locales are left out to keep it small.
 #
 # Idempotent: returns at once when the stamp matches this script (delete the
@@ -75,10 +77,6 @@ ln -sf /dev/null "$tmp/etc/systemd/system/systemd-firstboot.service"
 chroot "$tmp" systemd-machine-id-setup >/dev/null 2>&1 || true
 [ -s "$tmp/etc/machine-id" ] || tr -d - </proc/sys/kernel/random/uuid >"$tmp/etc/machine-id"
 echo debian-systemd >"$tmp/etc/hostname"
-# The journal goes to the console too (what the tests read).
-mkdir -p "$tmp/etc/systemd/journald.conf.d"
-printf '[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=info\n' \
-    >"$tmp/etc/systemd/journald.conf.d/console.conf"
 # Small: no apt lists, docs, man pages or locales.
 chroot "$tmp" apt-get clean
 rm -rf "$tmp"/var/lib/apt/lists/* "$tmp"/usr/share/doc/* "$tmp"/usr/share/man/* \

@@ -42,7 +42,7 @@ step=$(cat /srv/step 2>/dev/null || echo 0)
 root=$(awk '$5 == "/" { print $4 }' /proc/self/mountinfo)
 echo "SCENARIO: step=$step root=$root"
 for u in btrfs-deploy-trial-watch btrfs-deploy-health; do
-    echo "SCENARIO: unit $u: $(systemctl show -p ActiveState,Result,ExecMainStatus --value $u.service | tr '\n' ' ')"
+    echo "SCENARIO: unit $u: $(systemctl show -p Type,ActiveState,Result,ExecMainStatus $u.service | sort | tr '\n' ' ')"
 done
 deploy status
 next() { echo "$1" >/srv/step; sync; }
@@ -109,7 +109,11 @@ fn health_check(tree: &Path, name: &str, script: &str) {
 /// The console text of boot `n` (1-based) in a `--reboots` log.
 fn boot_of(log: &str, n: usize) -> String {
     let parts: Vec<&str> = log.split("---- boot-test: boot ").collect();
-    assert!(parts.len() >= n, "the log has {} boot(s), not {n}:\n{log}", parts.len());
+    assert!(
+        parts.len() >= n,
+        "the log has {} boot(s), not {n}:\n{log}",
+        parts.len()
+    );
     parts[n - 1].to_string()
 }
 
@@ -219,10 +223,15 @@ fn a_debian_device_with_systemd_upgrades_itself_on_trial() {
         "--log",
         log.to_str().unwrap(),
     ]);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // The console carries bytes that are not UTF-8 (terminal control).
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
     assert!(out.status.success(), "scenario failed; console:\n{text}");
     let b = |n| boot_of(&text, n);
-    assert!(b(1).contains("SCENARIO: step=0 root=/systems/factory/run"), "{}", b(1));
+    assert!(
+        b(1).contains("SCENARIO: step=0 root=/systems/factory/run"),
+        "{}",
+        b(1)
+    );
     // 2: v2's trial: trial-watch runs early, the health unit after
     // multi-user.target; its check passes and v2 becomes the default.
     let b2 = b(2);
@@ -230,8 +239,15 @@ fn a_debian_device_with_systemd_upgrades_itself_on_trial() {
     assert!(b2.contains("this boot is the trial of v2"), "{b2}");
     assert!(b2.contains("V2: healthy"), "{b2}");
     assert!(b2.contains("v2 is now the default"), "{b2}");
+    // Both units ran under systemd, and the health unit succeeded.
     assert!(
-        b2.contains("unit btrfs-deploy-health: inactive success 0"),
+        b2.contains(
+            "unit btrfs-deploy-health: ActiveState=inactive ExecMainStatus=0 Result=success Type=oneshot"
+        ),
+        "{b2}"
+    );
+    assert!(
+        b2.contains("unit btrfs-deploy-trial-watch: ActiveState=inactive ExecMainStatus=0 Result=success Type=notify"),
         "{b2}"
     );
     // 3: v2 is the default; status says its trial was good.

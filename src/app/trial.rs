@@ -83,6 +83,29 @@ fn ended_this_boot() -> bool {
     std::fs::read_to_string(ENDED_MARK).is_ok_and(|s| s.trim() == boot_id())
 }
 
+/// Tells systemd that the last trial is settled (`Type=notify`: units
+/// ordered after `btrfs-deploy-trial-watch.service` see the settled record,
+/// and a trial boot's record says "booted" before the health checks run).
+/// Nothing when not started by systemd (no `NOTIFY_SOCKET`).
+fn notify_ready() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|s| match socket.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            s.send_to_addr(b"READY=1", &addr)
+        }
+        None => s.send_to(b"READY=1", Path::new(&socket)),
+    });
+    if let Err(e) = sent {
+        tracing::warn!("telling systemd that trial-watch is ready ({socket:?}): {e}");
+    }
+}
+
 /// Reboots now (onto the default: the one-shot boot is used). The outcome
 /// is committed before this is called.
 fn reboot() -> Result<()> {
@@ -146,6 +169,7 @@ pub fn watch(timeout_opt: Option<u64>) -> Result<()> {
             r.cmdline_trial.as_deref(),
         )
     })?;
+    notify_ready();
     let t = match finding {
         BootFinding::None => {
             outln!("trial-watch: no trial is open");
@@ -219,7 +243,10 @@ fn health_checks(dir: &Path) -> Result<Vec<PathBuf>> {
         if m.is_file() && m.permissions().mode() & 0o111 != 0 {
             out.push(e.path());
         } else {
-            ui::detail(format!("{} is not an executable file: skipped", e.path().display()));
+            ui::detail(format!(
+                "{} is not an executable file: skipped",
+                e.path().display()
+            ));
         }
     }
     out.sort();
@@ -293,7 +320,13 @@ pub fn health(timeout_opt: Option<u64>, no_reboot: bool) -> Result<()> {
         match trial::open(top)?.filter(|t| t.version == r.label) {
             Some(t) => {
                 let fallback = t.fallback.clone();
-                lifecycle::end_trial(top, &disk.boot(), &disk.fs_uuid()?, t, Some(failure.clone()))?;
+                lifecycle::end_trial(
+                    top,
+                    &disk.boot(),
+                    &disk.fs_uuid()?,
+                    t,
+                    Some(failure.clone()),
+                )?;
                 Ok(Some(fallback))
             }
             None => Ok(None),
