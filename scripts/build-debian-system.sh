@@ -14,8 +14,8 @@
 #                                       downloads nothing)
 #
 # The system needs no network at boot, has no getty on the serial console
-# (serial-getty@ttyS0 is masked: a getty there hangs up processes writing to
-# ttyS0, which QEMU tests read), no first-boot prompts (systemd-firstboot
+# (serial-getty@ttyS0 and getty.target are masked: a getty there hangs up
+# processes writing to ttyS0, which QEMU tests read), no first-boot prompts (systemd-firstboot
 # masked, a machine-id set). systemd's status lines go to the console (the
 # kernel's last console= is ttyS0); units that should be seen there use
 # StandardOutput=journal+console (as the on-device extension's do) or tty.
@@ -71,8 +71,10 @@ chroot "$tmp" update-initramfs -c -k "$kver" >&2 2>/dev/null ||
 chroot "$tmp" lsinitramfs "/boot/initrd.img-$kver" | grep 'btrfs\.ko' >/dev/null ||
     die "the initramfs of $kver has no btrfs module"
 
-# No getty on the serial console, no first-boot prompts, a machine-id.
+# No getty on the serial console (nor on the unused virtual consoles), no
+# first-boot prompts, a machine-id.
 ln -sf /dev/null "$tmp/etc/systemd/system/serial-getty@ttyS0.service"
+ln -sf /dev/null "$tmp/etc/systemd/system/getty.target"
 ln -sf /dev/null "$tmp/etc/systemd/system/systemd-firstboot.service"
 chroot "$tmp" systemd-machine-id-setup >/dev/null 2>&1 || true
 [ -s "$tmp/etc/machine-id" ] || tr -d - </proc/sys/kernel/random/uuid >"$tmp/etc/machine-id"

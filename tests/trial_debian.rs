@@ -175,7 +175,9 @@ fn a_debian_device_with_systemd_upgrades_itself_on_trial() {
     let h = host.to_str().unwrap();
     let key = p("vendor");
     run_ok(&["keygen", "--output", key.to_str().unwrap()]);
-    for v in ["v2", "v3"] {
+    // Build numbers in order (the default, the time in seconds, may be
+    // the same for both).
+    for (v, build) in [("v2", "2"), ("v3", "3")] {
         run_ok(&["--version", v, "--rootfs", p(v).to_str().unwrap(), h]);
         let bundle = p(&format!("{v}.bundle"));
         run_ok(&[
@@ -190,6 +192,8 @@ fn a_debian_device_with_systemd_upgrades_itself_on_trial() {
             p("vendor.key").to_str().unwrap(),
             "--output",
             bundle.to_str().unwrap(),
+            "--build",
+            build,
         ]);
     }
     // The updates, downloaded onto the device's /srv (its data, in /state).
