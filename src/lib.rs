@@ -188,10 +188,7 @@ pub fn run(cli: Cli) -> Result<()> {
             mount::enter_private_namespace()?;
             app::trial::watch(timeout)
         }
-        Some(Command::Health {
-            timeout,
-            no_reboot,
-        }) => {
+        Some(Command::Health { timeout, no_reboot }) => {
             mount::enter_private_namespace()?;
             app::trial::health(timeout, no_reboot)
         }

@@ -64,17 +64,36 @@ fn a_trial_prepared_on_an_image_arms_one_boot_and_keeps_the_default() {
     assert!(!img.exists());
     run_ok(&["--boot", "bios", "--rootfs", r, i]);
     run_fails(
-        &["--version", "v2", "--trial", "--no-default", "--rootfs", r, i],
+        &[
+            "--version",
+            "v2",
+            "--trial",
+            "--no-default",
+            "--rootfs",
+            r,
+            i,
+        ],
         2,
         &["--trial and --no-default"],
     );
     let before = image_bytes(&img);
     run_fails(
-        &["--version", "v2", "--trial", "--no-bootloader", "--rootfs", r, i],
+        &[
+            "--version",
+            "v2",
+            "--trial",
+            "--no-bootloader",
+            "--rootfs",
+            r,
+            i,
+        ],
         1,
         &["--no-bootloader"],
     );
-    assert!(image_bytes(&img) == before, "a refused --trial changed the image");
+    assert!(
+        image_bytes(&img) == before,
+        "a refused --trial changed the image"
+    );
 
     run_ok(&["--version", "v2", "--trial", "--rootfs", r, i]);
     let st = status_json(&img);
@@ -127,7 +146,10 @@ fn a_trial_prepared_on_an_image_arms_one_boot_and_keeps_the_default() {
         1,
         &["--trial needs a boot loader that can boot a version once"],
     );
-    assert!(image_bytes(&uefi) == before, "a refused --trial changed the image");
+    assert!(
+        image_bytes(&uefi) == before,
+        "a refused --trial changed the image"
+    );
 }
 
 /// A tiny rootfs variant for the device scenario: the tiny system plus
@@ -186,7 +208,11 @@ fn add_softdog(tree: &Path) {
         debs.display()
     ));
     let x = tempfile::tempdir().unwrap();
-    sh(&format!("dpkg-deb -x {} {}", deb.trim(), x.path().display()));
+    sh(&format!(
+        "dpkg-deb -x {} {}",
+        deb.trim(),
+        x.path().display()
+    ));
     let m = tree.join("lib/wd");
     std::fs::create_dir_all(&m).unwrap();
     sh(&format!(
@@ -208,8 +234,18 @@ fn tar(tree: &Path, out: &Path) {
 /// initramfs started, then kills QEMU: a power cut during the trial boot.
 fn cut_power_during_the_trial_boot(img: &Path, label: &str) -> String {
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "512", "-no-reboot", "-display", "none"])
-        .args(["-vga", "none", "-nic", "none", "-monitor", "none", "-serial", "stdio"])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .args([
+            "-vga", "none", "-nic", "none", "-monitor", "none", "-serial", "stdio",
+        ])
         .arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", img.display()))
         .stdin(Stdio::null())
@@ -221,8 +257,14 @@ fn cut_power_during_the_trial_boot(img: &Path, label: &str) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(out).split(b'\n').map_while(Result::ok) {
-            if tx.send(String::from_utf8_lossy(&line).into_owned()).is_err() {
+        for line in std::io::BufReader::new(out)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
                 break;
             }
         }
@@ -252,7 +294,11 @@ fn cut_power_during_the_trial_boot(img: &Path, label: &str) -> String {
 /// The console text of boot `n` (1-based) in a `--reboots` log.
 fn boot_of(log: &str, n: usize) -> String {
     let parts: Vec<&str> = log.split("---- boot-test: boot ").collect();
-    assert!(parts.len() >= n, "the log has {} boot(s), not {n}:\n{log}", parts.len());
+    assert!(
+        parts.len() >= n,
+        "the log has {} boot(s), not {n}:\n{log}",
+        parts.len()
+    );
     parts[n - 1].to_string()
 }
 
@@ -279,7 +325,10 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
             "v4" => {
                 let h = t.join("etc/btrfs-deploy/health.d/10-app-answers");
                 std::fs::create_dir_all(h.parent().unwrap()).unwrap();
-                write(&h, b"#!/bin/sh\necho 'V4: the app does not answer'\nexit 1\n");
+                write(
+                    &h,
+                    b"#!/bin/sh\necho 'V4: the app does not answer'\nexit 1\n",
+                );
                 chmod(&h, 0o755);
             }
             // The boot hangs before the tool runs, with a watchdog open
@@ -347,34 +396,58 @@ fn a_device_upgrades_itself_on_trial_and_falls_back_by_itself() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(out.status.success(), "scenario failed; console:\n{text}");
     let b = |n| boot_of(&text, n);
-    assert!(b(1).contains("SCENARIO: step=0 root=/systems/factory/run"), "{}", b(1));
+    assert!(
+        b(1).contains("SCENARIO: step=0 root=/systems/factory/run"),
+        "{}",
+        b(1)
+    );
     // 2: v2 on trial passes (no health checks = healthy) and is committed.
     assert!(b(2).contains("this boot is the trial of v2"), "{}", b(2));
     assert!(b(2).contains("v2 is now the default"), "{}", b(2));
-    assert!(b(2).contains("SCENARIO: step=1 root=/systems/v2/run"), "{}", b(2));
+    assert!(
+        b(2).contains("SCENARIO: step=1 root=/systems/v2/run"),
+        "{}",
+        b(2)
+    );
     // 3: v3 panics; 4: back on v2, which records it.
     assert!(b(3).contains("V3: init exits"), "{}", b(3));
-    assert!(b(4).contains("SCENARIO: step=2 root=/systems/v2/run"), "{}", b(4));
+    assert!(
+        b(4).contains("SCENARIO: step=2 root=/systems/v2/run"),
+        "{}",
+        b(4)
+    );
     assert!(b(4).contains("Last trial: v3: failed at"), "{}", b(4));
     assert!(b(4).contains(": panic: "), "{}", b(4));
     // 5: v4's health check fails: recorded, rebooted; 6: on v2.
     assert!(b(5).contains("V4: the app does not answer"), "{}", b(5));
-    assert!(b(6).contains("SCENARIO: step=3 root=/systems/v2/run"), "{}", b(6));
     assert!(
-        b(6).contains("Last trial: v4: failed at") && b(6).contains("health check 10-app-answers (exit status: 1)"),
+        b(6).contains("SCENARIO: step=3 root=/systems/v2/run"),
+        "{}",
+        b(6)
+    );
+    assert!(
+        b(6).contains("Last trial: v4: failed at")
+            && b(6).contains("health check 10-app-answers (exit status: 1)"),
         "{}",
         b(6)
     );
     // 7: v5 hangs; the watchdog resets it; 8: on v2.
     assert!(b(7).contains("V5: hangs"), "{}", b(7));
-    assert!(b(8).contains("SCENARIO: step=4 root=/systems/v2/run"), "{}", b(8));
+    assert!(
+        b(8).contains("SCENARIO: step=4 root=/systems/v2/run"),
+        "{}",
+        b(8)
+    );
     assert!(b(8).contains("Last trial: v5: failed at"), "{}", b(8));
     assert!(b(8).contains("Failed:   v3, v4, v5"), "{}", b(8));
 
     // A power cut during the trial boot of v6: the next boot is v2's.
     cut_power_during_the_trial_boot(&img, "v6");
     let console = boot_kept(&img);
-    assert!(console.contains("SCENARIO: step=5 root=/systems/v2/run"), "{console}");
+    assert!(
+        console.contains("SCENARIO: step=5 root=/systems/v2/run"),
+        "{console}"
+    );
     assert!(console.contains("Last trial: v6: failed at"), "{console}");
     let st = status_json(&img);
     assert_eq!(st["default"], "v2", "{st}");
@@ -396,11 +469,20 @@ fn a_uefi_trial_that_panics_falls_back_by_itself() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("hybrid.img");
     let i = img.to_str().unwrap();
-    run_ok(&["--boot", "hybrid", "--rootfs", tiny_rootfs().to_str().unwrap(), i]);
+    run_ok(&[
+        "--boot",
+        "hybrid",
+        "--rootfs",
+        tiny_rootfs().to_str().unwrap(),
+        i,
+    ]);
     let v2 = d.path().join("v2");
     std::fs::create_dir(&v2).unwrap();
     copy_tree(&tiny_rootfs(), &v2);
-    write(&v2.join("sbin/init"), b"#!/bin/sh\necho 'V2: init exits'\nexit 1\n");
+    write(
+        &v2.join("sbin/init"),
+        b"#!/bin/sh\necho 'V2: init exits'\nexit 1\n",
+    );
     chmod(&v2.join("sbin/init"), 0o755);
     run_ok(&[
         "--version",
@@ -433,7 +515,10 @@ fn a_uefi_trial_that_panics_falls_back_by_itself() {
     ]);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(boot_of(&text, 1).contains("V2: init exits"), "{text}");
-    assert!(boot_of(&text, 1).contains("btrfs_deploy.trial=v2"), "{text}");
+    assert!(
+        boot_of(&text, 1).contains("btrfs_deploy.trial=v2"),
+        "{text}"
+    );
     assert_layout_mounted(&boot_of(&text, 2), "factory");
     // And it stays there.
     let console = boot_console_with(&img, None, Some("uefi"));

@@ -707,7 +707,10 @@ fn check_bootloader(top: &Layout, versions: &[VersionInfo], fs_uuid: &str) -> Ve
         .filter_map(|l| l.strip_prefix("# include "))
         .map(|l| format!("included file {l}"))
         .collect();
-    let trial = crate::store::trial::open(top).ok().flatten().map(|t| t.version);
+    let trial = crate::store::trial::open(top)
+        .ok()
+        .flatten()
+        .map(|t| t.version);
     problems.extend(boot_config_problems(
         &conf,
         fs_uuid,
@@ -791,7 +794,11 @@ pub fn boot_config_problems(
     let mut entries = parse_entries(conf);
     let mut problems = Vec::new();
     let trial_label = crate::store::trial::MENU_LABEL;
-    let trial_entries: Vec<_> = entries.iter().filter(|e| e.label == trial_label).cloned().collect();
+    let trial_entries: Vec<_> = entries
+        .iter()
+        .filter(|e| e.label == trial_label)
+        .cloned()
+        .collect();
     entries.retain(|e| e.label != trial_label);
     match (trial, trial_entries.as_slice()) {
         (None, []) => {}
@@ -1021,7 +1028,11 @@ mod tests {
         let conf = crate::boot::extlinux::render(UUID, &entries, Some(&t)).unwrap();
         let conf = format!("{conf}\nlabel default\n  kernel /systems/default/kernel\n  append root=UUID={UUID} rootflags=subvol=systems/default/run\n");
         let l = labels(&["factory", "v2"]);
-        assert!(boot_config_problems(&conf, UUID, &l, Some("v2")).is_empty(), "{:?}", boot_config_problems(&conf, UUID, &l, Some("v2")));
+        assert!(
+            boot_config_problems(&conf, UUID, &l, Some("v2")).is_empty(),
+            "{:?}",
+            boot_config_problems(&conf, UUID, &l, Some("v2"))
+        );
         assert_eq!(
             boot_config_problems(&conf, UUID, &l, None),
             ["a `label trial` entry, but no trial is open (run deploy cleanup)"]

@@ -269,7 +269,13 @@ impl Backend for SystemdBoot {
         true
     }
 
-    fn arm_trial(&self, _top: &Layout, fs_uuid: &str, trial: &Entry, fallback: &Entry) -> Result<()> {
+    fn arm_trial(
+        &self,
+        _top: &Layout,
+        fs_uuid: &str,
+        trial: &Entry,
+        fallback: &Entry,
+    ) -> Result<()> {
         self.with_esp(|fat| {
             for e in fat.list(ENTRIES_DIR)? {
                 if is_trial_pair(&e.name) {
@@ -278,10 +284,18 @@ impl Backend for SystemdBoot {
             }
             let title = format!("{} (btrfs-deploy: default)", fallback.label);
             let conf = render_special(fs_uuid, fallback, &title, "btrfs-deploy-next-2");
-            Self::write_file(fat, &format!("{ENTRIES_DIR}/{FALLBACK_ENTRY}.conf"), conf.as_bytes())?;
+            Self::write_file(
+                fat,
+                &format!("{ENTRIES_DIR}/{FALLBACK_ENTRY}.conf"),
+                conf.as_bytes(),
+            )?;
             let title = format!("{} (btrfs-deploy: trial)", trial.label);
             let conf = render_special(fs_uuid, trial, &title, "btrfs-deploy-next-1");
-            Self::write_file(fat, &format!("{ENTRIES_DIR}/{TRIAL_ENTRY}+1-0.conf"), conf.as_bytes())?;
+            Self::write_file(
+                fat,
+                &format!("{ENTRIES_DIR}/{TRIAL_ENTRY}+1-0.conf"),
+                conf.as_bytes(),
+            )?;
             // Both entries are complete before anything selects them.
             Self::write_loader_conf(fat, &loader_conf_for(TRIAL_PATTERN))
         })
@@ -289,17 +303,20 @@ impl Backend for SystemdBoot {
 
     fn trial_armed(&self, _top: &Layout) -> Result<bool> {
         let fat = self.open(false)?;
-        let armed = fat
-            .list(ENTRIES_DIR)?
-            .iter()
-            .any(|e| e.name.eq_ignore_ascii_case(&format!("{TRIAL_ENTRY}+1-0.conf")));
+        let armed = fat.list(ENTRIES_DIR)?.iter().any(|e| {
+            e.name
+                .eq_ignore_ascii_case(&format!("{TRIAL_ENTRY}+1-0.conf"))
+        });
         fat.close()?;
         Ok(armed)
     }
 
     fn disarm_trial(&self, top: &Layout) -> Result<()> {
         let fat = self.open(false)?;
-        let pair = fat.list(ENTRIES_DIR)?.iter().any(|e| is_trial_pair(&e.name));
+        let pair = fat
+            .list(ENTRIES_DIR)?
+            .iter()
+            .any(|e| is_trial_pair(&e.name));
         let conf = fat.read(LOADER_CONF)?;
         fat.close()?;
         let pattern = conf

@@ -346,15 +346,7 @@ pub fn qemu_args(opts: &BootTestOptions, accel: Accel) -> Vec<String> {
     }
     args.extend(
         [
-            "-display",
-            "none",
-            "-vga",
-            "none",
-            "-nic",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
+            "-display", "none", "-vga", "none", "-nic", "none", "-monitor", "none", "-serial",
             "stdio",
         ]
         .map(String::from),
@@ -1313,9 +1305,14 @@ mod tests {
         };
         let args = qemu_args(&opts, Accel::Tcg).join(" ");
         assert!(!args.contains("-no-reboot"), "{args}");
-        assert!(args.contains("-device i6300esb -action watchdog=reset"), "{args}");
+        assert!(
+            args.contains("-device i6300esb -action watchdog=reset"),
+            "{args}"
+        );
         let start = Regex::new(BOOT_START).unwrap();
-        assert!(start.is_match("SYSLINUX 6.04 20210613 Copyright (C) 1994-2015 H. Peter Anvin et al"));
+        assert!(
+            start.is_match("SYSLINUX 6.04 20210613 Copyright (C) 1994-2015 H. Peter Anvin et al")
+        );
         assert!(!start.is_match("TINY-HOOK: SYSLINUX 6"));
     }
 
@@ -1355,12 +1352,18 @@ mod tests {
     #[test]
     fn decides_fail_on_panic_and_extra_patterns_before_expect() {
         let m = matcher("TINY", &["^TINY-INITRAMFS: FAILED"]);
-        match m.check_line("[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs", true) {
+        match m.check_line(
+            "[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs",
+            true,
+        ) {
             Decision::Fail(r) => assert!(r.starts_with("kernel panic: "), "{r}"),
             other => panic!("expected a failure, got {other:?}"),
         }
         // The line matches expect too, but the fatal pattern wins.
-        match m.check_line("TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)", true) {
+        match m.check_line(
+            "TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)",
+            true,
+        ) {
             Decision::Fail(r) => assert_eq!(
                 r,
                 "fatal console output: TINY-INITRAMFS: FAILED: root device UUID=x not found (vda)"

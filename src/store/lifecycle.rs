@@ -325,7 +325,10 @@ pub fn cleanup(top: &Layout, boot: &Boot, fs_uuid: &str) -> Result<Vec<String>> 
             t.state = State::Armed;
             trial::save(top, &t)?;
         } else {
-            ui::step(format!("Ending the trial of {}: its arming was interrupted", t.version));
+            ui::step(format!(
+                "Ending the trial of {}: its arming was interrupted",
+                t.version
+            ));
             end_trial(top, boot, fs_uuid, t, Some(Failure::Interrupted))?;
         }
     }

@@ -285,7 +285,10 @@ mod tests {
             status: "exit status 1".into(),
         }));
         let text = serde_json::to_string(&t).unwrap();
-        assert!(text.contains(r#""failure":{"kind":"health","check":"10-net""#), "{text}");
+        assert!(
+            text.contains(r#""failure":{"kind":"health","check":"10-net""#),
+            "{text}"
+        );
         let back: Trial = serde_json::from_str(&text).unwrap();
         assert_eq!(back, t);
         assert!(t.describe().contains("v3: failed at"), "{}", t.describe());
