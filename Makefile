@@ -26,9 +26,12 @@ all: build
 deps:
 	@scripts/install-deps.sh build
 
+# The tiny test systems (amd64, arm64), and the Debian 12 system with systemd of
+# tests/trial_debian.rs.
 fixture:
 	@scripts/build-tiny-system.sh $(CACHE)
 	@scripts/build-tiny-system.sh $(CACHE) arm64
+	@scripts/build-debian-system.sh $(CACHE)
 
 build: deps
 	cargo build --release
@@ -106,6 +109,7 @@ test: fixture lint deb deb-chroot
 	@scripts/install-deps.sh test
 	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs DEPLOY_DEB_CHROOT=$(CACHE)/debian12 \
 	  DEPLOY_TINY_ARM64_ROOTFS=$(CACHE)/tiny-arm64/rootfs \
+	  DEPLOY_DEBIAN_ROOTFS=$(CACHE)/debian12-systemd/rootfs \
 	  cargo test --release -- --test-threads=2
 
 bench: build fixture

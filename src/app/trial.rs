@@ -83,6 +83,34 @@ fn ended_this_boot() -> bool {
     std::fs::read_to_string(ENDED_MARK).is_ok_and(|s| s.trim() == boot_id())
 }
 
+/// Tells systemd that the last trial is settled (`Type=notify`: units
+/// ordered after `btrfs-deploy-trial-watch.service` see the settled record,
+/// and a trial boot's record says "booted" before the health checks run).
+/// Nothing when not started by systemd (no `NOTIFY_SOCKET`).
+fn notify_ready() {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    if let Err(e) = send_ready(&socket) {
+        tracing::warn!("telling systemd that trial-watch is ready ({socket:?}): {e}");
+    }
+}
+
+/// Sends `READY=1` to a notification socket: a path, or `@name` (abstract).
+fn send_ready(socket: &std::ffi::OsStr) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let s = UnixDatagram::unbound()?;
+    match socket.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            s.send_to_addr(b"READY=1", &addr).map(|_| ())
+        }
+        None => s.send_to(b"READY=1", Path::new(socket)).map(|_| ()),
+    }
+}
+
 /// Reboots now (onto the default: the one-shot boot is used). The outcome
 /// is committed before this is called.
 fn reboot() -> Result<()> {
@@ -146,6 +174,7 @@ pub fn watch(timeout_opt: Option<u64>) -> Result<()> {
             r.cmdline_trial.as_deref(),
         )
     })?;
+    notify_ready();
     let t = match finding {
         BootFinding::None => {
             outln!("trial-watch: no trial is open");
@@ -327,4 +356,36 @@ pub fn health(timeout_opt: Option<u64>, no_reboot: bool) -> Result<()> {
         message: format!("the trial of {} failed: {failure}", r.label),
     }
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    fn received(sock: &UnixDatagram) -> String {
+        let mut buf = [0u8; 64];
+        let n = sock.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn tells_systemd_it_is_ready_on_a_path_or_an_abstract_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        send_ready(path.as_os_str()).unwrap();
+        assert_eq!(received(&sock), "READY=1");
+
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("btrfs-deploy-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let sock = UnixDatagram::bind_addr(&addr).unwrap();
+        send_ready(std::ffi::OsStr::new(&format!("@{name}"))).unwrap();
+        assert_eq!(received(&sock), "READY=1");
+
+        // Nobody listening: an error (trial-watch warns and goes on).
+        let gone = d.path().join("gone");
+        assert!(send_ready(gone.as_os_str()).is_err());
+    }
 }
