@@ -145,6 +145,7 @@ fn make_install_into_destdir_and_uninstall() {
             "hostname",
             "install-files",
             "network",
+            "on-device",
             "ssh-keys",
             "systemd-units",
             "users"
