@@ -228,6 +228,18 @@ impl FatPartition {
         self.write_from(path, &mut &data[..]).map(drop)
     }
 
+    /// Replaces `path` with `data` so that a power cut leaves the old or the
+    /// new file: written under `<path>.tmp`, synced, renamed over `path`,
+    /// synced (`cleanup` removes a `.tmp` an interruption left).
+    pub fn replace(&self, path: &str, data: &[u8]) -> Result<()> {
+        let tmp = format!("{path}{TMP_SUFFIX}");
+        self.write(&tmp, data)?;
+        self.sync()?;
+        self.remove_all(path)?;
+        self.rename(&tmp, path)?;
+        self.sync()
+    }
+
     /// Streams `src` (a host file) to `path`.
     pub fn copy_from(&self, path: &str, src: &Path) -> Result<u64> {
         let mut f = File::open(src).with_context(|| format!("opening {}", src.display()))?;
@@ -470,6 +482,29 @@ pub const MTOOLS: crate::util::cmd::Tool = crate::util::cmd::Tool {
     program: "mmd",
     package: "mtools",
 };
+
+/// Makes the directories `dirs` (parents first) where missing on the FAT
+/// partition at byte range `part` of `disk`, then runs `f` on it opened for
+/// writing, and closes (and syncs) it after.
+pub fn with_dirs<T>(
+    disk: &Path,
+    part: (u64, u64),
+    dirs: &[&str],
+    f: impl FnOnce(&FatPartition) -> Result<T>,
+) -> Result<T> {
+    let fat = FatPartition::open(disk, part.0, part.1, false)?;
+    let missing = fat.missing_dirs(dirs)?;
+    fat.close()?;
+    make_dirs(disk, part.0, &missing)?;
+    let fat = FatPartition::open(disk, part.0, part.1, true)?;
+    let v = f(&fat)?;
+    fat.close()?;
+    Ok(v)
+}
+
+/// Suffix of the temporary name a file is written under before it is
+/// renamed into place ([`FatPartition::replace`]).
+pub const TMP_SUFFIX: &str = ".tmp";
 
 /// Makes directories `dirs` (in order: parents first) on the FAT partition
 /// starting `start` bytes into `disk`, with mtools' `mmd`. Call with no

@@ -76,7 +76,7 @@ pub const DTBS: &str = ".dtbs";
 const MENU_PREFIX: &str = "menu-";
 const MENU_SUFFIX: &str = ".conf";
 /// Suffix of files being written.
-const TMP: &str = ".tmp";
+const TMP: &str = super::fat::TMP_SUFFIX;
 /// Room for directory entries and the menu, on top of a version's files.
 const ENTRY_OVERHEAD: u64 = 64 << 10;
 /// U-Boot's menu timeout, in tenths of a second.
@@ -302,19 +302,12 @@ impl UBoot {
         dirs: &[String],
         f: impl FnOnce(&FatPartition) -> Result<T>,
     ) -> Result<T> {
-        let fat = self.open(false)?;
         let want: Vec<&str> = DIRS
             .iter()
             .copied()
             .chain(dirs.iter().map(String::as_str))
             .collect();
-        let missing = fat.missing_dirs(&want)?;
-        fat.close()?;
-        super::fat::make_dirs(&self.disk, self.part.0, &missing)?;
-        let fat = self.open(true)?;
-        let v = f(&fat)?;
-        fat.close()?;
-        Ok(v)
+        super::fat::with_dirs(&self.disk, self.part, &want, f)
     }
 
     fn require_free(&self, fat: &FatPartition, label: &str, need: u64) -> Result<()> {
@@ -355,14 +348,10 @@ impl UBoot {
         let conf = render_conf(default, menu)?;
         if fat.file_len(CONF)? == Some(CONF_SIZE as u64) {
             fat.overwrite_in_place(CONF, &conf)?;
+            fat.sync()
         } else {
-            let tmp = format!("{CONF}{TMP}");
-            fat.write(&tmp, &conf)?;
-            fat.sync()?;
-            fat.remove_all(CONF)?;
-            fat.rename(&tmp, CONF)?;
+            fat.replace(CONF, &conf)
         }
-        fat.sync()
     }
 
     /// Copies the version file or directory `src` to `btrfs-deploy/<name>`
@@ -507,12 +496,7 @@ impl Backend for UBoot {
         let image = script_image(TRIAL_SCRIPT);
         self.with_part(&[], |fat| {
             if fat.read(SCRIPT)?.as_deref() != Some(image.as_slice()) {
-                let tmp = format!("{SCRIPT}{TMP}");
-                fat.write(&tmp, &image)?;
-                fat.sync()?;
-                fat.remove_all(SCRIPT)?;
-                fat.rename(&tmp, SCRIPT)?;
-                fat.sync()?;
+                fat.replace(SCRIPT, &image)?;
             }
             Ok(())
         })
@@ -537,12 +521,7 @@ impl Backend for UBoot {
                     self.disk.display()
                 );
             }
-            let tmp = format!("{TRIAL_CONF}{TMP}");
-            fat.write(&tmp, text.as_bytes())?;
-            fat.sync()?;
-            fat.remove_all(TRIAL_CONF)?;
-            fat.rename(&tmp, TRIAL_CONF)?;
-            fat.sync()?;
+            fat.replace(TRIAL_CONF, text.as_bytes())?;
             // The mark last: only a complete trial menu is ever booted.
             fat.write(TRIAL_ONCE, b"")?;
             fat.sync()

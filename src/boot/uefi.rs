@@ -70,7 +70,7 @@ pub const ESP_DIRS: [&str; 5] = ["EFI", "EFI/BOOT", "loader", ENTRIES_DIR, VERSI
 /// Size of `loader.conf`: one sector, so switching the default is one sector write.
 pub const LOADER_CONF_SIZE: usize = 512;
 /// Suffix of files being written.
-const TMP: &str = ".tmp";
+const TMP: &str = super::fat::TMP_SUFFIX;
 /// Hex digits of a boot file's SHA-256 in its name on the ESP.
 const HASH_DIGITS: usize = 16;
 /// Room for directory entries and the entry file of a version, on top of its files.
@@ -237,14 +237,7 @@ impl SystemdBoot {
     /// Runs `f` on the ESP opened for writing, closing (and syncing) it
     /// after. Its directories are made first where missing.
     fn with_esp<T>(&self, f: impl FnOnce(&FatPartition) -> Result<T>) -> Result<T> {
-        let fat = self.open(false)?;
-        let missing = fat.missing_dirs(&ESP_DIRS)?;
-        fat.close()?;
-        super::fat::make_dirs(&self.disk, self.esp.0, &missing)?;
-        let fat = self.open(true)?;
-        let v = f(&fat)?;
-        fat.close()?;
-        Ok(v)
+        super::fat::with_dirs(&self.disk, self.esp, &ESP_DIRS, f)
     }
 
     /// Fails with a clear message when `need` bytes do not fit.
@@ -354,22 +347,12 @@ impl SystemdBoot {
 }
 
 impl SystemdBoot {
-    /// Writes `data` to `path` on the ESP: temp name, sync, rename, sync.
-    fn write_file(fat: &FatPartition, path: &str, data: &[u8]) -> Result<()> {
-        let tmp = format!("{path}{TMP}");
-        fat.write(&tmp, data)?;
-        fat.sync()?;
-        fat.remove_all(path)?;
-        fat.rename(&tmp, path)?;
-        fat.sync()
-    }
-
     /// Rewrites `loader.conf` (one sector, in place when it has its size).
     fn write_loader_conf(fat: &FatPartition, conf: &[u8]) -> Result<()> {
         if fat.file_len(LOADER_CONF)? == Some(LOADER_CONF_SIZE as u64) {
             fat.overwrite_in_place(LOADER_CONF, conf)
         } else {
-            Self::write_file(fat, LOADER_CONF, conf)
+            fat.replace(LOADER_CONF, conf)
         }
     }
 }
@@ -415,15 +398,13 @@ impl Backend for SystemdBoot {
                 &title,
                 "btrfs-deploy-next-2",
             );
-            Self::write_file(
-                fat,
+            fat.replace(
                 &format!("{ENTRIES_DIR}/{FALLBACK_ENTRY}.conf"),
                 conf.as_bytes(),
             )?;
             let title = format!("{} (btrfs-deploy: trial)", trial.label);
             let conf = render_special(fs_uuid, trial, &trial_files, &title, "btrfs-deploy-next-1");
-            Self::write_file(
-                fat,
+            fat.replace(
                 &format!("{ENTRIES_DIR}/{TRIAL_ENTRY}+1-0.conf"),
                 conf.as_bytes(),
             )?;
@@ -514,12 +495,7 @@ impl Backend for SystemdBoot {
                 }
                 let conf = render_entry(fs_uuid, e, &names);
                 if current.as_deref() != Some(conf.as_str()) {
-                    let tmp = format!("{path}{TMP}");
-                    fat.write(&tmp, conf.as_bytes())?;
-                    fat.sync()?;
-                    fat.remove_all(&path)?;
-                    fat.rename(&tmp, &path)?;
-                    fat.sync()?;
+                    fat.replace(&path, conf.as_bytes())?;
                 }
             }
             Ok(())
