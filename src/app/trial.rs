@@ -161,6 +161,23 @@ pub fn mark_good(target: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Ends the open trial of the running version as `failure` (only once it
+/// is `booted` when `booted_only`); returns its fallback, or `None` when
+/// there was no such trial (it had ended already).
+fn fail_running_trial(r: &Running, failure: Failure, booted_only: bool) -> Result<Option<String>> {
+    with_disk(&r.disk, false, |disk| {
+        let top = &disk.layout;
+        let open = trial::open(top)?
+            .filter(|t| t.version == r.label && (!booted_only || t.state == State::Booted));
+        let Some(t) = open else {
+            return Ok(None);
+        };
+        let fallback = t.fallback.clone();
+        lifecycle::end_trial(top, &disk.boot(), &disk.fs_uuid()?, t, Some(failure))?;
+        Ok(Some(fallback))
+    })
+}
+
 /// `deploy trial-watch`.
 pub fn watch(timeout_opt: Option<u64>) -> Result<()> {
     let r = running("trial-watch")?;
@@ -201,22 +218,7 @@ pub fn watch(timeout_opt: Option<u64>) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let timed_out = with_disk(&r.disk, false, |disk| {
-        let top = &disk.layout;
-        match trial::open(top)?.filter(|t| t.version == r.label && t.state == State::Booted) {
-            Some(t) => {
-                lifecycle::end_trial(
-                    top,
-                    &disk.boot(),
-                    &disk.fs_uuid()?,
-                    t,
-                    Some(Failure::Timeout { seconds: limit }),
-                )?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    })?;
+    let timed_out = fail_running_trial(&r, Failure::Timeout { seconds: limit }, true)?.is_some();
     if timed_out {
         errln!(
             "trial-watch: the trial of {} did not pass its health checks within {limit} s: failed",
@@ -320,23 +322,7 @@ pub fn health(timeout_opt: Option<u64>, no_reboot: bool) -> Result<()> {
         );
         return mark_good(None);
     };
-    let ended = with_disk(&r.disk, false, |disk| {
-        let top = &disk.layout;
-        match trial::open(top)?.filter(|t| t.version == r.label) {
-            Some(t) => {
-                let fallback = t.fallback.clone();
-                lifecycle::end_trial(
-                    top,
-                    &disk.boot(),
-                    &disk.fs_uuid()?,
-                    t,
-                    Some(failure.clone()),
-                )?;
-                Ok(Some(fallback))
-            }
-            None => Ok(None),
-        }
-    })?;
+    let ended = fail_running_trial(&r, failure.clone(), false)?;
     mark_ended();
     match ended {
         Some(fallback) => errln!(
