@@ -41,6 +41,12 @@ const SCENARIO: &str = r#"#!/bin/sh
 step=$(cat /srv/step 2>/dev/null || echo 0)
 root=$(awk '$5 == "/" { print $4 }' /proc/self/mountinfo)
 echo "SCENARIO: step=$step root=$root"
+# trial-watch notices within a second or so that the health unit ended the
+# trial; give it that time before reporting its state.
+i=0
+while systemctl -q is-active btrfs-deploy-trial-watch && [ $i -lt 60 ]; do
+    sleep 0.5; i=$((i + 1))
+done
 for u in btrfs-deploy-trial-watch btrfs-deploy-health; do
     echo "SCENARIO: unit $u: $(systemctl show -p Type,ActiveState,Result,ExecMainStatus $u.service | sort | tr '\n' ' ')"
 done
