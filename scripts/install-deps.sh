@@ -29,18 +29,30 @@ case $what in
     exit 2
     ;;
 esac
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
+missing_packages() {
+  missing=()
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+# Two rounds: installing one package can remove another that conflicts with it
+# (a backported qemu-utils goes when Debian 12's qemu-system-x86 comes in), so
+# the list is checked again after the first install.
+for round in 1 2; do
+  missing_packages
+  ((${#missing[@]})) || break
   if [ "$(id -u)" != 0 ]; then
     echo "install-deps: missing packages ${missing[*]}: run as root (sudo make ...)" >&2
     exit 1
   fi
   echo "install-deps: installing ${missing[*]}"
-  apt-get update -q
+  [ "$round" = 2 ] || apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+done
+missing_packages
+if ((${#missing[@]})); then
+  echo "install-deps: ${missing[*]} still not installed after apt-get install (a conflict removes them): see apt's output above" >&2
+  exit 1
 fi
 cargo=cargo
 if ! command -v cargo >/dev/null 2>&1; then
