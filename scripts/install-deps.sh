@@ -13,7 +13,7 @@
 set -euo pipefail
 what=${1:-all}
 build=(libbtrfsutil-dev libclang-dev pkg-config gcc make)
-run=(btrfs-progs mount util-linux extlinux syslinux-common kmod fdisk mtools dosfstools)
+run=(btrfs-progs mount util-linux extlinux syslinux-common kmod fdisk mtools dosfstools patchelf)
 qemu=(qemu-system-x86 qemu-utils ovmf systemd-boot-efi qemu-system-arm u-boot-qemu qemu-user-static binfmt-support)
 deb=(dpkg-dev debootstrap)
 # Bundle tests sign and make keys with minisign itself (format compatibility).

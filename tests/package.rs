@@ -121,6 +121,7 @@ fn package_installs_and_deploys_in_a_clean_debian_12() {
         "fdisk",
         "mtools",
         "dosfstools",
+        "patchelf",
         "systemd-boot-efi",
         "qemu-system-x86",
         "qemu-utils",
