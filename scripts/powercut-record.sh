@@ -210,7 +210,12 @@ INIT
 chmod 0755 "$p/init"
 
 (cd "$p" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc) >"$work/payload.cpio"
-cat "$initrd" "$work/payload.cpio" >"$work/initrd.img"
+# The kernel takes an uncompressed cpio after a compressed one only at a
+# 4-byte boundary (zero bytes between archives are skipped): pad the tiny
+# initramfs, whose gzip length is anything, to one.
+cp "$initrd" "$work/initrd.img"
+truncate -s %4 "$work/initrd.img"
+cat "$work/payload.cpio" >>"$work/initrd.img"
 
 # ------------------------------------------------------------ the runs
 # The whole-disk operations share one disk, the hybrid ones another.
