@@ -11,10 +11,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn copy_tree(src: &Path, dst: &Path) {
-    sh(&format!("cp -a {}/. {}", src.display(), dst.display()));
-}
-
 fn status_json(img: &Path) -> serde_json::Value {
     let out = run_ok(&["status", img.to_str().unwrap(), "--json"]);
     serde_json::from_slice(&out.stdout).unwrap()
@@ -286,17 +282,6 @@ fn cut_power_during_the_trial_boot(img: &Path, label: &str, until: &str) -> Stri
         "the trial boot of {label} did not start:\n{seen}"
     );
     seen
-}
-
-/// The console text of boot `n` (1-based) in a `--reboots` log.
-fn boot_of(log: &str, n: usize) -> String {
-    let parts: Vec<&str> = log.split("---- boot-test: boot ").collect();
-    assert!(
-        parts.len() >= n,
-        "the log has {} boot(s), not {n}:\n{log}",
-        parts.len()
-    );
-    parts[n - 1].to_string()
 }
 
 #[test]

@@ -30,10 +30,6 @@ fn debian_rootfs() -> PathBuf {
     p
 }
 
-fn copy_tree(src: &Path, dst: &Path) {
-    sh(&format!("cp -a {}/. {}", src.display(), dst.display()));
-}
-
 /// The scenario driver: a oneshot unit that runs after the health unit,
 /// prints what happened to the serial console, and takes the next step
 /// (kept in /srv, which is state: shared by every version).
@@ -110,17 +106,6 @@ fn health_check(tree: &Path, name: &str, script: &str) {
     std::fs::create_dir_all(h.parent().unwrap()).unwrap();
     write(&h, script.as_bytes());
     chmod(&h, 0o755);
-}
-
-/// The console text of boot `n` (1-based) in a `--reboots` log.
-fn boot_of(log: &str, n: usize) -> String {
-    let parts: Vec<&str> = log.split("---- boot-test: boot ").collect();
-    assert!(
-        parts.len() >= n,
-        "the log has {} boot(s), not {n}:\n{log}",
-        parts.len()
-    );
-    parts[n - 1].to_string()
 }
 
 #[test]

@@ -73,6 +73,24 @@ pub fn tiny_rootfs() -> PathBuf {
     p
 }
 
+/// Copies the tree `src` into the folder `dst` with `cp -a` (owners, modes,
+/// links and xattrs kept).
+pub fn copy_tree(src: &Path, dst: &Path) {
+    sh(&format!("cp -a {}/. {}", src.display(), dst.display()));
+}
+
+/// The console text of boot `n` (1-based) in a `deploy boot-test --reboots`
+/// log, whose boots are marked `---- boot-test: boot K ----`.
+pub fn boot_of(log: &str, n: usize) -> String {
+    let parts: Vec<&str> = log.split("---- boot-test: boot ").collect();
+    assert!(
+        parts.len() >= n,
+        "the log has {} boot(s), not {n}:\n{log}",
+        parts.len()
+    );
+    parts[n - 1].to_string()
+}
+
 /// Runs a shell command, asserting success; returns stdout.
 pub fn sh(script: &str) -> String {
     let out = Command::new("sh")
