@@ -28,6 +28,10 @@
 #   9 hybrid-upgrade      v2 from the tarball (its kernel files are shared
 #                         with factory's on the ESP: the entry is new)
 #  10 hybrid-set-default  set-default factory (loader.conf rewritten in place)
+#  11 hybrid-trial        v3 added on trial: the default stays factory, the
+#                         ESP gets systemd-boot's counted entries and
+#                         loader.conf `default next-*`, SYSLINUX its one-shot
+#                         record (the trial's record is written before each)
 #
 # Output in OUT_DIR/<checksum of the inputs> (the deploy binary, these
 # scripts, the tiny kernel and initramfs), whose path is printed on
@@ -68,7 +72,7 @@ command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found: a
 timeout=${POWERCUT_TIMEOUT:-600}
 readonly SIZE=$((1024 * 1024 * 1024))
 readonly OPS=(deploy upgrade set-default remove upgrade-v3 keep cleanup
-    hybrid-deploy hybrid-upgrade hybrid-set-default)
+    hybrid-deploy hybrid-upgrade hybrid-set-default hybrid-trial)
 # What a hybrid deploy needs in the guest beyond the carried tools: the
 # loop module (the Btrfs partition is reached through a loop device; the
 # tiny initramfs lacks it: taken from the tiny kernel's package, which
@@ -159,6 +163,9 @@ $D --version v2 --rootfs /powercut/v2.tar /dev/vda
 OP
 cat >"$p/powercut/ops/hybrid-set-default.sh" <<OP
 $D set-default factory /dev/vda
+OP
+cat >"$p/powercut/ops/hybrid-trial.sh" <<OP
+$D --version v3 --trial --rootfs /powercut/rootfs /dev/vda
 OP
 cat >"$p/powercut/ops/cleanup.sh" <<'OP'
 # Kill a deploy of v5 while it copies, like a crash of the process.

@@ -7,7 +7,9 @@
 //! upgrade, an upgrade with --keep, and a killed deploy followed by
 //! cleanup, all on a whole-disk (`--boot bios`) disk; then on a second disk
 //! with the default hybrid layout (GPT, EFI system partition, Btrfs
-//! partition): first deploy, upgrade and set-default. [`replay`] rebuilds the disk as it stood after every flush and
+//! partition): first deploy, upgrade, set-default and an upgrade on trial
+//! (`--trial`: the default stays, one boot of the new version is armed).
+//! [`replay`] rebuilds the disk as it stood after every flush and
 //! at torn points between flushes (a random subset of the writes since the
 //! last flush lost), and every rebuilt disk must pass [`check_state`]:
 //!
@@ -27,13 +29,19 @@
 //!   Btrfs partition), the ESP as the cut left it: `loader.conf` names the
 //!   old or the new version (the UEFI default), whose entry names kernel and
 //!   initramfs files on the ESP that are complete, and whose subvolumes are
-//!   there; the Btrfs checks above run on the Btrfs partition;
+//!   there; the Btrfs checks above run on the Btrfs partition; during the
+//!   trial operation `loader.conf` may also say `default next-*`, and then
+//!   the default's copy (`next-2-default.conf`) must be the old default and
+//!   the counted entry (`next-1-trial+1-0.conf`) the version on trial, both
+//!   complete;
 //! - `deploy cleanup`, then `deploy check` pass (and on the hybrid disk
 //!   `fsck.fat -n` finds the ESP clean: an interrupted FAT write is
 //!   repaired by cleanup);
 //! - the first and last checked state of every operation boots in QEMU
 //!   (`deploy boot-test`, on a copy of the state as the cut left it) with
-//!   `systems/<default>/run` as `/`.
+//!   `systems/<default>/run` as `/` (or the trial's version, when the
+//!   trial was armed before the cut: `deploy cleanup` withdraws a trial
+//!   whose arming did not finish, and keeps an armed one).
 //!
 //! States of a first deploy before its first switch have nothing to boot
 //! (the disk was blank before): they are counted apart, not checked.
@@ -68,7 +76,13 @@ const OPS: &[(&str, &[&str])] = &[
     ("hybrid-deploy", &["factory"]),
     ("hybrid-upgrade", &["factory", "v2"]),
     ("hybrid-set-default", &["v2", "factory"]),
+    ("hybrid-trial", &["factory"]),
 ];
+
+/// The version an operation adds on trial (its one-shot boot).
+fn trial_of(op: &str) -> Option<&'static str> {
+    (op == "hybrid-trial").then_some("v3")
+}
 
 /// Whether operation `op` runs on the hybrid disk (a second disk, blank
 /// before its first operation).
@@ -542,112 +556,181 @@ fn esp_file(img: &Path, esp: u64, path: &str) -> Result<Vec<u8>, String> {
     }
 }
 
-/// The UEFI view of a hybrid disk as the cut left it: `loader.conf` names
-/// an allowed version, whose entry names complete kernel files on the ESP
-/// and whose `run` is on the Btrfs (`m`, after log replay). Returns that
-/// label.
+/// The names of the files in `dir` on the ESP.
+fn esp_list(img: &Path, esp: u64, dir: &str) -> Vec<String> {
+    Command::new("mdir")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-b", "-i"])
+        .arg(format!("{}@@{esp}", img.display()))
+        .arg(format!("::{dir}"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().rsplit('/').next().map(str::to_string))
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// Checks the boot entry `name` (in `/loader/entries`) on the ESP: it names
+/// complete kernel and initramfs files. Returns its `version`.
+fn check_esp_entry(
+    img: &Path,
+    g: &Geometry,
+    name: &str,
+    exp: &Expected,
+    errs: &mut Vec<Problem>,
+) -> Option<String> {
+    let entry = match esp_file(img, g.esp.0, &format!("/loader/entries/{name}")) {
+        Ok(e) => String::from_utf8_lossy(&e).into_owned(),
+        Err(e) => {
+            errs.push(problem("uefi-default", e));
+            return None;
+        }
+    };
+    let mut named = 0;
+    let mut version = None;
+    for line in entry.lines() {
+        let mut w = line.split_whitespace();
+        let (Some(kw), Some(value)) = (w.next(), w.next()) else {
+            continue;
+        };
+        let want = match kw {
+            "version" => {
+                version = Some(value.to_string());
+                continue;
+            }
+            "linux" => &exp.kernel,
+            "initrd" => &exp.initramfs,
+            _ => continue,
+        };
+        named += 1;
+        match esp_file(img, g.esp.0, value) {
+            Ok(d) if &d == want => {}
+            Ok(d) => errs.push(problem(
+                "uefi-default",
+                format!(
+                    "entry {name}: {kw} {value} is incomplete or wrong ({} bytes, expected {})",
+                    d.len(),
+                    want.len()
+                ),
+            )),
+            Err(e) => errs.push(problem("uefi-default", format!("entry {name}: {e}"))),
+        }
+    }
+    if named != 2 {
+        errs.push(problem(
+            "uefi-default",
+            format!("entry {name} names {named} kernel files, not 2:\n{entry}"),
+        ));
+    }
+    if version.is_none() {
+        errs.push(problem(
+            "uefi-default",
+            format!("entry {name} has no version line:\n{entry}"),
+        ));
+    }
+    version
+}
+
+/// The UEFI view of a hybrid disk as the cut left it. `loader.conf` names
+/// either an allowed version's entry, or (a trial armed, operation
+/// `hybrid-trial`) `next-*`: then `next-2-default.conf` is the allowed
+/// default's copy and `next-1-trial+N-M.conf`, while it has tries left
+/// (N > 0), the version on trial, `trial`. Every entry that can boot names
+/// complete kernel files on the ESP and a version whose `run` is on the
+/// Btrfs (`m`, after log replay). Returns the version the next UEFI boot
+/// starts.
 fn check_esp(
     img: &Path,
     g: &Geometry,
     m: Option<&Mounted>,
     allowed: &[&str],
+    trial: Option<&str>,
     exp: &Expected,
     errs: &mut Vec<Problem>,
 ) -> Option<String> {
+    let entries = esp_list(img, g.esp.0, "/loader/entries");
     let conf = match esp_file(img, g.esp.0, "/loader/loader.conf") {
         Ok(c) => String::from_utf8_lossy(&c).into_owned(),
         Err(e) => {
             // Before a first deploy's loader.conf exists, systemd-boot
             // boots the first entry in its order: with one entry, that one.
-            let listing = Command::new("mdir")
-                .env("MTOOLS_SKIP_CHECK", "1")
-                .args(["-b", "-i"])
-                .arg(format!("{}@@{}", img.display(), g.esp.0))
-                .arg("::/loader/entries")
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            let entries: Vec<&str> = listing
-                .lines()
-                .filter_map(|l| l.trim().rsplit('/').next())
-                .filter(|n| n.ends_with(".conf"))
-                .collect();
-            match entries.as_slice() {
+            let confs: Vec<&String> = entries.iter().filter(|n| n.ends_with(".conf")).collect();
+            match confs.as_slice() {
                 [one] => format!("default {one}\n"),
                 _ => {
                     errs.push(problem(
                         "uefi-default",
-                        format!("{e}, and the ESP has {} entries", entries.len()),
+                        format!("{e}, and the ESP has {} entries", confs.len()),
                     ));
                     return None;
                 }
             }
         }
     };
-    let Some(label) = conf.lines().find_map(|l| {
+    let Some(default) = conf.lines().find_map(|l| {
         l.trim()
             .strip_prefix("default ")
-            .map(|d| d.trim().trim_end_matches(".conf").to_string())
+            .map(|d| d.trim().to_string())
     }) else {
         errs.push(problem("uefi-default", "loader.conf names no default"));
         return None;
     };
+    let run_exists = |label: &str, errs: &mut Vec<Problem>| {
+        if let Some(m) = m {
+            if !m.path(&format!("systems/{label}/run/sbin")).exists() {
+                errs.push(problem(
+                    "uefi-default",
+                    format!("the ESP boots {label}, whose systems/{label}/run is missing"),
+                ));
+            }
+        }
+    };
+    // The persistent default: the entry loader.conf names, or the
+    // default's copy behind a trial.
+    let (default_entry, trial_entry) = if default == "next-*" {
+        let counted = entries.iter().find(|n| {
+            n.strip_prefix("next-1-trial+")
+                .and_then(|r| r.split('-').next())
+                .is_some_and(|tries| tries != "0")
+        });
+        ("next-2-default.conf".to_string(), counted.cloned())
+    } else {
+        (default.clone(), None)
+    };
+    let label = check_esp_entry(img, g, &default_entry, exp, errs)?;
     if !allowed.contains(&label.as_str()) {
         errs.push(problem(
             "uefi-default",
             format!(
-                "loader.conf names {label}, neither the old nor the new default ({})",
+                "loader.conf ({default}) makes {label} the default, neither the old nor the new one ({})",
                 allowed.join(" or ")
             ),
         ));
     }
-    let entry = match esp_file(img, g.esp.0, &format!("/loader/entries/{label}.conf")) {
-        Ok(e) => String::from_utf8_lossy(&e).into_owned(),
-        Err(e) => {
-            errs.push(problem("uefi-default", e));
-            return Some(label);
-        }
-    };
-    let mut named = 0;
-    for line in entry.lines() {
-        let mut w = line.split_whitespace();
-        let (Some(kw @ ("linux" | "initrd")), Some(path)) = (w.next(), w.next()) else {
-            continue;
-        };
-        named += 1;
-        let want = if kw == "linux" {
-            &exp.kernel
-        } else {
-            &exp.initramfs
-        };
-        match esp_file(img, g.esp.0, path) {
-            Ok(d) if &d == want => {}
-            Ok(d) => errs.push(problem(
-                "uefi-default",
-                format!(
-                    "{label}'s entry: {kw} {path} is incomplete or wrong ({} bytes, expected {})",
-                    d.len(),
-                    want.len()
-                ),
-            )),
-            Err(e) => errs.push(problem("uefi-default", format!("{label}'s entry: {e}"))),
-        }
-    }
-    if named != 2 {
+    if default_entry.trim_end_matches(".conf") != label && default != "next-*" {
         errs.push(problem(
             "uefi-default",
-            format!("{label}'s entry names {named} kernel files, not 2:\n{entry}"),
+            format!("loader.conf names {default}, whose version is {label}"),
         ));
     }
-    if let Some(m) = m {
-        if !m.path(&format!("systems/{label}/run/sbin")).exists() {
-            errs.push(problem(
-                "uefi-default",
-                format!("loader.conf names {label}, whose systems/{label}/run is missing"),
-            ));
-        }
+    run_exists(&label, errs);
+    let Some(trial_entry) = trial_entry else {
+        return Some(label);
+    };
+    let tried = check_esp_entry(img, g, &trial_entry, exp, errs)?;
+    if Some(tried.as_str()) != trial {
+        errs.push(problem(
+            "uefi-trial",
+            format!(
+                "{trial_entry} tries {tried}; this operation tries {}",
+                trial.unwrap_or("nothing")
+            ),
+        ));
     }
-    Some(label)
+    run_exists(&tried, errs);
+    Some(tried)
 }
 
 /// All the checks of one rebuilt state but the boot (see the module
@@ -656,6 +739,7 @@ fn check_esp(
 fn check_state(
     img: &Path,
     allowed: &[&str],
+    trial: Option<&str>,
     exp: &Expected,
     geo: Option<&Geometry>,
 ) -> (Vec<Problem>, Option<String>) {
@@ -684,13 +768,12 @@ fn check_state(
         }
     };
     let mut label = None;
-    let mut uefi_label = None;
     match Mounted::new(img, false, range) {
         Ok(m) => {
             label = check_layout(&m, exp, allowed, &mut errs);
             check_boot_entries(&m, exp, "boot-entries", &mut errs);
             if let Some(g) = geo {
-                uefi_label = check_esp(img, g, Some(&m), allowed, exp, &mut errs);
+                check_esp(img, g, Some(&m), allowed, trial, exp, &mut errs);
             }
         }
         Err(e) => errs.push(problem("read-write-mount", e)),
@@ -725,6 +808,14 @@ fn check_state(
             }
             Err(e) => errs.push(problem("esp-fsck-after-cleanup", e)),
         }
+        // What the next UEFI boot starts once cleanup ended what the cut
+        // interrupted (a trial still arming is withdrawn, an armed one kept).
+        let mut after = Vec::new();
+        let uefi_label = check_esp(img, g, None, allowed, trial, exp, &mut after);
+        errs.extend(after.into_iter().map(|p| Problem {
+            check: "uefi-after-cleanup",
+            what: p.what,
+        }));
         return (errs, uefi_label);
     }
     (errs, label)
@@ -860,7 +951,7 @@ fn checks_can_fail(cursor_path: &Path, state: &Path, allowed: &[&str], exp: &Exp
             let m = Mounted::new(state, false, None).unwrap();
             common::sh(&format!("cd {} && {edit} && sync", m.dir.path().display()));
         }
-        let (errs, _) = check_state(state, allowed, exp, None);
+        let (errs, _) = check_state(state, allowed, None, exp, None);
         assert!(
             errs.iter().any(|p| p.check == want),
             "a disk with a {what} passes the checks: {errs:?}"
@@ -1006,7 +1097,7 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
                 reflink(&state, &pristine);
             }
             let start = std::time::Instant::now();
-            let (errs, label) = check_state(&state, allowed, &exp, geo.as_ref());
+            let (errs, label) = check_state(&state, allowed, trial_of(op), &exp, geo.as_ref());
             eprintln!(
                 "powercut: {what}: {} ({:.1} s)",
                 if errs.is_empty() { "ok" } else { "FAILED" },
@@ -1043,7 +1134,7 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
     }
     // The ESP checks can fail: the last hybrid disk with the UEFI
     // default's kernel cut short on the ESP.
-    let (_, allowed) = OPS[OPS.len() - 1];
+    let (last_op, allowed) = OPS[OPS.len() - 1];
     let g = geo.expect("no hybrid operation was checked");
     reflink(&cursor_path, &state);
     {
@@ -1064,7 +1155,7 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
             short.display()
         ));
     }
-    let (errs, _) = check_state(&state, allowed, &exp, Some(&g));
+    let (errs, _) = check_state(&state, allowed, trial_of(last_op), &exp, Some(&g));
     assert!(
         errs.iter().any(|p| p.check == "uefi-default"),
         "a hybrid disk whose UEFI default names a cut kernel passes the checks: {errs:?}"
