@@ -106,8 +106,8 @@ pub struct DeployArgs {
     /// default by itself. See `deploy status`.
     #[arg(long)]
     pub trial: bool,
-    /// After switching, remove the oldest versions beyond N (never the default
-    /// or the previous default).
+    /// After switching, remove the oldest versions beyond N (never the default,
+    /// the previous default, the version just added nor one on trial).
     #[arg(long, value_name = "N")]
     pub keep: Option<usize>,
     /// Compare file contents instead of size and mtime when syncing an upgrade.

@@ -141,6 +141,28 @@ fn a_trial_prepared_on_an_image_arms_one_boot_and_keeps_the_default() {
     run_ok(&["--version", "v2", "--trial", "--rootfs", r, u]);
     run_ok(&["check", u]);
     assert_eq!(status_json(&uefi)["trial"]["state"], "armed");
+    // --keep never removes the version it adds (on trial or not the
+    // default) nor a version whose trial is pending: v2's trial is
+    // withdrawn by v3's, so v2 goes.
+    let labels = |img: &Path| -> Vec<String> {
+        let out = run_ok(&["list", img.to_str().unwrap(), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["label"].as_str().unwrap().to_string())
+            .collect()
+    };
+    run_ok(&["--version", "v3", "--trial", "--keep", "1", "--rootfs", r, u]);
+    assert_eq!(labels(&uefi), ["factory", "v3"]);
+    let st = status_json(&uefi);
+    assert_eq!(st["trial"]["version"], "v3", "{st}");
+    assert_eq!(st["trial"]["state"], "armed", "{st}");
+    run_ok(&["--version", "v4", "--no-default", "--keep", "1", "--rootfs", r, u]);
+    assert_eq!(labels(&uefi), ["factory", "v3", "v4"]);
+    assert_eq!(status_json(&uefi)["trial"]["version"], "v3");
+    run_ok(&["check", u]);
 }
 
 /// A tiny rootfs variant for the device scenario: the tiny system plus

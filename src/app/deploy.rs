@@ -990,7 +990,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
         lifecycle::arm_trial(top, &disk.boot(), &plan.label, &fs_uuid)?;
     }
     let removed = match plan.keep {
-        Some(keep) => lifecycle::prune(top, &disk.boot(), keep, &old, &fs_uuid)?,
+        Some(keep) => lifecycle::prune(top, &disk.boot(), keep, &old, &plan.label, &fs_uuid)?,
         None => Vec::new(),
     };
     Ok(Outcome {

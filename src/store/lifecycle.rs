@@ -231,25 +231,33 @@ pub fn remove(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Result<(
     btrfs::sync_fs(&top.top)
 }
 
-/// Removes versions beyond `keep`, oldest first, never the default nor
-/// `previous` (the default before this deploy, the rollback target).
-/// Returns the labels removed.
+/// Removes versions beyond `keep`, oldest first, never the default,
+/// `previous` (the default before this deploy, the rollback target), `added`
+/// (the version this deploy wrote, default or not: `--no-default`,
+/// `--trial`) nor a version whose trial is pending. Returns the labels
+/// removed.
 pub fn prune(
     top: &Layout,
     boot: &Boot,
     keep: usize,
     previous: &str,
+    added: &str,
     fs_uuid: &str,
 ) -> Result<Vec<String>> {
     let all = versions::list(top)?;
     let default = versions::default_label(top)?;
+    let on_trial = trial::open(top)?.map(|t| t.version);
     let mut excess = all.len().saturating_sub(keep);
     let mut removed = Vec::new();
     for v in &all {
         if excess == 0 {
             break;
         }
-        if v.label == default || v.label == previous {
+        if v.label == default
+            || v.label == previous
+            || v.label == added
+            || on_trial.as_deref() == Some(v.label.as_str())
+        {
             continue;
         }
         ui::step(format!("Removing old version {} (--keep {keep})", v.label));
