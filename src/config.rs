@@ -52,6 +52,9 @@ pub struct Config {
     pub wipe: Option<bool>,
     /// How a new disk boots (`--boot`): "hybrid" (the default), "uefi" or "bios".
     pub boot: Option<crate::cli::BootArg>,
+    /// Architecture of the rootfs (`--arch`), instead of the one read from
+    /// its binaries: "amd64", "arm64", "armhf", "i386" or "riscv64".
+    pub arch: Option<String>,
     /// Do not make the new version the default (`--no-default`).
     #[serde(alias = "no-default")]
     pub no_default: Option<bool>,
@@ -214,6 +217,7 @@ pub fn apply(args: &mut DeployArgs, cfg: Option<&Config>) -> Result<BTreeMap<Str
         fill(&mut args.keep, &cfg.keep);
         fill(&mut args.verify_key, &cfg.verify_key);
         fill(&mut args.boot, &cfg.boot);
+        fill(&mut args.arch, &cfg.arch);
         args.no_bootloader |= cfg.no_bootloader.unwrap_or(false);
         args.wipe |= cfg.wipe.unwrap_or(false);
         args.no_default |= cfg.no_default.unwrap_or(false);
@@ -427,7 +431,7 @@ mod tests {
         let cfg = parse_at(
             "rootfs = \"/r\"\nsize = \"2G\"\nversion = \"cfg\"\nkernel_args = \"quiet\"\n\
              wipe = true\nkeep = 3\nextensions = [\"a\", \"b\"]\nextensions_dirs = [\"/e1\"]\n\
-             boot = \"hybrid\"\n",
+             boot = \"hybrid\"\narch = \"arm64\"\n",
         )
         .unwrap();
         let mut args = DeployArgs {
@@ -442,6 +446,7 @@ mod tests {
         assert_eq!(args.kernel_args.as_deref(), Some("quiet"));
         assert!(args.wipe && !args.no_default && !args.checksum);
         assert_eq!(args.boot, Some(crate::cli::BootArg::Hybrid));
+        assert_eq!(args.arch.as_deref(), Some("arm64"));
         assert_eq!(args.keep, Some(3));
         assert_eq!(args.extensions, vec!["a", "b"]);
         assert_eq!(
@@ -452,11 +457,13 @@ mod tests {
         let mut args = DeployArgs {
             extensions: vec!["c".into()],
             keep: Some(1),
+            arch: Some("amd64".into()),
             ..Default::default()
         };
         apply(&mut args, Some(&cfg)).unwrap();
         assert_eq!(args.extensions, vec!["c"]);
         assert_eq!(args.keep, Some(1));
+        assert_eq!(args.arch.as_deref(), Some("amd64"));
     }
 
     #[test]

@@ -271,6 +271,21 @@ fn arm64_errors_are_caught_at_planning() {
         &["built for amd64", "is arm64"],
     );
     assert!(!img.exists());
+    // The same said in deploy.toml (`arch`).
+    let cfg = tmp.path().join("deploy.toml");
+    write(&cfg, b"arch = \"arm64\"\n");
+    run_fails(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--rootfs",
+            tiny_rootfs().to_str().unwrap(),
+            imgs,
+        ],
+        1,
+        &["built for amd64", "is arm64"],
+    );
+    assert!(!img.exists());
     run_fails(
         &["--arch", "sparc", "--rootfs", arms, imgs],
         2,
