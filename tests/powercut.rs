@@ -40,8 +40,9 @@
 //! - the first and last checked state of every operation boots in QEMU
 //!   (`deploy boot-test`, on a copy of the state as the cut left it) with
 //!   `systems/<default>/run` as `/` (or the trial's version, when the
-//!   trial was armed before the cut: `deploy cleanup` withdraws a trial
-//!   whose arming did not finish, and keeps an armed one).
+//!   trial was armed before the cut), and during the trial operation also
+//!   under BIOS (SYSLINUX's one-shot record): the old default or the trial,
+//!   and the trial once the operation completed.
 //!
 //! States of a first deploy before its first switch have nothing to boot
 //! (the disk was blank before): they are counted apart, not checked.
@@ -768,12 +769,13 @@ fn check_state(
         }
     };
     let mut label = None;
+    let mut uefi_label = None;
     match Mounted::new(img, false, range) {
         Ok(m) => {
             label = check_layout(&m, exp, allowed, &mut errs);
             check_boot_entries(&m, exp, "boot-entries", &mut errs);
             if let Some(g) = geo {
-                check_esp(img, g, Some(&m), allowed, trial, exp, &mut errs);
+                uefi_label = check_esp(img, g, Some(&m), allowed, trial, exp, &mut errs);
             }
         }
         Err(e) => errs.push(problem("read-write-mount", e)),
@@ -808,10 +810,10 @@ fn check_state(
             }
             Err(e) => errs.push(problem("esp-fsck-after-cleanup", e)),
         }
-        // What the next UEFI boot starts once cleanup ended what the cut
-        // interrupted (a trial still arming is withdrawn, an armed one kept).
+        // Cleanup left a UEFI view as sound (a trial still arming is
+        // withdrawn, an armed one kept).
         let mut after = Vec::new();
-        let uefi_label = check_esp(img, g, None, allowed, trial, exp, &mut after);
+        check_esp(img, g, None, allowed, trial, exp, &mut after);
         errs.extend(after.into_iter().map(|p| Problem {
             check: "uefi-after-cleanup",
             what: p.what,
@@ -821,10 +823,11 @@ fn check_state(
     (errs, label)
 }
 
-/// Boots `img` in QEMU; it must mount `systems/<label>/run` as `/`.
-fn boot(img: &Path, label: &str) -> Option<Problem> {
+/// Boots `img` in QEMU (`firmware`: the disk's default, or `bios`); it
+/// must mount `systems/<L>/run` as `/` for one of `labels`.
+fn boot(img: &Path, labels: &[String], firmware: Option<&str>) -> Option<Problem> {
     let log = img.with_extension("console");
-    let res = deploy(&[
+    let mut args = vec![
         "boot-test",
         img.to_str().unwrap(),
         "--timeout",
@@ -833,7 +836,11 @@ fn boot(img: &Path, label: &str) -> Option<Problem> {
         "tcg",
         "--log",
         log.to_str().unwrap(),
-    ]);
+    ];
+    if let Some(f) = firmware {
+        args.extend(["--firmware", f]);
+    }
+    let res = deploy(&args);
     let console = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(img);
@@ -841,9 +848,16 @@ fn boot(img: &Path, label: &str) -> Option<Problem> {
         Err(e) if e.contains("EIO") => Some(problem("boot-test-unreplayed-log", e)),
         Err(e) => Some(problem("boot", e)),
         Ok(_) => {
-            let want = format!("TINY-MOUNT: / /systems/{label}/run ");
-            (!console.contains(&want))
-                .then(|| problem("boot", format!("no `{want}` on the console")))
+            let want: Vec<String> = labels
+                .iter()
+                .map(|l| format!("TINY-MOUNT: / /systems/{l}/run "))
+                .collect();
+            (!want.iter().any(|w| console.contains(w.as_str()))).then(|| {
+                problem(
+                    "boot",
+                    format!("none of `{}` on the console", want.join("`, `")),
+                )
+            })
         }
     }
 }
@@ -1007,7 +1021,8 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
     let per_op = sample.map(|s| s.div_ceil(OPS.len()));
 
     // Boots run in two threads of their own while the next states are checked.
-    let (boot_tx, boot_rx) = std::sync::mpsc::channel::<(String, PathBuf, String)>();
+    type BootJob = (String, PathBuf, Vec<String>, Option<&'static str>);
+    let (boot_tx, boot_rx) = std::sync::mpsc::channel::<BootJob>();
     let boot_rx = std::sync::Arc::new(std::sync::Mutex::new(boot_rx));
     let booters: Vec<_> = (0..2)
         .map(|_| {
@@ -1016,11 +1031,15 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
                 let mut done = Vec::new();
                 loop {
                     let job = rx.lock().unwrap().recv();
-                    let Ok((what, img, label)) = job else { break };
+                    let Ok((what, img, labels, firmware)) = job else {
+                        break;
+                    };
                     let t = std::time::Instant::now();
-                    let r = boot(&img, &label);
+                    let r = boot(&img, &labels, firmware);
                     eprintln!(
-                        "powercut: {what}: boot to {label} {} ({:.1} s)",
+                        "powercut: {what}: {}boot to {} {} ({:.1} s)",
+                        firmware.map(|f| format!("{f} ")).unwrap_or_default(),
+                        labels.join(" or "),
                         if r.is_none() { "ok" } else { "FAILED" },
                         t.elapsed().as_secs_f32()
                     );
@@ -1093,8 +1112,26 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
             let boot = first_checked || nth == chosen.len() - 1;
             first_checked = false;
             let pristine = scratch.mnt.join(format!("boot-{k}-{i}.img"));
+            // During a trial, the BIOS path (SYSLINUX's one-shot record) is
+            // booted too: the old default or the trial, and once the
+            // operation completed, the trial.
+            let bios = scratch.mnt.join(format!("boot-{k}-{i}-bios.img"));
+            let bios_labels: Option<Vec<String>> = match (boot, trial_of(op)) {
+                (true, Some(t)) if i == points.len() - 1 => Some(vec![t.to_string()]),
+                (true, Some(t)) => Some(
+                    allowed
+                        .iter()
+                        .map(|l| l.to_string())
+                        .chain([t.to_string()])
+                        .collect(),
+                ),
+                _ => None,
+            };
             if boot {
                 reflink(&state, &pristine);
+            }
+            if bios_labels.is_some() {
+                reflink(&state, &bios);
             }
             let start = std::time::Instant::now();
             let (errs, label) = check_state(&state, allowed, trial_of(op), &exp, geo.as_ref());
@@ -1106,9 +1143,14 @@ fn power_cut_at_any_point_leaves_the_old_or_new_default_complete_and_booting() {
             for e in &errs {
                 eprintln!("    {}: {}", e.check, e.what);
             }
+            if let Some(labels) = bios_labels {
+                boot_tx
+                    .send((what.clone(), bios, labels, Some("bios")))
+                    .unwrap();
+            }
             match (boot, &label) {
                 (true, Some(label)) => boot_tx
-                    .send((what.clone(), pristine, label.clone()))
+                    .send((what.clone(), pristine, vec![label.clone()], None))
                     .unwrap(),
                 (true, None) => {
                     let _ = std::fs::remove_file(&pristine);

@@ -154,12 +154,30 @@ fn a_trial_prepared_on_an_image_arms_one_boot_and_keeps_the_default() {
             .map(|r| r["label"].as_str().unwrap().to_string())
             .collect()
     };
-    run_ok(&["--version", "v3", "--trial", "--keep", "1", "--rootfs", r, u]);
+    run_ok(&[
+        "--version",
+        "v3",
+        "--trial",
+        "--keep",
+        "1",
+        "--rootfs",
+        r,
+        u,
+    ]);
     assert_eq!(labels(&uefi), ["factory", "v3"]);
     let st = status_json(&uefi);
     assert_eq!(st["trial"]["version"], "v3", "{st}");
     assert_eq!(st["trial"]["state"], "armed", "{st}");
-    run_ok(&["--version", "v4", "--no-default", "--keep", "1", "--rootfs", r, u]);
+    run_ok(&[
+        "--version",
+        "v4",
+        "--no-default",
+        "--keep",
+        "1",
+        "--rootfs",
+        r,
+        u,
+    ]);
     assert_eq!(labels(&uefi), ["factory", "v3", "v4"]);
     assert_eq!(status_json(&uefi)["trial"]["version"], "v3");
     run_ok(&["check", u]);
