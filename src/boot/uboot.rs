@@ -612,7 +612,7 @@ impl Backend for UBoot {
     }
 }
 
-/// The one-shot trial script (proof of concept for `--trial`, issue 13;
+/// The one-shot trial script of `--trial` (issue 13;
 /// tested in QEMU by `tests/arm.rs`, design in docs/arm.md "Trials under
 /// U-Boot"): U-Boot's distro boot runs it as `/boot.scr` when the boot
 /// partition has no `/extlinux/extlinux.conf` (the menu then lives at
@@ -627,7 +627,6 @@ pub const TRIAL_SCRIPT: &str = include_str!("../../templates/uboot-trial.cmd");
 /// type script, no compression, name), then the size table of the one
 /// script (its length, 0) and the script. `source` refuses a script
 /// without this header, and this way no `u-boot-tools` are needed.
-#[allow(dead_code)] // Wired into --trial by issue 13.
 pub fn script_image(text: &str) -> Vec<u8> {
     let mut data = Vec::with_capacity(text.len() + 8);
     data.extend_from_slice(&(text.len() as u32).to_be_bytes());
