@@ -179,15 +179,18 @@ fn missing_tool_names_its_package() {
         !extlinux.is_empty(),
         "extlinux not installed on the test host"
     );
-    let out = std::process::Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c"])
-        .arg(format!(
-            "mount --bind /dev/null {extlinux} && exec \"$0\" \"$@\""
-        ))
-        .arg(env!("CARGO_BIN_EXE_deploy"))
-        .args(["--rootfs", &rootfs, &img])
-        .output()
-        .unwrap();
+    let without_extlinux = |args: &[&str]| {
+        std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount --bind /dev/null {extlinux} && exec \"$0\" \"$@\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_deploy"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = without_extlinux(&["--rootfs", &rootfs, &img]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -196,6 +199,22 @@ fn missing_tool_names_its_package() {
         "{stderr}"
     );
     assert_untouched(&img);
+    // A disk that never boots through SYSLINUX does not need it: uefi (and
+    // uboot, which tests/arm.rs writes), first deploy and upgrade.
+    let uefi = format!("{img}.uefi");
+    let out = without_extlinux(&["--boot", "uefi", "--rootfs", &rootfs, &uefi]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = without_extlinux(&["--version", "v2", "--rootfs", &rootfs, &uefi]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run_ok(&["check", &uefi]);
 }
 
 #[test]

@@ -181,9 +181,6 @@ pub fn plan(
     check_target_outside(&target, &rootfs)?;
     require_root()?;
     cmd::require(&[&cmd::MKFS_BTRFS, &cmd::BLKID])?;
-    if !args.no_bootloader {
-        cmd::require(&[&cmd::EXTLINUX])?;
-    }
     let boot_arg = args.boot.map(|b| match b {
         BootArg::Bios => BootKind::Bios,
         BootArg::Uefi => BootKind::Uefi,
@@ -297,6 +294,11 @@ pub fn plan(
         }
         existing
     };
+    // SYSLINUX runs only for disks that boot under BIOS (its boot code, its
+    // one-shot record); uefi and uboot disks need no extlinux on the host.
+    if !args.no_bootloader && boot_kind.bios() {
+        cmd::require(&[&cmd::EXTLINUX])?;
+    }
     if is_new && boot_kind.partitioned() {
         cmd::require(&[&partition::SFDISK, &crate::boot::fat::MTOOLS])?;
         if !args.no_bootloader && boot_kind.uefi() {
