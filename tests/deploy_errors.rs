@@ -199,22 +199,24 @@ fn missing_tool_names_its_package() {
         "{stderr}"
     );
     assert_untouched(&img);
-    // A disk that never boots through SYSLINUX does not need it: uefi (and
-    // uboot, which tests/arm.rs writes), first deploy and upgrade.
-    let uefi = format!("{img}.uefi");
-    let out = without_extlinux(&["--boot", "uefi", "--rootfs", &rootfs, &uefi]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = without_extlinux(&["--version", "v2", "--rootfs", &rootfs, &uefi]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    run_ok(&["check", &uefi]);
+    // A disk that never boots through SYSLINUX does not need it: uefi and
+    // uboot, first deploy and upgrade.
+    for kind in ["uefi", "uboot"] {
+        let other = format!("{img}.{kind}");
+        let out = without_extlinux(&["--boot", kind, "--rootfs", &rootfs, &other]);
+        assert!(
+            out.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = without_extlinux(&["--version", "v2", "--rootfs", &rootfs, &other]);
+        assert!(
+            out.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run_ok(&["check", &other]);
+    }
 }
 
 #[test]
