@@ -53,7 +53,8 @@ fn probe_extension(dir: &Path) -> PathBuf {
         &ext.join("arch-probe.configure"),
         b"#!/bin/sh\n# summary: records uname -m as seen inside the tree\nset -e\n\
           m=$(\"$DEPLOY_RUN_IN_TREE\" run-in-tree \"$1\" -- uname -m)\n\
-          echo \"arch-probe: uname -m in the tree: $m\" >&2\n\
+          echo \"arch-probe: uname -m in the tree: $m, DEPLOY_ARCH=$DEPLOY_ARCH\" >&2\n\
+          [ \"$DEPLOY_ARCH\" = arm64 ] || { echo \"DEPLOY_ARCH is '$DEPLOY_ARCH'\" >&2; exit 1; }\n\
           echo \"$m\" > \"$1/etc/arch-probe\"\n",
     );
     chmod(&ext.join("arch-probe.configure"), 0o755);
@@ -269,6 +270,13 @@ fn arm64_errors_are_caught_at_planning() {
         ],
         1,
         &["built for amd64", "is arm64"],
+    );
+    assert!(!img.exists());
+    // on-device would carry this amd64 deploy onto an arm64 board.
+    run_fails(
+        &["-e", "on-device", "--rootfs", arms, imgs],
+        1,
+        &["built for amd64", "the rootfs is arm64", "-e on-device"],
     );
     assert!(!img.exists());
     // The same said in deploy.toml (`arch`).

@@ -428,6 +428,7 @@ pub fn plan(
         upgrade: new_disk.is_none(),
         target: target.clone(),
         settings,
+        arch,
     };
     if !exts.is_empty() {
         let names: Vec<&str> = exts.iter().map(|e| e.name.as_str()).collect();
@@ -1084,8 +1085,12 @@ fn finish_version(
         }
     };
     if !plan.extensions.is_empty() {
+        let context = extensions::Context {
+            arch,
+            ..plan.ext_context.clone()
+        };
         // (run_configure announces each extension as it starts it.)
-        extensions::run_configure(&plan.extensions, &orig, &plan.ext_context)?;
+        extensions::run_configure(&plan.extensions, &orig, &context)?;
         signals::check()?;
     }
     ui::step("Completing etc/fstab");

@@ -56,6 +56,10 @@ impl Arch {
             Arch::Riscv64 => "riscv64",
         }
     }
+    /// The architecture this `deploy` binary was built for.
+    pub fn of_this_tool() -> Option<Arch> {
+        Arch::parse(std::env::consts::ARCH)
+    }
     /// Parses a Debian or kernel name (`arm64` or `aarch64`).
     pub fn parse(s: &str) -> Option<Arch> {
         let s = s.trim().to_ascii_lowercase();

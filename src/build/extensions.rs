@@ -8,8 +8,9 @@
 //! - `.configure TREE` runs on the new version's tree, in the order listed.
 //! - Both get an environment made of the settings plus `DEPLOY_VERSION`,
 //!   `DEPLOY_UPGRADE` (`yes`/`no`), `DEPLOY_TARGET`, `DEPLOY_RUN_IN_TREE`,
-//!   `DEPLOY_EXTENSION`, `DEPLOY_EXTENSION_DIR`, `PATH` (and `DEPLOY_TREE`
-//!   for `.configure`); nothing else of the caller's environment. stdin is
+//!   `DEPLOY_EXTENSION`, `DEPLOY_EXTENSION_DIR`, `DEPLOY_ARCH` (the tree's,
+//!   empty when unknown), `DEPLOY_TOOL_ARCH` (this binary's), `PATH` (and
+//!   `DEPLOY_TREE` for `.configure`); nothing else of the caller's environment. stdin is
 //!   empty; a failure carries the tail of stderr.
 
 use crate::config;
@@ -60,6 +61,9 @@ pub struct Context {
     pub target: PathBuf,
     /// Settings (config `[settings]` and `--set`), secrets included.
     pub settings: BTreeMap<String, String>,
+    /// The tree's architecture, when known (an archive's only once it is
+    /// written: `.check` programs then see it empty).
+    pub arch: Option<crate::build::arch::Arch>,
 }
 
 /// The folder of the shipped extensions. An installed `deploy` (in
@@ -370,6 +374,11 @@ fn command(ext: &Extension, program: &Path, ctx: &Context, tree: Option<&Path>) 
     c.env("DEPLOY_VERSION", &ctx.version);
     c.env("DEPLOY_UPGRADE", if ctx.upgrade { "yes" } else { "no" });
     c.env("DEPLOY_TARGET", &ctx.target);
+    c.env("DEPLOY_ARCH", ctx.arch.map_or("", |a| a.name()));
+    c.env(
+        "DEPLOY_TOOL_ARCH",
+        crate::build::arch::Arch::of_this_tool().map_or(std::env::consts::ARCH, |a| a.name()),
+    );
     c.env("DEPLOY_RUN_IN_TREE", helper);
     c.env("DEPLOY_EXTENSION", &ext.name);
     if let Some(dir) = program.parent() {
@@ -610,6 +619,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            arch: Some(crate::build::arch::Arch::Arm64),
         }
     }
 
@@ -766,6 +776,11 @@ mod tests {
                 "DEPLOY_UPGRADE=yes",
                 "DEPLOY_TARGET=/dev/null-target.img",
                 "DEPLOY_EXTENSION=dump",
+                "DEPLOY_ARCH=arm64\n",
+                &format!(
+                    "DEPLOY_TOOL_ARCH={}\n",
+                    crate::build::arch::Arch::of_this_tool().unwrap().name()
+                ),
                 &format!("DEPLOY_EXTENSION_DIR={}", d.path().display()),
                 &format!(
                     "DEPLOY_RUN_IN_TREE={}",
