@@ -157,13 +157,12 @@ fn arm64_system_deploys_boots_upgrades_and_rolls_back_under_uboot() {
     assert_eq!(conf.len(), 511, "{conf}");
     assert!(conf.contains("\ndefault factory\n"), "{conf}");
     let files = part_files(&img);
-    for f in [
-        "/btrfs-deploy/factory.linux",
-        "/btrfs-deploy/factory.initrd",
-        "/btrfs-deploy/factory.dtbs/arm/fvp-base-revc.dtb",
-    ] {
-        assert!(files.iter().any(|p| p == f), "{f} missing: {files:?}");
-    }
+    assert!(
+        files
+            .iter()
+            .any(|p| p == "/btrfs-deploy/factory.dtbs/arm/fvp-base-revc.dtb"),
+        "device trees missing: {files:?}"
+    );
     let menu = files
         .iter()
         .find(|f| f.starts_with("/btrfs-deploy/menu-"))
@@ -173,6 +172,36 @@ fn arm64_system_deploys_boots_upgrades_and_rolls_back_under_uboot() {
         menu_text.contains("  fdtdir /btrfs-deploy/factory.dtbs\n"),
         "{menu_text}"
     );
+    // Kernel and initramfs are named by their content (shared by versions
+    // whose kernel did not change), and are on the partition.
+    let named: Vec<String> = menu_text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("kernel ")
+                .or_else(|| l.strip_prefix("initrd "))
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(named.len(), 2, "{menu_text}");
+    for f in &named {
+        let stem = f
+            .trim_start_matches("/btrfs-deploy/")
+            .split('.')
+            .next()
+            .unwrap();
+        assert!(
+            stem.len() == 16 && stem.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{f} is not named by its content"
+        );
+        assert!(files.contains(f), "{f} missing: {files:?}");
+    }
+    let kernel_files = |files: &[String]| -> usize {
+        files
+            .iter()
+            .filter(|f| f.ends_with(".linux") || f.ends_with(".initrd"))
+            .count()
+    };
     assert_part_clean(&img);
 
     let console = boot(&img);
@@ -180,9 +209,10 @@ fn arm64_system_deploys_boots_upgrades_and_rolls_back_under_uboot() {
     assert_eq!(hook(&console, "issue").as_deref(), Some("factory"));
     assert_eq!(hook(&console, "probe").as_deref(), Some("aarch64"));
 
-    // Upgrade: v2 boots.
+    // Upgrade: v2 boots; its kernel and initramfs are factory's, not copied again.
     let v2 = arm64_variant(tmp.path(), "v2");
     run_ok(&["--version", "v2", "--rootfs", v2.to_str().unwrap(), imgs]);
+    assert_eq!(kernel_files(&part_files(&img)), 2);
     assert!(part_read(&img, "/boot/extlinux/extlinux.conf").contains("\ndefault v2\n"));
     let console = boot(&img);
     assert_layout_mounted(&console, "v2");
@@ -202,6 +232,11 @@ fn arm64_system_deploys_boots_upgrades_and_rolls_back_under_uboot() {
         !files.iter().any(|f| f.contains("/v2.")),
         "v2's files remain: {files:?}"
     );
+    // The shared kernel files stay: factory names them.
+    assert_eq!(kernel_files(&files), 2, "{files:?}");
+    for f in &named {
+        assert!(files.contains(f), "{f} missing: {files:?}");
+    }
     assert_eq!(
         files
             .iter()
@@ -314,14 +349,19 @@ fn arm64_errors_are_caught_at_planning() {
         .find(|f| f.starts_with("/btrfs-deploy/menu-"))
         .expect("a menu file");
     let menu_text = part_read(&img, menu);
+    let fdt = menu_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("fdt "))
+        .unwrap_or_else(|| panic!("no fdt line: {menu_text}"))
+        .to_string();
     assert!(
-        menu_text.contains("  fdt /btrfs-deploy/factory.dtb\n") && !menu_text.contains("fdtdir"),
+        fdt.starts_with("/btrfs-deploy/") && fdt.ends_with(".dtb") && !menu_text.contains("fdtdir"),
         "{menu_text}"
     );
     // The file on the boot partition is the rootfs's juno.dtb (cmp fails the shell otherwise).
     let copy = tmp.path().join("factory.dtb");
     sh(&format!(
-        "MTOOLS_SKIP_CHECK=1 mcopy -i {imgs}@@{PART_OFFSET} ::/btrfs-deploy/factory.dtb {} && \
+        "MTOOLS_SKIP_CHECK=1 mcopy -i {imgs}@@{PART_OFFSET} ::{fdt} {} && \
          cmp {} {arms}/usr/lib/linux-image-*/arm/juno.dtb",
         copy.display(),
         copy.display()

@@ -12,11 +12,16 @@
 //! btrfs-deploy/trial.conf            during a trial: a menu whose default is the version on trial
 //! btrfs-deploy/trial-once            during a trial: the one-shot mark (empty)
 //! btrfs-deploy/menu-<N>.conf         the entries, one per version (N grows with each change)
-//! btrfs-deploy/<label>.linux         the version's kernel
-//! btrfs-deploy/<label>.initrd        its initramfs
-//! btrfs-deploy/<label>.dtb           its device tree (--dtb)
-//! btrfs-deploy/<label>.dtbs/         the device trees its rootfs ships (usr/lib/linux-image-<ver>/), for `fdtdir`
+//! btrfs-deploy/<hash>.linux          a kernel, named by its content (SHA-256, 16 hex digits)
+//! btrfs-deploy/<hash>.initrd         an initramfs, likewise
+//! btrfs-deploy/<hash>.dtb            a device tree (--dtb), likewise
+//! btrfs-deploy/<label>.dtbs/         the device trees a version's rootfs ships (usr/lib/linux-image-<ver>/), for `fdtdir`
 //! ```
+//!
+//! Kernel files are content-addressed as on the ESP: versions whose kernel
+//! did not change share one copy, which stays while a menu entry names it.
+//! (Disks written before this named them `<label>.linux` etc.; their menus
+//! name those files, which are kept and removed the same way.)
 //!
 //! Power cuts: a version's files are written under temporary names and
 //! renamed; a changed menu is written as a new file `menu-<N+1>.conf`
@@ -132,13 +137,15 @@ pub fn parse_conf(conf: &str) -> (Option<String>, Option<String>) {
 /// How one version boots: its files on the boot partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MenuEntry {
-    /// The entry (label, initramfs, dtb, kernel arguments).
+    /// The version's label.
     pub label: String,
-    /// Whether it has an initramfs.
-    pub initramfs: bool,
-    /// `fdt`: a single device tree (`--dtb`).
-    pub dtb: bool,
-    /// `fdtdir`: the device trees of the rootfs.
+    /// Its kernel's name in `btrfs-deploy/`.
+    pub kernel: String,
+    /// Its initramfs's name, if it has one.
+    pub initrd: Option<String>,
+    /// `fdt`: the name of a single device tree (`--dtb`).
+    pub dtb: Option<String>,
+    /// `fdtdir`: the device trees of the rootfs (`<label>.dtbs`).
     pub dtbs: bool,
     /// Kernel arguments after the root= part.
     pub args: String,
@@ -153,13 +160,14 @@ pub fn render_menu(fs_uuid: &str, entries: &[MenuEntry]) -> String {
     for e in entries {
         let l = &e.label;
         s.push_str(&format!(
-            "\nlabel {l}\n  menu label {l} (btrfs-deploy)\n  kernel /{VERSIONS_DIR}/{l}{KERNEL}\n"
+            "\nlabel {l}\n  menu label {l} (btrfs-deploy)\n  kernel /{VERSIONS_DIR}/{}\n",
+            e.kernel
         ));
-        if e.initramfs {
-            s.push_str(&format!("  initrd /{VERSIONS_DIR}/{l}{INITRD}\n"));
+        if let Some(i) = &e.initrd {
+            s.push_str(&format!("  initrd /{VERSIONS_DIR}/{i}\n"));
         }
-        if e.dtb {
-            s.push_str(&format!("  fdt /{VERSIONS_DIR}/{l}{DTB}\n"));
+        if let Some(d) = &e.dtb {
+            s.push_str(&format!("  fdt /{VERSIONS_DIR}/{d}\n"));
         } else if e.dtbs {
             s.push_str(&format!("  fdtdir /{VERSIONS_DIR}/{l}{DTBS}\n"));
         }
@@ -171,11 +179,45 @@ pub fn render_menu(fs_uuid: &str, entries: &[MenuEntry]) -> String {
     s
 }
 
+/// The files of `btrfs-deploy/` a menu names (`kernel`, `initrd`, `fdt`,
+/// `fdtdir`), by entry label, in the order written.
+fn menu_files(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next()) {
+            (Some("label"), Some(l)) => out.push((l.to_string(), Vec::new())),
+            (Some("kernel" | "initrd" | "fdt" | "fdtdir"), Some(p)) => {
+                if let (Some((_, files)), Some(name)) = (
+                    out.last_mut(),
+                    p.trim_start_matches('/')
+                        .strip_prefix(VERSIONS_DIR)
+                        .and_then(|r| r.strip_prefix('/')),
+                ) {
+                    files.push(name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 fn menu_number(name: &str) -> Option<u64> {
     name.strip_prefix(MENU_PREFIX)?
         .strip_suffix(MENU_SUFFIX)?
         .parse()
         .ok()
+}
+
+/// Whether `name` is a content-addressed kernel file (`<16 hex digits>.linux`,
+/// `.initrd` or `.dtb`).
+fn is_content_name(name: &str) -> bool {
+    [KERNEL, INITRD, DTB].iter().any(|sfx| {
+        name.strip_suffix(sfx).is_some_and(|stem| {
+            stem.len() == super::uefi::HASH_DIGITS && stem.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    })
 }
 
 /// The version label of a file or directory in `btrfs-deploy/`.
@@ -194,23 +236,46 @@ type VersionFile = (PathBuf, String, bool);
 type Tree = (Vec<(String, u64)>, Vec<String>);
 
 /// The menu entry of version `e` and its files to put on the boot partition.
-fn version_files(top: &Layout, e: &Entry) -> Result<(MenuEntry, Vec<VersionFile>)> {
+/// Kernel, initramfs and `--dtb` are named by their content; `current` (the
+/// names the menu in use gives this version) is kept when those files are
+/// there with the same sizes, since a version's files never change and need
+/// not be hashed again.
+fn version_files(
+    top: &Layout,
+    e: &Entry,
+    current: &[String],
+    fat: Option<&FatPartition>,
+) -> Result<(MenuEntry, Vec<VersionFile>)> {
     let dir = top.version(&e.label);
-    let mut files = vec![(
-        dir.join(layout::KERNEL),
-        format!("{}{KERNEL}", e.label),
-        false,
-    )];
+    let name_of = |src: &Path, suffix: &str| -> Result<String> {
+        if let Some(fat) = fat {
+            let len = file_len(src)?;
+            for n in current.iter().filter(|n| n.ends_with(suffix)) {
+                if fat.file_len(&format!("{VERSIONS_DIR}/{n}"))? == Some(len) {
+                    return Ok(n.clone());
+                }
+            }
+        }
+        let n = super::uefi::content_name(src, suffix)?;
+        Ok(n.rsplit('/').next().unwrap_or(&n).to_string())
+    };
+    let kernel_src = dir.join(layout::KERNEL);
+    let kernel = name_of(&kernel_src, KERNEL)?;
+    let mut files = vec![(kernel_src, kernel.clone(), false)];
+    let mut initrd = None;
     if e.initramfs {
-        files.push((
-            dir.join(layout::INITRAMFS),
-            format!("{}{INITRD}", e.label),
-            false,
-        ));
+        let src = dir.join(layout::INITRAMFS);
+        let n = name_of(&src, INITRD)?;
+        files.push((src, n.clone(), false));
+        initrd = Some(n);
     }
     let mut dtbs = false;
+    let mut dtb = None;
     if e.dtb {
-        files.push((dir.join(layout::DTB), format!("{}{DTB}", e.label), false));
+        let src = dir.join(layout::DTB);
+        let n = name_of(&src, DTB)?;
+        files.push((src, n.clone(), false));
+        dtb = Some(n);
     } else {
         let record = Deployment::load(&dir.join(layout::DEPLOYMENT_JSON))?;
         if let Some(ver) = &record.kernel_version {
@@ -224,8 +289,9 @@ fn version_files(top: &Layout, e: &Entry) -> Result<(MenuEntry, Vec<VersionFile>
     Ok((
         MenuEntry {
             label: e.label.clone(),
-            initramfs: e.initramfs,
-            dtb: e.dtb,
+            kernel,
+            initrd,
+            dtb,
             dtbs,
             args: e.args.clone(),
         },
@@ -342,6 +408,32 @@ impl UBoot {
         })
     }
 
+    /// The files each entry of the menu in use names, by label.
+    fn current_files(fat: &FatPartition) -> Result<Vec<(String, Vec<String>)>> {
+        let (_, menu) = Self::current(fat)?;
+        let Some(menu) = menu else {
+            return Ok(Vec::new());
+        };
+        Ok(match fat.read(&format!("{VERSIONS_DIR}/{menu}"))? {
+            Some(t) => menu_files(&String::from_utf8_lossy(&t)),
+            None => Vec::new(),
+        })
+    }
+
+    /// Every file of `btrfs-deploy/` that the menu in use or a trial's menu
+    /// names (lowercase: FAT names are case-insensitive).
+    fn referenced(fat: &FatPartition) -> Result<std::collections::BTreeSet<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut menus = Self::current_files(fat)?;
+        if let Some(t) = fat.read(TRIAL_CONF)? {
+            menus.extend(menu_files(&String::from_utf8_lossy(&t)));
+        }
+        for (_, files) in menus {
+            out.extend(files.into_iter().map(|f| f.to_ascii_lowercase()));
+        }
+        Ok(out)
+    }
+
     /// Points `extlinux.conf` at `menu` with `default`: in place when it has
     /// its fixed size, else (first time) a new file renamed into place.
     fn write_conf(fat: &FatPartition, default: &str, menu: &str) -> Result<()> {
@@ -405,6 +497,23 @@ impl Backend for UBoot {
         fat.close()
     }
 
+    fn check_space_for(&self, label: &str, files: &[PathBuf]) -> Result<()> {
+        let fat = self.open(false)?;
+        // Kernel files the partition holds already (another version's
+        // identical kernel or initramfs) take no more room.
+        let mut need = ENTRY_OVERHEAD;
+        for (i, src) in files.iter().enumerate() {
+            let suffix = if i == 0 { KERNEL } else { INITRD };
+            let len = file_len(src)?;
+            let name = super::uefi::content_name(src, suffix)?;
+            if fat.file_len(&name)? != Some(len) {
+                need += fat.allocated(len);
+            }
+        }
+        self.require_free(&fat, label, need)?;
+        fat.close()
+    }
+
     fn write_menu(
         &self,
         top: &Layout,
@@ -415,15 +524,21 @@ impl Backend for UBoot {
     ) -> Result<()> {
         let mut menu = Vec::new();
         let mut plan = Vec::new();
-        for e in entries {
-            let (m, files) = version_files(top, e)?;
-            menu.push(m);
-            plan.push((e.label.clone(), files));
-        }
         // Directories of device trees being written: made up front (mtools).
         let mut dirs = Vec::new();
         {
             let fat = self.open(false)?;
+            let current = Self::current_files(&fat)?;
+            for e in entries {
+                let names = current
+                    .iter()
+                    .find(|(l, _)| *l == e.label)
+                    .map(|(_, f)| f.as_slice())
+                    .unwrap_or_default();
+                let (m, files) = version_files(top, e, names, Some(&fat))?;
+                menu.push(m);
+                plan.push((e.label.clone(), files));
+            }
             for (_, files) in &plan {
                 for (src, name, is_dir) in files {
                     if *is_dir && !Self::present(&fat, src, name, true)? {
@@ -507,7 +622,18 @@ impl Backend for UBoot {
     }
 
     fn arm_trial(&self, top: &Layout, fs_uuid: &str, trial: &Entry, _: &Entry) -> Result<()> {
-        let (m, _) = version_files(top, trial)?;
+        let (m, _) = {
+            let fat = self.open(false)?;
+            let current = Self::current_files(&fat)?;
+            let names = current
+                .iter()
+                .find(|(l, _)| *l == trial.label)
+                .map(|(_, f)| f.as_slice())
+                .unwrap_or_default();
+            let planned = version_files(top, trial, names, Some(&fat))?;
+            fat.close()?;
+            planned
+        };
         let mut text = format!(
             "# Written by btrfs-deploy: the menu of a trial boot of {l} (deploy --trial),\n\
              # started once by /boot.scr.\ntimeout 0\ndefault {l}\n",
@@ -564,10 +690,16 @@ impl Backend for UBoot {
     }
 
     fn remove_version(&self, label: &str) -> Result<()> {
-        // The menu was rewritten without it (and switched to) before this.
+        // The menu was rewritten without it (and switched to) before this:
+        // its device trees go, and the kernel files no entry names any more
+        // (shared ones stay while another version names them).
         self.with_part(&[], |fat| {
+            let used = Self::referenced(fat)?;
             for f in fat.list(VERSIONS_DIR)? {
-                if file_label(&f.name).is_some_and(|l| l.eq_ignore_ascii_case(label)) {
+                let mine = file_label(&f.name).is_some_and(|l| l.eq_ignore_ascii_case(label));
+                let unused_content =
+                    is_content_name(&f.name) && !used.contains(&f.name.to_ascii_lowercase());
+                if (mine || unused_content) && !used.contains(&f.name.to_ascii_lowercase()) {
                     fat.remove_all(&format!("{VERSIONS_DIR}/{}", f.name))?;
                 }
             }
@@ -584,6 +716,7 @@ impl Backend for UBoot {
                 removed.push("repaired an interrupted write with fsck.fat".to_string());
             }
             let (_, menu) = Self::current(fat)?;
+            let used = Self::referenced(fat)?;
             for e in fat.list(VERSIONS_DIR)? {
                 // The trial's files are ended by lifecycle, not here.
                 let trial_file = [TRIAL_CONF, TRIAL_ONCE]
@@ -593,8 +726,12 @@ impl Backend for UBoot {
                     true
                 } else if menu_number(&e.name).is_some() {
                     menu.as_deref() == Some(e.name.as_str())
+                } else if used.contains(&e.name.to_ascii_lowercase()) {
+                    true
                 } else {
-                    file_label(&e.name).is_some_and(known)
+                    // A known version's device trees (named by label), or
+                    // its files on a disk written before content names.
+                    !is_content_name(&e.name) && file_label(&e.name).is_some_and(known)
                 };
                 if !keep {
                     let p = format!("{VERSIONS_DIR}/{}", e.name);
@@ -791,12 +928,12 @@ mod tests {
             dtb: false,
             args: "x".into(),
         };
-        for l in ["a", "b"] {
+        for (l, fill) in [("a", 1u8), ("b", 3u8)] {
             let v = top.version(l);
             let dtbs = v.join(layout::ORIG).join(dtb_dir("6.1-arm64")).join("arm");
             std::fs::create_dir_all(&dtbs).unwrap();
             std::fs::write(dtbs.join("board.dtb"), b"dtb").unwrap();
-            std::fs::write(v.join(layout::KERNEL), vec![1u8; 40 << 20]).unwrap();
+            std::fs::write(v.join(layout::KERNEL), vec![fill; 40 << 20]).unwrap();
             std::fs::write(v.join(layout::INITRAMFS), vec![2u8; 1000]).unwrap();
             let rec = Deployment {
                 label: l.into(),
@@ -825,7 +962,9 @@ mod tests {
         );
         assert!(msg.contains("needs"), "{msg}");
         assert_eq!(inspect(&img, part).unwrap().complete, vec!["a"]);
-        // Removing a frees the room for b.
+        // Removing a (the menu without it first, as store::lifecycle does)
+        // frees the room for b.
+        b.write_menu(&top, "U", &[], "b", None).unwrap();
         b.remove_version("a").unwrap();
         b.write_menu(&top, "U", &[entry("b")], "b", None).unwrap();
         b.switch_default("b").unwrap();
@@ -855,17 +994,30 @@ mod tests {
             "one menu: {names:?}"
         );
         assert!(!names.iter().any(|n| n.starts_with("a.")), "{names:?}");
-        // Leftovers of interrupted writes and unknown versions go; b stays.
+        // a's kernel (its own content) went with it: b's only is left.
+        assert_eq!(
+            names.iter().filter(|n| n.ends_with(KERNEL)).count(),
+            1,
+            "{names:?}"
+        );
+        assert!(names
+            .iter()
+            .all(|n| !n.ends_with(KERNEL) || is_content_name(n)));
+        // Leftovers of interrupted writes, unknown versions and kernel files
+        // no entry names go; b stays.
         let fat = FatPartition::open(&img, part.0, part.1, true).unwrap();
         fat.write("btrfs-deploy/b.linux.tmp", b"x").unwrap();
         fat.write("btrfs-deploy/gone.initrd", b"x").unwrap();
         fat.write("btrfs-deploy/menu-99.conf", b"x").unwrap();
+        fat.write("btrfs-deploy/0123456789abcdef.linux", b"x")
+            .unwrap();
         fat.close().unwrap();
         let mut removed = b.cleanup(&["b".to_string()]).unwrap();
         removed.sort();
         assert_eq!(
             removed,
             vec![
+                "removed btrfs-deploy/0123456789abcdef.linux",
                 "removed btrfs-deploy/b.linux.tmp",
                 "removed btrfs-deploy/gone.initrd",
                 "removed btrfs-deploy/menu-99.conf"
@@ -880,28 +1032,118 @@ mod tests {
     fn menu_has_fdt_or_fdtdir() {
         let e = MenuEntry {
             label: "v2".into(),
-            initramfs: true,
-            dtb: false,
+            kernel: "1111111111111111.linux".into(),
+            initrd: Some("2222222222222222.initrd".into()),
+            dtb: None,
             dtbs: true,
             args: "console=ttyAMA0".into(),
         };
         let m = render_menu("U", std::slice::from_ref(&e));
         assert!(m.contains("label v2\n"), "{m}");
-        assert!(m.contains("  kernel /btrfs-deploy/v2.linux\n  initrd /btrfs-deploy/v2.initrd\n  fdtdir /btrfs-deploy/v2.dtbs\n"), "{m}");
+        assert!(m.contains("  kernel /btrfs-deploy/1111111111111111.linux\n  initrd /btrfs-deploy/2222222222222222.initrd\n  fdtdir /btrfs-deploy/v2.dtbs\n"), "{m}");
         assert!(m.contains("  append root=UUID=U rootfstype=btrfs rootflags=subvol=systems/v2/run rw console=ttyAMA0\n"));
+        assert_eq!(
+            menu_files(&m),
+            vec![(
+                "v2".to_string(),
+                vec![
+                    "1111111111111111.linux".to_string(),
+                    "2222222222222222.initrd".to_string(),
+                    "v2.dtbs".to_string()
+                ]
+            )]
+        );
         let m = render_menu(
             "U",
             &[MenuEntry {
-                dtb: true,
-                initramfs: false,
+                dtb: Some("3333333333333333.dtb".into()),
+                initrd: None,
                 ..e
             }],
         );
         assert!(
-            m.contains("  fdt /btrfs-deploy/v2.dtb\n")
+            m.contains("  fdt /btrfs-deploy/3333333333333333.dtb\n")
                 && !m.contains("fdtdir")
                 && !m.contains("initrd"),
             "{m}"
         );
+        assert!(is_content_name("3333333333333333.dtb"));
+        assert!(!is_content_name("v2.dtb") && !is_content_name("3333333333333333.dtbs"));
+    }
+
+    #[test]
+    fn identical_kernels_share_one_copy_on_the_boot_partition() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let part = (1u64 << 20, 64u64 << 20);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(part.0 + part.1)
+            .unwrap();
+        super::super::fat::format(&img, part.0, part.1, "BOOT").unwrap();
+        let top = Layout::new(&d.path().join("top"));
+        let entry = |l: &str| Entry {
+            label: l.into(),
+            initramfs: true,
+            dtb: false,
+            args: "x".into(),
+        };
+        // The same 40 MiB kernel, two initramfs files: on 64 MiB, the kernel
+        // fits once, not twice.
+        for (l, initrd) in [("a", 2u8), ("b", 4u8)] {
+            let v = top.version(l);
+            std::fs::create_dir_all(&v).unwrap();
+            std::fs::write(v.join(layout::KERNEL), vec![1u8; 40 << 20]).unwrap();
+            std::fs::write(v.join(layout::INITRAMFS), vec![initrd; 1000]).unwrap();
+            Deployment::default()
+                .save(&v.join(layout::DEPLOYMENT_JSON))
+                .unwrap();
+        }
+        let b = UBoot::new(&img, part);
+        b.write_menu(&top, "U", &[entry("a")], "a", None).unwrap();
+        b.switch_default("a").unwrap();
+        // Planning counts only what is not there yet.
+        assert!(b.check_space("b", &[40 << 20, 1000]).is_err());
+        let vb = top.version("b");
+        b.check_space_for("b", &[vb.join(layout::KERNEL), vb.join(layout::INITRAMFS)])
+            .unwrap();
+        b.write_menu(&top, "U", &[entry("a"), entry("b")], "a", None)
+            .unwrap();
+        b.switch_default("b").unwrap();
+        let files = |b: &UBoot| -> Vec<String> {
+            let fat = b.open(false).unwrap();
+            let names = fat
+                .list(VERSIONS_DIR)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .filter(|n| is_content_name(n))
+                .collect();
+            fat.close().unwrap();
+            names
+        };
+        let all = files(&b);
+        assert_eq!(
+            all.iter().filter(|n| n.ends_with(KERNEL)).count(),
+            1,
+            "{all:?}"
+        );
+        assert_eq!(
+            all.iter().filter(|n| n.ends_with(INITRD)).count(),
+            2,
+            "{all:?}"
+        );
+        let st = inspect(&img, part).unwrap();
+        assert_eq!(st.complete, vec!["a", "b"]);
+        // Removing a keeps the shared kernel (b names it), drops a's initramfs.
+        b.write_menu(&top, "U", &[entry("b")], "b", None).unwrap();
+        b.remove_version("a").unwrap();
+        let left = files(&b);
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.iter().any(|n| n.ends_with(KERNEL)), "{left:?}");
+        let st = inspect(&img, part).unwrap();
+        assert_eq!(st.complete, vec!["b"]);
+        assert!(st.problems.is_empty(), "{:?}", st.problems);
+        assert!(b.cleanup(&["b".to_string()]).unwrap().is_empty());
     }
 }

@@ -72,7 +72,7 @@ pub const LOADER_CONF_SIZE: usize = 512;
 /// Suffix of files being written.
 const TMP: &str = super::fat::TMP_SUFFIX;
 /// Hex digits of a boot file's SHA-256 in its name on the ESP.
-const HASH_DIGITS: usize = 16;
+pub(crate) const HASH_DIGITS: usize = 16;
 /// Room for directory entries and the entry file of a version, on top of its files.
 const ENTRY_OVERHEAD: u64 = 16 << 10;
 
