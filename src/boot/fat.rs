@@ -1,4 +1,4 @@
-//! A FAT boot partition (an EFI system partition; later U-Boot's boot
+//! A FAT boot partition (an EFI system partition, or U-Boot's boot
 //! partition), written from user space with the `fatfs` crate: no vfat
 //! kernel module and no mount are needed, which also keeps the partition
 //! invisible to the host and to anything that mounts it there.
@@ -87,6 +87,45 @@ const CLUSTER: u32 = 2048;
 /// FAT32 needs at least 65525 clusters (with room for the FATs); smaller
 /// partitions get the FAT type `fatfs` picks for their size.
 const FAT32_MIN_CLUSTERS: u64 = 66_000;
+
+/// Hex digits of a boot file's SHA-256 in its content name.
+pub const HASH_DIGITS: usize = 16;
+
+/// The name of a boot file with the content of `src`, for backends that
+/// share identical kernel files between versions:
+/// `<first 16 hex digits of its SHA-256><suffix>`.
+pub fn content_name(src: &Path, suffix: &str) -> Result<String> {
+    use sha2::Digest;
+    let mut f = File::open(src).with_context(|| format!("reading {}", src.display()))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", src.display()))?;
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("{}{suffix}", &hex[..HASH_DIGITS]))
+}
+
+/// Whether `name` is a [`content_name`] with one of `suffixes`.
+pub fn is_content_name(name: &str, suffixes: &[&str]) -> bool {
+    suffixes.iter().any(|sfx| {
+        name.strip_suffix(sfx).is_some_and(|stem| {
+            stem.len() == HASH_DIGITS && stem.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    })
+}
+
+/// A sparse `disk.img` in `dir` with a 64 MiB FAT partition named `label`
+/// at 1 MiB, for the backends' unit tests. Returns the image and the
+/// partition's (offset, size).
+#[cfg(test)]
+pub fn test_partition(dir: &Path, label: &str) -> (std::path::PathBuf, (u64, u64)) {
+    let img = dir.join("disk.img");
+    let part = (1u64 << 20, 64u64 << 20);
+    File::create(&img)
+        .unwrap()
+        .set_len(part.0 + part.1)
+        .unwrap();
+    format(&img, part.0, part.1, label).unwrap();
+    (img, part)
+}
 
 /// Formats the byte range `start..start+size` of `disk` as FAT32 named `label`.
 pub fn format(disk: &Path, start: u64, size: u64, label: &str) -> Result<()> {

@@ -213,11 +213,7 @@ fn menu_number(name: &str) -> Option<u64> {
 /// Whether `name` is a content-addressed kernel file (`<16 hex digits>.linux`,
 /// `.initrd` or `.dtb`).
 fn is_content_name(name: &str) -> bool {
-    [KERNEL, INITRD, DTB].iter().any(|sfx| {
-        name.strip_suffix(sfx).is_some_and(|stem| {
-            stem.len() == super::uefi::HASH_DIGITS && stem.bytes().all(|b| b.is_ascii_hexdigit())
-        })
-    })
+    super::fat::is_content_name(name, &[KERNEL, INITRD, DTB])
 }
 
 /// The version label of a file or directory in `btrfs-deploy/`.
@@ -236,28 +232,30 @@ type VersionFile = (PathBuf, String, bool);
 type Tree = (Vec<(String, u64)>, Vec<String>);
 
 /// The menu entry of version `e` and its files to put on the boot partition.
-/// Kernel, initramfs and `--dtb` are named by their content; `current` (the
-/// names the menu in use gives this version) is kept when those files are
-/// there with the same sizes, since a version's files never change and need
+/// Kernel, initramfs and `--dtb` are named by their content; the names the
+/// menu in use (`current`, from [`UBoot::current_files`]) gives this version
+/// are kept when those files are there with the same sizes, since a version's files never change and need
 /// not be hashed again.
 fn version_files(
     top: &Layout,
     e: &Entry,
-    current: &[String],
-    fat: Option<&FatPartition>,
+    fat: &FatPartition,
+    current: &[(String, Vec<String>)],
 ) -> Result<(MenuEntry, Vec<VersionFile>)> {
     let dir = top.version(&e.label);
+    let current: &[String] = current
+        .iter()
+        .find(|(l, _)| *l == e.label)
+        .map(|(_, f)| f.as_slice())
+        .unwrap_or_default();
     let name_of = |src: &Path, suffix: &str| -> Result<String> {
-        if let Some(fat) = fat {
-            let len = file_len(src)?;
-            for n in current.iter().filter(|n| n.ends_with(suffix)) {
-                if fat.file_len(&format!("{VERSIONS_DIR}/{n}"))? == Some(len) {
-                    return Ok(n.clone());
-                }
+        let len = file_len(src)?;
+        for n in current.iter().filter(|n| n.ends_with(suffix)) {
+            if fat.file_len(&format!("{VERSIONS_DIR}/{n}"))? == Some(len) {
+                return Ok(n.clone());
             }
         }
-        let n = super::uefi::content_name(src, suffix)?;
-        Ok(n.rsplit('/').next().unwrap_or(&n).to_string())
+        super::fat::content_name(src, suffix)
     };
     let kernel_src = dir.join(layout::KERNEL);
     let kernel = name_of(&kernel_src, KERNEL)?;
@@ -505,8 +503,8 @@ impl Backend for UBoot {
         for (i, src) in files.iter().enumerate() {
             let suffix = if i == 0 { KERNEL } else { INITRD };
             let len = file_len(src)?;
-            let name = super::uefi::content_name(src, suffix)?;
-            if fat.file_len(&name)? != Some(len) {
+            let name = super::fat::content_name(src, suffix)?;
+            if fat.file_len(&format!("{VERSIONS_DIR}/{name}"))? != Some(len) {
                 need += fat.allocated(len);
             }
         }
@@ -530,12 +528,7 @@ impl Backend for UBoot {
             let fat = self.open(false)?;
             let current = Self::current_files(&fat)?;
             for e in entries {
-                let names = current
-                    .iter()
-                    .find(|(l, _)| *l == e.label)
-                    .map(|(_, f)| f.as_slice())
-                    .unwrap_or_default();
-                let (m, files) = version_files(top, e, names, Some(&fat))?;
+                let (m, files) = version_files(top, e, &fat, &current)?;
                 menu.push(m);
                 plan.push((e.label.clone(), files));
             }
@@ -624,13 +617,7 @@ impl Backend for UBoot {
     fn arm_trial(&self, top: &Layout, fs_uuid: &str, trial: &Entry, _: &Entry) -> Result<()> {
         let (m, _) = {
             let fat = self.open(false)?;
-            let current = Self::current_files(&fat)?;
-            let names = current
-                .iter()
-                .find(|(l, _)| *l == trial.label)
-                .map(|(_, f)| f.as_slice())
-                .unwrap_or_default();
-            let planned = version_files(top, trial, names, Some(&fat))?;
+            let planned = version_files(top, trial, &fat, &Self::current_files(&fat)?)?;
             fat.close()?;
             planned
         };
@@ -697,9 +684,9 @@ impl Backend for UBoot {
             let used = Self::referenced(fat)?;
             for f in fat.list(VERSIONS_DIR)? {
                 let mine = file_label(&f.name).is_some_and(|l| l.eq_ignore_ascii_case(label));
-                let unused_content =
-                    is_content_name(&f.name) && !used.contains(&f.name.to_ascii_lowercase());
-                if (mine || unused_content) && !used.contains(&f.name.to_ascii_lowercase()) {
+                if (mine || is_content_name(&f.name))
+                    && !used.contains(&f.name.to_ascii_lowercase())
+                {
                     fat.remove_all(&format!("{VERSIONS_DIR}/{}", f.name))?;
                 }
             }
@@ -914,13 +901,7 @@ mod tests {
     #[test]
     fn versions_on_the_boot_partition_added_switched_removed_cleaned() {
         let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("disk.img");
-        let part = (1u64 << 20, 64u64 << 20);
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(part.0 + part.1)
-            .unwrap();
-        super::super::fat::format(&img, part.0, part.1, "BOOT").unwrap();
+        let (img, part) = super::super::fat::test_partition(d.path(), "BOOT");
         let top = Layout::new(&d.path().join("top"));
         let entry = |l: &str| Entry {
             label: l.into(),
@@ -1074,13 +1055,7 @@ mod tests {
     #[test]
     fn identical_kernels_share_one_copy_on_the_boot_partition() {
         let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("disk.img");
-        let part = (1u64 << 20, 64u64 << 20);
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(part.0 + part.1)
-            .unwrap();
-        super::super::fat::format(&img, part.0, part.1, "BOOT").unwrap();
+        let (img, part) = super::super::fat::test_partition(d.path(), "BOOT");
         let top = Layout::new(&d.path().join("top"));
         let entry = |l: &str| Entry {
             label: l.into(),

@@ -71,8 +71,6 @@ pub const ESP_DIRS: [&str; 5] = ["EFI", "EFI/BOOT", "loader", ENTRIES_DIR, VERSI
 pub const LOADER_CONF_SIZE: usize = 512;
 /// Suffix of files being written.
 const TMP: &str = super::fat::TMP_SUFFIX;
-/// Hex digits of a boot file's SHA-256 in its name on the ESP.
-pub(crate) const HASH_DIGITS: usize = 16;
 /// Room for directory entries and the entry file of a version, on top of its files.
 const ENTRY_OVERHEAD: u64 = 16 << 10;
 
@@ -199,16 +197,10 @@ pub fn entry_files(text: &str) -> Vec<String> {
 /// The name on the ESP of a boot file with the content of `src`:
 /// `btrfs-deploy/<first 16 hex digits of its SHA-256><suffix>`.
 pub fn content_name(src: &Path, suffix: &str) -> Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(src).with_context(|| format!("reading {}", src.display()))?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", src.display()))?;
-    let hex: String = h
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
-    Ok(format!("{VERSIONS_DIR}/{}{suffix}", &hex[..HASH_DIGITS]))
+    Ok(format!(
+        "{VERSIONS_DIR}/{}",
+        super::fat::content_name(src, suffix)?
+    ))
 }
 
 /// What [`SystemdBoot::plan_files`] found: the ESP names of a version's
@@ -745,13 +737,7 @@ mod tests {
     #[test]
     fn versions_on_an_esp_added_switched_removed_cleaned() {
         let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("disk.img");
-        let esp = (1u64 << 20, 64u64 << 20);
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(esp.0 + esp.1)
-            .unwrap();
-        super::super::fat::format(&img, esp.0, esp.1, "ESP").unwrap();
+        let (img, esp) = super::super::fat::test_partition(d.path(), "ESP");
         let top = Layout::new(&d.path().join("top"));
         let entry = |l: &str| Entry {
             label: l.into(),
@@ -828,13 +814,7 @@ mod tests {
     #[test]
     fn identical_kernels_share_one_copy_on_the_esp() {
         let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("disk.img");
-        let esp = (1u64 << 20, 64u64 << 20);
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(esp.0 + esp.1)
-            .unwrap();
-        super::super::fat::format(&img, esp.0, esp.1, "ESP").unwrap();
+        let (img, esp) = super::super::fat::test_partition(d.path(), "ESP");
         let top = Layout::new(&d.path().join("top"));
         let entry = |l: &str| Entry {
             label: l.into(),
@@ -874,7 +854,8 @@ mod tests {
         assert_eq!(one_copy.len(), 2, "{one_copy:?}");
         assert!(one_copy
             .iter()
-            .all(|n| n.len() == HASH_DIGITS + 6 || n.len() == HASH_DIGITS + 7));
+            .all(|n| n.len() == super::super::fat::HASH_DIGITS + 6
+                || n.len() == super::super::fat::HASH_DIGITS + 7));
         // b shares a's files: it fits, though a second 40 MiB would not
         // (the sizes alone say so).
         assert!(b.check_space("b", &[40 << 20, 1000]).is_err());
@@ -915,13 +896,7 @@ mod tests {
     #[test]
     fn default_switch_writes_leave_the_disk_and_switch_a_copy() {
         let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("disk.img");
-        let esp = (1u64 << 20, 64u64 << 20);
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(esp.0 + esp.1)
-            .unwrap();
-        super::super::fat::format(&img, esp.0, esp.1, "ESP").unwrap();
+        let (img, esp) = super::super::fat::test_partition(d.path(), "ESP");
         let top = Layout::new(&d.path().join("top"));
         let entry = |l: &str| Entry {
             label: l.into(),
