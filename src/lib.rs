@@ -2,8 +2,8 @@
 //! Btrfs layout, add versions, switch and roll back atomically, boot-test.
 
 //! The folders follow one deploy (design §2): `cli` and `config` parse,
-//! `app` runs each command, `target` opens the disk, `store` owns the
-//! versioned layout on it, `build` writes a version's tree, `boot` makes it
+//! `app` runs each command, `disk` opens the target disk, `store` owns the
+//! versioned layout on it, `tree` writes a version's tree, `boot` makes it
 //! bootable, `boottest` boots it in QEMU; `util` holds small shared helpers.
 
 /// `println!` that never panics: output that cannot be written (a closed
@@ -27,26 +27,26 @@ macro_rules! errln {
 pub(crate) mod app;
 pub(crate) mod boot;
 pub(crate) mod boottest;
-pub mod build;
 pub(crate) mod bundle;
 pub mod cli;
 pub(crate) mod config;
+pub(crate) mod disk;
 pub(crate) mod store;
-pub(crate) mod target;
+pub mod tree;
 pub(crate) mod util;
 
 use anyhow::Result;
 use app::{about, check, commands, deploy, generate, summary};
-use build::{extensions, intree};
 use cli::{BundleCommand, Cli, Command};
-use target::mount;
+use disk::mount;
+use tree::{extensions, intree};
 use util::json;
 use util::{signals, ui};
 
 /// An error message as the user should see it: paths below the tool's
 /// private mount points named as the user knows them.
 pub fn user_message(msg: &str) -> String {
-    target::mount::user_paths(msg)
+    disk::mount::user_paths(msg)
 }
 
 /// A mistake in how the command was called (exit status 2).

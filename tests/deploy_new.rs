@@ -137,7 +137,7 @@ fn factory_deploy_writes_the_whole_layout() {
             m.path(&format!("systems/factory/run/{d}")).is_dir(),
             "{d} mount point missing"
         );
-        let diff = btrfs_deploy::build::copy::testing::tree_diff(
+        let diff = btrfs_deploy::tree::copy::testing::tree_diff(
             &m.path(&format!("state/{d}")),
             &inside,
             false,

@@ -3,7 +3,7 @@
 //! compared with a deploy of the directory itself.
 
 mod common;
-use btrfs_deploy::build::copy::testing::tree_diff;
+use btrfs_deploy::tree::copy::testing::tree_diff;
 use common::*;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};

@@ -142,7 +142,7 @@ fn upgrade_syncs_delta_shares_extents_and_merges_etc() {
     // Content matches the new rootfs, deletions included.
     for sub in ["usr", "dev", "boot", "empty"] {
         let diff =
-            btrfs_deploy::build::copy::testing::tree_diff(&v2.join(sub), &orig2.join(sub), false);
+            btrfs_deploy::tree::copy::testing::tree_diff(&v2.join(sub), &orig2.join(sub), false);
         assert!(diff.is_empty(), "{sub} differs: {diff:?}");
     }
     assert!(!orig2.join("usr/bin/sgid").exists());

@@ -15,11 +15,11 @@
 //!
 //! The rules are pure functions over text and lists, unit-tested below.
 
-use crate::build::fstab;
+use crate::disk::open::{self, Disk, TargetKind};
 use crate::store::btrfs;
 use crate::store::deployment::Deployment;
 use crate::store::layout::{self, Layout};
-use crate::target::disk::{self, Disk, TargetKind};
+use crate::tree::fstab;
 use crate::util::cmd;
 use crate::util::rootpath;
 use crate::util::units;
@@ -173,13 +173,13 @@ pub fn run(target: &Path, json: bool) -> Result<()> {
 /// `btrfs check`) and returns every finding. Errors only when the target
 /// cannot be opened at all.
 pub fn check(target: &Path) -> Result<Report> {
-    let kind = disk::classify(target)?;
+    let kind = open::classify(target)?;
     if kind == TargetKind::Missing {
         bail!("{} does not exist", target.display());
     }
-    let _lock = disk::lock_existing(target)?;
-    disk::ensure_not_in_use(target, kind)?;
-    disk::require_btrfs(target)?;
+    let _lock = open::lock_existing(target)?;
+    open::ensure_not_in_use(target, kind)?;
+    open::require_btrfs(target)?;
     let mut findings = Vec::new();
     match Disk::open(target, kind, true) {
         Ok(disk) => {
@@ -203,7 +203,7 @@ pub fn check(target: &Path) -> Result<Report> {
             ));
         }
     }
-    if disk::is_mounted(target)? {
+    if open::is_mounted(target)? {
         findings.push(Finding::warning(
             "btrfs check",
             format!(
@@ -268,7 +268,7 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
     out.insert(0, check_default(top, &versions));
     out.insert(0, Finding::ok("disk", disk.disk_layout.boot.describe()));
     out.push(check_state(&versions, &state_subvols));
-    if top.state().join(crate::build::statemerge::JOURNAL).exists() {
+    if top.state().join(crate::tree::statemerge::JOURNAL).exists() {
         out.push(Finding::warning(
             "state merge",
             "/state/.deploy-merge: a /state merge was interrupted; deploy cleanup (or the next \
@@ -940,9 +940,9 @@ pub fn boot_config_problems(
 fn btrfs_check(target: &Path) -> Finding {
     let name = "btrfs check";
     // On a GPT disk, the Btrfs partition through a read-only loop device.
-    let part = match disk::require_btrfs(target).map(|l| l.btrfs) {
+    let part = match open::require_btrfs(target).map(|l| l.btrfs) {
         Ok(Some(range)) => {
-            match crate::target::loopdev::LoopGuard::attach_range(target, Some(range), true) {
+            match crate::disk::loopdev::LoopGuard::attach_range(target, Some(range), true) {
                 Ok(l) => Some(l),
                 Err(e) => return Finding::problem(name, format!("{e:#}")),
             }

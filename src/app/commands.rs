@@ -1,11 +1,11 @@
 //! The subcommands that manage versions on an existing disk: list,
 //! set-default, remove, cleanup.
 
+use crate::disk::open::{self, Disk, TargetKind};
 use crate::store::btrfs;
 use crate::store::layout::{self, Layout};
 use crate::store::lifecycle;
 use crate::store::versions;
-use crate::target::disk::{self, Disk, TargetKind};
 use crate::util::ui;
 use crate::util::units;
 use anyhow::{bail, Result};
@@ -18,15 +18,15 @@ pub fn with_disk<T>(
     read_only: bool,
     f: impl FnOnce(&Disk) -> Result<T>,
 ) -> Result<T> {
-    let kind = disk::classify(target)?;
+    let kind = open::classify(target)?;
     if kind == TargetKind::Missing {
         bail!("{} does not exist", target.display());
     }
-    let lock = disk::lock_existing(target)?;
+    let lock = open::lock_existing(target)?;
     let result = open_checked(target, kind, read_only, |disk| {
         if !read_only {
             // A /state merge an interruption left is finished (or undone) first.
-            crate::build::statemerge::recover(&disk.layout)?;
+            crate::tree::statemerge::recover(&disk.layout)?;
         }
         f(disk)
     });
@@ -216,7 +216,7 @@ pub fn remove(label: &str, target: &Path) -> Result<()> {
 /// and removes left on the disk.
 pub fn cleanup(target: &Path) -> Result<()> {
     let partial = layout::image_partial(target);
-    if crate::target::partial::remove_leftover(&partial)? {
+    if crate::disk::partial::remove_leftover(&partial)? {
         ui::step(format!("Removed {}", partial.display()));
     }
     if target.exists() {
@@ -265,12 +265,12 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
         ))
         .into());
     }
-    let kind = disk::classify(&args.target)?;
+    let kind = open::classify(&args.target)?;
     if kind == TargetKind::Missing {
         bail!("{} does not exist: nothing to boot", args.target.display());
     }
     // Hold the lock while QEMU runs, so no deploy changes the disk under it.
-    let _lock = disk::lock_existing(&args.target)?;
+    let _lock = open::lock_existing(&args.target)?;
     let (boot_kind, esp, arch) = open_checked(&args.target, kind, true, |disk| {
         let top = &disk.layout;
         let default = versions::default_label(top)?;
@@ -422,8 +422,8 @@ fn open_checked<T>(
     read_only: bool,
     f: impl FnOnce(&Disk) -> Result<T>,
 ) -> Result<T> {
-    disk::ensure_not_in_use(target, kind)?;
-    disk::require_btrfs(target)?;
+    open::ensure_not_in_use(target, kind)?;
+    open::require_btrfs(target)?;
     let disk = Disk::open(target, kind, read_only)?;
     if !disk.layout.exists() {
         drop(disk);

@@ -7,24 +7,24 @@
 //! systems/default → sync → unmount, detach (→ rename image.partial to image).
 
 use crate::boot::{extlinux, uefi, BootKind};
-use crate::build::arch::{self, Arch};
-use crate::build::copy::{self, CopyOptions, SyncOptions};
-use crate::build::extensions::{self, Extension};
-use crate::build::fstab;
-use crate::build::kernel::{self, KernelChoice};
-use crate::build::state;
-use crate::build::statemerge;
-use crate::build::tarball;
 use crate::cli::BootArg;
 use crate::cli::DeployArgs;
+use crate::disk::open::{self, Contents, Disk, TargetKind};
+use crate::disk::partial;
+use crate::disk::partition::{self, PartSpec};
 use crate::store::btrfs;
 use crate::store::deployment::{self, Deployment};
 use crate::store::layout::{self, Layout};
 use crate::store::lifecycle;
 use crate::store::versions;
-use crate::target::disk::{self, Contents, Disk, TargetKind};
-use crate::target::partial;
-use crate::target::partition::{self, PartSpec};
+use crate::tree::arch::{self, Arch};
+use crate::tree::copy::{self, CopyOptions, SyncOptions};
+use crate::tree::extensions::{self, Extension};
+use crate::tree::fstab;
+use crate::tree::kernel::{self, KernelChoice};
+use crate::tree::state;
+use crate::tree::statemerge;
+use crate::tree::tarball;
 use crate::util::cmd;
 use crate::util::fsutil;
 use crate::util::signals;
@@ -221,12 +221,12 @@ pub fn plan(
         arch::check_kernel(k, a, "the rootfs (--arch)")?;
     }
 
-    let kind = disk::classify(&target)?;
+    let kind = open::classify(&target)?;
     if kind == TargetKind::File || kind == TargetKind::BlockDevice {
         // A running deploy holds the lock and has the image attached: name
         // it, rather than suggest detaching its loop device.
-        drop(disk::lock_existing(&target)?);
-        disk::ensure_not_in_use(&target, kind)?;
+        drop(open::lock_existing(&target)?);
+        open::ensure_not_in_use(&target, kind)?;
     }
     let is_new = match kind {
         TargetKind::Missing => true,
@@ -237,7 +237,7 @@ pub fn plan(
                     target.display()
                 );
             }
-            match disk::probe(&target)? {
+            match open::probe(&target)? {
                 Contents::Btrfs(_) => false,
                 Contents::Other(what) => bail!(
                     "target {} exists and holds {what}, not a btrfs-deploy disk: choose a new path",
@@ -249,8 +249,8 @@ pub fn plan(
                 ),
             }
         }
-        TargetKind::BlockDevice if disk::is_mounted(&target)? => {
-            if args.wipe || !matches!(disk::probe(&target)?, Contents::Btrfs(_)) {
+        TargetKind::BlockDevice if open::is_mounted(&target)? => {
+            if args.wipe || !matches!(open::probe(&target)?, Contents::Btrfs(_)) {
                 bail!(
                     "{} is mounted (or one of its partitions is): unmount it first; a mounted \
                      disk is never formatted, --wipe or not",
@@ -260,7 +260,7 @@ pub fn plan(
             // On a device: a new version next to the running one.
             false
         }
-        TargetKind::BlockDevice => match disk::probe(&target)? {
+        TargetKind::BlockDevice => match open::probe(&target)? {
             Contents::Blank => true,
             _ if args.wipe => true,
             Contents::Btrfs(_) => false,
@@ -284,7 +284,7 @@ pub fn plan(
             DEFAULT_BOOT
         })
     } else {
-        let existing = disk::require_btrfs(&target)?.boot;
+        let existing = open::require_btrfs(&target)?.boot;
         if let Some(b) = boot_arg.filter(|b| *b != existing) {
             bail!(
                 "--boot {b} applies to new disks only; {} is a {existing} disk and keeps its layout \
@@ -436,7 +436,7 @@ pub fn plan(
         extensions::run_checks(&exts, &ext_context)?;
         // Extensions run the tree's programs: a foreign tree needs qemu-user.
         if let Some(a) = arch {
-            if let Some(note) = crate::build::foreign::ensure_runnable(a, "the rootfs")? {
+            if let Some(note) = crate::tree::foreign::ensure_runnable(a, "the rootfs")? {
                 ui::detail(note);
             }
         }
@@ -599,7 +599,7 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
     let (work_path, lock, partial) = match plan.kind {
         TargetKind::BlockDevice => (
             plan.target.clone(),
-            disk::lock_existing(&plan.target)?,
+            open::lock_existing(&plan.target)?,
             None,
         ),
         _ => {
@@ -611,7 +611,7 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
     // On a block device the disk is the device, whatever the default image
     // size would have been: say what is really made.
     let made = match plan.kind {
-        TargetKind::BlockDevice => disk::block_device_size(&plan.target)?,
+        TargetKind::BlockDevice => open::block_device_size(&plan.target)?,
         _ => new.size,
     };
     let partitions = if new.boot.partitioned() {
@@ -647,7 +647,7 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
         if new.boot.partitioned() {
             let range = partition_new_disk(&work_path, new.boot)?;
             let dev =
-                crate::target::loopdev::LoopGuard::attach_range(&work_path, Some(range), false)?;
+                crate::disk::loopdev::LoopGuard::attach_range(&work_path, Some(range), false)?;
             // A loop device over a block device's partition: no trim (it
             // would zero the whole partition); over an image file the trim
             // punches holes and keeps it sparse.
@@ -825,7 +825,7 @@ fn build_first_version(plan: &Plan, disk: &Disk, fs_uuid: &str) -> Result<Deploy
 /// first inspected read-only, so a refused upgrade leaves it byte-identical.
 fn deploy_upgrade(plan: &Plan) -> Result<Outcome> {
     let kind = plan.kind;
-    let _lock = disk::lock_existing(&plan.target)?;
+    let _lock = open::lock_existing(&plan.target)?;
     Disk::open(&plan.target, kind, true)?.run(|check| {
         check_upgrade_target(plan, check)?;
         match &plan.bundle {
@@ -945,7 +945,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
             "Carrying local /etc changes of {old} into {}",
             plan.label
         ));
-        let report = crate::build::etcmerge::merge_etc(
+        let report = crate::tree::etcmerge::merge_etc(
             &old_dir.join(layout::ORIG).join("etc"),
             &old_dir.join(layout::RUN).join("etc"),
             &dir.join(layout::ORIG).join("etc"),
@@ -1077,7 +1077,7 @@ fn finish_version(
             let a = arch::detect_rootfs(&orig).ok();
             if let (Some(a), false) = (a, plan.extensions.is_empty()) {
                 let what = format!("the rootfs {}", plan.rootfs.display());
-                if let Some(note) = crate::build::foreign::ensure_runnable(a, &what)? {
+                if let Some(note) = crate::tree::foreign::ensure_runnable(a, &what)? {
                     ui::detail(note);
                 }
             }
@@ -1208,7 +1208,7 @@ fn setup_state(top: &Layout, orig: &Path, kept: &[String]) -> Result<()> {
         }
         if btrfs::is_subvolume(&state) {
             // An upgrade: the version keeps its vendor copy in orig; /state
-            // follows it when it becomes the default (build::statemerge).
+            // follows it when it becomes the default (tree::statemerge).
             continue;
         }
         if !announced {

@@ -3,8 +3,8 @@
 //! root filesystem is on (found from the mount of `/`, never guessed).
 
 use crate::app::commands::with_disk;
+use crate::disk::mount::{self, MountEntry};
 use crate::store::{layout, versions};
-use crate::target::mount::{self, MountEntry};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -91,7 +91,7 @@ pub fn whole_disk(dev: &Path) -> PathBuf {
 }
 
 /// Whether the running system's `/` is on `disk` (opened from `target`).
-pub fn is_running_disk(disk: &crate::target::disk::Disk, target: &Path) -> bool {
+pub fn is_running_disk(disk: &crate::disk::open::Disk, target: &Path) -> bool {
     let Some((dev, _)) = running_system() else {
         return false;
     };

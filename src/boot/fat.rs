@@ -479,7 +479,7 @@ pub fn is_dirty(disk: &Path, start: u64) -> Result<bool> {
 pub fn repair(disk: &Path, start: u64, size: u64) -> Result<bool> {
     crate::util::cmd::require(&[&FSCK_FAT])?;
     let dirty = is_dirty(disk, start)?;
-    let dev = crate::target::loopdev::LoopGuard::attach_range(disk, Some((start, size)), false)?;
+    let dev = crate::disk::loopdev::LoopGuard::attach_range(disk, Some((start, size)), false)?;
     if !dirty {
         let mut c = std::process::Command::new(FSCK_FAT.program);
         c.arg("-n").arg(dev.path());

@@ -386,7 +386,7 @@ fn strip_text(text: &str, source_uuid: &str) -> String {
     let mut after_marker = false;
     let mut out = String::with_capacity(text.len());
     for line in text.split_inclusive('\n') {
-        if line.trim_end() == crate::build::fstab::ADDED_COMMENT {
+        if line.trim_end() == crate::tree::fstab::ADDED_COMMENT {
             after_marker = true;
             continue;
         }

@@ -3,10 +3,10 @@
 use super::format::{self, Base, ChunkHasher, Manifest, Payload};
 use super::keys;
 use crate::app::commands;
-use crate::build::kernel::{self, KernelChoice};
 use crate::store::btrfs;
 use crate::store::deployment::{self, Deployment};
 use crate::store::layout::{self, Layout};
+use crate::tree::kernel::{self, KernelChoice};
 use crate::util::{cmd, ui, units};
 use crate::UsageError;
 use anyhow::{bail, Context, Result};
@@ -64,7 +64,7 @@ pub(crate) fn create(req: &CreateRequest) -> Result<Created> {
         bail!("deploy bundle create must run as root: it mounts the source disk (try sudo)");
     }
     cmd::require(&[&cmd::BTRFS])?;
-    crate::target::mount::enter_private_namespace()?;
+    crate::disk::mount::enter_private_namespace()?;
     crate::util::signals::install()?;
     commands::with_disk(req.source, true, |disk| {
         let top = &disk.layout;

@@ -89,7 +89,7 @@ pub fn remove_version_dir(dir: &Path) -> Result<()> {
             // A bundle's quarantine holds the received subvolume.
             remove_version_dir(&path)?;
         } else if meta.is_dir() {
-            crate::build::copy::remove_tree(&path)?;
+            crate::tree::copy::remove_tree(&path)?;
         } else {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }

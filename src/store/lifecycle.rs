@@ -10,7 +10,7 @@
 //!   rename leaves a `.partial` that nothing boots; after it, a complete L.
 //! - **switch** to L: L's `default-entry.conf` present → commit → the
 //!   /state merge from the old default to L (journaled in
-//!   `/state/.deploy-merge`, see `build::statemerge`) → replace the
+//!   `/state/.deploy-merge`, see `tree::statemerge`) → replace the
 //!   `systems/default` symlink by one rename → commit. The boot menu
 //!   reaches the default entry, its kernel, initramfs, dtb and arguments all
 //!   through `systems/default`, so that rename is the whole switch.
@@ -88,7 +88,7 @@ pub fn switch(top: &Layout, boot: &Boot, label: &str, fs_uuid: &str) -> Result<(
     let switch = || fsutil::replace_symlink(&top.default_link(), Path::new(label));
     match versions::default_label(top).ok() {
         Some(from) if from != label => {
-            crate::build::statemerge::switch_with_state(top, &from, label, switch)?
+            crate::tree::statemerge::switch_with_state(top, &from, label, switch)?
         }
         _ => switch()?,
     }

@@ -78,7 +78,7 @@ pub fn copy_file_synced(src: &Path, dst: &Path) -> Result<u64> {
 pub fn reflink_file_synced(src: &Path, dst: &Path) -> Result<bool> {
     let input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let out = std::fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
-    match crate::build::copy::sys::ficlone(&input, &out) {
+    match crate::tree::copy::sys::ficlone(&input, &out) {
         Ok(()) => {
             out.sync_all()
                 .with_context(|| format!("syncing {}", dst.display()))?;

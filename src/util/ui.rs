@@ -51,7 +51,7 @@ impl Progress {
     /// Shows progress of `counters` against an expected `total_bytes`.
     pub fn start(
         what: &str,
-        counters: Arc<crate::build::copy::Progress>,
+        counters: Arc<crate::tree::copy::Progress>,
         total_bytes: u64,
     ) -> Progress {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

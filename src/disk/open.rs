@@ -2,12 +2,12 @@
 //! image file, and mount the top-level subvolume in our private namespace.
 
 use crate::boot::{Boot, BootKind};
+use crate::disk::lock::TargetLock;
+use crate::disk::loopdev::LoopGuard;
+use crate::disk::mount::MountGuard;
+use crate::disk::partition;
 use crate::store::btrfs;
 use crate::store::layout::Layout;
-use crate::target::lock::TargetLock;
-use crate::target::loopdev::LoopGuard;
-use crate::target::mount::MountGuard;
-use crate::target::partition;
 use anyhow::{bail, Context, Result};
 use nix::mount::MsFlags;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -68,7 +68,7 @@ fn is_device_dir(dir: &Path) -> bool {
         return true;
     }
     // The mount holding `canon`: the longest mount point that prefixes it.
-    crate::target::mount::own_mounts()
+    crate::disk::mount::own_mounts()
         .into_iter()
         .filter(|m| canon.starts_with(&m.mount_point))
         .max_by_key(|m| m.mount_point.as_os_str().len())
@@ -220,7 +220,7 @@ pub fn is_mounted(target: &Path) -> Result<bool> {
             }
         }
     }
-    let mounted = crate::target::mount::mounted_devices();
+    let mounted = crate::disk::mount::mounted_devices();
     Ok(devs.iter().any(|d| mounted.contains(d)))
 }
 
@@ -265,7 +265,7 @@ pub fn range_mounted(target: &Path, range: (u64, u64)) -> Result<Option<(String,
     let text = std::fs::read_to_string("/proc/1/mountinfo")
         .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
         .unwrap_or_default();
-    for m in crate::target::mount::parse_mountinfo(&text) {
+    for m in crate::disk::mount::parse_mountinfo(&text) {
         let source_dev = std::fs::metadata(&m.source)
             .ok()
             .filter(|s| m.source.starts_with("/dev/") && s.file_type().is_block_device())

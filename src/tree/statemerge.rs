@@ -47,11 +47,11 @@
 //! conflicts (`.deploy-new`), nothing is deleted; as `to`, `/state` is left
 //! as it is (there is no vendor copy to move to).
 
-use crate::build::copy;
-use crate::build::copy::sys::{self, Kind, Meta, Target, Xattrs};
 use crate::store::deployment::Deployment;
 use crate::store::layout::{self, Layout};
 use crate::store::versions;
+use crate::tree::copy;
+use crate::tree::copy::sys::{self, Kind, Meta, Target, Xattrs};
 use crate::util::{fsutil, ui};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

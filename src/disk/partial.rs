@@ -8,8 +8,8 @@
 //! carrying that mark. After locking, the path must still name the locked
 //! file (a process that unlinked or replaced it meanwhile is detected).
 
-use crate::build::copy::sys;
-use crate::target::lock::TargetLock;
+use crate::disk::lock::TargetLock;
+use crate::tree::copy::sys;
 use anyhow::{bail, Context, Result};
 use std::ffi::CString;
 use std::fs::File;

@@ -1,6 +1,6 @@
 //! Entry-by-entry three-way merge of the NSS databases in `/etc`
 //! (`passwd`, `group`, `shadow`, `gshadow`, `subuid`, `subgid`), used by the
-//! `/etc` merge ([`crate::build::etcmerge`]) when both the device and the new
+//! `/etc` merge ([`crate::tree::etcmerge`]) when both the device and the new
 //! version changed one of them. A text merge would make a user added on the
 //! device and a system user added by the new version a conflict; by entry:
 //!

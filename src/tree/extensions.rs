@@ -63,7 +63,7 @@ pub struct Context {
     pub settings: BTreeMap<String, String>,
     /// The tree's architecture, when known (an archive's only once it is
     /// written: `.check` programs then see it empty).
-    pub arch: Option<crate::build::arch::Arch>,
+    pub arch: Option<crate::tree::arch::Arch>,
 }
 
 /// The folder of the shipped extensions. An installed `deploy` (in
@@ -377,7 +377,7 @@ fn command(ext: &Extension, program: &Path, ctx: &Context, tree: Option<&Path>) 
     c.env("DEPLOY_ARCH", ctx.arch.map_or("", |a| a.name()));
     c.env(
         "DEPLOY_TOOL_ARCH",
-        crate::build::arch::Arch::of_this_tool().map_or(std::env::consts::ARCH, |a| a.name()),
+        crate::tree::arch::Arch::of_this_tool().map_or(std::env::consts::ARCH, |a| a.name()),
     );
     c.env("DEPLOY_RUN_IN_TREE", helper);
     c.env("DEPLOY_EXTENSION", &ext.name);
@@ -619,7 +619,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            arch: Some(crate::build::arch::Arch::Arm64),
+            arch: Some(crate::tree::arch::Arch::Arm64),
         }
     }
 
@@ -779,7 +779,7 @@ mod tests {
                 "DEPLOY_ARCH=arm64\n",
                 &format!(
                     "DEPLOY_TOOL_ARCH={}\n",
-                    crate::build::arch::Arch::of_this_tool().unwrap().name()
+                    crate::tree::arch::Arch::of_this_tool().unwrap().name()
                 ),
                 &format!("DEPLOY_EXTENSION_DIR={}", d.path().display()),
                 &format!(

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::build::copy;
-use crate::build::nssmerge;
+use crate::tree::copy;
+use crate::tree::nssmerge;
 
 /// Suffix of the copy of the user's version written beside a conflicting entry.
 pub const LOCAL_COPY_SUFFIX: &str = ".deploy-local";

@@ -37,8 +37,8 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::build::copy::sys::{self, dst_err, Kind, Meta, Target, Time, Xattrs};
-use crate::build::copy::{CopyStats, Progress};
+use crate::tree::copy::sys::{self, dst_err, Kind, Meta, Target, Time, Xattrs};
+use crate::tree::copy::{CopyStats, Progress};
 
 /// File name endings recognised as tar archives.
 const SUFFIXES: &[&str] = &[
@@ -213,7 +213,7 @@ fn sum_sizes<R: Read>(entries: tar::Entries<'_, R>) -> Result<u64> {
 /// Refuses (with an error naming the entry, before writing it) entries with
 /// absolute paths or `..` components, and entries whose path or hard-link
 /// target goes through a symlink. The target full fails with
-/// [`crate::build::copy::NoSpaceError`] in the error chain.
+/// [`crate::tree::copy::NoSpaceError`] in the error chain.
 pub fn extract(path: &Path, dst: &Path, progress: Option<&Progress>) -> Result<CopyStats> {
     extract_inner(path, dst, progress)
         .with_context(|| format!("extracting {} into {}", path.display(), dst.display()))
@@ -1261,8 +1261,8 @@ mod tests {
     //! Archives are made with GNU tar (as root: owners, devices, trusted xattrs).
 
     use super::*;
-    use crate::build::copy::testing::{assert_trees_equal, make_test_tree, pseudo_random};
-    use crate::build::copy::NoSpaceError;
+    use crate::tree::copy::testing::{assert_trees_equal, make_test_tree, pseudo_random};
+    use crate::tree::copy::NoSpaceError;
     use std::os::unix::fs::MetadataExt;
     use std::process::Command;
 
@@ -1274,7 +1274,7 @@ mod tests {
         let run = src.join("run");
         let m = std::fs::symlink_metadata(&run).unwrap();
         std::fs::remove_file(run.join("socket")).unwrap();
-        crate::build::copy::testing::set_times(
+        crate::tree::copy::testing::set_times(
             &run,
             (m.atime(), m.atime_nsec()),
             (m.mtime(), m.mtime_nsec()),
@@ -1373,9 +1373,9 @@ mod tests {
         f.write_all_at(&pseudo_random(10_000, 3), 5 << 20).unwrap();
         f.write_all_at(b"end", (9 << 20) - 3).unwrap();
         drop(f);
-        crate::build::copy::testing::set_times(&src.join("var/holes"), (1, 0), (2, 3)).unwrap();
+        crate::tree::copy::testing::set_times(&src.join("var/holes"), (1, 0), (2, 3)).unwrap();
         let var = std::fs::symlink_metadata(src.join("var")).unwrap();
-        crate::build::copy::testing::set_times(&src.join("var"), (1, 0), (var.mtime(), 0)).unwrap();
+        crate::tree::copy::testing::set_times(&src.join("var"), (1, 0), (var.mtime(), 0)).unwrap();
         let archive = t.path().join("sparse.tar");
         tar_c(&src, &archive, &["-S"]);
         let dst = new_dir(&t, "dst");
@@ -1693,7 +1693,7 @@ mod tests {
                 .find(|(n, _)| n.as_bytes() == name.as_bytes())
                 .map(|(_, v)| v)
         };
-        use crate::build::copy::testing as tt;
+        use crate::tree::copy::testing as tt;
         assert_eq!(
             get("d/f", "system.posix_acl_access").unwrap(),
             tt::posix_acl(&[
@@ -1776,7 +1776,7 @@ mod tests {
             (IdKind::Group, "staff") => Ok(50),
             _ => Err(anyhow!("unknown {name}")),
         };
-        use crate::build::copy::testing as tt;
+        use crate::tree::copy::testing as tt;
         let want = tt::posix_acl(&[
             (tt::ACL_USER_OBJ, 6, 0),
             (tt::ACL_USER, 4, 1001),

@@ -17,7 +17,7 @@
 //! interpreter): `DEPLOY_BINFMT_MISC` (default `/proc/sys/fs/binfmt_misc`)
 //! and `DEPLOY_BINFMT_CONF_DIR` (default `/usr/lib/binfmt.d`).
 
-use crate::build::arch::Arch;
+use crate::tree::arch::Arch;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 

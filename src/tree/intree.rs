@@ -11,12 +11,12 @@
 //!   (including when the original was a symlink or absent), whatever happens.
 //!
 //! The caller runs in a private mount namespace
-//! ([`crate::target::mount::enter_private_namespace`]), so even a crash leaves no
+//! ([`crate::disk::mount::enter_private_namespace`]), so even a crash leaves no
 //! mount behind on the host. A crash can leave the two replaced files: the
 //! originals are kept next to them (`.resolv.conf.btrfs-deploy-saved`, ...)
 //! and put back by the next run.
 
-use crate::target::mount::MountGuard;
+use crate::disk::mount::MountGuard;
 use crate::util::rootpath;
 use crate::UsageError;
 use anyhow::{bail, Context, Result};
@@ -77,14 +77,14 @@ pub fn run_in_tree(tree: &Path, cmd: &[String]) -> Result<i32> {
 }
 
 /// Makes sure the programs of `tree` can run here: a tree of another
-/// architecture runs through qemu-user (see [`crate::build::foreign`]; a
+/// architecture runs through qemu-user (see [`crate::tree::foreign`]; a
 /// tree whose architecture cannot be read is run as it is). Called before
 /// entering the private mount namespace, so that a registration it makes
 /// outlives this process.
 pub fn prepare_foreign(tree: &Path) -> Result<()> {
-    if let Ok(arch) = crate::build::arch::detect_rootfs(tree) {
+    if let Ok(arch) = crate::tree::arch::detect_rootfs(tree) {
         let what = format!("tree {}", tree.display());
-        if let Some(note) = crate::build::foreign::ensure_runnable(arch, &what)? {
+        if let Some(note) = crate::tree::foreign::ensure_runnable(arch, &what)? {
             tracing::info!("{note}");
         }
     }
@@ -287,7 +287,7 @@ fn new_mounts(now: &[PathBuf], before: &[PathBuf]) -> Vec<PathBuf> {
 pub fn mounts_under(tree: &Path) -> Result<Vec<PathBuf>> {
     let text =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    Ok(crate::target::mount::parse_mountinfo(&text)
+    Ok(crate::disk::mount::parse_mountinfo(&text)
         .into_iter()
         .map(|m| m.mount_point)
         .filter(|p| p != tree && p.starts_with(tree))
@@ -620,7 +620,7 @@ mod tests {
 
     #[test]
     fn runs_a_command_in_the_tree_and_cleans_up() {
-        const NAME: &str = "build::intree::tests::runs_a_command_in_the_tree_and_cleans_up";
+        const NAME: &str = "tree::intree::tests::runs_a_command_in_the_tree_and_cleans_up";
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root (mounts in a private namespace): run the suite as root"
