@@ -3,8 +3,12 @@
 //! `man -w deploy` and `deploy extensions` work, and a deploy of the tiny
 //! system from inside the chroot (with /dev bound) succeeds.
 //!
-//! The cached chroot is never changed: the test works on an overlay of it,
-//! in a private mount namespace (`unshare -m`), so nothing stays mounted.
+//! The cached chroot is never changed: the test works on a plain copy of it
+//! in a directory, whose `/` is not a mount point, as in sbuild, pbuilder,
+//! schroot and many CI build roots (an overlay would be a mount point and
+//! hide the difference), in a private mount namespace (`unshare -m`) whose
+//! mounts are shared among themselves, so a mount `deploy` let escape from
+//! its own namespace would show up in `host-mounts`.
 
 mod common;
 use common::*;
@@ -40,18 +44,21 @@ fn chroot_base() -> PathBuf {
     p
 }
 
-/// Runs `steps` (name, shell command run in the chroot) inside an overlay of
-/// the chroot with the package copied to /tmp/pkg.deb, the tiny system at
+/// Runs `steps` (name, shell command run in the chroot) inside a directory
+/// copy of the chroot with the package copied to /tmp/pkg.deb, the tiny system at
 /// /tiny (read-only) and `out` at /out. Each step's stdout, stderr and exit
 /// status land in `out/<name>.{stdout,stderr,rc}`.
-fn in_chroot(out: &Path, steps: &[(&str, &str)]) {
+fn in_chroot(out: &Path, steps: &[(&str, &str)]) -> PathBuf {
     let work = tempfile::tempdir().unwrap();
     let mut script = format!(
         r#"set -eu
 base={base}; w={work}; out={out}
-mkdir -p $w/upper $w/work $w/root
-mount -t overlay overlay -o lowerdir=$base,upperdir=$w/upper,workdir=$w/work $w/root
+mkdir -p $w/root
+cp -a $base/. $w/root/
 r=$w/root
+# A peer group of this namespace only: what the chroot's deploy mounts
+# reaches these mounts (and host-mounts below) only if it escapes its own.
+mount --make-rshared /
 mount --rbind /dev $r/dev
 mount -t proc proc $r/proc
 mount -t sysfs sysfs $r/sys
@@ -77,11 +84,13 @@ step() {{
     for (name, cmd) in steps {
         script.push_str(&format!("step {name} '{}'\n", cmd.replace('\'', r"'\''")));
     }
+    script.push_str("cat /proc/self/mountinfo >$out/host-mounts\n");
     let st = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "bash", "-c", &script])
         .status()
         .unwrap();
     assert!(st.success(), "setting up the chroot failed");
+    work.path().join("root")
 }
 
 struct Step {
@@ -133,7 +142,7 @@ fn package_installs_and_deploys_in_a_clean_debian_12() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
-    in_chroot(
+    let root = in_chroot(
         &out,
         &[
             ("before", "command -v deploy || echo absent"),
@@ -151,6 +160,10 @@ fn package_installs_and_deploys_in_a_clean_debian_12() {
             (
                 "deploy",
                 "cd /tmp && deploy --json --rootfs /tiny /out/disk.img",
+            ),
+            (
+                "upgrade",
+                "deploy --json --version v2 --rootfs /tiny /out/disk.img",
             ),
             ("list", "deploy list --json /out/disk.img"),
             (
@@ -189,8 +202,21 @@ fn package_installs_and_deploys_in_a_clean_debian_12() {
         serde_json::from_str(&d.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", d.stdout, d.stderr));
     assert_eq!(summary["kind"], "new");
     assert_eq!(summary["label"], "factory");
+    let up: serde_json::Value = serde_json::from_str(&ok(&out, "upgrade").stdout).unwrap();
+    assert_eq!(up["label"], "v2");
     let list: serde_json::Value = serde_json::from_str(&ok(&out, "list").stdout).unwrap();
     assert_eq!(list["versions"][0]["label"], "factory");
+    assert_eq!(list["versions"][1]["label"], "v2");
+    // Nothing the deploys mounted inside the chroot escaped their namespace.
+    let seen = std::fs::read_to_string(out.join("host-mounts")).unwrap();
+    let ours = ["dev", "proc", "sys", "tiny", "out"].map(|d| root.join(d));
+    for l in seen.lines() {
+        let point = Path::new(l.split(' ').nth(4).unwrap_or_default());
+        assert!(
+            !point.starts_with(&root) || point == root || ours.iter().any(|d| point.starts_with(d)),
+            "a mount of the chroot's deploy escaped its namespace: {l}\n{seen}"
+        );
+    }
     ok(&out, "completion");
 
     // The image made inside the chroot is a good disk for the host's deploy.

@@ -54,18 +54,75 @@ pub fn enter_private_namespace() -> Result<()> {
         return Ok(());
     }
     unshare(CloneFlags::CLONE_NEWNS).context("creating a private mount namespace (unshare)")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("making / a private mount in the new namespace")?;
+    make_root_private()?;
     let base = mount_private_base()?;
     let _ = MOUNT_BASE.set(base);
     IN_PRIVATE_NS.store(true, Ordering::SeqCst);
     Ok(())
+}
+
+/// Makes every mount of the new namespace private, so nothing mounted from
+/// here on propagates to the host.
+///
+/// `/` is usually a mount point, and one recursive `MS_PRIVATE` on it does
+/// it. In a directory chroot (sbuild, pbuilder, schroot, many CI build
+/// roots) it is not: the kernel refuses `MS_PRIVATE` on a path that is not
+/// the root of a mount (`EINVAL`), and the mount holding the chroot lies
+/// outside it, where no path reaches. Then the namespace's own root is
+/// reached by walking out of the chroot (this namespace is ours: nothing
+/// outside changes), made private there, and the process returns to the
+/// chroot it was in, so every path it resolves afterwards is the same.
+fn make_root_private() -> Result<()> {
+    let private = |path: &str| {
+        mount(
+            None::<&str>,
+            path,
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+    };
+    match private("/") {
+        Ok(()) => return Ok(()),
+        Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e).context("making / a private mount in the new namespace"),
+    }
+    let chroot_dir = std::fs::File::open("/").context("opening / (the chroot) to return to it")?;
+    let res = private_from_namespace_root(&private);
+    // Back into the chroot whatever happened: the rest of the run resolves
+    // its paths there.
+    let back = nix::unistd::fchdir(std::os::fd::AsRawFd::as_raw_fd(&chroot_dir))
+        .and_then(|()| nix::unistd::chroot("."))
+        .and_then(|()| nix::unistd::chdir("/"));
+    res?;
+    back.context("returning into the chroot after making its mounts private")
+}
+
+/// Leaves the chroot for the namespace's root (a `chroot` to a directory
+/// below the current one, then `..` until the top), and makes every mount
+/// there private. The caller returns into the chroot.
+fn private_from_namespace_root(private: &dyn Fn(&str) -> nix::Result<()>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ctx = "making the mounts of a directory chroot private (/ is not a mount point)";
+    nix::unistd::chdir("/").context(ctx)?;
+    // Any directory below the current root will do: /dev, /proc and /etc
+    // exist in every chroot a deploy can run in.
+    let below = ["/proc", "/dev", "/etc", "/usr"]
+        .into_iter()
+        .find(|d| Path::new(d).is_dir())
+        .context("the chroot has none of /proc, /dev, /etc, /usr")?;
+    nix::unistd::chroot(below).context(ctx)?;
+    // The working directory is now outside the root: `..` walks up freely.
+    for _ in 0..4096 {
+        let here = std::fs::metadata(".").context(ctx)?;
+        let up = std::fs::metadata("..").context(ctx)?;
+        if here.dev() == up.dev() && here.ino() == up.ino() {
+            break;
+        }
+        nix::unistd::chdir("..").context(ctx)?;
+    }
+    nix::unistd::chroot(".").context(ctx)?;
+    private("/").context(ctx)
 }
 
 /// A mounted filesystem on a temporary directory; unmounted (and the
