@@ -12,7 +12,8 @@
 # Measured side by side, median of BENCH_RUNS runs (default 3), page cache
 # dropped before every run (BENCH_DROP_CACHES=0 keeps it warm instead), each
 # run timed until its data is durable (`sync` at the end of both sides):
-#   1. fresh:   deploy TREE new.img (bootloader path: kernel and initramfs
+#   1. fresh:   deploy TREE new.img, the default disk kind (hybrid: GPT, ESP with
+#               systemd-boot and the kernel files, SYSLINUX; bootloader path: kernel and initramfs
 #               installed, extlinux written)
 #               vs mkfs.btrfs + mount + cp -a into a subvolume + snapshot + umount
 #   2. upgrade: deploy --version v2 TREE-v2 (on a copy of the factory image)
@@ -368,7 +369,7 @@ bench_tree() {
     mrp=$(median "${rs_p[@]}")
     local nch nadd ndel bytes blocks
     read -r nch nadd ndel bytes blocks <"$B/$t-v2.changes"
-    record "$t" "fresh deploy / cp -a floor (s)" "$mf" "$mfl" s "$(ratio "$mf" "$mfl")" "<=" 1.0
+    record "$t" "fresh deploy / cp -a floor (s)" "$mf" "$mfl" s "$(ratio "$mf" "$mfl")" "<=" 0.9
     record "$t" "upgrade / rsync --checksum (s)" "$mu" "$mrc" s "$(ratio "$mu" "$mrc")" "<=" 0.2
     record "$t" "upgrade / rsync (s)" "$mu" "$mrp" s "$(ratio "$mu" "$mrp")" "<=" 0.5
     record "$t" "growth / bytes changed, 4K blocks" "$growth" "$blocks" B "$(ratio "$growth" "$blocks")" "<=" 1.1
@@ -443,7 +444,7 @@ for t in $TREES; do bench_tree "$t"; done
 {
     echo "btrfs-deploy benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, kernel $(uname -r)"
     echo "median of $RUNS runs; page cache $([[ $DROP == 1 ]] && echo dropped || echo kept warm) before each run; times include sync"
-    echo "ratio = ours / baseline (targets: fresh <= 1.0, upgrade <= 0.2 of rsync -c and <= 0.5 of rsync, growth <= 1.1, RSS < 1.0, bundle size <= 1.2, bundle apply <= 0.2)"
+    echo "ratio = ours / baseline (targets: fresh <= 0.9 (the default disk kind, hybrid), upgrade <= 0.2 of rsync -c and <= 0.5 of rsync, growth <= 1.1, RSS < 1.0, bundle size <= 1.2, bundle apply <= 0.2)"
     printf '%-7s %-34s %12s %12s %-4s %7s  %s\n' tree metric ours baseline unit ratio "target ok"
     printf '%s\n' "${RESULT_LINES[@]}"
     echo "all targets met: $([[ $ALL_OK == 1 ]] && echo yes || echo no); measuring took $((SECONDS - MEASURE)) s"

@@ -9,10 +9,12 @@
 //! keep files flat inside them; [`FatPartition`] never creates directories.
 //!
 //! The partition is a byte range of the disk image or block device
-//! (`fscommon::StreamSlice`). Writes go straight to the file (no user-space
-//! cache), and [`FatPartition::close`] unmounts (fatfs clears its dirty
-//! flag) and fsyncs the disk.
+//! (`fscommon::StreamSlice`) over a page cache of our own (`fat_disk`):
+//! writes reach the disk at each [`FatPartition::sync`] and at
+//! [`FatPartition::close`], which unmounts (fatfs clears its dirty flag)
+//! and fsyncs the disk.
 
+use super::fat_disk::{DiskFile, PageCache, Writes};
 use anyhow::{bail, Context, Result};
 use fscommon::StreamSlice;
 use std::fs::File;
@@ -21,65 +23,7 @@ use std::path::Path;
 
 type Fs = fatfs::FileSystem<StreamSlice<DiskFile>>;
 
-/// Writes kept in memory instead of reaching the disk: (byte offset on the
-/// disk, data), in the order they were made.
-pub type Captured = Vec<(u64, Vec<u8>)>;
-
-/// The disk under a [`FatPartition`]. Opened read-only, writes are dropped:
-/// `fatfs` updates its cached free-cluster count (FSInfo) even when only
-/// reading, and a read-only inspection must leave the disk byte-identical.
-/// Opened to capture, writes are kept in memory (and read back over the
-/// disk's data) for the caller to apply elsewhere.
-struct DiskFile {
-    file: File,
-    write: bool,
-    capture: Option<std::rc::Rc<std::cell::RefCell<Captured>>>,
-}
-
-impl Read for DiskFile {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let Some(cap) = &self.capture else {
-            return self.file.read(buf);
-        };
-        use std::io::Seek;
-        let at = self.file.stream_position()?;
-        let n = self.file.read(buf)?;
-        for (off, data) in cap.borrow().iter() {
-            let (start, end) = ((*off).max(at), (off + data.len() as u64).min(at + n as u64));
-            if start < end {
-                buf[(start - at) as usize..(end - at) as usize]
-                    .copy_from_slice(&data[(start - off) as usize..(end - off) as usize]);
-            }
-        }
-        Ok(n)
-    }
-}
-
-impl Write for DiskFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(cap) = &self.capture {
-            use std::io::Seek;
-            let at = self.file.stream_position()?;
-            cap.borrow_mut().push((at, buf.to_vec()));
-            self.file
-                .seek(std::io::SeekFrom::Current(buf.len() as i64))?;
-            Ok(buf.len())
-        } else if self.write {
-            self.file.write(buf)
-        } else {
-            Ok(buf.len())
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl std::io::Seek for DiskFile {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.file.seek(pos)
-    }
-}
+pub use super::fat_disk::Captured;
 
 /// FAT32 cluster size used when formatting (2 KiB: a 256 MiB partition
 /// then has enough clusters to be FAT32, as the UEFI specification asks).
@@ -129,14 +73,13 @@ pub fn test_partition(dir: &Path, label: &str) -> (std::path::PathBuf, (u64, u64
 
 /// Formats the byte range `start..start+size` of `disk` as FAT32 named `label`.
 pub fn format(disk: &Path, start: u64, size: u64, label: &str) -> Result<()> {
-    let file = open(disk, true)?;
-    let disk_file = DiskFile {
-        file: file.try_clone()?,
-        write: true,
-        capture: None,
-    };
-    let slice = StreamSlice::new(disk_file, start, start + size)
-        .with_context(|| format!("reaching the boot partition of {}", disk.display()))?;
+    let cache = PageCache::new(open(disk, true)?, disk.display().to_string())?;
+    let slice = StreamSlice::new(
+        DiskFile::new(cache.clone(), Writes::Disk),
+        start,
+        start + size,
+    )
+    .with_context(|| format!("reaching the boot partition of {}", disk.display()))?;
     let mut name = [b' '; 11];
     for (i, b) in label.bytes().take(11).enumerate() {
         name[i] = b.to_ascii_uppercase();
@@ -149,8 +92,8 @@ pub fn format(disk: &Path, start: u64, size: u64, label: &str) -> Result<()> {
     }
     fatfs::format_volume(slice, opts)
         .with_context(|| format!("formatting the FAT boot partition of {}", disk.display()))?;
-    file.sync_all()
-        .with_context(|| format!("syncing {}", disk.display()))
+    let mut cache = cache.borrow_mut();
+    cache.sync(true)
 }
 
 fn open(disk: &Path, write: bool) -> Result<File> {
@@ -164,7 +107,7 @@ fn open(disk: &Path, write: bool) -> Result<File> {
 /// An open FAT partition.
 pub struct FatPartition {
     fs: Option<Fs>,
-    file: File,
+    cache: std::rc::Rc<std::cell::RefCell<PageCache>>,
     what: String,
     write: bool,
     capture: Option<std::rc::Rc<std::cell::RefCell<Captured>>>,
@@ -192,19 +135,19 @@ impl FatPartition {
         capture: Option<std::rc::Rc<std::cell::RefCell<Captured>>>,
     ) -> Result<FatPartition> {
         let what = format!("the FAT boot partition of {}", disk.display());
-        let file = open(disk, write)?;
-        let disk_file = DiskFile {
-            file: file.try_clone()?,
-            write,
-            capture: capture.clone(),
+        let cache = PageCache::new(open(disk, write)?, what.clone())?;
+        let writes = match (&capture, write) {
+            (Some(cap), _) => Writes::Captured(cap.clone()),
+            (None, true) => Writes::Disk,
+            (None, false) => Writes::Dropped,
         };
-        let slice = StreamSlice::new(disk_file, start, start + size)
+        let slice = StreamSlice::new(DiskFile::new(cache.clone(), writes), start, start + size)
             .with_context(|| format!("reaching {what}"))?;
         let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())
             .with_context(|| format!("reading {what} (not a FAT filesystem?)"))?;
         Ok(FatPartition {
             fs: Some(fs),
-            file,
+            cache,
             what,
             write,
             capture,
@@ -412,9 +355,7 @@ impl FatPartition {
     /// after it on the disk).
     pub fn sync(&self) -> Result<()> {
         if self.write {
-            self.file
-                .sync_data()
-                .with_context(|| format!("syncing {}", self.what))?;
+            self.cache.borrow_mut().sync(false)?;
         }
         Ok(())
     }
@@ -429,9 +370,7 @@ impl FatPartition {
         if !self.write {
             return Ok(());
         }
-        self.file
-            .sync_all()
-            .with_context(|| format!("syncing {}", self.what))
+        self.cache.borrow_mut().sync(true)
     }
 }
 
