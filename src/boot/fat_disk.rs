@@ -113,7 +113,9 @@ impl PageCache {
             let k = (PAGE as usize - in_page).min(buf.len() - done);
             if k == PAGE as usize {
                 // Wholly overwritten: no need to read it first.
-                self.pages.entry(p).or_insert_with(|| vec![0; PAGE as usize]);
+                self.pages
+                    .entry(p)
+                    .or_insert_with(|| vec![0; PAGE as usize]);
             } else if !self.pages.contains_key(&p) {
                 self.load(p)?;
             }
