@@ -122,8 +122,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let device_config = std::path::Path::new(app::trial::DEVICE_CONFIG);
             let mut config_path = args.config.clone();
             if on_device {
-                if let Some((dev, _)) = app::status::running_system() {
-                    args.target = Some(app::status::whole_disk(&dev));
+                if let Some((dev, _)) = app::target::running_system() {
+                    args.target = Some(app::target::whole_disk(&dev));
                     if config_path.is_none() && device_config.exists() {
                         config_path = Some(device_config.to_path_buf());
                     }

@@ -1,7 +1,8 @@
 //! The subcommands that manage versions on an existing disk: list,
 //! set-default, remove, cleanup.
 
-use crate::disk::open::{self, Disk, TargetKind};
+use crate::app::target::{open_checked, with_disk};
+use crate::disk::open::{self, TargetKind};
 use crate::store::btrfs;
 use crate::store::layout::{self, Layout};
 use crate::store::lifecycle;
@@ -11,28 +12,6 @@ use crate::util::units;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::Path;
-
-/// Opens an existing target holding the layout, locked, and runs `f` on it.
-pub fn with_disk<T>(
-    target: &Path,
-    read_only: bool,
-    f: impl FnOnce(&Disk) -> Result<T>,
-) -> Result<T> {
-    let kind = open::classify(target)?;
-    if kind == TargetKind::Missing {
-        bail!("{} does not exist", target.display());
-    }
-    let lock = open::lock_existing(target)?;
-    let result = open_checked(target, kind, read_only, |disk| {
-        if !read_only {
-            // A /state merge an interruption left is finished (or undone) first.
-            crate::tree::statemerge::recover(&disk.layout)?;
-        }
-        f(disk)
-    });
-    drop(lock);
-    result
-}
 
 /// One row of `deploy list`.
 #[derive(Debug, Serialize)]
@@ -81,8 +60,8 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
     let (kind, rows) = with_disk(target, true, |disk| {
         let default = versions::default_label(&disk.layout)?;
         let kind = disk.disk_layout.boot;
-        let running = crate::app::status::running_system()
-            .filter(|_| crate::app::status::is_running_disk(disk, target))
+        let running = crate::app::target::running_system()
+            .filter(|_| crate::app::target::is_running_disk(disk, target))
             .map(|(_, l)| l);
         versions::list(&disk.layout)?
             .into_iter()
@@ -412,25 +391,4 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
         }
         .into())
     }
-}
-
-/// Opens a target whose lock the caller holds, checks it holds the layout,
-/// runs `f`, and closes it (reporting close errors on success).
-fn open_checked<T>(
-    target: &Path,
-    kind: TargetKind,
-    read_only: bool,
-    f: impl FnOnce(&Disk) -> Result<T>,
-) -> Result<T> {
-    open::ensure_not_in_use(target, kind)?;
-    open::require_btrfs(target)?;
-    let disk = Disk::open(target, kind, read_only)?;
-    if !disk.layout.exists() {
-        drop(disk);
-        bail!(
-            "{} holds a Btrfs without the btrfs-deploy layout (no systems/default)",
-            target.display()
-        );
-    }
-    disk.run(f)
 }

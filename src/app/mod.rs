@@ -9,4 +9,5 @@ pub(crate) mod deploy;
 pub(crate) mod generate;
 pub(crate) mod status;
 pub(crate) mod summary;
+pub(crate) mod target;
 pub(crate) mod trial;

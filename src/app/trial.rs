@@ -3,8 +3,7 @@
 //! `deploy mark-good`. They act on the disk the running system booted
 //! from, found from the mount of `/`.
 
-use crate::app::commands::with_disk;
-use crate::app::status;
+use crate::app::target::with_disk;
 use crate::store::lifecycle::{self, BootFinding};
 use crate::store::trial::{self, Failure, State};
 use crate::store::versions;
@@ -29,7 +28,7 @@ struct Running {
 }
 
 fn running(what: &str) -> Result<Running> {
-    let Some((dev, label)) = status::running_system() else {
+    let Some((dev, label)) = crate::app::target::running_system() else {
         bail!(
             "{what} runs on a device booted from a btrfs-deploy disk, and / here is not a \
              version of one"
@@ -38,7 +37,7 @@ fn running(what: &str) -> Result<Running> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
     Ok(Running {
         label,
-        disk: status::whole_disk(&dev),
+        disk: crate::app::target::whole_disk(&dev),
         cmdline_trial: trial::from_cmdline(&cmdline),
     })
 }
@@ -140,7 +139,7 @@ pub fn mark_good(target: Option<&Path>) -> Result<()> {
         .unwrap_or(r.disk.clone());
     with_disk(&target, false, |disk| {
         let top = &disk.layout;
-        if !status::is_running_disk(disk, &target) {
+        if !crate::app::target::is_running_disk(disk, &target) {
             bail!(
                 "the running system is not on {}: mark-good makes the running version the default \
                  of its own disk; run it without TARGET",

@@ -2,7 +2,6 @@
 
 use super::format::{self, Base, ChunkHasher, Manifest, Payload};
 use super::keys;
-use crate::app::commands;
 use crate::store::btrfs;
 use crate::store::deployment::{self, Deployment};
 use crate::store::layout::{self, Layout};
@@ -66,7 +65,7 @@ pub(crate) fn create(req: &CreateRequest) -> Result<Created> {
     cmd::require(&[&cmd::BTRFS])?;
     crate::disk::mount::enter_private_namespace()?;
     crate::util::signals::install()?;
-    commands::with_disk(req.source, true, |disk| {
+    crate::app::target::with_disk(req.source, true, |disk| {
         let top = &disk.layout;
         if !top.exists() {
             bail!(
