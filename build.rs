@@ -36,6 +36,14 @@ fn main() {
         })
         .unwrap_or_default();
     println!("cargo:rustc-env=DEPLOY_GIT_COMMIT={commit}");
+    // The date of that commit (YYYY-MM-DD): the man pages' date.
+    let date = std::env::var("DEPLOY_GIT_DATE")
+        .ok()
+        .filter(|d| !d.is_empty())
+        .or_else(|| git(&["log", "-1", "--format=%cs"]))
+        .unwrap_or_default();
+    println!("cargo:rerun-if-env-changed=DEPLOY_GIT_DATE");
+    println!("cargo:rustc-env=DEPLOY_GIT_DATE={date}");
     let target = std::env::var("TARGET").unwrap_or_default();
     println!("cargo:rustc-env=DEPLOY_TARGET_TRIPLE={target}");
     let profile = std::env::var("PROFILE").unwrap_or_default();

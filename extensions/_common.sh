@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Shared helpers of the shipped btrfs-deploy extensions (POSIX sh; needs
 # coreutils, grep and awk on the host; awk code avoids regex intervals, which
 # mawk lacks). Sourced, not run:

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Helpers of the install-files extension (sourced after _common.sh).
 
 # manifest_path: the absolute path of INSTALL_FILES_MANIFEST.

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Helpers of the systemd-units extension (sourced after _common.sh).
 
 UNIT_DIRS="/etc/systemd/system /usr/local/lib/systemd/system /usr/lib/systemd/system /lib/systemd/system"

@@ -18,7 +18,10 @@ qemu=(qemu-system-x86 qemu-utils ovmf systemd-boot-efi qemu-system-arm u-boot-qe
 deb=(dpkg-dev debootstrap)
 # Bundle tests sign and make keys with minisign itself (format compatibility).
 # fusefat mounts an ESP the way a device's /boot/efi is (the host kernel may lack vfat).
-tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign fusefat)
+# The clients whose verdicts make test asks: systemd-dissect (systemd-container),
+# bootctl (systemd-boot), lintian, mandoc, shellcheck (systemd-analyze and
+# findmnt come with systemd and util-linux).
+tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign fusefat systemd-container systemd-boot lintian mandoc shellcheck)
 case $what in
   build) pkgs=("${build[@]}") ;;
   demo) pkgs=("${build[@]}" "${run[@]}" "${qemu[@]}") ;;

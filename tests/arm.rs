@@ -152,6 +152,11 @@ fn arm64_system_deploys_boots_upgrades_and_rolls_back_under_uboot() {
             && parts.contains("attrs=\"LegacyBIOSBootable\""),
         "{parts}"
     );
+    // The Btrfs partition: the Discoverable Partitions arm64 root type.
+    assert!(
+        parts.contains("type=B921B045-1DF0-41C3-AF44-4C6F280D3FAE"),
+        "{parts}"
+    );
     // The menu U-Boot reads: one sector naming the default and the menu file.
     let conf = part_read(&img, "/boot/extlinux/extlinux.conf");
     assert_eq!(conf.len(), 511, "{conf}");

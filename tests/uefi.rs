@@ -133,6 +133,22 @@ fn hybrid_image_boots_under_seabios_and_ovmf() {
         "{table}"
     );
     assert!(table.contains("attrs=\"LegacyBIOSBootable\""), "{table}");
+    // The root partition has the Discoverable Partitions Specification's
+    // x86-64 root type, and systemd's own reader says so.
+    assert!(
+        table.contains("type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+        "{table}"
+    );
+    let dissect: serde_json::Value =
+        serde_json::from_str(&sh(&format!("systemd-dissect --json=short {imgs}"))).unwrap();
+    let mounts = dissect["mounts"].as_array().unwrap();
+    assert!(
+        mounts.iter().any(|m| m["designator"] == "root"
+            && m["architecture"] == "x86-64"
+            && m["fstype"] == "btrfs"),
+        "{dissect}"
+    );
+    assert!(mounts.iter().any(|m| m["designator"] == "esp"), "{dissect}");
     let files = esp_files(&img);
     for f in [
         "/EFI/BOOT/BOOTX64.EFI",
@@ -764,4 +780,31 @@ fn killed_hybrid_upgrades_keep_both_defaults_complete() {
         std::fs::remove_file(&img).unwrap();
     }
     assert!(killed > 0, "no point interrupted a run");
+}
+
+/// Disks made before the root partition got the Discoverable Partitions
+/// type (the generic Linux filesystem type) open, upgrade and check as
+/// before; their type is left as it is.
+#[test]
+fn disks_with_the_generic_root_partition_type_keep_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("old.img");
+    let imgs = img.to_str().unwrap();
+    let tiny = tiny_rootfs();
+    run_ok(&["--rootfs", tiny.to_str().unwrap(), imgs]);
+    sh(&format!(
+        "sfdisk --quiet --part-type {imgs} 2 0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+    ));
+    run_ok(&["--version", "v2", "--rootfs", tiny.to_str().unwrap(), imgs]);
+    run_ok(&["check", imgs]);
+    let list: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["list", "--json", imgs]).stdout).unwrap();
+    assert_eq!(list["versions"][1]["label"], "v2", "{list}");
+    assert_eq!(list["versions"][1]["boot"], "hybrid", "{list}");
+    let table = sh(&format!("sfdisk -d {imgs}"));
+    assert!(
+        table.contains("type=0FC63DAF-8483-4772-8E79-3D69D8477DE4"),
+        "{table}"
+    );
+    assert_no_leftovers(&img, false);
 }

@@ -664,6 +664,7 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
         };
         let record = Disk::open(&work_path, kind, false)?
             .run(|disk| build_first_version(plan, disk, &new.fs_uuid))?;
+        mark_root_partition(&work_path, &record)?;
         // Until the image is renamed into place, an interruption discards it.
         signals::check()?;
         Ok(record)
@@ -689,6 +690,25 @@ fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
         is_default: true,
         removed: Vec::new(),
     })
+}
+
+/// Gives the Btrfs partition of a new GPT disk the Discoverable Partitions
+/// Specification's root type of the tree's architecture, once the tree is
+/// written and its architecture known (an archive's is read only after
+/// extraction). A tree whose architecture is not known keeps the generic
+/// Linux type; so do disks made before, which open the same way.
+fn mark_root_partition(disk: &Path, record: &Deployment) -> Result<()> {
+    let Some(arch) = record.arch.as_deref().and_then(Arch::parse) else {
+        return Ok(());
+    };
+    if !partition::has_gpt(disk) {
+        return Ok(());
+    }
+    let parts = partition::read_gpt(disk)?;
+    let Some(root) = parts.iter().find(|p| p.type_guid == partition::TYPE_LINUX) else {
+        return Ok(());
+    };
+    partition::set_type(disk, root.number, arch.root_partition_type())
 }
 
 /// Writes the GPT of a new `uefi`/`hybrid`/`uboot` disk (the FAT boot

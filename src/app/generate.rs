@@ -23,15 +23,87 @@ fn create_dir(dir: &Path) -> Result<()> {
 /// subcommand into `dir`; returns the files written.
 pub fn man_pages(dir: &Path) -> Result<Vec<PathBuf>> {
     create_dir(dir)?;
-    let cmd = crate::cli::Cli::command();
-    clap_mangen::generate_to(cmd, dir)
-        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    let mut cmd = crate::cli::Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    write_pages(cmd, dir).with_context(|| format!("writing man pages into {}", dir.display()))?;
     let mut written: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "1"))
         .collect();
     written.sort();
     Ok(written)
+}
+
+/// Writes the page of `cmd` and of each of its visible subcommands, with
+/// the date, source and manual fields `man` and `mandoc -Tlint` expect.
+fn write_pages(cmd: clap::Command, dir: &Path) -> Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_pages(sub.clone(), dir)?;
+    }
+    let title = cmd
+        .get_display_name()
+        .unwrap_or_else(|| cmd.get_name())
+        .to_uppercase();
+    let man = clap_mangen::Man::new(cmd)
+        .title(title)
+        .date(env!("DEPLOY_GIT_DATE"))
+        .source(format!("btrfs-deploy {}", env!("CARGO_PKG_VERSION")))
+        .manual("btrfs-deploy manual");
+    let path = dir.join(man.get_filename());
+    let mut roff = Vec::new();
+    man.render(&mut roff)?;
+    std::fs::write(&path, tidy_roff(&String::from_utf8_lossy(&roff)))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// What `mandoc -Tlint` asks of clap_mangen's output: one paragraph space
+/// where it puts a break, an empty line and another break before an
+/// option's values; text lines of at most 80 bytes (filled text, so a
+/// line break between words is a space); no trailing blanks.
+fn tidy_roff(roff: &str) -> String {
+    let roff = roff.replace("\n.br\n\n.br\n", "\n.sp\n");
+    let mut out = String::with_capacity(roff.len() + roff.len() / 40);
+    for line in roff.lines() {
+        let line = trim_end_unescaped(line);
+        if line.starts_with('.') || line.starts_with('\'') || line.len() <= 80 {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let mut current = String::new();
+        for word in line.split(' ') {
+            let glue = !current.is_empty() && current.ends_with('\\');
+            if !current.is_empty() && !glue && current.len() + 1 + word.len() > 80 {
+                out.push_str(&current);
+                out.push('\n');
+                current.clear();
+            }
+            if current.is_empty() {
+                // A line starting with these would be a request.
+                if word.starts_with('.') || word.starts_with('\'') {
+                    current.push_str("\\&");
+                }
+            } else {
+                current.push(' ');
+            }
+            current.push_str(word);
+        }
+        out.push_str(&current);
+        out.push('\n');
+    }
+    out
+}
+
+/// `line` without trailing blanks, except an escaped one (`\ `).
+fn trim_end_unescaped(line: &str) -> &str {
+    let mut t = line;
+    while let Some(rest) = t.strip_suffix(' ') {
+        if rest.ends_with('\\') {
+            break;
+        }
+        t = rest;
+    }
+    t
 }
 
 /// Writes bash, zsh and fish completions into `dir`; returns the files.
@@ -85,10 +157,42 @@ mod tests {
         want.sort();
         assert_eq!(names, want);
         let top = std::fs::read_to_string(d.path().join("deploy.1")).unwrap();
-        assert!(top.contains(".TH deploy 1"), "{top}");
+        assert!(top.contains(".TH DEPLOY 1 "), "{top}");
+        assert!(top.contains("\"btrfs-deploy manual\""), "{top}");
+        // Text lines are short, nothing trails (mandoc -Tlint's style).
+        assert!(
+            top.lines().all(|l| l.len() <= 80 || l.starts_with('.')),
+            "{top}"
+        );
+        assert!(!top.lines().any(|l| l.ends_with(' ') && !l.ends_with("\\ ")));
         assert!(top.contains("\\-\\-rootfs"), "{top}");
         let list = std::fs::read_to_string(d.path().join("deploy-list.1")).unwrap();
         assert!(list.contains("\\-\\-json"), "{list}");
+    }
+
+    #[test]
+    fn tidy_roff_wraps_trims_and_guards_requests() {
+        let long = format!("{} .dot 'quote {}", "word ".repeat(15), "x".repeat(10));
+        let t = tidy_roff(&format!(".TP\n{long}\nend  \nkeep\\ \na\n.br\n\n.br\nb\n"));
+        for l in t.lines() {
+            assert!(l.len() <= 80, "{t}");
+            assert!(!l.starts_with(' '), "{t}");
+        }
+        // Words wrapped to the start of a line that would be requests are escaped.
+        assert!(
+            t.lines()
+                .all(|l| l == ".TP" || l == ".sp" || !l.starts_with(['.', '\''])),
+            "{t}"
+        );
+        assert!(t.contains("\nend\n") && t.contains("\nkeep\\ \n"), "{t}");
+        assert!(t.contains("\na\n.sp\nb\n"), "{t}");
+        let words: Vec<&str> = t
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with("end"))
+            .flat_map(|l| l.split(' '))
+            .collect();
+        assert_eq!(words.join(" ").replace("\\&", ""), long);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! GPT partition tables of deploy targets: written with `sfdisk` (util-linux)
-//! and read back with `sfdisk --json`. Generic over what the partitions are
+//! when a new disk is made, read (and a partition's type changed) in-process. Generic over what the partitions are
 //! for (an EFI system partition today, a U-Boot boot partition later):
 //! callers describe partitions with [`PartSpec`] and get byte ranges back.
 //!
@@ -8,7 +8,7 @@
 //! with an offset and size limit, or as a byte range of the disk.
 
 use crate::util::cmd;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -117,47 +117,66 @@ fn script(parts: &[PartSpec]) -> Result<String> {
     Ok(s)
 }
 
-/// The partitions of the GPT on `disk`.
+/// The partitions of the GPT on `disk`, read in-process (the `gpt` crate
+/// checks both headers' CRCs and falls back to the backup header when the
+/// primary one is damaged): upgrades, `check` and `status` need no `fdisk`.
 pub fn read_gpt(disk: &Path) -> Result<Vec<Partition>> {
-    cmd::require(&[&SFDISK])?;
-    let out = cmd::run(SFDISK.program, &["--json", &disk.to_string_lossy()])
-        .with_context(|| format!("reading the partition table of {}", disk.display()))?;
-    parse_json(&out).with_context(|| format!("reading the partition table of {}", disk.display()))
+    let gpt = gpt::GptConfig::new()
+        .writable(false)
+        .open(disk)
+        .map_err(|e| {
+            anyhow!(
+                "reading the partition table of {}: {e} (not a valid GPT)",
+                disk.display()
+            )
+        })?;
+    let sector: u64 = (*gpt.logical_block_size()).into();
+    Ok(gpt
+        .partitions()
+        .iter()
+        .filter(|(_, p)| p.is_used())
+        .map(|(&number, p)| Partition {
+            number: number as usize,
+            start: p.first_lba * sector,
+            size: (p.last_lba + 1 - p.first_lba) * sector,
+            type_guid: p.part_type_guid.guid.to_string().to_ascii_uppercase(),
+            legacy_boot: p.flags & LEGACY_BOOT_BIT != 0,
+        })
+        .collect())
 }
 
-fn parse_json(text: &str) -> Result<Vec<Partition>> {
-    let v: serde_json::Value = serde_json::from_str(text).context("parsing sfdisk --json")?;
-    let table = &v["partitiontable"];
-    if table["label"] != "gpt" {
-        bail!("not a GPT partition table (label {})", table["label"]);
-    }
-    let sector = table["sectorsize"].as_u64().unwrap_or(SECTOR);
-    let mut out = Vec::new();
-    for (i, p) in table["partitions"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        let node = p["node"].as_str().unwrap_or_default();
-        let number = node
-            .rsplit(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(i + 1);
-        out.push(Partition {
-            number,
-            start: p["start"].as_u64().context("partition without start")? * sector,
-            size: p["size"].as_u64().context("partition without size")? * sector,
-            type_guid: p["type"].as_str().unwrap_or_default().to_ascii_uppercase(),
-            legacy_boot: p["attrs"]
-                .as_str()
-                .map(|a| a.split_whitespace().any(|w| w == ATTR_LEGACY_BOOT))
-                .unwrap_or(false),
-        });
-    }
-    Ok(out)
+/// GPT attribute bit 2: legacy BIOS bootable.
+const LEGACY_BOOT_BIT: u64 = 1 << 2;
+
+/// Sets the type GUID of partition `number` of the GPT on `disk` (both
+/// copies of the table, their CRCs recomputed); the protective MBR and its
+/// boot code are left alone.
+pub fn set_type(disk: &Path, number: usize, type_guid: &str) -> Result<()> {
+    let what = || {
+        format!(
+            "setting the type of partition {number} of {}",
+            disk.display()
+        )
+    };
+    let guid: uuid::Uuid = type_guid
+        .parse()
+        .with_context(|| format!("{}: invalid GUID {type_guid}", what()))?;
+    let mut gpt = gpt::GptConfig::new()
+        .writable(true)
+        .open(disk)
+        .map_err(|e| anyhow!("{}: {e}", what()))?;
+    let mut parts = gpt.take_partitions();
+    let Some(p) = parts.get_mut(&(number as u32)).filter(|p| p.is_used()) else {
+        bail!("{}: no such partition", what());
+    };
+    p.part_type_guid = gpt::partition_types::Type {
+        guid,
+        os: gpt::partition_types::OperatingSystem::Linux,
+    };
+    gpt.update_partitions(parts)
+        .map_err(|e| anyhow!("{}: {e}", what()))?;
+    gpt.write().map_err(|e| anyhow!("{}: {e}", what()))?;
+    Ok(())
 }
 
 /// Writes `code` (at most 440 bytes: the boot code area of the MBR) to the
@@ -214,7 +233,7 @@ mod tests {
     #[test]
     fn writes_and_reads_back_a_gpt() {
         if cmd::which(SFDISK.program).is_none() {
-            panic!("sfdisk is needed by this test: apt-get install fdisk");
+            panic!("sfdisk is needed by this test (it writes the table read back): apt-get install fdisk");
         }
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
@@ -254,5 +273,42 @@ mod tests {
         assert!(parts[1].legacy_boot);
         // The boot code did not break the table.
         assert!(parts[1].start + parts[1].size <= (64 << 20) - (33 * SECTOR));
+
+        // Retyping keeps the other partition, the boot code, and a table
+        // sfdisk finds valid.
+        let arm64 = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE";
+        set_type(&img, 2, arm64).unwrap();
+        let after = read_gpt(&img).unwrap();
+        assert_eq!(after[1].type_guid, arm64);
+        assert_eq!(
+            (after[1].start, after[1].size),
+            (parts[1].start, parts[1].size)
+        );
+        assert!(after[1].legacy_boot);
+        assert_eq!(after[0], parts[0]);
+        let mut code = [0u8; 440];
+        std::fs::File::open(&img)
+            .unwrap()
+            .read_exact_at(&mut code, 0)
+            .unwrap();
+        assert_eq!(code, [0xEB; 440]);
+        let verify = std::process::Command::new(SFDISK.program)
+            .args(["--verify", img.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "{verify:?}");
+        let dump = cmd::run(SFDISK.program, &["--dump", img.to_str().unwrap()]).unwrap();
+        assert!(dump.contains(&format!("type={arm64}")), "{dump}");
+        assert!(set_type(&img, 3, arm64).is_err());
+        assert!(set_type(&img, 2, "not-a-guid").is_err());
+
+        // A damaged primary header: the backup one is read.
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0u8; 92], SECTOR).unwrap();
+        assert_eq!(read_gpt(&img).unwrap(), after);
+        // Both damaged: an error that names the disk.
+        f.write_all_at(&[0u8; 92], (64 << 20) - SECTOR).unwrap();
+        let e = format!("{:#}", read_gpt(&img).unwrap_err());
+        assert!(e.contains(img.to_str().unwrap()), "{e}");
     }
 }

@@ -56,6 +56,18 @@ impl Arch {
             Arch::Riscv64 => "riscv64",
         }
     }
+    /// The GPT type of this architecture's root partition in the
+    /// Discoverable Partitions Specification, which `systemd-dissect`,
+    /// `systemd-repart` and `systemd-gpt-auto-generator` look for.
+    pub fn root_partition_type(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+            Arch::Arm64 => "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+            Arch::Armhf => "69DAD710-2CE4-4E3C-B16C-21A1D49ABED3",
+            Arch::I386 => "44479540-F297-41B2-9AF7-D131D5F0458A",
+            Arch::Riscv64 => "72EC70A6-CF74-40E6-BD49-4BDA08E8F224",
+        }
+    }
     /// The architecture this `deploy` binary was built for.
     pub fn of_this_tool() -> Option<Arch> {
         Arch::parse(std::env::consts::ARCH)
