@@ -85,7 +85,10 @@ fn make_install_into_destdir_and_uninstall() {
     for page in &pages {
         let f = p(&format!("share/man/man1/{page}.1"));
         let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        assert!(text.contains(&format!(".TH {page} 1")), "{page}: {text}");
+        assert!(
+            text.contains(&format!(".TH {} 1 ", page.to_uppercase())),
+            "{page}: {text}"
+        );
     }
     // Completions, each naming the subcommands.
     for rel in [
