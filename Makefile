@@ -19,7 +19,7 @@ FISHCOMPDIR ?= $(DATADIR)/fish/vendor_completions.d
 DEB_ROOT = target/deb-root
 
 .PHONY: all build deps fixture demo test lint unit-test bench stress clean \
-	install install-built uninstall deb deb-chroot deb-test
+	install install-built uninstall deb deb-chroot deb-test ansible-sanity
 
 all: build
 
@@ -111,6 +111,13 @@ test: fixture lint deb deb-chroot
 	  DEPLOY_TINY_ARM64_ROOTFS=$(CACHE)/tiny-arm64/rootfs \
 	  DEPLOY_DEBIAN_ROOTFS=$(CACHE)/debian12-systemd/rootfs \
 	  cargo test --release -- --test-threads=2
+	ansible/tests/sanity.sh
+
+# ansible-test sanity (offline tests), pycodestyle, yamllint and ansible-doc
+# on the Ansible collection in ansible/.
+ansible-sanity:
+	@scripts/install-deps.sh test
+	ansible/tests/sanity.sh
 
 bench: build fixture
 	@scripts/install-deps.sh demo

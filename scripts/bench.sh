@@ -243,9 +243,21 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "inf"; else printf "%.3f", a / b }'; }
 mib() { awk -v a="$1" 'BEGIN { printf "%.1f", a / 1048576 }'; }
 
+# The loop options reaching an image's Btrfs: its partition's byte range on
+# a GPT image (the default, hybrid, disk kind), nothing for a bare Btrfs.
+btrfs_range() {
+    local start sectors
+    while read -r start sectors; do
+        if [[ $(dd if="$1" bs=1 skip=$((start * 512 + 65600)) count=8 status=none | tr -d "\\0") == _BHRfS_M ]]; then
+            echo ",offset=$((start * 512)),sizelimit=$((sectors * 512))"
+            return
+        fi
+    done < <(partx -g -o START,SECTORS "$1" 2>/dev/null)
+}
+
 # Btrfs "Data used" (bytes) of an image, read on a read-only mount.
 data_used() {
-    mount -o ro,loop,subvolid=5 "$1" "$MNT"
+    mount -o "ro,loop,subvolid=5$(btrfs_range "$1")" "$1" "$MNT"
     btrfs filesystem usage -b "$MNT" | awk '/^Data,/ { for (i = 1; i <= NF; i++) if ($i ~ /^Used:/) { sub("Used:", "", $i); sub(",", "", $i); print $i } }'
     umount "$MNT"
 }
@@ -287,13 +299,16 @@ rsync_upgrade() {
     shift 2
     drop_caches
     t0=$(now)
-    mount -o loop,subvolid=5 "$img" "$MNT"
+    mount -o "loop,subvolid=5$(btrfs_range "$img")" "$img" "$MNT"
     btrfs -q subvolume snapshot "$MNT/systems/factory/orig" "$MNT/systems/rsync" >/dev/null
     rsync "$@" --delete "$tree/" "$MNT/systems/rsync/"
     umount "$MNT"
     sync
     t1=$(now)
     DUR=$(elapsed "$t0" "$t1")
+    # The loop device of an offset mount auto-clears asynchronously: the
+    # next deploy on the image would find it in use.
+    while [[ -n $(losetup -j "$img") ]]; do sleep 0.1; done
 }
 
 copy_image() {

@@ -39,8 +39,9 @@ esac
 readonly ARCH
 readonly META_PKG=linux-image-cloud-$ARCH
 readonly BUSYBOX_PKG=busybox-static
-# Modules the initramfs needs to find a virtio disk and mount Btrfs on it.
-readonly WANTED_MODULES=(virtio_pci virtio_blk btrfs)
+# Modules the initramfs needs to find a virtio disk and mount Btrfs on it
+# (and overlay, for the volatile root mode of tests/root_mode.rs).
+readonly WANTED_MODULES=(virtio_pci virtio_blk btrfs overlay)
 # Optional extras (checksum algorithms Btrfs may use); loaded if they load.
 readonly OPTIONAL_MODULES=(xxhash_generic blake2b_generic sha256_generic crc32c_intel crc32c_generic)
 
@@ -280,7 +281,7 @@ log "initramfs modules: $(awk '{ n = split($2, a, "/"); printf "%s%s(%s)", sep, 
 cat >"$INITRAMFS_TREE/init" <<'EOF'
 #!/bin/sh
 # Tiny initramfs init: load virtio + btrfs modules, mount root= with
-# rootflags=, switch_root to /sbin/init. Any failure: one FAILED line, power off.
+# rootflags=, switch_root to init= (default /sbin/init). Any failure: one FAILED line, power off.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
 fail() {
@@ -320,6 +321,7 @@ root=
 rootfstype=auto
 rootflags=
 rwmode=ro
+init=/sbin/init
 for arg in $(cat /proc/cmdline); do
     case $arg in
     root=*) root=${arg#root=} ;;
@@ -327,6 +329,7 @@ for arg in $(cat /proc/cmdline); do
     rootflags=*) rootflags=${arg#rootflags=} ;;
     rw) rwmode=rw ;;
     ro) rwmode=ro ;;
+    init=*) init=${arg#init=} ;;
     esac
 done
 [ -n "$root" ] || fail "no root= on the kernel command line" "$(cat /proc/cmdline)"
@@ -352,14 +355,14 @@ echo "TINY-INITRAMFS: mounting $dev ($root) type $rootfstype options $opts"
 if ! out=$(mount -t "$rootfstype" -o "$opts" "$dev" /newroot 2>&1); then
     fail "mounting root $dev on /newroot" "type $rootfstype, options $opts: $out; $(dmesg | grep -i btrfs | tail -n 3 | tr '\n' ' ')"
 fi
-[ -x /newroot/sbin/init ] || [ -L /newroot/sbin/init ] || fail "no /sbin/init in root" "$dev options $opts"
+[ -x "/newroot$init" ] || [ -L "/newroot$init" ] || fail "no $init in root" "$dev options $opts"
 
 for d in dev proc sys; do
     mkdir -p "/newroot/$d" 2>/dev/null
     mount --move "/$d" "/newroot/$d" 2>/dev/null || umount -l "/$d" 2>/dev/null
 done
-exec switch_root /newroot /sbin/init
-fail "switch_root" "exec switch_root /newroot /sbin/init returned"
+exec switch_root /newroot "$init"
+fail "switch_root" "exec switch_root /newroot $init returned"
 EOF
 chmod 0755 "$INITRAMFS_TREE/init"
 

@@ -20,8 +20,9 @@ deb=(dpkg-dev debootstrap)
 # fusefat mounts an ESP the way a device's /boot/efi is (the host kernel may lack vfat).
 # The clients whose verdicts make test asks: systemd-dissect (systemd-container),
 # bootctl (systemd-boot), lintian, mandoc, shellcheck (systemd-analyze and
-# findmnt come with systemd and util-linux).
-tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign fusefat systemd-container systemd-boot lintian mandoc shellcheck)
+# findmnt come with systemd and util-linux). ansible/tests/sanity.sh: ansible-core,
+# yamllint, pycodestyle; the SSH fleet fixture: openssh-client, dropbear-bin.
+tests=(acl attr rsync strace e2fsprogs cpio zstd xz-utils minisign fusefat systemd-container systemd-boot lintian mandoc shellcheck ansible-core yamllint pycodestyle openssh-client dropbear-bin)
 case $what in
   build) pkgs=("${build[@]}") ;;
   demo) pkgs=("${build[@]}" "${run[@]}" "${qemu[@]}") ;;

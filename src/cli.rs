@@ -67,6 +67,12 @@ pub struct DeployArgs {
     /// "console=tty0 console=ttyS0,115200".
     #[arg(long, value_name = "ARGS")]
     pub kernel_args: Option<String>,
+    /// How the new version's root is mounted: rw (default), ro (read-only
+    /// `/`, writable `/etc` that survives reboots) or volatile (read-only
+    /// `/` under a tmpfs overlay: all writes outside /state vanish at the
+    /// next boot). Chosen per version; see README "Read-only root".
+    #[arg(long, value_name = "MODE")]
+    pub root_mode: Option<crate::store::rootmode::RootMode>,
     /// Kernel image to boot (host path), instead of the one found in the rootfs.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,

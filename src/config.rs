@@ -39,6 +39,9 @@ pub struct Config {
     /// Kernel arguments (`--kernel-args`).
     #[serde(alias = "kernel-args")]
     pub kernel_args: Option<String>,
+    /// Root mode (`--root-mode`): "rw", "ro" or "volatile".
+    #[serde(default, alias = "root-mode")]
+    pub root_mode: Option<crate::store::rootmode::RootMode>,
     /// Kernel image (`--kernel`).
     pub kernel: Option<PathBuf>,
     /// Initramfs (`--initramfs`).
@@ -211,6 +214,7 @@ pub fn apply(args: &mut DeployArgs, cfg: Option<&Config>) -> Result<BTreeMap<Str
         fill(&mut args.rootfs, &cfg.rootfs);
         fill(&mut args.size, &cfg.size);
         fill(&mut args.kernel_args, &cfg.kernel_args);
+        fill(&mut args.root_mode, &cfg.root_mode);
         fill(&mut args.kernel, &cfg.kernel);
         fill(&mut args.initramfs, &cfg.initramfs);
         fill(&mut args.dtb, &cfg.dtb);

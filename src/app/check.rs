@@ -1066,6 +1066,7 @@ mod tests {
                 initramfs: true,
                 dtb: false,
                 args: crate::boot::extlinux::DEFAULT_KERNEL_ARGS.into(),
+                ro: false,
             })
             .collect();
         let main = crate::boot::extlinux::render(UUID, &entries, None).unwrap();
@@ -1093,6 +1094,7 @@ mod tests {
             initramfs: true,
             dtb: false,
             args: crate::boot::extlinux::DEFAULT_KERNEL_ARGS.into(),
+            ro: false,
         };
         t.args = crate::store::trial::entry_args(&t.args, "v2");
         let entries: Vec<_> = ["factory", "v2"]

@@ -28,6 +28,8 @@ pub struct ListEntry {
     /// versions deployed before it was recorded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arch: Option<String>,
+    /// How its root is mounted: `rw`, `ro` or `volatile`.
+    pub root_mode: crate::store::rootmode::RootMode,
     /// The version it was upgraded from.
     pub upgraded_from: Option<String>,
     /// Unresolved /etc conflicts recorded at deploy time.
@@ -75,6 +77,7 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 created: v.deployment.created.clone(),
                 kernel_version: v.deployment.kernel_version.clone(),
                 arch: v.deployment.arch.clone(),
+                root_mode: v.deployment.root_mode,
                 upgraded_from: v.deployment.upgraded_from.clone(),
                 etc_conflicts: v
                     .deployment
@@ -111,12 +114,13 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
         };
         outln!("Disk: {}", kind.describe());
         outln!(
-            "{:<3}{:<24}{:<22}{:<28}{:<9}{size_head}FROM",
+            "{:<3}{:<24}{:<22}{:<28}{:<9}{:<10}{size_head}FROM",
             "",
             "VERSION",
             "CREATED",
             "KERNEL",
-            "ARCH"
+            "ARCH",
+            "ROOT"
         );
         for r in rows {
             let size_cols = r
@@ -133,12 +137,13 @@ pub fn list(target: &Path, json: bool, sizes: bool) -> Result<()> {
                 _ => {}
             }
             outln!(
-                "{:<3}{:<24}{:<22}{:<28}{:<9}{size_cols}{}",
+                "{:<3}{:<24}{:<22}{:<28}{:<9}{:<10}{size_cols}{}",
                 if r.default { "*" } else { "" },
                 label,
                 r.created,
                 r.kernel_version.as_deref().unwrap_or("-"),
                 r.arch.as_deref().unwrap_or("-"),
+                r.root_mode.name(),
                 r.upgraded_from.as_deref().unwrap_or("-")
             );
         }

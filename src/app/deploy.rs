@@ -91,6 +91,8 @@ pub struct Plan {
     pub kernel_choice: KernelChoice,
     /// Kernel arguments after root=...
     pub kernel_args: String,
+    /// How the version's root is mounted (`--root-mode`).
+    pub root_mode: crate::store::rootmode::RootMode,
     /// Leave the default as it is.
     pub no_default: bool,
     /// Boot the new version once, on trial (`--trial`); the default stays.
@@ -457,6 +459,7 @@ pub fn plan(
                 extlinux::DEFAULT_KERNEL_ARGS.into()
             }
         }),
+        root_mode: args.root_mode.unwrap_or_default(),
         no_default: args.no_default || args.trial,
         trial: args.trial,
         keep: args.keep,
@@ -827,6 +830,7 @@ fn build_first_version(plan: &Plan, disk: &Disk, fs_uuid: &str) -> Result<Deploy
         units::format_size(stats.bytes)
     ));
     let mut record = finish_version(plan, top, &dir, fs_uuid, None)?;
+    crate::store::rootmode::prepare_run(&dir.join(layout::RUN), plan.root_mode)?;
     record.details.insert(
         "copy".into(),
         serde_json::json!({
@@ -986,6 +990,7 @@ fn upgrade_on(plan: &Plan, disk: &Disk) -> Result<Outcome> {
         record
             .details
             .insert("etc_merge".into(), serde_json::to_value(&report)?);
+        crate::store::rootmode::prepare_run(&dir.join(layout::RUN), plan.root_mode)?;
         record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
         check_boot_space(disk, &plan.label, &dir)?;
         // Last point where an interruption still discards the new version.
@@ -1114,7 +1119,7 @@ fn finish_version(
         signals::check()?;
     }
     ui::step("Completing etc/fstab");
-    let completion = fstab::complete_file(&orig, fs_uuid)?;
+    let completion = fstab::complete_file_for(&orig, fs_uuid, &plan.label, plan.root_mode)?;
     for mp in &completion.added {
         ui::detail(format!("added {mp}"));
     }
@@ -1138,6 +1143,7 @@ fn finish_version(
         tool_version: env!("CARGO_PKG_VERSION").into(),
         rootfs: plan.rootfs.display().to_string(),
         kernel_args: plan.kernel_args.clone(),
+        root_mode: plan.root_mode,
         upgraded_from: upgraded_from.map(str::to_string),
         fstab_added: completion.added.clone(),
         warnings: completion.warnings.clone(),

@@ -20,6 +20,8 @@ pub struct Status {
     /// CPU architecture of the default version's rootfs, when recorded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arch: Option<String>,
+    /// Root mode of the default version (`rw`, `ro`, `volatile`).
+    pub root_mode: crate::store::rootmode::RootMode,
     /// The version the running system booted, when it runs from this disk.
     pub running: Option<String>,
     /// Every complete version, oldest first.
@@ -78,6 +80,11 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
                 .iter()
                 .find(|v| v.label == default)
                 .and_then(|v| v.deployment.arch.clone()),
+            root_mode: all
+                .iter()
+                .find(|v| v.label == default)
+                .map(|v| v.deployment.root_mode)
+                .unwrap_or_default(),
             default,
             running: here,
             versions: all.into_iter().map(|v| v.label).collect(),
@@ -89,12 +96,13 @@ pub fn status(target: Option<&Path>, json: bool) -> Result<()> {
     } else {
         outln!("Disk:     {} ({})", st.target, st.boot.describe());
         outln!(
-            "Default:  {}{}",
+            "Default:  {}{}, root {}",
             st.default,
             st.arch
                 .as_deref()
                 .map(|a| format!(" ({a})"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            st.root_mode
         );
         outln!(
             "Running:  {}",

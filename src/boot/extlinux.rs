@@ -31,6 +31,20 @@ pub struct Entry {
     pub dtb: bool,
     /// Kernel arguments after the root= part.
     pub args: String,
+    /// Whether the root is mounted `ro` (root modes `ro` and `volatile`)
+    /// rather than `rw`.
+    pub ro: bool,
+}
+
+impl Entry {
+    /// `ro` or `rw`, for the kernel command line.
+    pub fn rw_flag(&self) -> &'static str {
+        if self.ro {
+            "ro"
+        } else {
+            "rw"
+        }
+    }
 }
 
 /// Renders the menu for `entries`: one entry per version, and the
@@ -268,6 +282,7 @@ mod tests {
             initramfs,
             dtb: false,
             args: DEFAULT_KERNEL_ARGS.into(),
+            ro: false,
         }
     }
 

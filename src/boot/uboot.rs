@@ -149,6 +149,8 @@ pub struct MenuEntry {
     pub dtbs: bool,
     /// Kernel arguments after the root= part.
     pub args: String,
+    /// `ro` or `rw` (the version's root mode).
+    pub rw_flag: &'static str,
 }
 
 /// The menu: one entry per version.
@@ -172,8 +174,8 @@ pub fn render_menu(fs_uuid: &str, entries: &[MenuEntry]) -> String {
             s.push_str(&format!("  fdtdir /{VERSIONS_DIR}/{l}{DTBS}\n"));
         }
         s.push_str(&format!(
-            "  append root=UUID={fs_uuid} rootfstype=btrfs rootflags=subvol=systems/{l}/run rw {}\n",
-            e.args
+            "  append root=UUID={fs_uuid} rootfstype=btrfs rootflags=subvol=systems/{l}/run {} {}\n",
+            e.rw_flag, e.args
         ));
     }
     s
@@ -292,6 +294,7 @@ fn version_files(
             dtb,
             dtbs,
             args: e.args.clone(),
+            rw_flag: e.rw_flag(),
         },
         files,
     ))
@@ -908,6 +911,7 @@ mod tests {
             initramfs: true,
             dtb: false,
             args: "x".into(),
+            ro: false,
         };
         for (l, fill) in [("a", 1u8), ("b", 3u8)] {
             let v = top.version(l);
@@ -1018,6 +1022,7 @@ mod tests {
             dtb: None,
             dtbs: true,
             args: "console=ttyAMA0".into(),
+            rw_flag: "rw",
         };
         let m = render_menu("U", std::slice::from_ref(&e));
         assert!(m.contains("label v2\n"), "{m}");
@@ -1062,6 +1067,7 @@ mod tests {
             initramfs: true,
             dtb: false,
             args: "x".into(),
+            ro: false,
         };
         // The same 40 MiB kernel, two initramfs files: on 64 MiB, the kernel
         // fits once, not twice.

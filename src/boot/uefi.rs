@@ -120,7 +120,8 @@ pub fn render_entry(fs_uuid: &str, e: &Entry, files: &[String]) -> String {
         s.push_str(&format!("{kw} /{f}\n"));
     }
     s.push_str(&format!(
-        "options root=UUID={fs_uuid} rootfstype=btrfs rootflags=subvol=systems/{l}/run rw {}\n",
+        "options root=UUID={fs_uuid} rootfstype=btrfs rootflags=subvol=systems/{l}/run {} {}\n",
+        e.rw_flag(),
         e.args
     ));
     s
@@ -712,6 +713,7 @@ mod tests {
             initramfs: true,
             dtb: false,
             args: "console=ttyS0".into(),
+            ro: false,
         };
         let files = [
             "btrfs-deploy/k.linux".to_string(),
@@ -744,6 +746,7 @@ mod tests {
             initramfs: true,
             dtb: false,
             args: "x".into(),
+            ro: false,
         };
         for (l, k) in [("a", 1u8), ("b", 3)] {
             let v = top.version(l);
@@ -821,6 +824,7 @@ mod tests {
             initramfs: true,
             dtb: false,
             args: "x".into(),
+            ro: false,
         };
         // a and b: the same 40 MiB kernel and initramfs; c: another kernel.
         for (l, k) in [("a", 1u8), ("b", 1), ("c", 3)] {
@@ -903,6 +907,7 @@ mod tests {
             initramfs: false,
             dtb: false,
             args: "x".into(),
+            ro: false,
         };
         for l in ["a", "b"] {
             let v = top.version(l);

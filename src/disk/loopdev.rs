@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 /// A loop device attached to a backing file; detached on [`LoopGuard::close`]
 /// or, best effort, on drop.
 pub struct LoopGuard {
+    /// `None` for a partition's own device (nothing to detach).
     dev: Option<LoopDevice>,
     path: PathBuf,
 }
@@ -19,11 +20,20 @@ impl LoopGuard {
     /// range `(offset, size)` of `file` (a partition of a
     /// disk image or device: this works without the kernel parsing the
     /// partition table), or all of it for `None`.
+    ///
+    /// A range that is a partition the kernel knows of a block device (a
+    /// device's own disk, `/dev/vda2`) is that partition's device instead,
+    /// with nothing attached: a device reads its own disk without the loop
+    /// module.
     pub fn attach_range(
         file: &Path,
         range: Option<(u64, u64)>,
         read_only: bool,
     ) -> Result<LoopGuard> {
+        if let Some(path) = range.and_then(|r| crate::disk::partdev::partition_device(file, r)) {
+            tracing::debug!(device = %path.display(), disk = %file.display(), "partition device");
+            return Ok(LoopGuard { dev: None, path });
+        }
         let control = LoopControl::open()
             .context("opening /dev/loop-control (is the loop module loaded?)")?;
         let mut last_err = None;
@@ -60,7 +70,7 @@ impl LoopGuard {
             .with_context(|| format!("attaching {} to a loop device", file.display()))
     }
 
-    /// The device node, e.g. `/dev/loop3`.
+    /// The device node, e.g. `/dev/loop3` (or `/dev/vda2`).
     pub fn path(&self) -> &Path {
         &self.path
     }

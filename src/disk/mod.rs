@@ -4,5 +4,6 @@ pub(crate) mod lock;
 pub(crate) mod loopdev;
 pub(crate) mod mount;
 pub(crate) mod open;
+pub(crate) mod partdev;
 pub(crate) mod partial;
 pub(crate) mod partition;

@@ -61,12 +61,15 @@ pub fn is_readonly(path: &Path) -> Result<bool> {
         .with_context(|| format!("reading flags of {}", path.display()))
 }
 
-/// Deletes subvolume `path` (read-only ones too).
+/// Deletes subvolume `path` (read-only ones too), with the subvolumes
+/// nested in it (a `ro` version's `run/etc`).
 pub fn delete_subvolume(path: &Path) -> Result<()> {
     if is_readonly(path).unwrap_or(false) {
         set_readonly(path, false)?;
     }
-    libbtrfsutil::delete_subvolume(path)
+    libbtrfsutil::DeleteSubvolumeOptions::new()
+        .recursive(true)
+        .delete(path)
         .map_err(|e| e.os_error())
         .with_context(|| format!("deleting subvolume {}", path.display()))
 }

@@ -33,6 +33,10 @@ pub struct Deployment {
     pub arch: Option<String>,
     /// Kernel arguments after root=...
     pub kernel_args: String,
+    /// How its root is mounted (`rw`, `ro`, `volatile`); records written
+    /// before root modes existed read back as `rw`.
+    #[serde(default)]
+    pub root_mode: crate::store::rootmode::RootMode,
     /// Label of the version it was upgraded from, if any.
     pub upgraded_from: Option<String>,
     /// Configure extensions that ran, in order.

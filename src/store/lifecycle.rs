@@ -361,7 +361,8 @@ fn entry_of(v: &Version) -> extlinux::Entry {
         label: v.label.clone(),
         initramfs: v.deployment.has_initramfs,
         dtb: v.deployment.has_dtb,
-        args: v.deployment.kernel_args.clone(),
+        args: v.deployment.root_mode.entry_args(&v.deployment.kernel_args),
+        ro: v.deployment.root_mode.kernel_ro(),
     }
 }
 

@@ -5,5 +5,6 @@ pub(crate) mod btrfs;
 pub(crate) mod deployment;
 pub(crate) mod layout;
 pub(crate) mod lifecycle;
+pub(crate) mod rootmode;
 pub(crate) mod trial;
 pub(crate) mod versions;

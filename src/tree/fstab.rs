@@ -4,6 +4,7 @@
 //! `/` and for the state directories are appended after one comment line, so
 //! completing twice adds nothing the second time.
 
+use crate::store::rootmode::RootMode;
 use crate::util::rootpath;
 use anyhow::{bail, Context, Result};
 use std::fs::{self, OpenOptions, Permissions};
@@ -19,6 +20,9 @@ pub const ADDED_COMMENT: &str = "# Added by btrfs-deploy";
 
 /// Mount options of the added `/` entry (also used for state subvolumes).
 const MOUNT_OPTIONS: &str = "defaults,rw,noatime";
+
+/// Mount options of the added `/` entry of a `ro` version.
+pub const RO_ROOT_OPTIONS: &str = "defaults,ro,noatime";
 
 /// Mode of an `etc/fstab` this tool creates.
 const FSTAB_MODE: u32 = 0o644;
@@ -118,14 +122,34 @@ fn normalize_mount_point(point: &str) -> String {
 ///
 /// An existing `/` entry that names another device than `UUID=<fs_uuid>` is
 /// kept (existing entries win) and reported in [`Completion::warnings`].
+#[cfg(test)]
 pub fn complete(content: &str, fs_uuid: &str) -> Completion {
+    complete_for(content, fs_uuid, "", RootMode::Rw)
+}
+
+/// [`complete`] for a version `label` of root mode `mode`: the added `/`
+/// entry is `ro` for `ro` (`/` stays read-only; `rw` under `volatile`,
+/// whose `/` is the writable overlay), and `ro` adds `/etc` on the
+/// version's own subvolume `systems/<label>/run/etc`, read-write.
+pub fn complete_for(content: &str, fs_uuid: &str, label: &str, mode: RootMode) -> Completion {
     let existing = mount_points(content);
     let mounted = |point: &str| existing.iter().any(|p| p == point);
     let mut added = Vec::new();
     let mut lines = Vec::new();
     if !mounted("/") {
         added.push("/".to_string());
-        lines.push(format!("UUID={fs_uuid} / btrfs {MOUNT_OPTIONS} 0 1"));
+        let opts = if mode == RootMode::Ro {
+            RO_ROOT_OPTIONS
+        } else {
+            MOUNT_OPTIONS
+        };
+        lines.push(format!("UUID={fs_uuid} / btrfs {opts} 0 1"));
+    }
+    if mode == RootMode::Ro && !mounted("/etc") {
+        added.push("/etc".to_string());
+        lines.push(format!(
+            "UUID={fs_uuid} /etc btrfs subvol=/systems/{label}/run/etc,{MOUNT_OPTIONS} 0 0"
+        ));
     }
     let mut kept_state_dirs = Vec::new();
     for dir in STATE_DIRS {
@@ -257,7 +281,18 @@ fn names_filesystem(spec: &str, fs_uuid: &str) -> bool {
 ///   leading to something else than a regular file is an error.
 ///
 /// Nothing is written when nothing needs adding.
+#[cfg(test)]
 pub fn complete_file(tree: &Path, fs_uuid: &str) -> Result<Completion> {
+    complete_file_for(tree, fs_uuid, "", RootMode::Rw)
+}
+
+/// [`complete_file`] with the entries of root mode `mode` ([`complete_for`]).
+pub fn complete_file_for(
+    tree: &Path,
+    fs_uuid: &str,
+    label: &str,
+    mode: RootMode,
+) -> Result<Completion> {
     let etc = etc_dir(tree)?;
     let fstab = etc.join("fstab");
     let meta = match fs::symlink_metadata(&fstab) {
@@ -267,13 +302,15 @@ pub fn complete_file(tree: &Path, fs_uuid: &str) -> Result<Completion> {
     };
     match meta {
         None => {
-            let completion = complete("", fs_uuid);
+            let completion = complete_for("", fs_uuid, label, mode);
             write_new(&fstab, &completion.content)?;
             Ok(completion)
         }
-        Some(m) if m.file_type().is_symlink() => complete_symlink(tree, &fstab, fs_uuid),
+        Some(m) if m.file_type().is_symlink() => {
+            complete_symlink(tree, &fstab, fs_uuid, label, mode)
+        }
         Some(m) if m.is_file() => {
-            let completion = complete(&read_text(&fstab)?, fs_uuid);
+            let completion = complete_for(&read_text(&fstab)?, fs_uuid, label, mode);
             if !completion.added.is_empty() {
                 rewrite(&fstab, &completion.content)?;
             }
@@ -310,7 +347,13 @@ fn etc_dir(tree: &Path) -> Result<PathBuf> {
 }
 
 /// Completes an `etc/fstab` that is a symlink (see [`complete_file`]).
-fn complete_symlink(tree: &Path, link: &Path, fs_uuid: &str) -> Result<Completion> {
+fn complete_symlink(
+    tree: &Path,
+    link: &Path,
+    fs_uuid: &str,
+    label: &str,
+    mode: RootMode,
+) -> Result<Completion> {
     let target = fs::read_link(link).with_context(|| format!("reading link {}", link.display()))?;
     let resolved = rootpath::try_resolve_in_root(tree, Path::new("etc/fstab"))?;
     let Some(resolved) = resolved.filter(|p| p.is_file()) else {
@@ -323,7 +366,7 @@ fn complete_symlink(tree: &Path, link: &Path, fs_uuid: &str) -> Result<Completio
             tree.display()
         );
     };
-    let completion = complete(&read_text(&resolved)?, fs_uuid);
+    let completion = complete_for(&read_text(&resolved)?, fs_uuid, label, mode);
     if !completion.added.is_empty() {
         fs::remove_file(link).with_context(|| format!("removing link {}", link.display()))?;
         write_new(link, &completion.content)?;
