@@ -408,7 +408,7 @@ bench_bundle() {
     fi
     log "$t: signed delta bundle vs tarball upgrade ($RUNS runs each)"
     copy_image "$base" "$build"
-    "$DEPLOY" -q --version v2 --no-bootloader --rootfs "$v2" "$build" >"$W/deploy.log" 2>&1 ||
+    "$DEPLOY" -q --version v2 --no-bootloader --no-default --rootfs "$v2" "$build" >"$W/deploy.log" 2>&1 ||
         die "deploy of $t-v2 to the build image failed: $(tail -5 "$W/deploy.log")"
     rm -f "$key.key" "$key.pub" "$bundle"
     "$DEPLOY" keygen --output "$key" >/dev/null
@@ -424,10 +424,10 @@ bench_bundle() {
     tsize=$(stat -c %s "$tarball")
     for ((i = 1; i <= RUNS; i++)); do
         copy_image "$base" "$up"
-        timed_deploy --no-bootloader --rootfs "$bundle" --verify-key "$key.pub" "$up"
+        timed_deploy --no-bootloader --no-default --rootfs "$bundle" --verify-key "$key.pub" "$up"
         apply_t+=("$DUR")
         copy_image "$base" "$up"
-        timed_deploy --version v2 --no-bootloader --rootfs "$tarball" "$up"
+        timed_deploy --version v2 --no-bootloader --no-default --rootfs "$tarball" "$up"
         tar_t+=("$DUR")
         log "  run $i: apply bundle ${apply_t[-1]} s, upgrade from the tarball ${tar_t[-1]} s"
     done
