@@ -80,27 +80,29 @@ mod tests {
             .unwrap()
             .set_len(64 << 20)
             .unwrap();
-        let mut sfdisk = Command::new("sfdisk");
-        sfdisk
-            .arg("-q")
-            .arg(&img)
-            .stdin(std::process::Stdio::piped());
-        let mut child = sfdisk.spawn().expect("starting sfdisk (install fdisk)");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"label: gpt\nstart=2048, size=20480\nstart=22528, size=40960\n")
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "sfdisk failed");
+        use crate::disk::partition::{read_gpt, write_gpt, PartSpec, TYPE_ESP, TYPE_LINUX};
+        let spec = |size, type_guid, name| PartSpec {
+            size,
+            type_guid,
+            name,
+            legacy_boot: false,
+        };
+        write_gpt(
+            &img,
+            &[
+                spec(Some(8 << 20), TYPE_ESP, "esp"),
+                spec(None, TYPE_LINUX, "root"),
+            ],
+        )
+        .unwrap();
+        let table = read_gpt(&img).unwrap();
+        let range = |n: usize| (table[n].start, table[n].size);
+        let (esp, root) = (range(0), range(1));
         let disk = PartitionedDevice {
             dev: run(Command::new("losetup").args(["--find", "--show"]).arg(&img)),
         };
         run(Command::new("partx").args(["-a", &disk.dev]));
         let part2 = PathBuf::from(format!("{}p2", disk.dev));
-        let esp = (2048 * 512, 20480 * 512);
-        let root = (22528 * 512, 40960 * 512);
         assert_eq!(
             partition_device(Path::new(&disk.dev), root),
             Some(part2.clone())
@@ -110,10 +112,7 @@ mod tests {
             Some(PathBuf::from(format!("{}p1", disk.dev)))
         );
         // A range no partition covers exactly, and an image file: none.
-        assert_eq!(
-            partition_device(Path::new(&disk.dev), (22528 * 512, 4096)),
-            None
-        );
+        assert_eq!(partition_device(Path::new(&disk.dev), (root.0, 4096)), None);
         assert_eq!(partition_device(&img, root), None);
 
         // What every command opening a disk uses: the partition's device,
