@@ -11,11 +11,8 @@ use std::path::{Path, PathBuf};
 /// write to `/`, and counts its boots in `/etc/count` and `/home/count`.
 fn counting_tree(dir: &Path, name: &str) -> PathBuf {
     let root = dir.join(name);
-    sh(&format!(
-        "cp -a {} {}",
-        tiny_rootfs().display(),
-        root.display()
-    ));
+    std::fs::create_dir(&root).unwrap();
+    copy_tree(&tiny_rootfs(), &root);
     write(
         &root.join("etc/tiny-boot.d/10-rootmode"),
         br#"#!/bin/sh
@@ -38,21 +35,7 @@ exit 0
 
 /// Boots `img` once (BIOS path, writes kept) and returns the console.
 fn boot_persist(img: &Path) -> String {
-    let log = PathBuf::from(format!("{}.console.log", img.display()));
-    run_ok(&[
-        "boot-test",
-        img.to_str().unwrap(),
-        "--timeout",
-        "120",
-        "--accel",
-        "tcg",
-        "--firmware",
-        "bios",
-        "--persist",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    std::fs::read_to_string(&log).unwrap()
+    boot_console_args(img, &["--firmware", "bios", "--persist"])
 }
 
 fn hook(console: &str, key: &str) -> String {

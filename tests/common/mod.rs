@@ -492,6 +492,19 @@ pub fn boot_console(img: &Path, version: Option<&str>) -> String {
 
 /// Like [`boot_console`], with `--firmware bios|uefi` when given.
 pub fn boot_console_with(img: &Path, version: Option<&str>, firmware: Option<&str>) -> String {
+    let mut extra = Vec::new();
+    if let Some(v) = version {
+        extra.extend(["--version", v]);
+    }
+    if let Some(f) = firmware {
+        extra.extend(["--firmware", f]);
+    }
+    boot_console_args(img, &extra)
+}
+
+/// Boots `img` with `deploy boot-test` (TCG, 120 s) plus `extra`
+/// arguments, asserts it passed, and returns the console log.
+pub fn boot_console_args(img: &Path, extra: &[&str]) -> String {
     let log = PathBuf::from(format!("{}.console.log", img.display()));
     let mut args = vec![
         "boot-test",
@@ -503,12 +516,7 @@ pub fn boot_console_with(img: &Path, version: Option<&str>, firmware: Option<&st
         "--log",
         log.to_str().unwrap(),
     ];
-    if let Some(v) = version {
-        args.extend(["--version", v]);
-    }
-    if let Some(f) = firmware {
-        args.extend(["--firmware", f]);
-    }
+    args.extend(extra);
     let out = run_ok(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
