@@ -50,7 +50,8 @@ pub struct DeployArgs {
     pub label: Option<String>,
     /// Root filesystem to deploy: a directory, or a tar archive (.tar, .tar.gz,
     /// .tgz, .tar.zst, .tar.xz) streamed straight onto the disk, or a signed
-    /// bundle (`deploy bundle create`; `-` reads one from standard input).
+    /// bundle (`deploy bundle create`; `-` reads one from standard input, an
+    /// http:// or https:// URL streams it from a web server).
     #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
     pub rootfs: Option<PathBuf>,
     /// Size of a new image: bytes or with a suffix (512M, 4G, 4GiB). Default:
@@ -138,6 +139,15 @@ pub struct DeployArgs {
     /// Apply a bundle whose build number is not newer than the newest on the disk.
     #[arg(long)]
     pub allow_downgrade: bool,
+    /// With an http(s):// --rootfs: longest wait, in seconds, for a
+    /// connection or for the next bytes before the request counts as failed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_timeout: u64,
+    /// With an http(s):// --rootfs: how many times in a row a failed or
+    /// dropped request is retried (resuming with a range request) before
+    /// giving up.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub http_retries: u32,
     /// Disk image file or block device to deploy to.
     #[arg(value_name = "TARGET")]
     pub target: Option<PathBuf>,

@@ -128,7 +128,10 @@ pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config> {
     .into_iter()
     .flatten()
     {
-        *p = dir.join(&*p);
+        // A bundle URL is not a path.
+        if !crate::bundle::http::is_url(p) {
+            *p = dir.join(&*p);
+        }
     }
     for p in cfg.extensions_dirs.iter_mut().flatten() {
         *p = dir.join(&*p);

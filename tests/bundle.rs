@@ -9,6 +9,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+#[path = "bundle/http.rs"]
+mod http;
+
 /// A build host's disk (`factory`, then `v2`), a copy of it taken before
 /// v2 (what the devices have), the v2 rootfs and a vendor key.
 struct Fx {

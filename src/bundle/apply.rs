@@ -12,6 +12,7 @@
 //! bad chunk aborts the receive (the partial version is removed).
 
 use super::format::{self, Manifest};
+use super::http::{self, HttpOptions, HttpReader};
 use super::keys;
 use crate::store::btrfs;
 use crate::store::deployment::Deployment;
@@ -35,6 +36,8 @@ pub(crate) enum Source {
     File(PathBuf, u64),
     /// Standard input, positioned at the payload.
     Stdin,
+    /// An `http(s)://` URL; the payload starts at this offset.
+    Http(String, u64, HttpOptions),
 }
 
 /// A bundle whose signature and manifest were verified.
@@ -55,13 +58,15 @@ impl Opened {
         match &self.source {
             Source::File(p, _) => format!("bundle {}", p.display()),
             Source::Stdin => "the bundle on standard input".into(),
+            Source::Http(url, ..) => format!("bundle {url}"),
         }
     }
 }
 
-/// True when `rootfs` names a bundle: `-`, or a file starting with the bundle magic.
+/// True when `rootfs` names a bundle: `-`, an `http(s)://` URL, or a file
+/// starting with the bundle magic.
 pub(crate) fn is_bundle(rootfs: &Path) -> bool {
-    if rootfs == Path::new(STDIN) {
+    if rootfs == Path::new(STDIN) || http::is_url(rootfs) {
         return true;
     }
     let mut magic = [0u8; 20];
@@ -72,12 +77,15 @@ pub(crate) fn is_bundle(rootfs: &Path) -> bool {
 }
 
 /// Reads and verifies the bundle's head (and a file's whole payload).
-/// Without a key it is refused unless `insecure`, which warns.
+/// Without a key it is refused unless `insecure`, which warns. A URL is
+/// read with `http_opts`; its payload, as from a pipe, is verified chunk by
+/// chunk while it is received.
 pub(crate) fn open(
     rootfs: &Path,
     key: Option<&Path>,
     insecure: bool,
     allow_downgrade: bool,
+    http_opts: HttpOptions,
 ) -> Result<Opened> {
     let key = match key {
         Some(k) => Some(keys::load_public(k)?),
@@ -88,10 +96,21 @@ pub(crate) fn open(
             rootfs.display()
         ),
     };
+    let mut http_total = None;
     let (head, source, what) = if rootfs == Path::new(STDIN) {
         let what = "the bundle on standard input".to_string();
         let head = format::read_head(&mut std::io::stdin().lock(), &what)?;
         (head, Source::Stdin, what)
+    } else if http::is_url(rootfs) {
+        let url = rootfs.to_string_lossy().into_owned();
+        let what = format!("bundle {url}");
+        ui::step(format!("Fetching the manifest of {what}"));
+        let mut r =
+            HttpReader::open(&url, 0, http_opts).with_context(|| format!("fetching {what}"))?;
+        let head = format::read_head(&mut r, &what)?;
+        http_total = r.total();
+        let offset = head.len();
+        (head, Source::Http(url, offset, http_opts), what)
     } else {
         let what = format!("bundle {}", rootfs.display());
         let mut f = std::fs::File::open(rootfs).with_context(|| format!("opening {what}"))?;
@@ -120,6 +139,15 @@ pub(crate) fn open(
         verified_by,
         allow_downgrade,
     };
+    if let (Source::Http(_, offset, _), Some(len)) = (&opened.source, http_total) {
+        let want = offset + opened.manifest.payload.size;
+        if len != want {
+            bail!(
+                "{what} is {len} bytes on the server, its manifest says {want}: it was changed, \
+                 damaged or cut short; refusing it"
+            );
+        }
+    }
     if let Source::File(path, offset) = &opened.source {
         let len = std::fs::metadata(path)?.len();
         let want = offset + opened.manifest.payload.size;
@@ -276,6 +304,18 @@ pub(crate) fn receive(b: &Opened, dir: &Path) -> Result<PathBuf> {
             true,
             |_| signals::check(),
         ),
+        Source::Http(url, offset, opts) => (|| -> Result<()> {
+            let r = HttpReader::open(url, *offset, *opts)
+                .with_context(|| format!("fetching the payload of {what}"))?;
+            format::copy_verified(
+                &b.manifest.payload,
+                &mut std::io::BufReader::with_capacity(1 << 20, r),
+                &mut stdin,
+                &what,
+                true,
+                |_| signals::check(),
+            )
+        })(),
     };
     // Kill before closing its input: on EOF after a refused first chunk it
     // would exit on its own ("empty stream") and hide why we stopped.

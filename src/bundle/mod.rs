@@ -6,4 +6,5 @@
 pub(crate) mod apply;
 pub(crate) mod create;
 pub(crate) mod format;
+pub(crate) mod http;
 pub(crate) mod keys;

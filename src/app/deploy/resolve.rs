@@ -50,6 +50,10 @@ pub fn plan(
             args.verify_key.as_deref(),
             args.insecure_no_verify,
             args.allow_downgrade,
+            crate::bundle::http::HttpOptions {
+                timeout: std::time::Duration::from_secs(args.http_timeout.max(1)),
+                retries: args.http_retries,
+            },
         )?;
         if let Some(l) = args.label.as_ref().filter(|l| **l != b.manifest.label) {
             bail!(
