@@ -130,9 +130,15 @@ pub struct DeployArgs {
     #[arg(long)]
     pub json: bool,
     /// Public key (minisign format) a bundle given as --rootfs must be
-    /// signed with (or `verify_key` in the config file).
+    /// signed with (or `verify_key` in the config file). Repeat it to trust
+    /// several keys, e.g. the old and the new one during a key rotation.
     #[arg(long, value_name = "KEY.pub")]
-    pub verify_key: Option<PathBuf>,
+    pub verify_key: Vec<PathBuf>,
+    /// Key id (as `deploy keygen` and `bundle info` print it) whose
+    /// signatures are refused even if a --verify-key has it; adds to
+    /// `revoked_keys` in the config file. Repeatable.
+    #[arg(long, value_name = "KEYID")]
+    pub revoked_key: Vec<String>,
     /// Apply a bundle without verifying its signature (prints a warning).
     #[arg(long)]
     pub insecure_no_verify: bool,
@@ -387,6 +393,21 @@ pub struct BootTestArgs {
     pub watchdog: bool,
 }
 
+/// `--expires-in`: a duration, or never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry(pub Option<std::time::Duration>);
+
+fn parse_expiry(s: &str) -> Result<Expiry, String> {
+    if s == "never" {
+        return Ok(Expiry(None));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if d.as_secs() > 0 => Ok(Expiry(Some(d))),
+        Ok(_) => Err("the duration must be at least one second".into()),
+        Err(e) => Err(format!("{e}: give e.g. 90d, 12h, 2w, or never")),
+    }
+}
+
 /// `deploy bundle ...`.
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
@@ -430,6 +451,11 @@ pub struct BundleCreateArgs {
     /// the newest they have. Default: the creation time in seconds since 1970.
     #[arg(long, value_name = "N")]
     pub build: Option<u64>,
+    /// How long devices accept the bundle: a duration (90d, 12h, 2w) or
+    /// `never`. Past it a device refuses the bundle as stale, so an old
+    /// bundle cannot be replayed at it (docs/bundles.md).
+    #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = parse_expiry)]
+    pub expires_in: Expiry,
 }
 
 #[cfg(test)]

@@ -79,14 +79,32 @@ pub struct Config {
     /// Seconds a trial boot has to pass its health checks (default 300).
     #[serde(alias = "trial-timeout")]
     pub trial_timeout: Option<u64>,
-    /// Public key bundles must be signed with (`--verify-key`).
-    #[serde(alias = "verify-key")]
-    pub verify_key: Option<PathBuf>,
+    /// Public keys bundles may be signed with (`--verify-key`): one file,
+    /// or a list (during a key rotation).
+    #[serde(default, alias = "verify-key", deserialize_with = "one_or_many")]
+    pub verify_key: Option<Vec<PathBuf>>,
+    /// Key ids whose bundles are refused (`--revoked-key`).
+    #[serde(alias = "revoked-keys")]
+    pub revoked_keys: Option<Vec<String>>,
     /// Extension settings: string, integer, float or boolean values.
     pub settings: Option<BTreeMap<String, toml::Value>>,
     /// Directory of the file this was read from (set by [`load`]).
     #[serde(skip)]
     pub dir: Option<PathBuf>,
+}
+
+/// A path, or a list of paths (`verify_key = "a.pub"` or `["a.pub", "b.pub"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<PathBuf>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(Some(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    }))
 }
 
 /// Loads `explicit` (which must exist) or `./deploy.toml` when present.
@@ -123,10 +141,10 @@ pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config> {
         &mut cfg.kernel,
         &mut cfg.initramfs,
         &mut cfg.dtb,
-        &mut cfg.verify_key,
     ]
     .into_iter()
     .flatten()
+    .chain(cfg.verify_key.iter_mut().flatten())
     {
         // A bundle URL is not a path.
         if !crate::bundle::http::is_url(p) {
@@ -222,7 +240,15 @@ pub fn apply(args: &mut DeployArgs, cfg: Option<&Config>) -> Result<BTreeMap<Str
         fill(&mut args.initramfs, &cfg.initramfs);
         fill(&mut args.dtb, &cfg.dtb);
         fill(&mut args.keep, &cfg.keep);
-        fill(&mut args.verify_key, &cfg.verify_key);
+        if args.verify_key.is_empty() {
+            args.verify_key = cfg.verify_key.clone().unwrap_or_default();
+        }
+        // Revocations add up: the command line cannot lift the file's.
+        for k in cfg.revoked_keys.iter().flatten() {
+            if !args.revoked_key.contains(k) {
+                args.revoked_key.push(k.clone());
+            }
+        }
         fill(&mut args.boot, &cfg.boot);
         fill(&mut args.arch, &cfg.arch);
         args.no_bootloader |= cfg.no_bootloader.unwrap_or(false);

@@ -11,6 +11,8 @@ use std::process::Stdio;
 
 #[path = "bundle/http.rs"]
 mod http;
+#[path = "bundle/trust.rs"]
+mod trust;
 
 /// A build host's disk (`factory`, then `v2`), a copy of it taken before
 /// v2 (what the devices have), the v2 rootfs and a vendor key.

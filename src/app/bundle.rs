@@ -33,6 +33,7 @@ pub fn create(args: &BundleCreateArgs) -> Result<()> {
         sign_key: &args.sign_key,
         output: &args.output,
         build: args.build,
+        expires_in: args.expires_in.0,
     })?;
     let m = &done.manifest;
     ui::step(format!(
@@ -135,6 +136,7 @@ fn print_info(i: &Info) {
     println!("version:     {}", m.label);
     println!("build:       {}", m.build);
     println!("created:     {}", m.created);
+    println!("expires:     {}", m.expires.as_deref().unwrap_or("never"));
     match &m.base {
         Some(b) => println!(
             "kind:        delta against {} (subvolume {})",

@@ -76,21 +76,36 @@ pub(crate) fn is_bundle(rootfs: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Which keys a bundle may be signed with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Trust<'a> {
+    /// Public key files (`--verify-key`, `verify_key`): any of them.
+    pub keys: &'a [PathBuf],
+    /// Key ids refused even when listed in `keys` (`revoked_keys`).
+    pub revoked: &'a [String],
+    /// Apply without a key (`--insecure-no-verify`), with a warning.
+    pub insecure: bool,
+}
+
 /// Reads and verifies the bundle's head (and a file's whole payload).
 /// Without a key it is refused unless `insecure`, which warns. A URL is
 /// read with `http_opts`; its payload, as from a pipe, is verified chunk by
 /// chunk while it is received.
 pub(crate) fn open(
     rootfs: &Path,
-    key: Option<&Path>,
-    insecure: bool,
+    trust: Trust,
     allow_downgrade: bool,
     http_opts: HttpOptions,
 ) -> Result<Opened> {
-    let key = match key {
-        Some(k) => Some(keys::load_public(k)?),
-        None if insecure => None,
-        None => bail!(
+    let key_set = trust
+        .keys
+        .iter()
+        .map(|k| keys::load_public(k))
+        .collect::<Result<Vec<_>>>()?;
+    let key = match key_set.is_empty() {
+        false => Some(key_set),
+        true if trust.insecure => None,
+        true => bail!(
             "refusing to apply bundle {} without a verification key: give --verify-key KEY.pub \
              (or verify_key in deploy.toml); --insecure-no-verify applies it unverified",
             rootfs.display()
@@ -119,8 +134,8 @@ pub(crate) fn open(
         (head, Source::File(rootfs.to_path_buf(), offset), what)
     };
     let verified_by = match &key {
-        Some(k) => {
-            keys::verify(k, &head.manifest, &head.signature)
+        Some(set) => {
+            let k = keys::verify_any(set, trust.revoked, &head.manifest, &head.signature)
                 .with_context(|| format!("verifying {what}"))?;
             Some(k.id())
         }
@@ -133,6 +148,7 @@ pub(crate) fn open(
         }
     };
     let manifest = Manifest::parse(&head.manifest).with_context(|| format!("reading {what}"))?;
+    manifest.check_expiry(std::time::SystemTime::now(), &what)?;
     let opened = Opened {
         manifest,
         source,

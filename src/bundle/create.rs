@@ -28,6 +28,8 @@ pub(crate) struct CreateRequest<'a> {
     pub output: &'a Path,
     /// Build number (default: the creation time in seconds).
     pub build: Option<u64>,
+    /// How long devices accept it (None: forever).
+    pub expires_in: Option<std::time::Duration>,
 }
 
 /// What was written.
@@ -109,6 +111,9 @@ pub(crate) fn create(req: &CreateRequest) -> Result<Created> {
             kernel_version,
             source_fs_uuid: disk.fs_uuid()?,
             tool_version: env!("CARGO_PKG_VERSION").into(),
+            expires: req
+                .expires_in
+                .map(|d| deployment::rfc3339(created_unix.saturating_add(d.as_secs()))),
             payload: Payload {
                 kind: "btrfs-send".into(),
                 size: 0,

@@ -55,6 +55,11 @@ pub(crate) struct Manifest {
     pub source_fs_uuid: String,
     /// Version of the tool that wrote it.
     pub tool_version: String,
+    /// After this time (RFC 3339, UTC) devices refuse the bundle: stale
+    /// metadata is not replayed at them (`bundle create --expires-in`).
+    /// None: never (bundles made before expiry times existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
     /// The payload.
     pub payload: Payload,
 }
@@ -121,6 +126,10 @@ impl Manifest {
                 m.payload.chunk_size
             );
         }
+        if let Some(e) = &m.expires {
+            humantime::parse_rfc3339(e)
+                .with_context(|| format!("the bundle's expiry time {e:?} is not RFC 3339"))?;
+        }
         if m.payload.sha256.len() as u64 != m.payload.size.div_ceil(m.payload.chunk_size) {
             bail!(
                 "the bundle's manifest lists {} chunk hashes for {} bytes",
@@ -129,6 +138,24 @@ impl Manifest {
             );
         }
         Ok(m)
+    }
+
+    /// Refuses the bundle when its expiry time has passed at `now`.
+    pub fn check_expiry(&self, now: std::time::SystemTime, what: &str) -> Result<()> {
+        let Some(e) = &self.expires else {
+            return Ok(());
+        };
+        let at = humantime::parse_rfc3339(e)?;
+        if now > at {
+            bail!(
+                "{what} expired at {e} (made {}; this machine's clock says {}): refusing stale \
+                 metadata. The vendor publishes a fresh bundle with `deploy bundle create` \
+                 (--expires-in sets how long it stays valid); if this clock is wrong, set it first",
+                self.created,
+                humantime::format_rfc3339_seconds(now)
+            );
+        }
+        Ok(())
     }
 
     /// Whether this is a delta.
@@ -330,6 +357,7 @@ mod tests {
             kernel_version: None,
             source_fs_uuid: "f".into(),
             tool_version: "0".into(),
+            expires: None,
             payload: Payload {
                 kind: "btrfs-send".into(),
                 size,
@@ -381,6 +409,32 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("after its payload"), "{e}");
+    }
+
+    #[test]
+    fn expired_manifests_are_refused_and_old_ones_never_expire() {
+        let mut m = manifest_for(b"abc");
+        let t = |s: &str| humantime::parse_rfc3339(s).unwrap();
+        m.check_expiry(t("2099-01-01T00:00:00Z"), "b").unwrap();
+        m.expires = Some("2026-02-01T00:00:00Z".into());
+        m.check_expiry(t("2026-01-31T23:59:59Z"), "b").unwrap();
+        let e = m
+            .check_expiry(t("2026-02-01T00:00:01Z"), "bundle x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bundle x expired at 2026-02-01T00:00:00Z") && e.contains("clock says"),
+            "{e}"
+        );
+        let bytes = serde_json::to_vec(&m).unwrap();
+        assert_eq!(Manifest::parse(&bytes).unwrap(), m);
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["expires"] = "next tuesday".into();
+        let e = format!(
+            "{:#}",
+            Manifest::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err()
+        );
+        assert!(e.contains("not RFC 3339"), "{e}");
     }
 
     #[test]

@@ -137,10 +137,17 @@ fn parse_secret(text: &str) -> std::result::Result<minisign::SecretKey, String> 
 }
 
 /// A verification key (a minisign public key file).
+#[derive(Clone)]
 pub(crate) struct VerifyKey {
     pk: minisign::PublicKey,
     /// Where it was read from.
     pub path: PathBuf,
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VerifyKey({} from {})", self.id(), self.path.display())
+    }
 }
 
 impl VerifyKey {
@@ -220,6 +227,39 @@ pub(crate) fn verify(key: &VerifyKey, data: &[u8], signature: &str) -> Result<St
         .map_err(|e| anyhow::anyhow!("reading the signature's trusted comment: {e}"))
 }
 
+/// Verifies `signature` with whichever of `keys` made it, unless its key
+/// id is in `revoked` (revocation wins over trust). Returns the key.
+pub(crate) fn verify_any<'k>(
+    keys: &'k [VerifyKey],
+    revoked: &[String],
+    data: &[u8],
+    signature: &str,
+) -> Result<&'k VerifyKey> {
+    let signed_by = signature_key_id(signature)?;
+    if revoked.iter().any(|r| r.eq_ignore_ascii_case(&signed_by)) {
+        bail!(
+            "the bundle is signed by key {signed_by}, which is revoked (revoked_keys in \
+             deploy.toml, or --revoked-key): refusing it; the vendor must sign with a current key"
+        );
+    }
+    let key = match keys {
+        [one] => one,
+        _ => keys.iter().find(|k| k.id() == signed_by).ok_or_else(|| {
+            let list: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{} ({})", k.id(), k.path.display()))
+                .collect();
+            anyhow::anyhow!(
+                "the bundle is signed by key {signed_by}, not by any of the verification keys {}: \
+                 refusing it",
+                list.join(", ")
+            )
+        })?,
+    };
+    verify(key, data, signature)?;
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +289,28 @@ mod tests {
         let other = load_public(&other_pk).unwrap();
         let err = verify(&other, b"manifest", &sig).unwrap_err().to_string();
         assert!(err.contains("signed by key"), "{err}");
+        // Several trusted keys (a rotation): whichever signed it.
+        let both = [other, key];
+        assert_eq!(verify_any(&both, &[], b"manifest", &sig).unwrap().id(), id);
+        let err = verify_any(&both[..1], &[], b"manifest", &sig)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not by the verification key"), "{err}");
+        let (_, third_pk, _) = keygen(&d.path().join("third")).unwrap();
+        let none = [both[0].clone(), load_public(&third_pk).unwrap()];
+        let err = verify_any(&none, &[], b"manifest", &sig)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not by any of the verification keys"), "{err}");
+        // Revoked wins, whatever the case of the id.
+        let err = verify_any(&both, &[id.to_lowercase()], b"manifest", &sig)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("which is revoked"), "{err}");
+        let err = verify_any(&both, &[], b"manifesT", &sig)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not verify"), "{err}");
     }
 
     #[test]

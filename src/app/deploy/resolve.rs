@@ -47,8 +47,11 @@ pub fn plan(
     let bundle = if crate::bundle::apply::is_bundle(&rootfs_arg) {
         let b = crate::bundle::apply::open(
             &rootfs_arg,
-            args.verify_key.as_deref(),
-            args.insecure_no_verify,
+            crate::bundle::apply::Trust {
+                keys: &args.verify_key,
+                revoked: &args.revoked_key,
+                insecure: args.insecure_no_verify,
+            },
             args.allow_downgrade,
             crate::bundle::http::HttpOptions {
                 timeout: std::time::Duration::from_secs(args.http_timeout.max(1)),
