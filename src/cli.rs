@@ -139,6 +139,10 @@ pub struct DeployArgs {
     /// `revoked_keys` in the config file. Repeatable.
     #[arg(long, value_name = "KEYID")]
     pub revoked_key: Vec<String>,
+    /// Set by `deploy update`: the SHA-256 the signed index names for the
+    /// bundle's manifest.
+    #[arg(skip)]
+    pub expect_manifest_sha256: Option<String>,
     /// Apply a bundle without verifying its signature (prints a warning).
     #[arg(long)]
     pub insecure_no_verify: bool,
@@ -276,6 +280,15 @@ pub enum Command {
     /// Make or inspect signed update bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Fetch the vendor's signed update index (update_url in deploy.toml, or
+    /// --index) and apply the newest bundle this disk can: a delta against a
+    /// version it has, else a full one. Nothing to do is not an error.
+    #[command(after_help = "Examples:\n  \
+      deploy update --trial                 on a device: try the newest version once\n  \
+      deploy update --index https://updates.example.com/amd64/index.json --verify-key vendor.pub disk.img\n\n\
+      In deploy.toml: update_url = \"https://updates.example.com/{arch}/index.json\"\n\
+      ({arch}: this machine's architecture, e.g. amd64, arm64; {version}: the disk's default version).")]
+    Update(UpdateArgs),
     /// List the available configure extensions.
     Extensions {
         /// Additional folder with extensions (repeatable).
@@ -393,6 +406,41 @@ pub struct BootTestArgs {
     pub watchdog: bool,
 }
 
+/// Options of `deploy update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Disk image or block device; default: the disk the running system
+    /// booted from.
+    pub target: Option<PathBuf>,
+    /// The index (URL or file) instead of `update_url` from the config.
+    #[arg(long, value_name = "URL")]
+    pub index: Option<String>,
+    /// Apply it on trial (as `deploy --trial`): boot it once, keep it if
+    /// its health checks pass.
+    #[arg(long)]
+    pub trial: bool,
+    /// Deployment config file (default: the device's
+    /// /etc/btrfs-deploy/deploy.toml on a device, else ./deploy.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Public key the index and bundles must be signed with (repeatable;
+    /// or verify_key in the config).
+    #[arg(long, value_name = "KEY.pub")]
+    pub verify_key: Vec<PathBuf>,
+    /// Key id to refuse (adds to revoked_keys in the config).
+    #[arg(long, value_name = "KEYID")]
+    pub revoked_key: Vec<String>,
+    /// Seconds to wait for a connection or the next bytes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_timeout: u64,
+    /// Failed requests in a row to retry.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub http_retries: u32,
+    /// Print a JSON summary of the deploy (when one happens).
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `--expires-in`: a duration, or never.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry(pub Option<std::time::Duration>);
@@ -417,6 +465,24 @@ pub enum BundleCommand {
       deploy bundle create build.img --version v2 --base factory --sign-key vendor.key --output v2.bundle\n  \
       deploy --rootfs v2.bundle --verify-key vendor.pub device.img")]
     Create(BundleCreateArgs),
+    /// Write DIR/index.json and its signature DIR/index.json.minisig: the
+    /// signed list of the bundles in DIR that `deploy update` reads. Run it
+    /// after every `bundle create` into DIR, then publish DIR as it is.
+    #[command(after_help = "Example:\n  \
+      deploy bundle create build.img --version v3 --base v2 --sign-key vendor.key --output site/amd64/v3.bundle\n  \
+      deploy bundle index site/amd64 --sign-key vendor.key\n  \
+      rsync -a site/ web:/var/www/updates/     # any web server; devices: update_url = \"https://…/{arch}/index.json\"")]
+    Index {
+        /// Folder of *.bundle files.
+        dir: PathBuf,
+        /// Secret key to sign the index with.
+        #[arg(long, value_name = "NAME.key")]
+        sign_key: PathBuf,
+        /// How long devices accept the index: a duration (7d, 12h) or
+        /// `never`. Renew it (run again) within that time.
+        #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_expiry)]
+        expires_in: Expiry,
+    },
     /// Show a bundle's manifest and whether its signature verifies.
     Info {
         /// Bundle file.

@@ -83,6 +83,10 @@ pub struct Config {
     /// or a list (during a key rotation).
     #[serde(default, alias = "verify-key", deserialize_with = "one_or_many")]
     pub verify_key: Option<Vec<PathBuf>>,
+    /// Where `deploy update` finds the signed index of bundles: a URL (or
+    /// file) with `{arch}` and `{version}` placeholders.
+    #[serde(alias = "update-url")]
+    pub update_url: Option<String>,
     /// Key ids whose bundles are refused (`--revoked-key`).
     #[serde(alias = "revoked-keys")]
     pub revoked_keys: Option<Vec<String>>,

@@ -95,6 +95,64 @@ pub fn use_carried_tools() {
     }
 }
 
+/// A deploy (the command without a subcommand), or with `update` (the
+/// `--index` given, if any) `deploy update`, which first chooses the
+/// bundle to apply.
+fn run_deploy(mut args: cli::DeployArgs, update: Option<Option<String>>) -> Result<()> {
+    let started = std::time::Instant::now();
+    let size_from_cli = args.size.is_some();
+    // On a device of this layout, TARGET omitted (or `/`) is the disk
+    // it runs from, and its configuration is the device's own.
+    let on_device = match args.target.as_deref() {
+        None => true,
+        Some(t) => t == std::path::Path::new("/"),
+    };
+    let device_config = std::path::Path::new(app::trial::DEVICE_CONFIG);
+    let mut config_path = args.config.clone();
+    if on_device {
+        if let Some((dev, _)) = app::target::running_system() {
+            args.target = Some(app::target::whole_disk(&dev));
+            if config_path.is_none() && device_config.exists() {
+                config_path = Some(device_config.to_path_buf());
+            }
+        } else if args.target.is_some() {
+            return Err(UsageError(
+                "TARGET / means the disk the running system booted from, and / here is \
+                 not a version of a btrfs-deploy disk: name a disk image or block device"
+                    .into(),
+            )
+            .into());
+        }
+    }
+    let cfg = config::load(config_path.as_deref())?;
+    if let Some((path, _)) = &cfg {
+        ui::step(format!("Using config {}", path.display()));
+    }
+    let settings = config::apply(&mut args, cfg.as_ref().map(|(_, c)| c))?;
+    if let Some(index) = update {
+        let location = index.or_else(|| cfg.as_ref().and_then(|(_, c)| c.update_url.clone()));
+        match app::update::choose(&args, location.as_deref())? {
+            None => return Ok(()),
+            Some(chosen) => {
+                args.rootfs = Some(chosen.location.into());
+                args.expect_manifest_sha256 = Some(chosen.manifest_sha256);
+            }
+        }
+    }
+    let plan = deploy::plan(&args, settings, size_from_cli)?;
+    mount::enter_private_namespace()?;
+    signals::install()?;
+    let outcome = deploy::execute(&plan)?;
+    if args.json {
+        json::print(&summary::Summary::new(
+            &plan.target,
+            &outcome,
+            started.elapsed(),
+        ))?;
+    }
+    Ok(())
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     ui::set_level(if cli.quiet {
@@ -109,50 +167,20 @@ pub fn run(cli: Cli) -> Result<()> {
         return extensions::check_ip(value, *prefix);
     }
     match cli.command {
-        None => {
-            let started = std::time::Instant::now();
-            let mut args = cli.deploy.clone();
-            let size_from_cli = args.size.is_some();
-            // On a device of this layout, TARGET omitted (or `/`) is the disk
-            // it runs from, and its configuration is the device's own.
-            let on_device = match args.target.as_deref() {
-                None => true,
-                Some(t) => t == std::path::Path::new("/"),
+        None => run_deploy(cli.deploy.clone(), None),
+        Some(Command::Update(u)) => {
+            let args = cli::DeployArgs {
+                target: u.target.clone(),
+                config: u.config.clone(),
+                trial: u.trial,
+                verify_key: u.verify_key.clone(),
+                revoked_key: u.revoked_key.clone(),
+                http_timeout: u.http_timeout,
+                http_retries: u.http_retries,
+                json: u.json,
+                ..Default::default()
             };
-            let device_config = std::path::Path::new(app::trial::DEVICE_CONFIG);
-            let mut config_path = args.config.clone();
-            if on_device {
-                if let Some((dev, _)) = app::target::running_system() {
-                    args.target = Some(app::target::whole_disk(&dev));
-                    if config_path.is_none() && device_config.exists() {
-                        config_path = Some(device_config.to_path_buf());
-                    }
-                } else if args.target.is_some() {
-                    return Err(UsageError(
-                        "TARGET / means the disk the running system booted from, and / here is \
-                         not a version of a btrfs-deploy disk: name a disk image or block device"
-                            .into(),
-                    )
-                    .into());
-                }
-            }
-            let cfg = config::load(config_path.as_deref())?;
-            if let Some((path, _)) = &cfg {
-                ui::step(format!("Using config {}", path.display()));
-            }
-            let settings = config::apply(&mut args, cfg.as_ref().map(|(_, c)| c))?;
-            let plan = deploy::plan(&args, settings, size_from_cli)?;
-            mount::enter_private_namespace()?;
-            signals::install()?;
-            let outcome = deploy::execute(&plan)?;
-            if args.json {
-                json::print(&summary::Summary::new(
-                    &plan.target,
-                    &outcome,
-                    started.elapsed(),
-                ))?;
-            }
-            Ok(())
+            run_deploy(args, Some(u.index.clone()))
         }
         Some(Command::List {
             target,
@@ -220,6 +248,11 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Keygen { output }) => app::bundle::keygen(&output),
         Some(Command::Bundle(BundleCommand::Create(args))) => app::bundle::create(&args),
+        Some(Command::Bundle(BundleCommand::Index {
+            dir,
+            sign_key,
+            expires_in,
+        })) => app::bundle::index(&dir, &sign_key, expires_in.0),
         Some(Command::Bundle(BundleCommand::Info {
             file,
             verify_key,

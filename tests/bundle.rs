@@ -13,6 +13,8 @@ use std::process::Stdio;
 mod http;
 #[path = "bundle/trust.rs"]
 mod trust;
+#[path = "bundle/update.rs"]
+mod update;
 
 /// A build host's disk (`factory`, then `v2`), a copy of it taken before
 /// v2 (what the devices have), the v2 rootfs and a vendor key.

@@ -52,6 +52,34 @@ pub fn create(args: &BundleCreateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `deploy bundle index DIR --sign-key K [--expires-in D]`.
+pub fn index(dir: &Path, sign_key: &Path, expires_in: Option<std::time::Duration>) -> Result<()> {
+    let idx = crate::bundle::index::write(dir, sign_key, expires_in)?;
+    for e in &idx.bundles {
+        ui::detail(format!(
+            "{} ({} build {}, {}{}, {})",
+            e.file,
+            e.label,
+            e.build,
+            if e.base.is_some() {
+                "delta against "
+            } else {
+                "full"
+            },
+            e.base.as_ref().map(|b| b.label.as_str()).unwrap_or(""),
+            units::format_size(e.size)
+        ));
+    }
+    ui::step(format!(
+        "Wrote {} and {} ({} bundles, expires {}): publish the folder as it is",
+        dir.join(crate::bundle::index::INDEX).display(),
+        crate::bundle::index::SIGNATURE,
+        idx.bundles.len(),
+        idx.expires.as_deref().unwrap_or("never")
+    ));
+    Ok(())
+}
+
 /// What `bundle info --json` prints.
 #[derive(Serialize)]
 struct Info {

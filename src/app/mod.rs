@@ -11,3 +11,4 @@ pub(crate) mod status;
 pub(crate) mod summary;
 pub(crate) mod target;
 pub(crate) mod trial;
+pub(crate) mod update;

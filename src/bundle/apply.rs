@@ -85,6 +85,8 @@ pub(crate) struct Trust<'a> {
     pub revoked: &'a [String],
     /// Apply without a key (`--insecure-no-verify`), with a warning.
     pub insecure: bool,
+    /// The SHA-256 of the manifest a signed index names (`deploy update`).
+    pub manifest_sha256: Option<&'a str>,
 }
 
 /// Reads and verifies the bundle's head (and a file's whole payload).
@@ -147,6 +149,16 @@ pub(crate) fn open(
             None
         }
     };
+    if let Some(want) = trust.manifest_sha256 {
+        let got = super::index::manifest_digest(&head.manifest);
+        if got != want {
+            bail!(
+                "{what} is not the bundle the signed index names (its manifest's SHA-256 is {got}, \
+                 the index says {want}): the server's files changed after `deploy bundle index`; \
+                 refusing it"
+            );
+        }
+    }
     let manifest = Manifest::parse(&head.manifest).with_context(|| format!("reading {what}"))?;
     manifest.check_expiry(std::time::SystemTime::now(), &what)?;
     let opened = Opened {

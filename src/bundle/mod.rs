@@ -7,4 +7,5 @@ pub(crate) mod apply;
 pub(crate) mod create;
 pub(crate) mod format;
 pub(crate) mod http;
+pub(crate) mod index;
 pub(crate) mod keys;

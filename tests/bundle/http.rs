@@ -5,15 +5,15 @@
 use super::*;
 
 /// The test web server, killed on drop.
-struct Server {
+pub(super) struct Server {
     child: std::process::Child,
-    port: u16,
+    pub(super) port: u16,
     dir: PathBuf,
 }
 
 impl Server {
     /// Serves `dir`; `/cut/` and `/slow/` answers stop after `cut` bytes.
-    fn start(dir: &Path, cut: u64) -> Server {
+    pub(super) fn start(dir: &Path, cut: u64) -> Server {
         use std::io::BufRead;
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixture/http-server.py");
         let mut child = std::process::Command::new("python3")
@@ -35,7 +35,7 @@ impl Server {
         }
     }
 
-    fn url(&self, mode: &str, name: &str) -> String {
+    pub(super) fn url(&self, mode: &str, name: &str) -> String {
         format!("http://127.0.0.1:{}/{mode}/{name}", self.port)
     }
 

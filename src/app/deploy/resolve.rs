@@ -51,6 +51,7 @@ pub fn plan(
                 keys: &args.verify_key,
                 revoked: &args.revoked_key,
                 insecure: args.insecure_no_verify,
+                manifest_sha256: args.expect_manifest_sha256.as_deref(),
             },
             args.allow_downgrade,
             crate::bundle::http::HttpOptions {
