@@ -441,6 +441,15 @@ pub struct UpdateArgs {
     pub json: bool,
 }
 
+/// `bundle create --compress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// zstd, level 3.
+    Zstd,
+    /// The send stream as it is.
+    None,
+}
+
 /// `--expires-in`: a duration, or never.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry(pub Option<std::time::Duration>);
@@ -522,6 +531,10 @@ pub struct BundleCreateArgs {
     /// bundle cannot be replayed at it (docs/bundles.md).
     #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = parse_expiry)]
     pub expires_in: Expiry,
+    /// Compress the send stream: zstd (smaller payloads; devices need a
+    /// deploy that reads it, any since bundles had compression) or none.
+    #[arg(long, value_enum, default_value_t = Compression::Zstd)]
+    pub compress: Compression,
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+#[path = "bundle/compress.rs"]
+mod compress;
 #[path = "bundle/http.rs"]
 mod http;
 #[path = "bundle/trust.rs"]

@@ -34,6 +34,7 @@ pub fn create(args: &BundleCreateArgs) -> Result<()> {
         output: &args.output,
         build: args.build,
         expires_in: args.expires_in.0,
+        compress: args.compress == crate::cli::Compression::Zstd,
     })?;
     let m = &done.manifest;
     ui::step(format!(
@@ -178,10 +179,15 @@ fn print_info(i: &Info) {
     );
     println!("subvolume:   {}", m.subvolume_uuid);
     println!(
-        "payload:     {} in {} chunks of {}{}",
+        "payload:     {} in {} chunks of {}{}{}",
         units::format_size(m.payload.size),
         m.payload.sha256.len(),
         units::format_size(m.payload.chunk_size),
+        match (&m.payload.compression, m.payload.stream_size) {
+            (Some(c), Some(n)) => format!(", {c} of a {} send stream", units::format_size(n)),
+            (Some(c), None) => format!(", {c}"),
+            _ => String::new(),
+        },
         match i.complete {
             Some(false) => " (the file's size does not match: truncated or extended)",
             _ => "",

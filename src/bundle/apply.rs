@@ -19,7 +19,7 @@ use crate::store::deployment::Deployment;
 use crate::store::layout::{self, Layout};
 use crate::util::{cmd, signals, ui, units};
 use anyhow::{bail, Context, Result};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -315,33 +315,17 @@ pub(crate) fn receive(b: &Opened, dir: &Path) -> Result<PathBuf> {
         Source::File(path, offset) => (|| -> Result<()> {
             let mut f = std::fs::File::open(path)?;
             std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(*offset))?;
-            format::copy_verified(
-                &b.manifest.payload,
-                &mut std::io::BufReader::new(f),
-                &mut stdin,
-                &what,
-                true,
-                |_| signals::check(),
-            )
+            feed(b, &mut std::io::BufReader::new(f), &mut stdin, &what)
         })(),
-        Source::Stdin => format::copy_verified(
-            &b.manifest.payload,
-            &mut std::io::stdin().lock(),
-            &mut stdin,
-            &what,
-            true,
-            |_| signals::check(),
-        ),
+        Source::Stdin => feed(b, &mut std::io::stdin().lock(), &mut stdin, &what),
         Source::Http(url, offset, opts) => (|| -> Result<()> {
             let r = HttpReader::open(url, *offset, *opts)
                 .with_context(|| format!("fetching the payload of {what}"))?;
-            format::copy_verified(
-                &b.manifest.payload,
+            feed(
+                b,
                 &mut std::io::BufReader::with_capacity(1 << 20, r),
                 &mut stdin,
                 &what,
-                true,
-                |_| signals::check(),
             )
         })(),
     };
@@ -373,6 +357,23 @@ pub(crate) fn receive(b: &Opened, dir: &Path) -> Result<PathBuf> {
         );
     }
     check_received(&quarantine, &b.manifest.subvolume_uuid, &what)
+}
+
+/// Passes the verified payload from `r` to `out` (btrfs receive's input),
+/// decompressing it first when the manifest says it is compressed: what is
+/// decompressed has been verified.
+fn feed(b: &Opened, r: &mut impl Read, out: &mut impl Write, what: &str) -> Result<()> {
+    let payload = &b.manifest.payload;
+    match payload.compression.as_deref() {
+        None => format::copy_verified(payload, r, out, what, true, |_| signals::check()),
+        Some(_) => {
+            let mut d =
+                zstd::stream::write::Decoder::new(out).context("starting the zstd decompressor")?;
+            format::copy_verified(payload, r, &mut d, what, true, |_| signals::check())?;
+            d.flush().context("passing the verified payload on")?;
+            Ok(())
+        }
+    }
 }
 
 /// Exactly one entry in the quarantine, a read-only subvolume received from

@@ -30,6 +30,8 @@ pub(crate) struct CreateRequest<'a> {
     pub build: Option<u64>,
     /// How long devices accept it (None: forever).
     pub expires_in: Option<std::time::Duration>,
+    /// Compress the send stream with zstd.
+    pub compress: bool,
 }
 
 /// What was written.
@@ -119,6 +121,8 @@ pub(crate) fn create(req: &CreateRequest) -> Result<Created> {
                 size: 0,
                 chunk_size: format::CHUNK_SIZE,
                 sha256: Vec::new(),
+                compression: req.compress.then(|| format::ZSTD.to_string()),
+                stream_size: None,
             },
         };
         let mut out = std::fs::OpenOptions::new()
@@ -136,8 +140,14 @@ pub(crate) fn create(req: &CreateRequest) -> Result<Created> {
                     .map(|(b, _)| format!(" against {b}"))
                     .unwrap_or_default()
             ));
-            let spool = spool_send(&orig, base.as_ref().map(|(_, p)| p.as_path()), req.output)?;
-            let (mut spool, hasher) = spool;
+            let spool = spool_send(
+                &orig,
+                base.as_ref().map(|(_, p)| p.as_path()),
+                req.output,
+                req.compress,
+            )?;
+            let (mut spool, hasher, stream_size) = spool;
+            manifest.payload.stream_size = Some(stream_size);
             let (size, hashes) = hasher.finish();
             manifest.payload.size = size;
             manifest.payload.sha256 = hashes;
@@ -218,18 +228,46 @@ fn kernel_in_tree(orig: &Path, record: &Deployment, label: &str) -> Result<Optio
     Ok(found.version.or_else(|| record.kernel_version.clone()))
 }
 
-/// Runs `btrfs send` into an anonymous temp file beside `output`, hashing it.
+/// The spool file, hashing what is written to it.
+struct Spool {
+    file: std::fs::File,
+    hasher: ChunkHasher,
+}
+
+impl Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// zstd level of `--compress zstd`: fast, most of the gain.
+const ZSTD_LEVEL: i32 = 3;
+
+/// Runs `btrfs send` into an anonymous temp file beside `output`
+/// (zstd-compressed when `compress`), hashing what is stored. Returns the
+/// file, the hashes and the size of the send stream itself.
 fn spool_send(
     orig: &Path,
     parent: Option<&Path>,
     output: &Path,
-) -> Result<(std::fs::File, ChunkHasher)> {
+    compress: bool,
+) -> Result<(std::fs::File, ChunkHasher, u64)> {
     let dir = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut spool = tempfile::tempfile_in(dir)
+    let file = tempfile::tempfile_in(dir)
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    let spool = Spool {
+        file,
+        hasher: ChunkHasher::default(),
+    };
     let mut command = std::process::Command::new("btrfs");
     command.arg("send").arg("-q");
     if let Some(p) = parent {
@@ -247,26 +285,38 @@ fn spool_send(
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let mut hasher = ChunkHasher::default();
     let mut buf = vec![0u8; 1 << 20];
-    let copy = (|| -> Result<()> {
+    let copy = (|| -> Result<(Spool, u64)> {
+        let mut sink = if compress {
+            Sink::Zstd(zstd::stream::write::Encoder::new(spool, ZSTD_LEVEL)?)
+        } else {
+            Sink::Plain(spool)
+        };
+        let mut stream_size = 0u64;
         loop {
             let n = stdout.read(&mut buf)?;
             if n == 0 {
-                return Ok(());
+                break;
             }
-            hasher.update(&buf[..n]);
-            spool
-                .write_all(&buf[..n])
-                .map_err(crate::util::fsutil::name_enospc)?;
+            stream_size += n as u64;
+            match &mut sink {
+                Sink::Plain(s) => s.write_all(&buf[..n]),
+                Sink::Zstd(e) => e.write_all(&buf[..n]),
+            }
+            .map_err(crate::util::fsutil::name_enospc)?;
         }
+        let spool = match sink {
+            Sink::Plain(s) => s,
+            Sink::Zstd(e) => e.finish().map_err(crate::util::fsutil::name_enospc)?,
+        };
+        Ok((spool, stream_size))
     })();
     if copy.is_err() {
         let _ = child.kill();
     }
     let status = child.wait().context("waiting for btrfs send")?;
     let err = err_thread.join().unwrap_or_default();
-    copy?;
+    let (spool, stream_size) = copy?;
     if !status.success() {
         bail!(
             "`btrfs send {}` failed ({status}):\n{}",
@@ -274,5 +324,11 @@ fn spool_send(
             cmd::tail_lines(&err, 15)
         );
     }
-    Ok((spool, hasher))
+    Ok((spool.file, spool.hasher, stream_size))
+}
+
+/// Where the send stream goes: straight to the spool, or through zstd.
+enum Sink {
+    Plain(Spool),
+    Zstd(zstd::stream::write::Encoder<'static, Spool>),
 }

@@ -88,7 +88,17 @@ pub(crate) struct Payload {
     pub chunk_size: u64,
     /// SHA-256 of each chunk, lowercase hex.
     pub sha256: Vec<String>,
+    /// How the send stream is compressed (`zstd`); None: it is not. The
+    /// size and hashes are of the bytes as stored (compressed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// Bytes of the send stream before compression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_size: Option<u64>,
 }
+
+/// The compression [`Payload::compression`] names.
+pub(crate) const ZSTD: &str = "zstd";
 
 impl Manifest {
     /// Parses and checks manifest bytes (after the signature verified).
@@ -118,6 +128,12 @@ impl Manifest {
             bail!(
                 "the bundle's payload is {:?}, not a btrfs-send stream",
                 m.payload.kind
+            );
+        }
+        if let Some(c) = m.payload.compression.as_deref().filter(|c| *c != ZSTD) {
+            bail!(
+                "the bundle's payload is compressed with {c:?}, which this deploy cannot read \
+                 (it reads zstd): upgrade deploy on this machine first"
             );
         }
         if !CHUNK_RANGE.contains(&m.payload.chunk_size) {
@@ -363,6 +379,8 @@ mod tests {
                 size,
                 chunk_size: CHUNK_SIZE,
                 sha256,
+                compression: None,
+                stream_size: None,
             },
         }
     }
