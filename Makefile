@@ -2,6 +2,10 @@
 CACHE ?= $(CURDIR)/.cache
 export PATH := $(HOME)/.cargo/bin:$(PATH):/usr/sbin:/sbin
 DEPLOY = target/release/deploy
+# The arm64 build (issue 22), cross-compiled on this host: `-e on-device`
+# carries it onto arm64 trees.
+ARM64_TARGET = aarch64-unknown-linux-gnu
+DEPLOY_ARM64 = target/$(ARM64_TARGET)/release/deploy
 DEMO_IMG = $(CACHE)/demo.img
 
 # Where `make install` puts things (DESTDIR is prepended to each).
@@ -18,7 +22,7 @@ ZSHCOMPDIR ?= $(DATADIR)/zsh/site-functions
 FISHCOMPDIR ?= $(DATADIR)/fish/vendor_completions.d
 DEB_ROOT = target/deb-root
 
-.PHONY: all build deps fixture demo test lint unit-test bench stress clean \
+.PHONY: all build build-arm64 deps fixture demo test lint unit-test bench stress clean \
 	install install-built uninstall deb deb-chroot deb-test ansible-sanity
 
 all: build
@@ -35,6 +39,18 @@ fixture:
 
 build: deps
 	cargo build --release
+	@$(MAKE) --no-print-directory build-arm64
+
+# The linker is in .cargo/config.toml (Debian's gcc-aarch64-linux-gnu, static
+# glibc); libbtrfsutil comes from libbtrfsutil-dev:arm64 (multiarch), found
+# by pkg-config and read by bindgen for aarch64.
+build-arm64:
+	@scripts/install-deps.sh cross
+	PKG_CONFIG_ALLOW_CROSS=1 PKG_CONFIG_ALL_STATIC=1 PKG_CONFIG_PATH= \
+	  PKG_CONFIG_LIBDIR=/usr/lib/aarch64-linux-gnu/pkgconfig:/usr/share/pkgconfig \
+	  CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+	  BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--target=aarch64-linux-gnu -idirafter /usr/include" \
+	  cargo build --release --target $(ARM64_TARGET)
 
 # Build, then install the binary, the shipped extensions, man pages for
 # deploy and every subcommand, bash/zsh/fish completions and the docs.

@@ -28,6 +28,22 @@ fn tiny_arm64() -> PathBuf {
     p
 }
 
+/// The arm64 build of this checkout (`make build-arm64`, issue 22).
+fn deploy_arm64() -> PathBuf {
+    let p = std::env::var_os("DEPLOY_ARM64_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/aarch64-unknown-linux-gnu/release/deploy")
+        });
+    assert!(
+        p.is_file(),
+        "arm64 build missing at {}: run `make build-arm64`",
+        p.display()
+    );
+    p
+}
+
 /// A copy of the arm64 tiny system whose boot reports its name.
 fn arm64_variant(dir: &Path, name: &str) -> PathBuf {
     let root = dir.join(name);
@@ -559,4 +575,36 @@ fn a_trial_under_uboot_boots_the_version_once() {
         !files.iter().any(|p| p.starts_with("/btrfs-deploy/trial")),
         "{files:?}"
     );
+}
+
+/// Issue 22: the arm64 build of `make build-arm64` is an aarch64 ELF,
+/// statically linked (it needs no loader or library on a board), and runs
+/// under qemu-user (called directly, not through binfmt_misc).
+#[test]
+fn the_arm64_build_runs_under_qemu_user() {
+    let bin = deploy_arm64();
+    let bins = bin.to_str().unwrap();
+    let file = sh(&format!("file -b {bins}"));
+    assert!(
+        file.contains("ELF 64-bit LSB") && file.contains("ARM aarch64"),
+        "{file}"
+    );
+    assert!(file.contains("statically linked"), "{file}");
+    let version = sh(&format!("qemu-aarch64-static {bins} -V"));
+    assert_eq!(
+        version.trim(),
+        format!("deploy {}", env!("CARGO_PKG_VERSION")),
+        "{version}"
+    );
+    let help = sh(&format!("qemu-aarch64-static {bins} --help"));
+    assert!(
+        help.contains("Usage: deploy [OPTIONS] [TARGET]") && help.contains("Exit status"),
+        "{help}"
+    );
+    // It reads the shipped extensions like the host's build does.
+    let ext = sh(&format!(
+        "qemu-aarch64-static {bins} extensions --extensions-dir {}/extensions",
+        env!("CARGO_MANIFEST_DIR")
+    ));
+    assert!(ext.contains("on-device"), "{ext}");
 }
