@@ -124,7 +124,7 @@ lint: deps
 test: fixture lint deb deb-chroot
 	@scripts/install-deps.sh test
 	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs DEPLOY_DEB_CHROOT=$(CACHE)/debian12 \
-	  DEPLOY_TINY_ARM64_ROOTFS=$(CACHE)/tiny-arm64/rootfs \
+	  DEPLOY_TINY_ARM64_ROOTFS=$(CACHE)/tiny-arm64/rootfs DEPLOY_ON_DEVICE_CACHE=$(CACHE)/on-device \
 	  DEPLOY_DEBIAN_ROOTFS=$(CACHE)/debian12-systemd/rootfs \
 	  cargo test --release -- --test-threads=2
 	ansible/tests/sanity.sh

@@ -328,11 +328,37 @@ fn arm64_errors_are_caught_at_planning() {
         &["built for amd64", "is arm64"],
     );
     assert!(!img.exists());
-    // on-device would carry this amd64 deploy onto an arm64 board.
+    // on-device with no arm64 build to carry (ON_DEVICE_DEPLOY names none).
     run_fails(
-        &["-e", "on-device", "--rootfs", arms, imgs],
+        &[
+            "-e",
+            "on-device",
+            "--set",
+            "ON_DEVICE_DEPLOY=/nonexistent/deploy",
+            "--rootfs",
+            arms,
+            imgs,
+        ],
         1,
-        &["built for amd64", "the rootfs is arm64", "-e on-device"],
+        &[
+            "on-device",
+            "ON_DEVICE_DEPLOY=/nonexistent/deploy: no such file",
+        ],
+    );
+    assert!(!img.exists());
+    // ... or one of another architecture (this amd64 deploy).
+    run_fails(
+        &[
+            "-e",
+            "on-device",
+            "--set",
+            &format!("ON_DEVICE_DEPLOY={}", env!("CARGO_BIN_EXE_deploy")),
+            "--rootfs",
+            arms,
+            imgs,
+        ],
+        1,
+        &["is not a deploy built for arm64", "amd64"],
     );
     assert!(!img.exists());
     // The same said in deploy.toml (`arch`).
@@ -607,4 +633,155 @@ fn the_arm64_build_runs_under_qemu_user() {
         env!("CARGO_MANIFEST_DIR")
     ));
     assert!(ext.contains("on-device"), "{ext}");
+}
+
+/// Where `-e on-device` keeps the arm64 packages it downloads (once).
+fn on_device_cache() -> PathBuf {
+    std::env::var_os("DEPLOY_ON_DEVICE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/on-device"))
+}
+
+/// Issue 22: `-e on-device` on an arm64 tree carries the arm64 build and
+/// arm64 programs, libraries and loader (the tiny tree has only busybox:
+/// they come from Debian's arm64 packages, downloaded into the cache),
+/// never the host's. Read back from the image, they run under qemu-user
+/// with the image's root as their root (`-L`: the loader and libraries
+/// are the carried ones). A tree of an architecture without a deploy build
+/// is refused at planning, nothing written.
+#[test]
+fn on_device_carries_arm64_programs_onto_an_arm64_tree() {
+    deploy_arm64();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("dev.img");
+    let imgs = img.to_str().unwrap();
+    let tree = arm64_variant(tmp.path(), "factory");
+    let cache = format!("ON_DEVICE_CACHE={}", on_device_cache().display());
+    let out = run_ok(&[
+        "-e",
+        "on-device",
+        "--set",
+        &cache,
+        "--rootfs",
+        tree.to_str().unwrap(),
+        imgs,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for t in [
+        "mkfs.btrfs",
+        "btrfs",
+        "blkid",
+        "sfdisk",
+        "mmd",
+        "fsck.fat",
+        "losetup",
+    ] {
+        assert!(
+            stderr.contains(&format!("on-device: {t} from Debian's arm64 packages")),
+            "{t}: {stderr}"
+        );
+    }
+
+    let top = Inspect::open(&img);
+    let root = top.path("systems/factory/run");
+    let roots = root.to_str().unwrap();
+    let dest = root.join("usr/lib/btrfs-deploy");
+    let deploy_file = sh(&format!("file -b {}/bin/deploy", dest.display()));
+    assert!(deploy_file.contains("ARM aarch64"), "{deploy_file}");
+    // It is the arm64 build itself.
+    sh(&format!(
+        "cmp {}/bin/deploy {}",
+        dest.display(),
+        deploy_arm64().display()
+    ));
+    assert_eq!(
+        std::fs::read_link(root.join("usr/sbin/deploy")).unwrap(),
+        Path::new("/usr/lib/btrfs-deploy/bin/deploy")
+    );
+    // Nothing of the host's architecture was carried.
+    for dir in ["bin", "lib"] {
+        for e in std::fs::read_dir(dest.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap() == ".carried" {
+                continue;
+            }
+            let f = sh(&format!("file -b {}", p.display()));
+            assert!(f.contains("ARM aarch64"), "{}: {f}", p.display());
+        }
+    }
+    assert!(dest.join("lib/ld-linux-aarch64.so.1").is_file());
+    assert!(dest.join("lib/libc.so.6").is_file());
+    let interp = sh(&format!(
+        "patchelf --print-interpreter {}/bin/btrfs",
+        dest.display()
+    ));
+    assert_eq!(
+        interp.trim(),
+        "/usr/lib/btrfs-deploy/lib/ld-linux-aarch64.so.1"
+    );
+    // They run, with the image's root as their root (the carried loader
+    // and libraries: the tiny tree has no other).
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/deploy -V"
+    ));
+    assert_eq!(v.trim(), format!("deploy {}", env!("CARGO_PKG_VERSION")));
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/btrfs --version"
+    ));
+    assert!(v.starts_with("btrfs-progs v"), "{v}");
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/mkfs.btrfs --version"
+    ));
+    assert!(v.contains("btrfs-progs"), "{v}");
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/sfdisk --version"
+    ));
+    assert!(v.contains("util-linux"), "{v}");
+    let ext = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/deploy extensions"
+    ));
+    assert!(ext.contains("on-device"), "{ext}");
+    drop(top);
+    assert_no_leftovers(&img, false);
+    std::fs::remove_file(&img).unwrap();
+
+    // A tree of an architecture there is no deploy build for: refused
+    // before anything is written (said with --arch, and in deploy.toml).
+    run_fails(
+        &[
+            "--no-bootloader",
+            "--arch",
+            "riscv64",
+            "-e",
+            "on-device",
+            "--rootfs",
+            tree.to_str().unwrap(),
+            imgs,
+        ],
+        1,
+        &[
+            "on-device",
+            "the rootfs is riscv64",
+            "no riscv64 build of deploy",
+            "arm64",
+        ],
+    );
+    assert!(!img.exists());
+    let cfg = tmp.path().join("deploy.toml");
+    write(&cfg, b"arch = \"riscv64\"\n");
+    run_fails(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no-bootloader",
+            "-e",
+            "on-device",
+            "--rootfs",
+            tree.to_str().unwrap(),
+            imgs,
+        ],
+        1,
+        &["the rootfs is riscv64", "no riscv64 build of deploy"],
+    );
+    assert!(!img.exists());
 }
