@@ -195,7 +195,8 @@ fetch_packages() {
 
 # foreign_carry STAGING ARCH DEPLOY: fills STAGING/bin (DEPLOY as deploy,
 # the programs) and STAGING/lib (libraries, loader); sets interp to the
-# loader's file name. Prints where each program came from.
+# loader's file name and gconv_dir to the iconv converters of the libc
+# carried. Says on stderr where each program came from.
 foreign_carry() {
     _fc_stage=$1
     _fc_arch=$2
@@ -254,8 +255,12 @@ foreign_carry() {
             done
             [ -n "$_fc_f" ] || die "no $_fc_arch library $_fc_l in the tree or in Debian's packages ($_fc_root): the programs carried need it"
             cp -L "$_fc_f" "$_fc_stage/lib/$_fc_l" || die "cannot copy $_fc_f"
+            if [ "$_fc_l" = libc.so.6 ]; then
+                gconv_dir=$(in_root "$_fc_r" "/usr/lib/$(multiarch "$_fc_arch")/gconv")
+            fi
             _fc_next="$_fc_next $(patchelf --print-needed "$_fc_f" 2>/dev/null | tr '\n' ' ')"
         done
         _fc_todo=$_fc_next
     done
+    [ -n "${gconv_dir:-}" ] || die "no $_fc_arch libc.so.6 among the libraries carried"
 }

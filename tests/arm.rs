@@ -702,7 +702,7 @@ fn on_device_carries_arm64_programs_onto_an_arm64_tree() {
     for dir in ["bin", "lib"] {
         for e in std::fs::read_dir(dest.join(dir)).unwrap() {
             let p = e.unwrap().path();
-            if p.file_name().unwrap() == ".carried" {
+            if p.file_name().unwrap() == ".carried" || p.is_dir() {
                 continue;
             }
             let f = sh(&format!("file -b {}", p.display()));
@@ -741,6 +741,22 @@ fn on_device_carries_arm64_programs_onto_an_arm64_tree() {
         "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/deploy extensions"
     ));
     assert!(ext.contains("on-device"), "{ext}");
+    // mtools with the carried iconv converters (GCONV_PATH, as the carried
+    // deploy sets it): a folder made on a FAT image, read back by the host's.
+    let f = sh(&format!("file -b {}/lib/gconv/IBM850.so", dest.display()));
+    assert!(f.contains("ARM aarch64"), "{f}");
+    let fat = tmp.path().join("fat.img");
+    sh(&format!(
+        "truncate -s 8M {fat} && mkfs.fat {fat} >/dev/null && \
+         GCONV_PATH=/usr/lib/btrfs-deploy/lib/gconv MTOOLS_SKIP_CHECK=1 \
+         qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/mmd -i {fat} ::/made-on-arm64",
+        fat = fat.display()
+    ));
+    let dir = sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mdir -b -i {} ::",
+        fat.display()
+    ));
+    assert!(dir.contains("made-on-arm64"), "{dir}");
     drop(top);
     assert_no_leftovers(&img, false);
     std::fs::remove_file(&img).unwrap();
@@ -784,4 +800,95 @@ fn on_device_carries_arm64_programs_onto_an_arm64_tree() {
         &["the rootfs is riscv64", "no riscv64 build of deploy"],
     );
     assert!(!img.exists());
+}
+
+/// Issue 22, on the board: the arm64 deploy carried by `-e on-device` runs
+/// in the arm64 guest (U-Boot, TCG) from a boot hook, as a non-systemd
+/// init would run it: `deploy -V`, `deploy status` of the disk it booted
+/// from, an upgrade of that disk to v2 from a tarball in /srv (the device's
+/// own required on-device extension carries the tool into v2 again), and
+/// `deploy list`. The next boot is v2's.
+#[test]
+fn the_carried_arm64_deploy_upgrades_the_board_it_runs_on() {
+    deploy_arm64();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("board.img");
+    let imgs = img.to_str().unwrap();
+    let tree = arm64_variant(tmp.path(), "factory");
+    let v2 = arm64_variant(tmp.path(), "v2");
+    // The same hook in both: factory upgrades itself, v2 only says its deploy runs.
+    for t in [&tree, &v2] {
+        write(
+            &t.join("etc/tiny-boot.d/30-on-device"),
+            b"#!/bin/sh\n\
+              echo \"device: $(deploy -V)\"\n\
+              [ \"$(cat /etc/issue)\" = factory ] || exit 0\n\
+              deploy status\n\
+              echo \"device: status exit $?\"\n\
+              deploy --version v2 --rootfs /srv/v2.tar\n\
+              echo \"device: upgrade exit $?\"\n\
+              deploy status\n",
+        );
+        chmod(&t.join("etc/tiny-boot.d/30-on-device"), 0o755);
+    }
+    sh(&format!(
+        "tar --numeric-owner -C {} -cf {}/srv/v2.tar .",
+        v2.display(),
+        tree.display()
+    ));
+    let cache = format!("ON_DEVICE_CACHE={}", on_device_cache().display());
+    run_ok(&[
+        "-e",
+        "on-device",
+        "--set",
+        &cache,
+        "--rootfs",
+        tree.to_str().unwrap(),
+        imgs,
+    ]);
+
+    let log = tmp.path().join("console.log");
+    run_ok(&[
+        "boot-test",
+        imgs,
+        "--persist",
+        "--timeout",
+        "600",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let console = std::fs::read_to_string(&log).unwrap();
+    assert_layout_mounted(&console, "factory");
+    let hooks: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TINY-HOOK: "))
+        .collect();
+    let text = hooks.join("\n");
+    assert!(
+        text.contains(&format!("device: deploy {}", env!("CARGO_PKG_VERSION"))),
+        "{console}"
+    );
+    // `deploy status` before and after the upgrade (the hook's last command).
+    let (before, after) = text
+        .split_once("device: upgrade exit ")
+        .unwrap_or_else(|| panic!("no upgrade:\n{console}"));
+    assert!(before.contains("device: status exit 0"), "{console}");
+    assert!(before.contains("Disk:     /dev/vda (uboot"), "{console}");
+    assert!(before.contains("Default:  factory (arm64)"), "{console}");
+    assert!(after.starts_with("0\n"), "{console}");
+    assert!(after.contains("Default:  v2 (arm64)"), "{console}");
+    assert!(after.contains("Versions: factory, v2"), "{console}");
+
+    // The host reads what the board wrote: v2 is the default, with the tool.
+    let st: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["status", imgs, "--json"]).stdout).unwrap();
+    assert_eq!(st["default"], "v2", "{st}");
+    run_ok(&["check", imgs]);
+    let console = boot(&img);
+    assert_layout_mounted(&console, "v2");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("v2"));
+    assert!(
+        console.contains(&format!("device: deploy {}", env!("CARGO_PKG_VERSION"))),
+        "{console}"
+    );
 }

@@ -59,6 +59,15 @@ pub const DEFAULT_BOOT: BootKind = BootKind::Hybrid;
 /// QEMU's `virt` board and of most boards' debug header.
 pub const ARM64_KERNEL_ARGS: &str = "console=tty0 console=ttyAMA0,115200";
 
+/// The kernel arguments of a tree of `arch` when none are given.
+fn default_kernel_args(arch: Option<Arch>) -> String {
+    if arch == Some(Arch::Arm64) {
+        ARM64_KERNEL_ARGS.into()
+    } else {
+        extlinux::DEFAULT_KERNEL_ARGS.into()
+    }
+}
+
 /// A new image or device to format.
 #[derive(Debug)]
 pub struct NewDisk {
@@ -89,8 +98,10 @@ pub struct Plan {
     pub no_bootloader: bool,
     /// Explicit kernel files, if any.
     pub kernel_choice: KernelChoice,
-    /// Kernel arguments after root=...
-    pub kernel_args: String,
+    /// Kernel arguments after root=..., when given (`--kernel-args`, the
+    /// config); else those of the tree's architecture, which an archive's
+    /// is known only once it is written (an arm64 tarball: ttyAMA0).
+    pub kernel_args: Option<String>,
     /// How the version's root is mounted (`--root-mode`).
     pub root_mode: crate::store::rootmode::RootMode,
     /// Leave the default as it is.
@@ -452,13 +463,7 @@ pub fn plan(
         tarball,
         no_bootloader: args.no_bootloader,
         kernel_choice,
-        kernel_args: args.kernel_args.clone().unwrap_or_else(|| {
-            if arch == Some(Arch::Arm64) {
-                ARM64_KERNEL_ARGS.into()
-            } else {
-                extlinux::DEFAULT_KERNEL_ARGS.into()
-            }
-        }),
+        kernel_args: args.kernel_args.clone(),
         root_mode: args.root_mode.unwrap_or_default(),
         no_default: args.no_default || args.trial,
         trial: args.trial,
@@ -1142,7 +1147,10 @@ fn finish_version(
         created_unix,
         tool_version: env!("CARGO_PKG_VERSION").into(),
         rootfs: plan.rootfs.display().to_string(),
-        kernel_args: plan.kernel_args.clone(),
+        kernel_args: plan
+            .kernel_args
+            .clone()
+            .unwrap_or_else(|| default_kernel_args(arch)),
         root_mode: plan.root_mode,
         upgraded_from: upgraded_from.map(str::to_string),
         fstab_added: completion.added.clone(),
