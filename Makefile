@@ -84,8 +84,9 @@ uninstall:
 	rm -f $(DESTDIR)$(BASHCOMPDIR)/deploy $(DESTDIR)$(ZSHCOMPDIR)/_deploy \
 	  $(DESTDIR)$(FISHCOMPDIR)/deploy.fish
 
-# The Debian package (cargo-deb), from the files `make install` lays out
-# under /usr, into target/debian/.
+# The Debian packages (cargo-deb), amd64 and arm64 (the cross build of
+# build-arm64, with the same arch-independent files), from the files
+# `make install` lays out under /usr, into target/debian/.
 deb: build
 	@scripts/install-deps.sh deb
 	rm -rf $(DEB_ROOT)
@@ -94,6 +95,7 @@ deb: build
 	gzip -9n $(DEB_ROOT)/usr/share/man/man1/*.1
 	rm -f target/debian/btrfs-deploy_*.deb
 	cargo deb --no-build
+	cargo deb --no-build --target $(ARM64_TARGET) --output target/debian/
 
 # A clean Debian 12 chroot (debootstrap), kept in $(CACHE)/debian12.
 deb-chroot:
