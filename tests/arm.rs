@@ -761,6 +761,67 @@ fn on_device_carries_arm64_programs_onto_an_arm64_tree() {
     assert_no_leftovers(&img, false);
     std::fs::remove_file(&img).unwrap();
 
+    // A tree that has these programs and libraries (here: the packages
+    // just unpacked into the cache, copied into it): they are its own that
+    // are carried, and nothing is downloaded.
+    let full = arm64_variant(tmp.path(), "full");
+    let pkgs = on_device_cache().join("arm64/root");
+    sh(&format!(
+        "set -e; for d in bin sbin usr/bin usr/sbin; do \
+           if [ -d {p}/$d ]; then cp -a --remove-destination {p}/$d/. {f}/usr/sbin/; fi; done; \
+         mkdir -p {f}/usr/lib/aarch64-linux-gnu; \
+         cp -a --remove-destination {p}/lib/aarch64-linux-gnu/. {p}/usr/lib/aarch64-linux-gnu/. \
+           {f}/usr/lib/aarch64-linux-gnu/; \
+         echo tree >> {f}/usr/lib/aarch64-linux-gnu/gconv/gconv-modules",
+        p = pkgs.display(),
+        f = full.display()
+    ));
+    let empty = tmp.path().join("no-cache");
+    std::fs::create_dir(&empty).unwrap();
+    let out = run_ok(&[
+        "-e",
+        "on-device",
+        "--set",
+        &format!("ON_DEVICE_CACHE={}", empty.display()),
+        "--rootfs",
+        full.to_str().unwrap(),
+        imgs,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for t in [
+        "mkfs.btrfs",
+        "btrfs",
+        "blkid",
+        "sfdisk",
+        "mmd",
+        "fsck.fat",
+        "losetup",
+    ] {
+        assert!(
+            stderr.contains(&format!("on-device: {t} from the tree")),
+            "{t}: {stderr}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&empty).unwrap().count(),
+        0,
+        "something was downloaded"
+    );
+    let top = Inspect::open(&img);
+    let root = top.path("systems/factory/run");
+    let roots = root.to_str().unwrap();
+    sh(&format!(
+        "cmp {roots}/usr/lib/btrfs-deploy/lib/libc.so.6 {}/usr/lib/aarch64-linux-gnu/libc.so.6 && \
+         grep -qx tree {roots}/usr/lib/btrfs-deploy/lib/gconv/gconv-modules",
+        full.display()
+    ));
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/btrfs --version"
+    ));
+    assert!(v.starts_with("btrfs-progs v"), "{v}");
+    drop(top);
+    std::fs::remove_file(&img).unwrap();
+
     // A tree of an architecture there is no deploy build for: refused
     // before anything is written (said with --arch, and in deploy.toml).
     run_fails(
