@@ -15,8 +15,10 @@ BINDIR ?= $(PREFIX)/bin
 DATADIR ?= $(PREFIX)/share
 MANDIR ?= $(DATADIR)/man
 DOCDIR ?= $(DATADIR)/doc/btrfs-deploy
-# The binary finds its extensions at <bindir>/../share/btrfs-deploy/extensions.
+# The binary finds its extensions at <bindir>/../share/btrfs-deploy/extensions,
+# and -e on-device the arm64 build at <bindir>/../lib/btrfs-deploy/arm64/deploy.
 EXTDIR = $(BINDIR)/../share/btrfs-deploy/extensions
+ARM64DIR = $(BINDIR)/../lib/btrfs-deploy/arm64
 BASHCOMPDIR ?= $(DATADIR)/bash-completion/completions
 ZSHCOMPDIR ?= $(DATADIR)/zsh/site-functions
 FISHCOMPDIR ?= $(DATADIR)/fish/vendor_completions.d
@@ -60,6 +62,7 @@ install: build
 # Install $(DEPLOY) as it is (no build step; the install test uses this).
 install-built:
 	install -D -m 755 $(DEPLOY) $(DESTDIR)$(BINDIR)/deploy
+	if [ -f $(DEPLOY_ARM64) ]; then install -D -m 755 $(DEPLOY_ARM64) $(DESTDIR)$(ARM64DIR)/deploy; fi
 	install -d $(DESTDIR)$(EXTDIR)
 	for f in extensions/*; do \
 	  if [ -x "$$f" ]; then m=755; else m=644; fi; \
@@ -78,8 +81,9 @@ install-built:
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/deploy
-	rm -rf $(DESTDIR)$(EXTDIR) $(DESTDIR)$(DOCDIR)
+	rm -rf $(DESTDIR)$(EXTDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(ARM64DIR)
 	-rmdir $(DESTDIR)$(BINDIR)/../share/btrfs-deploy 2>/dev/null
+	-rmdir $(DESTDIR)$(BINDIR)/../lib/btrfs-deploy 2>/dev/null
 	rm -f $(DESTDIR)$(MANDIR)/man1/deploy.1 $(DESTDIR)$(MANDIR)/man1/deploy-*.1
 	rm -f $(DESTDIR)$(BASHCOMPDIR)/deploy $(DESTDIR)$(ZSHCOMPDIR)/_deploy \
 	  $(DESTDIR)$(FISHCOMPDIR)/deploy.fish
