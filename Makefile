@@ -2,6 +2,10 @@
 CACHE ?= $(CURDIR)/.cache
 export PATH := $(HOME)/.cargo/bin:$(PATH):/usr/sbin:/sbin
 DEPLOY = target/release/deploy
+# The arm64 build (issue 22), cross-compiled on this host: `-e on-device`
+# carries it onto arm64 trees.
+ARM64_TARGET = aarch64-unknown-linux-gnu
+DEPLOY_ARM64 = target/$(ARM64_TARGET)/release/deploy
 DEMO_IMG = $(CACHE)/demo.img
 
 # Where `make install` puts things (DESTDIR is prepended to each).
@@ -11,14 +15,16 @@ BINDIR ?= $(PREFIX)/bin
 DATADIR ?= $(PREFIX)/share
 MANDIR ?= $(DATADIR)/man
 DOCDIR ?= $(DATADIR)/doc/btrfs-deploy
-# The binary finds its extensions at <bindir>/../share/btrfs-deploy/extensions.
+# The binary finds its extensions at <bindir>/../share/btrfs-deploy/extensions,
+# and -e on-device the arm64 build at <bindir>/../lib/btrfs-deploy/arm64/deploy.
 EXTDIR = $(BINDIR)/../share/btrfs-deploy/extensions
+ARM64DIR = $(BINDIR)/../lib/btrfs-deploy/arm64
 BASHCOMPDIR ?= $(DATADIR)/bash-completion/completions
 ZSHCOMPDIR ?= $(DATADIR)/zsh/site-functions
 FISHCOMPDIR ?= $(DATADIR)/fish/vendor_completions.d
 DEB_ROOT = target/deb-root
 
-.PHONY: all build deps fixture demo test lint unit-test bench stress clean \
+.PHONY: all build build-arm64 deps fixture demo test lint unit-test bench stress clean \
 	install install-built uninstall deb deb-chroot deb-test ansible-sanity
 
 all: build
@@ -35,6 +41,18 @@ fixture:
 
 build: deps
 	cargo build --release
+	@$(MAKE) --no-print-directory build-arm64
+
+# The linker is in .cargo/config.toml (Debian's gcc-aarch64-linux-gnu, static
+# glibc); libbtrfsutil comes from libbtrfsutil-dev:arm64 (multiarch), found
+# by pkg-config and read by bindgen for aarch64.
+build-arm64:
+	@scripts/install-deps.sh cross
+	PKG_CONFIG_ALLOW_CROSS=1 PKG_CONFIG_ALL_STATIC=1 PKG_CONFIG_PATH= \
+	  PKG_CONFIG_LIBDIR=/usr/lib/aarch64-linux-gnu/pkgconfig:/usr/share/pkgconfig \
+	  CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+	  BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--target=aarch64-linux-gnu -idirafter /usr/include" \
+	  cargo build --release --target $(ARM64_TARGET)
 
 # Build, then install the binary, the shipped extensions, man pages for
 # deploy and every subcommand, bash/zsh/fish completions and the docs.
@@ -44,6 +62,7 @@ install: build
 # Install $(DEPLOY) as it is (no build step; the install test uses this).
 install-built:
 	install -D -m 755 $(DEPLOY) $(DESTDIR)$(BINDIR)/deploy
+	if [ -f $(DEPLOY_ARM64) ]; then install -D -m 755 $(DEPLOY_ARM64) $(DESTDIR)$(ARM64DIR)/deploy; fi
 	install -d $(DESTDIR)$(EXTDIR)
 	for f in extensions/*; do \
 	  if [ -x "$$f" ]; then m=755; else m=644; fi; \
@@ -62,14 +81,16 @@ install-built:
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/deploy
-	rm -rf $(DESTDIR)$(EXTDIR) $(DESTDIR)$(DOCDIR)
+	rm -rf $(DESTDIR)$(EXTDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(ARM64DIR)
 	-rmdir $(DESTDIR)$(BINDIR)/../share/btrfs-deploy 2>/dev/null
+	-rmdir $(DESTDIR)$(BINDIR)/../lib/btrfs-deploy 2>/dev/null
 	rm -f $(DESTDIR)$(MANDIR)/man1/deploy.1 $(DESTDIR)$(MANDIR)/man1/deploy-*.1
 	rm -f $(DESTDIR)$(BASHCOMPDIR)/deploy $(DESTDIR)$(ZSHCOMPDIR)/_deploy \
 	  $(DESTDIR)$(FISHCOMPDIR)/deploy.fish
 
-# The Debian package (cargo-deb), from the files `make install` lays out
-# under /usr, into target/debian/.
+# The Debian packages (cargo-deb), amd64 and arm64 (the cross build of
+# build-arm64, with the same arch-independent files), from the files
+# `make install` lays out under /usr, into target/debian/.
 deb: build
 	@scripts/install-deps.sh deb
 	rm -rf $(DEB_ROOT)
@@ -78,6 +99,7 @@ deb: build
 	gzip -9n $(DEB_ROOT)/usr/share/man/man1/*.1
 	rm -f target/debian/btrfs-deploy_*.deb
 	cargo deb --no-build
+	cargo deb --no-build --target $(ARM64_TARGET) --output target/debian/
 
 # A clean Debian 12 chroot (debootstrap), kept in $(CACHE)/debian12.
 deb-chroot:
@@ -108,7 +130,7 @@ lint: deps
 test: fixture lint deb deb-chroot
 	@scripts/install-deps.sh test
 	DEPLOY_TINY_ROOTFS=$(CACHE)/tiny/rootfs DEPLOY_DEB_CHROOT=$(CACHE)/debian12 \
-	  DEPLOY_TINY_ARM64_ROOTFS=$(CACHE)/tiny-arm64/rootfs \
+	  DEPLOY_TINY_ARM64_ROOTFS=$(CACHE)/tiny-arm64/rootfs DEPLOY_ON_DEVICE_CACHE=$(CACHE)/on-device \
 	  DEPLOY_DEBIAN_ROOTFS=$(CACHE)/debian12-systemd/rootfs \
 	  cargo test --release -- --test-threads=2
 	ansible/tests/sanity.sh

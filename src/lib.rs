@@ -74,8 +74,10 @@ pub struct Verdict {
 
 /// A `deploy` carried into a system by the `on-device` extension lives in
 /// `/usr/lib/btrfs-deploy/bin` (marked by a `.carried` file) next to the
-/// programs it runs, which the system may lack: they come first on `PATH`.
-/// Called by `main` before any thread starts.
+/// programs it runs, which the system may lack: they come first on `PATH`,
+/// and the iconv converters carried with their libc (`../lib/gconv`, which
+/// mtools loads) are its `GCONV_PATH`. Called by `main` before any thread
+/// starts.
 pub fn use_carried_tools() {
     let Some(dir) = std::env::current_exe()
         .ok()
@@ -85,6 +87,11 @@ pub fn use_carried_tools() {
     };
     if !dir.join(".carried").is_file() {
         return;
+    }
+    let gconv = dir.join("../lib/gconv");
+    if gconv.is_dir() {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("GCONV_PATH", gconv) };
     }
     let old = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
     let mut paths = vec![dir];

@@ -28,6 +28,22 @@ fn tiny_arm64() -> PathBuf {
     p
 }
 
+/// The arm64 build of this checkout (`make build-arm64`, issue 22).
+fn deploy_arm64() -> PathBuf {
+    let p = std::env::var_os("DEPLOY_ARM64_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/aarch64-unknown-linux-gnu/release/deploy")
+        });
+    assert!(
+        p.is_file(),
+        "arm64 build missing at {}: run `make build-arm64`",
+        p.display()
+    );
+    p
+}
+
 /// A copy of the arm64 tiny system whose boot reports its name.
 fn arm64_variant(dir: &Path, name: &str) -> PathBuf {
     let root = dir.join(name);
@@ -312,11 +328,37 @@ fn arm64_errors_are_caught_at_planning() {
         &["built for amd64", "is arm64"],
     );
     assert!(!img.exists());
-    // on-device would carry this amd64 deploy onto an arm64 board.
+    // on-device with no arm64 build to carry (ON_DEVICE_DEPLOY names none).
     run_fails(
-        &["-e", "on-device", "--rootfs", arms, imgs],
+        &[
+            "-e",
+            "on-device",
+            "--set",
+            "ON_DEVICE_DEPLOY=/nonexistent/deploy",
+            "--rootfs",
+            arms,
+            imgs,
+        ],
         1,
-        &["built for amd64", "the rootfs is arm64", "-e on-device"],
+        &[
+            "on-device",
+            "ON_DEVICE_DEPLOY=/nonexistent/deploy: no such file",
+        ],
+    );
+    assert!(!img.exists());
+    // ... or one of another architecture (this amd64 deploy).
+    run_fails(
+        &[
+            "-e",
+            "on-device",
+            "--set",
+            &format!("ON_DEVICE_DEPLOY={}", env!("CARGO_BIN_EXE_deploy")),
+            "--rootfs",
+            arms,
+            imgs,
+        ],
+        1,
+        &["is not a deploy built for arm64", "amd64"],
     );
     assert!(!img.exists());
     // The same said in deploy.toml (`arch`).
@@ -558,5 +600,356 @@ fn a_trial_under_uboot_boots_the_version_once() {
     assert!(
         !files.iter().any(|p| p.starts_with("/btrfs-deploy/trial")),
         "{files:?}"
+    );
+}
+
+/// Issue 22: the arm64 build of `make build-arm64` is an aarch64 ELF,
+/// statically linked (it needs no loader or library on a board), and runs
+/// under qemu-user (called directly, not through binfmt_misc).
+#[test]
+fn the_arm64_build_runs_under_qemu_user() {
+    let bin = deploy_arm64();
+    let bins = bin.to_str().unwrap();
+    let file = sh(&format!("file -b {bins}"));
+    assert!(
+        file.contains("ELF 64-bit LSB") && file.contains("ARM aarch64"),
+        "{file}"
+    );
+    assert!(file.contains("statically linked"), "{file}");
+    let version = sh(&format!("qemu-aarch64-static {bins} -V"));
+    assert_eq!(
+        version.trim(),
+        format!("deploy {}", env!("CARGO_PKG_VERSION")),
+        "{version}"
+    );
+    let help = sh(&format!("qemu-aarch64-static {bins} --help"));
+    assert!(
+        help.contains("Usage: deploy [OPTIONS] [TARGET]") && help.contains("Exit status"),
+        "{help}"
+    );
+    // It reads the shipped extensions like the host's build does.
+    let ext = sh(&format!(
+        "qemu-aarch64-static {bins} extensions --extensions-dir {}/extensions",
+        env!("CARGO_MANIFEST_DIR")
+    ));
+    assert!(ext.contains("on-device"), "{ext}");
+}
+
+/// Where `-e on-device` keeps the arm64 packages it downloads (once).
+fn on_device_cache() -> PathBuf {
+    std::env::var_os("DEPLOY_ON_DEVICE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/on-device"))
+}
+
+/// Issue 22: `-e on-device` on an arm64 tree carries the arm64 build and
+/// arm64 programs, libraries and loader (the tiny tree has only busybox:
+/// they come from Debian's arm64 packages, downloaded into the cache),
+/// never the host's. Read back from the image, they run under qemu-user
+/// with the image's root as their root (`-L`: the loader and libraries
+/// are the carried ones). A tree of an architecture without a deploy build
+/// is refused at planning, nothing written.
+#[test]
+fn on_device_carries_arm64_programs_onto_an_arm64_tree() {
+    deploy_arm64();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("dev.img");
+    let imgs = img.to_str().unwrap();
+    let tree = arm64_variant(tmp.path(), "factory");
+    let cache = format!("ON_DEVICE_CACHE={}", on_device_cache().display());
+    let out = run_ok(&[
+        "-e",
+        "on-device",
+        "--set",
+        &cache,
+        "--rootfs",
+        tree.to_str().unwrap(),
+        imgs,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for t in [
+        "mkfs.btrfs",
+        "btrfs",
+        "blkid",
+        "sfdisk",
+        "mmd",
+        "fsck.fat",
+        "losetup",
+    ] {
+        assert!(
+            stderr.contains(&format!("on-device: {t} from Debian's arm64 packages")),
+            "{t}: {stderr}"
+        );
+    }
+
+    let top = Inspect::open(&img);
+    let root = top.path("systems/factory/run");
+    let roots = root.to_str().unwrap();
+    let dest = root.join("usr/lib/btrfs-deploy");
+    let deploy_file = sh(&format!("file -b {}/bin/deploy", dest.display()));
+    assert!(deploy_file.contains("ARM aarch64"), "{deploy_file}");
+    // It is the arm64 build itself.
+    sh(&format!(
+        "cmp {}/bin/deploy {}",
+        dest.display(),
+        deploy_arm64().display()
+    ));
+    assert_eq!(
+        std::fs::read_link(root.join("usr/sbin/deploy")).unwrap(),
+        Path::new("/usr/lib/btrfs-deploy/bin/deploy")
+    );
+    // Nothing of the host's architecture was carried.
+    for dir in ["bin", "lib"] {
+        for e in std::fs::read_dir(dest.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap() == ".carried" || p.is_dir() {
+                continue;
+            }
+            let f = sh(&format!("file -b {}", p.display()));
+            assert!(f.contains("ARM aarch64"), "{}: {f}", p.display());
+        }
+    }
+    assert!(dest.join("lib/ld-linux-aarch64.so.1").is_file());
+    assert!(dest.join("lib/libc.so.6").is_file());
+    let interp = sh(&format!(
+        "patchelf --print-interpreter {}/bin/btrfs",
+        dest.display()
+    ));
+    assert_eq!(
+        interp.trim(),
+        "/usr/lib/btrfs-deploy/lib/ld-linux-aarch64.so.1"
+    );
+    // They run, with the image's root as their root (the carried loader
+    // and libraries: the tiny tree has no other).
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/deploy -V"
+    ));
+    assert_eq!(v.trim(), format!("deploy {}", env!("CARGO_PKG_VERSION")));
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/btrfs --version"
+    ));
+    assert!(v.starts_with("btrfs-progs v"), "{v}");
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/mkfs.btrfs --version"
+    ));
+    assert!(v.contains("btrfs-progs"), "{v}");
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/sfdisk --version"
+    ));
+    assert!(v.contains("util-linux"), "{v}");
+    let ext = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/deploy extensions"
+    ));
+    assert!(ext.contains("on-device"), "{ext}");
+    // mtools with the carried iconv converters (GCONV_PATH, as the carried
+    // deploy sets it): a folder made on a FAT image, read back by the host's.
+    let f = sh(&format!("file -b {}/lib/gconv/IBM850.so", dest.display()));
+    assert!(f.contains("ARM aarch64"), "{f}");
+    let fat = tmp.path().join("fat.img");
+    sh(&format!(
+        "truncate -s 8M {fat} && mkfs.fat {fat} >/dev/null && \
+         GCONV_PATH=/usr/lib/btrfs-deploy/lib/gconv MTOOLS_SKIP_CHECK=1 \
+         qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/mmd -i {fat} ::/made-on-arm64",
+        fat = fat.display()
+    ));
+    let dir = sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mdir -b -i {} ::",
+        fat.display()
+    ));
+    assert!(dir.contains("made-on-arm64"), "{dir}");
+    drop(top);
+    assert_no_leftovers(&img, false);
+    std::fs::remove_file(&img).unwrap();
+
+    // A tree that has these programs and libraries (here: the packages
+    // just unpacked into the cache, copied into it): they are its own that
+    // are carried, and nothing is downloaded.
+    let full = arm64_variant(tmp.path(), "full");
+    let pkgs = on_device_cache().join("arm64/root");
+    sh(&format!(
+        "set -e; for d in bin sbin usr/bin usr/sbin; do \
+           if [ -d {p}/$d ]; then cp -a --remove-destination {p}/$d/. {f}/usr/sbin/; fi; done; \
+         mkdir -p {f}/usr/lib/aarch64-linux-gnu; \
+         cp -a --remove-destination {p}/lib/aarch64-linux-gnu/. {p}/usr/lib/aarch64-linux-gnu/. \
+           {f}/usr/lib/aarch64-linux-gnu/; \
+         echo tree >> {f}/usr/lib/aarch64-linux-gnu/gconv/gconv-modules",
+        p = pkgs.display(),
+        f = full.display()
+    ));
+    let empty = tmp.path().join("no-cache");
+    std::fs::create_dir(&empty).unwrap();
+    let out = run_ok(&[
+        "-e",
+        "on-device",
+        "--set",
+        &format!("ON_DEVICE_CACHE={}", empty.display()),
+        "--rootfs",
+        full.to_str().unwrap(),
+        imgs,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for t in [
+        "mkfs.btrfs",
+        "btrfs",
+        "blkid",
+        "sfdisk",
+        "mmd",
+        "fsck.fat",
+        "losetup",
+    ] {
+        assert!(
+            stderr.contains(&format!("on-device: {t} from the tree")),
+            "{t}: {stderr}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&empty).unwrap().count(),
+        0,
+        "something was downloaded"
+    );
+    let top = Inspect::open(&img);
+    let root = top.path("systems/factory/run");
+    let roots = root.to_str().unwrap();
+    sh(&format!(
+        "cmp {roots}/usr/lib/btrfs-deploy/lib/libc.so.6 {}/usr/lib/aarch64-linux-gnu/libc.so.6 && \
+         grep -qx tree {roots}/usr/lib/btrfs-deploy/lib/gconv/gconv-modules",
+        full.display()
+    ));
+    let v = sh(&format!(
+        "qemu-aarch64-static -L {roots} {roots}/usr/lib/btrfs-deploy/bin/btrfs --version"
+    ));
+    assert!(v.starts_with("btrfs-progs v"), "{v}");
+    drop(top);
+    std::fs::remove_file(&img).unwrap();
+
+    // A tree of an architecture there is no deploy build for: refused
+    // before anything is written (said with --arch, and in deploy.toml).
+    run_fails(
+        &[
+            "--no-bootloader",
+            "--arch",
+            "riscv64",
+            "-e",
+            "on-device",
+            "--rootfs",
+            tree.to_str().unwrap(),
+            imgs,
+        ],
+        1,
+        &[
+            "on-device",
+            "the rootfs is riscv64",
+            "no riscv64 build of deploy",
+            "arm64",
+        ],
+    );
+    assert!(!img.exists());
+    let cfg = tmp.path().join("deploy.toml");
+    write(&cfg, b"arch = \"riscv64\"\n");
+    run_fails(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no-bootloader",
+            "-e",
+            "on-device",
+            "--rootfs",
+            tree.to_str().unwrap(),
+            imgs,
+        ],
+        1,
+        &["the rootfs is riscv64", "no riscv64 build of deploy"],
+    );
+    assert!(!img.exists());
+}
+
+/// Issue 22, on the board: the arm64 deploy carried by `-e on-device` runs
+/// in the arm64 guest (U-Boot, TCG) from a boot hook, as a non-systemd
+/// init would run it: `deploy -V`, `deploy status` of the disk it booted
+/// from, an upgrade of that disk to v2 from a tarball in /srv (the device's
+/// own required on-device extension carries the tool into v2 again), and
+/// `deploy list`. The next boot is v2's.
+#[test]
+fn the_carried_arm64_deploy_upgrades_the_board_it_runs_on() {
+    deploy_arm64();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("board.img");
+    let imgs = img.to_str().unwrap();
+    let tree = arm64_variant(tmp.path(), "factory");
+    let v2 = arm64_variant(tmp.path(), "v2");
+    // The same hook in both: factory upgrades itself, v2 only says its deploy runs.
+    for t in [&tree, &v2] {
+        write(
+            &t.join("etc/tiny-boot.d/30-on-device"),
+            b"#!/bin/sh\n\
+              echo \"device: $(deploy -V)\"\n\
+              [ \"$(cat /etc/issue)\" = factory ] || exit 0\n\
+              deploy status\n\
+              echo \"device: status exit $?\"\n\
+              deploy --version v2 --rootfs /srv/v2.tar\n\
+              echo \"device: upgrade exit $?\"\n\
+              deploy status\n",
+        );
+        chmod(&t.join("etc/tiny-boot.d/30-on-device"), 0o755);
+    }
+    sh(&format!(
+        "tar --numeric-owner -C {} -cf {}/srv/v2.tar .",
+        v2.display(),
+        tree.display()
+    ));
+    let cache = format!("ON_DEVICE_CACHE={}", on_device_cache().display());
+    run_ok(&[
+        "-e",
+        "on-device",
+        "--set",
+        &cache,
+        "--rootfs",
+        tree.to_str().unwrap(),
+        imgs,
+    ]);
+
+    let log = tmp.path().join("console.log");
+    run_ok(&[
+        "boot-test",
+        imgs,
+        "--persist",
+        "--timeout",
+        "600",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let console = std::fs::read_to_string(&log).unwrap();
+    assert_layout_mounted(&console, "factory");
+    let hooks: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TINY-HOOK: "))
+        .collect();
+    let text = hooks.join("\n");
+    assert!(
+        text.contains(&format!("device: deploy {}", env!("CARGO_PKG_VERSION"))),
+        "{console}"
+    );
+    // `deploy status` before and after the upgrade (the hook's last command).
+    let (before, after) = text
+        .split_once("device: upgrade exit ")
+        .unwrap_or_else(|| panic!("no upgrade:\n{console}"));
+    assert!(before.contains("device: status exit 0"), "{console}");
+    assert!(before.contains("Disk:     /dev/vda (uboot"), "{console}");
+    assert!(before.contains("Default:  factory (arm64)"), "{console}");
+    assert!(after.starts_with("0\n"), "{console}");
+    assert!(after.contains("Default:  v2 (arm64)"), "{console}");
+    assert!(after.contains("Versions: factory, v2"), "{console}");
+
+    // The host reads what the board wrote: v2 is the default, with the tool.
+    let st: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["status", imgs, "--json"]).stdout).unwrap();
+    assert_eq!(st["default"], "v2", "{st}");
+    run_ok(&["check", imgs]);
+    let console = boot(&img);
+    assert_layout_mounted(&console, "v2");
+    assert_eq!(hook(&console, "issue").as_deref(), Some("v2"));
+    assert!(
+        console.contains(&format!("device: deploy {}", env!("CARGO_PKG_VERSION"))),
+        "{console}"
     );
 }

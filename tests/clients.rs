@@ -20,23 +20,36 @@ fn output(cmd: &mut Command) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Both packages of `make deb`: amd64, and arm64 (the cross build, issue 22).
 #[test]
 fn lintian_finds_nothing_in_the_package() {
-    let deb = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
-        "target/debian/btrfs-deploy_{}-1_amd64.deb",
-        env!("CARGO_PKG_VERSION")
-    ));
-    assert!(deb.is_file(), "{} missing: run `make deb`", deb.display());
-    let (ok, text) = output(
-        Command::new("lintian")
-            .args(["--fail-on", "error,warning", "--info"])
-            .arg(&deb),
-    );
-    let tags: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
-        .collect();
-    assert!(ok && tags.is_empty(), "lintian:\n{text}");
+    for arch in ["amd64", "arm64"] {
+        let deb = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+            "target/debian/btrfs-deploy_{}-1_{arch}.deb",
+            env!("CARGO_PKG_VERSION")
+        ));
+        assert!(deb.is_file(), "{} missing: run `make deb`", deb.display());
+        let (ok, text) = output(
+            Command::new("lintian")
+                .args(["--fail-on", "error,warning", "--info"])
+                .arg(&deb),
+        );
+        let tags: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+            .collect();
+        assert!(ok && tags.is_empty(), "lintian on {arch}:\n{text}");
+    }
+    // The arm64 one holds the aarch64 build.
+    let x = tempfile::tempdir().unwrap();
+    let (ok, text) = output(Command::new("sh").arg("-c").arg(format!(
+        "dpkg-deb -x {}/target/debian/btrfs-deploy_{}-1_arm64.deb {} && file -b {}/usr/bin/deploy",
+        env!("CARGO_MANIFEST_DIR"),
+        env!("CARGO_PKG_VERSION"),
+        x.path().display(),
+        x.path().display()
+    )));
+    assert!(ok && text.contains("ARM aarch64"), "{text}");
 }
 
 #[test]

@@ -109,6 +109,12 @@ fn make_install_into_destdir_and_uninstall() {
     ));
     assert_eq!(completed.trim(), "set-default");
 
+    // The arm64 build (make build-arm64), which -e on-device carries onto
+    // arm64 trees, next to it.
+    let arm64 = p("lib/btrfs-deploy/arm64/deploy");
+    let file = sh(&format!("file -b {}", arm64.display()));
+    assert!(file.contains("ARM aarch64"), "{}: {file}", arm64.display());
+
     // Extensions and docs: exactly the files of the source tree.
     let src = Path::new(env!("CARGO_MANIFEST_DIR"));
     let ext_dir = p("share/btrfs-deploy/extensions");

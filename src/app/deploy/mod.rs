@@ -46,6 +46,15 @@ pub const DEFAULT_BOOT: BootKind = BootKind::Hybrid;
 /// QEMU's `virt` board and of most boards' debug header.
 pub const ARM64_KERNEL_ARGS: &str = "console=tty0 console=ttyAMA0,115200";
 
+/// The kernel arguments of a tree of `arch` when none are given.
+pub(super) fn default_kernel_args(arch: Option<Arch>) -> String {
+    if arch == Some(Arch::Arm64) {
+        ARM64_KERNEL_ARGS.into()
+    } else {
+        crate::boot::extlinux::DEFAULT_KERNEL_ARGS.into()
+    }
+}
+
 /// A new image or device to format.
 #[derive(Debug)]
 pub struct NewDisk {
@@ -76,8 +85,10 @@ pub struct Plan {
     pub no_bootloader: bool,
     /// Explicit kernel files, if any.
     pub kernel_choice: KernelChoice,
-    /// Kernel arguments after root=...
-    pub kernel_args: String,
+    /// Kernel arguments after root=..., when given (`--kernel-args`, the
+    /// config); else those of the tree's architecture, which an archive's
+    /// is known only once it is written (an arm64 tarball: ttyAMA0).
+    pub kernel_args: Option<String>,
     /// How the version's root is mounted (`--root-mode`).
     pub root_mode: crate::store::rootmode::RootMode,
     /// Leave the default as it is.

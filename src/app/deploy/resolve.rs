@@ -1,10 +1,8 @@
 //! The plan: `DeployArgs` checked and resolved into a [`Plan`] before
 //! anything is written.
 
-use super::{
-    NewDisk, Plan, ARM64_KERNEL_ARGS, DEFAULT_BOOT, ESP_SIZE, FS_OVERHEAD, GPTMBR, MIN_IMAGE,
-};
-use crate::boot::{extlinux, uefi, BootKind};
+use super::{NewDisk, Plan, DEFAULT_BOOT, ESP_SIZE, FS_OVERHEAD, GPTMBR, MIN_IMAGE};
+use crate::boot::{uefi, BootKind};
 use crate::cli::BootArg;
 use crate::cli::DeployArgs;
 use crate::disk::open::{self, Contents, TargetKind};
@@ -369,13 +367,7 @@ pub fn plan(
         tarball,
         no_bootloader: args.no_bootloader,
         kernel_choice,
-        kernel_args: args.kernel_args.clone().unwrap_or_else(|| {
-            if arch == Some(Arch::Arm64) {
-                ARM64_KERNEL_ARGS.into()
-            } else {
-                extlinux::DEFAULT_KERNEL_ARGS.into()
-            }
-        }),
+        kernel_args: args.kernel_args.clone(),
         root_mode: args.root_mode.unwrap_or_default(),
         no_default: args.no_default || args.trial,
         trial: args.trial,

@@ -102,7 +102,10 @@ pub(super) fn finish_version(
         created_unix,
         tool_version: env!("CARGO_PKG_VERSION").into(),
         rootfs: plan.rootfs.display().to_string(),
-        kernel_args: plan.kernel_args.clone(),
+        kernel_args: plan
+            .kernel_args
+            .clone()
+            .unwrap_or_else(|| super::default_kernel_args(arch)),
         root_mode: plan.root_mode,
         upgraded_from: upgraded_from.map(str::to_string),
         fstab_added: completion.added.clone(),

@@ -123,6 +123,8 @@ pub(super) fn meta_of_stat(st: &libc::stat) -> Meta {
         rdev: st.st_rdev,
         dev: st.st_dev,
         ino: st.st_ino,
-        nlink: st.st_nlink,
+        // u64 on x86_64, u32 on aarch64.
+        #[allow(clippy::useless_conversion)]
+        nlink: u64::from(st.st_nlink),
     }
 }
