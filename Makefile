@@ -32,11 +32,13 @@ all: build
 deps:
 	@scripts/install-deps.sh build
 
-# The tiny test systems (amd64, arm64), and the Debian 12 system with systemd of
+# The tiny test systems (amd64, arm64), the Raspberry Pi firmware and U-Boot
+# (tests/rpi.rs), and the Debian 12 system with systemd of
 # tests/trial_debian.rs.
 fixture:
 	@scripts/build-tiny-system.sh $(CACHE)
 	@scripts/build-tiny-system.sh $(CACHE) arm64
+	@scripts/fetch-rpi-firmware.sh $(CACHE)
 	@scripts/build-debian-system.sh $(CACHE)
 
 build: deps

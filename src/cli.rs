@@ -332,6 +332,10 @@ pub enum BootArg {
     /// GPT: a FAT boot partition (extlinux/extlinux.conf, kernels) that
     /// U-Boot reads, and the Btrfs partition: ARM boards.
     Uboot,
+    /// Raspberry Pi 3/4 (arm64): a uboot disk whose boot partition also
+    /// holds the Pi firmware, device trees, U-Boot and config.txt from the
+    /// tree (raspi-firmware, u-boot-rpi), with a hybrid MBR for the Pi 3.
+    Rpi,
 }
 
 /// Firmware of a boot test (`--firmware`).

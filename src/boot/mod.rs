@@ -19,6 +19,7 @@
 pub(crate) mod extlinux;
 pub(crate) mod fat;
 pub(crate) mod fat_disk;
+pub(crate) mod rpi;
 pub(crate) mod uboot;
 pub(crate) mod uefi;
 

@@ -194,6 +194,50 @@ pub fn write_mbr_boot_code(disk: &Path, code: &[u8]) -> Result<()> {
         .with_context(|| format!("writing the MBR boot code of {}", disk.display()))
 }
 
+/// Turns the protective MBR of a GPT disk into a hybrid one: entry 1 a
+/// FAT32 (LBA, type 0x0C) entry over `fat` (byte offset and size), marked
+/// active, for firmware that reads only MBR tables (the Raspberry Pi 3's
+/// boot ROM); entry 2 the GPT's own 0xEE entry over the sectors before it,
+/// starting at LBA 1, which Linux and U-Boot look for in any entry and
+/// then read the GPT. The GPT itself is untouched.
+pub fn write_hybrid_mbr(disk: &Path, fat: (u64, u64)) -> Result<()> {
+    let (start, size) = (fat.0 / SECTOR, fat.1 / SECTOR);
+    if start < 2
+        || !fat.0.is_multiple_of(SECTOR)
+        || !fat.1.is_multiple_of(SECTOR)
+        || start + size > u32::MAX as u64
+    {
+        bail!(
+            "cannot describe the partition at {}+{} bytes in an MBR",
+            fat.0,
+            fat.1
+        );
+    }
+    let entry = |active: bool, kind: u8, first: u64, count: u64| {
+        let mut e = [0u8; 16];
+        e[0] = if active { 0x80 } else { 0 };
+        // CHS fields: "beyond CHS", as for any disk over 8 GB.
+        e[1..4].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
+        e[4] = kind;
+        e[5..8].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
+        e[8..12].copy_from_slice(&(first as u32).to_le_bytes());
+        e[12..16].copy_from_slice(&(count as u32).to_le_bytes());
+        e
+    };
+    let mut table = [0u8; 66];
+    table[..16].copy_from_slice(&entry(true, 0x0C, start, size));
+    table[16..32].copy_from_slice(&entry(false, 0xEE, 1, start - 1));
+    table[64] = 0x55;
+    table[65] = 0xAA;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("opening {}", disk.display()))?;
+    f.write_all_at(&table, 446)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing the hybrid MBR of {}", disk.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +345,28 @@ mod tests {
         assert!(dump.contains(&format!("type={arm64}")), "{dump}");
         assert!(set_type(&img, 3, arm64).is_err());
         assert!(set_type(&img, 2, "not-a-guid").is_err());
+
+        // A hybrid MBR (--boot rpi): the FAT in entry 1, 0xEE from LBA 1 in
+        // entry 2; the GPT reads the same and sfdisk still sees a GPT.
+        write_hybrid_mbr(&img, (after[0].start, after[0].size)).unwrap();
+        assert_eq!(read_gpt(&img).unwrap(), after);
+        let mut mbr = [0u8; 512];
+        std::fs::File::open(&img)
+            .unwrap()
+            .read_exact_at(&mut mbr, 0)
+            .unwrap();
+        assert_eq!(&mbr[..440], &[0xEB; 440], "boot code kept");
+        let lba = |o: usize| u32::from_le_bytes(mbr[o..o + 4].try_into().unwrap()) as u64;
+        assert_eq!((mbr[446], mbr[450]), (0x80, 0x0C));
+        assert_eq!(lba(454) * SECTOR, after[0].start);
+        assert_eq!(lba(458) * SECTOR, after[0].size);
+        assert_eq!((mbr[462], mbr[466], lba(470)), (0, 0xEE, 1));
+        assert_eq!(lba(474), after[0].start / SECTOR - 1);
+        assert_eq!(&mbr[478..510], &[0u8; 32]);
+        assert_eq!(&mbr[510..], &[0x55, 0xAA]);
+        let dump = cmd::run(SFDISK.program, &["--dump", img.to_str().unwrap()]).unwrap();
+        assert!(dump.contains("label: gpt"), "{dump}");
+        assert!(write_hybrid_mbr(&img, (0, 1 << 20)).is_err());
 
         // A damaged primary header: the backup one is read.
         let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();

@@ -74,6 +74,11 @@ pub(super) fn deploy_new(plan: &Plan, new: &NewDisk) -> Result<Outcome> {
         }
         if new.boot.partitioned() {
             let range = partition_new_disk(&work_path, new.boot)?;
+            if new.rpi {
+                // The Pi 3's boot ROM reads MBR tables only.
+                let parts = partition::read_gpt(&work_path)?;
+                partition::write_hybrid_mbr(&work_path, (parts[0].start, parts[0].size))?;
+            }
             let dev =
                 crate::disk::loopdev::LoopGuard::attach_range(&work_path, Some(range), false)?;
             // A loop device over a block device's partition: no trim (it
@@ -190,6 +195,29 @@ fn partition_new_disk(disk: &Path, kind: BootKind) -> Result<(u64, u64)> {
     Ok((root.start, root.size))
 }
 
+/// `--boot rpi`: the Raspberry Pi firmware, device trees, U-Boot and
+/// config.txt from the version's tree onto the new disk's boot partition,
+/// leaving room for the version's kernel files.
+fn install_pi_firmware(disk: &Disk, dir: &Path, record: &Deployment) -> Result<()> {
+    let fw = crate::boot::rpi::find(&dir.join(layout::ORIG), record.kernel_version.as_deref())?;
+    let mut reserve = 0;
+    for f in [layout::KERNEL, layout::INITRAMFS] {
+        if let Ok(m) = std::fs::metadata(dir.join(f)) {
+            reserve += m.len();
+        }
+    }
+    let part = disk
+        .disk_layout
+        .esp
+        .context("a --boot rpi disk has a boot partition")?;
+    ui::step(format!(
+        "Writing the Raspberry Pi firmware, device trees and U-Boot ({} files, {})",
+        fw.files.len(),
+        units::format_size(fw.size()?)
+    ));
+    crate::boot::rpi::install(&disk.target, part, &fw, reserve)
+}
+
 /// Makes the finished image durable, then renames it onto the target —
 /// without replacing anything that appeared at the target meanwhile.
 fn move_image_into_place(partial: &Path, file: &std::fs::File, target: &Path) -> Result<()> {
@@ -248,6 +276,9 @@ fn build_first_version(plan: &Plan, disk: &Disk, fs_uuid: &str) -> Result<Deploy
     );
     record.save(&dir.join(layout::DEPLOYMENT_JSON))?;
     check_boot_space(disk, &plan.label, &dir)?;
+    if plan.new_disk.as_ref().is_some_and(|n| n.rpi) {
+        install_pi_firmware(disk, &dir, &record)?;
+    }
     signals::check()?;
     publish_version(plan, disk, &dir, fs_uuid, true)?;
     Ok(record)

@@ -64,6 +64,8 @@ pub struct NewDisk {
     pub fs_uuid: String,
     /// How it boots.
     pub boot: BootKind,
+    /// `--boot rpi`: a `uboot` disk with the Raspberry Pi firmware.
+    pub rpi: bool,
 }
 
 /// Everything a deploy needs, validated before anything is written.

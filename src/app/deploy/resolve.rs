@@ -102,8 +102,9 @@ pub fn plan(
         BootArg::Bios => BootKind::Bios,
         BootArg::Uefi => BootKind::Uefi,
         BootArg::Hybrid => BootKind::Hybrid,
-        BootArg::Uboot => BootKind::Uboot,
+        BootArg::Uboot | BootArg::Rpi => BootKind::Uboot,
     });
+    let rpi = args.boot == Some(BootArg::Rpi);
     let tarball = bundle.is_none() && rootfs.is_file();
     let arch = match &args.arch {
         Some(a) => Some(Arch::parse(a).ok_or_else(|| {
@@ -202,6 +203,13 @@ pub fn plan(
         })
     } else {
         let existing = open::require_btrfs(&target)?.boot;
+        if rpi {
+            bail!(
+                "--boot rpi applies to new disks only: it writes the Raspberry Pi firmware when the \
+                 disk is made, and {} exists (upgrades keep the firmware it has; drop --boot)",
+                target.display()
+            );
+        }
         if let Some(b) = boot_arg.filter(|b| *b != existing) {
             bail!(
                 "--boot {b} applies to new disks only; {} is a {existing} disk and keeps its layout \
@@ -314,10 +322,33 @@ pub fn plan(
         if kind == TargetKind::Missing {
             check_free_space(&target, size)?;
         }
+        if rpi {
+            if let Some(a) = arch.filter(|a| *a != Arch::Arm64) {
+                bail!(
+                    "--boot rpi is for arm64 trees (64-bit Raspberry Pi 3 and 4), and {} is {}",
+                    rootfs.display(),
+                    a.name()
+                );
+            }
+            if args.no_bootloader {
+                return Err(UsageError(
+                    "--boot rpi writes the boot files a Pi needs; --no-bootloader writes none: \
+                     drop one"
+                        .into(),
+                )
+                .into());
+            }
+            if !tarball && bundle.is_none() {
+                // Refused before anything is written; an archive's tree is
+                // read once it is written (the partial image is removed).
+                crate::boot::rpi::find(&rootfs, None)?;
+            }
+        }
         Some(NewDisk {
             size,
             fs_uuid: uuid::Uuid::new_v4().to_string(),
             boot: boot_kind,
+            rpi,
         })
     } else {
         if args.size.is_some() && size_from_cli {

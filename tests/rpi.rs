@@ -1,0 +1,313 @@
+//! Issue 22: Raspberry Pi boot files (`--boot rpi`) on real images: the
+//! arm64 tiny system with Debian's raspi-firmware and u-boot-rpi unpacked
+//! into it (`make fixture`: scripts/fetch-rpi-firmware.sh), the boot
+//! partition read back with mtools and compared with what the Pi firmware
+//! reads; default switch and remove on it; refusals.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// Offset of the boot partition (partition 1 at 1 MiB).
+const PART_OFFSET: u64 = 1 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn tiny_arm64() -> PathBuf {
+    let p = std::env::var_os("DEPLOY_TINY_ARM64_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/tiny-arm64/rootfs"));
+    assert!(
+        p.join("sbin/init").exists(),
+        "arm64 tiny system missing at {}: run `make fixture`",
+        p.display()
+    );
+    p
+}
+
+/// raspi-firmware and u-boot-rpi, unpacked.
+fn pi_packages() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/rpi/root");
+    assert!(
+        p.join("usr/lib/raspi-firmware/start4.elf").is_file(),
+        "Raspberry Pi firmware missing at {}: run `make fixture` (scripts/fetch-rpi-firmware.sh .cache)",
+        p.display()
+    );
+    p
+}
+
+/// The kernel version of the arm64 tiny tree.
+fn kernel_version(tree: &Path) -> String {
+    std::fs::read_dir(tree.join("usr/lib"))
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("linux-image-")
+                .map(str::to_string)
+        })
+        .next()
+        .expect("a usr/lib/linux-image-<version> in the tiny arm64 tree")
+}
+
+/// The arm64 tiny tree with the Pi packages in it and two Pi device trees
+/// where Debian's arm64 kernel ships them (the cloud kernel has none).
+fn pi_tree(dir: &Path) -> PathBuf {
+    let tree = dir.join("pi-root");
+    std::fs::create_dir(&tree).unwrap();
+    copy_tree(&tiny_arm64(), &tree);
+    copy_tree(&pi_packages(), &tree);
+    let dtbs = tree.join(format!(
+        "usr/lib/linux-image-{}/broadcom",
+        kernel_version(&tree)
+    ));
+    std::fs::create_dir_all(&dtbs).unwrap();
+    write(&dtbs.join("bcm2711-rpi-4-b.dtb"), b"pi4-dtb\n");
+    write(&dtbs.join("bcm2837-rpi-3-b.dtb"), b"pi3-dtb\n");
+    tree
+}
+
+/// A file of the boot partition (None when missing).
+fn fat_file(img: &Path, path: &str) -> Option<Vec<u8>> {
+    let out = std::process::Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{PART_OFFSET}", img.display()))
+        .arg(format!("::{path}"))
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+/// Every file of the boot partition.
+fn fat_listing(img: &Path) -> String {
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mdir -/ -b -i {}@@{PART_OFFSET} ::",
+        img.display()
+    ))
+}
+
+/// What the firmware reads must be there, as in the tree.
+fn assert_firmware(img: &Path, tree: &Path) {
+    let fw = tree.join("usr/lib/raspi-firmware");
+    for f in [
+        "bootcode.bin",
+        "start4.elf",
+        "fixup4.dat",
+        "start.elf",
+        "fixup.dat",
+    ] {
+        assert_eq!(
+            fat_file(img, f).unwrap_or_else(|| panic!("{f} missing:\n{}", fat_listing(img))),
+            std::fs::read(fw.join(f)).unwrap(),
+            "{f} differs from the tree's"
+        );
+    }
+    assert_eq!(
+        fat_file(img, "u-boot.bin").unwrap(),
+        std::fs::read(tree.join("usr/lib/u-boot/rpi_arm64/u-boot.bin")).unwrap()
+    );
+    assert_eq!(fat_file(img, "bcm2711-rpi-4-b.dtb").unwrap(), b"pi4-dtb\n");
+    assert_eq!(fat_file(img, "bcm2837-rpi-3-b.dtb").unwrap(), b"pi3-dtb\n");
+    let config = String::from_utf8(fat_file(img, "config.txt").unwrap()).unwrap();
+    for line in ["arm_64bit=1", "kernel=u-boot.bin", "enable_uart=1"] {
+        assert!(
+            config.lines().any(|l| l == line),
+            "config.txt lacks {line}:\n{config}"
+        );
+    }
+}
+
+/// The default of U-Boot's menu, and that every file the menu names for
+/// it is on the partition with the tree's bytes.
+fn menu_default(img: &Path, tree: &Path) -> String {
+    let conf = String::from_utf8(fat_file(img, "boot/extlinux/extlinux.conf").unwrap()).unwrap();
+    let default = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("default "))
+        .unwrap_or_else(|| panic!("no default in:\n{conf}"))
+        .trim()
+        .to_string();
+    let menu_name = conf
+        .lines()
+        .find_map(|l| l.trim_end_matches('\0').strip_prefix("include "))
+        .unwrap_or_else(|| panic!("no include in:\n{conf}"))
+        .trim()
+        .to_string();
+    let menu =
+        String::from_utf8(fat_file(img, menu_name.trim_start_matches('/')).unwrap()).unwrap();
+    let entry: Vec<&str> = menu
+        .lines()
+        .skip_while(|l| l.trim() != format!("label {default}"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("label "))
+        .collect();
+    assert!(!entry.is_empty(), "no entry {default} in:\n{menu}");
+    let file = |key: &str| {
+        entry
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in entry {default}:\n{menu}"))
+            .trim()
+            .trim_start_matches('/')
+            .to_string()
+    };
+    let ver = kernel_version(tree);
+    assert_eq!(
+        fat_file(img, &file("kernel ")).unwrap(),
+        std::fs::read(tree.join(format!("boot/vmlinuz-{ver}"))).unwrap(),
+        "the kernel of {default}"
+    );
+    assert_eq!(
+        fat_file(img, &file("initrd ")).unwrap(),
+        std::fs::read(tree.join(format!("boot/initrd.img-{ver}"))).unwrap(),
+        "the initramfs of {default}"
+    );
+    let append = file("append ");
+    assert!(
+        append.contains(&format!("rootflags=subvol=systems/{default}/run")),
+        "{append}"
+    );
+    default
+}
+
+#[test]
+fn rpi_disks_carry_the_pi_firmware_and_switch_and_remove_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tree = pi_tree(dir);
+    let img = dir.join("pi.img");
+    let out = run_ok(&["--boot", "rpi", "--rootfs", s(&tree), s(&img)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Writing the Raspberry Pi firmware"),
+        "{stderr}"
+    );
+    assert_firmware(&img, &tree);
+    assert_eq!(menu_default(&img, &tree), "factory");
+    // A hybrid MBR: the FAT in entry 1 (type 0x0C, active) for the Pi 3's
+    // boot ROM, the GPT's 0xEE entry after it.
+    let mbr = std::fs::read(&img).unwrap()[..512].to_vec();
+    assert_eq!((mbr[446], mbr[450]), (0x80, 0x0C), "MBR entry 1");
+    assert_eq!(
+        u32::from_le_bytes(mbr[454..458].try_into().unwrap()) as u64 * 512,
+        PART_OFFSET
+    );
+    assert_eq!(
+        (
+            mbr[466],
+            u32::from_le_bytes(mbr[470..474].try_into().unwrap())
+        ),
+        (0xEE, 1)
+    );
+    let dump = sh(&format!("sfdisk --dump {}", img.display()));
+    assert!(dump.contains("label: gpt"), "{dump}");
+    run_ok(&["check", s(&img)]);
+
+    // Upgrades keep the firmware; the menu switches and removes versions.
+    let before = fat_file(&img, "start4.elf").unwrap();
+    let r2 = dir.join("r2");
+    std::fs::create_dir(&r2).unwrap();
+    copy_tree(&tree, &r2);
+    write(&r2.join("etc/issue"), b"v2\n");
+    run_ok(&["--version", "v2", "--rootfs", s(&r2), s(&img)]);
+    assert_eq!(menu_default(&img, &tree), "v2");
+    assert_eq!(fat_file(&img, "start4.elf").unwrap(), before);
+    assert_firmware(&img, &tree);
+    run_ok(&["set-default", "factory", s(&img)]);
+    assert_eq!(menu_default(&img, &tree), "factory");
+    run_ok(&["remove", "v2", s(&img)]);
+    assert_eq!(menu_default(&img, &tree), "factory");
+    assert_firmware(&img, &tree);
+    run_ok(&["check", s(&img)]);
+    // --boot rpi is for new disks.
+    run_fails(
+        &[
+            "--boot",
+            "rpi",
+            "--version",
+            "v3",
+            "--rootfs",
+            s(&r2),
+            s(&img),
+        ],
+        1,
+        &["--boot rpi applies to new disks only"],
+    );
+}
+
+#[test]
+fn rpi_refuses_trees_without_what_a_pi_needs_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tree = pi_tree(dir);
+    let img = dir.join("x.img");
+    let gone = |img: &Path| {
+        assert!(!img.exists(), "{} was left", img.display());
+        assert!(!PathBuf::from(format!("{}.partial", img.display())).exists());
+    };
+    // No firmware.
+    let bare = dir.join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    copy_tree(&tiny_arm64(), &bare);
+    run_fails(
+        &["--boot", "rpi", "--rootfs", s(&bare), s(&img)],
+        1,
+        &["raspi-firmware", "/usr/lib/raspi-firmware/start*.elf"],
+    );
+    gone(&img);
+    // Firmware, no U-Boot.
+    sh(&format!(
+        "cp -a {}/usr/lib/raspi-firmware {}/usr/lib/",
+        tree.display(),
+        bare.display()
+    ));
+    let dtbs = bare.join(format!(
+        "usr/lib/linux-image-{}/broadcom",
+        kernel_version(&bare)
+    ));
+    std::fs::create_dir_all(&dtbs).unwrap();
+    write(&dtbs.join("bcm2711-rpi-4-b.dtb"), b"x");
+    run_fails(
+        &["--boot", "rpi", "--rootfs", s(&bare), s(&img)],
+        1,
+        &["u-boot-rpi"],
+    );
+    gone(&img);
+    // Not arm64.
+    run_fails(
+        &["--boot", "rpi", "--rootfs", s(&tiny_rootfs()), s(&img)],
+        1,
+        &["--boot rpi is for arm64 trees", "amd64"],
+    );
+    gone(&img);
+    run_fails(
+        &[
+            "--boot",
+            "rpi",
+            "--no-bootloader",
+            "--rootfs",
+            s(&tree),
+            s(&img),
+        ],
+        2,
+        &["--no-bootloader"],
+    );
+    gone(&img);
+    // No room on the boot partition: a firmware file larger than it.
+    let big = tree.join("usr/lib/raspi-firmware/start4x.elf");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    run_fails(
+        &["--boot", "rpi", "--rootfs", s(&tree), s(&img)],
+        1,
+        &["do not fit on the", "boot partition"],
+    );
+    gone(&img);
+    assert_no_leftovers(&img, false);
+}
