@@ -175,3 +175,137 @@ fn volatile_root_forgets_writes_outside_state_at_each_boot() {
     assert!(!m.path("systems/factory/run/rootfile").exists());
     assert!(!m.path("systems/factory/run/etc/count").exists());
 }
+
+/// `deploy check` exits 3 naming the broken invariant of a version's root
+/// mode.
+fn assert_check_names(img: &str, needles: &[&str]) {
+    let out = run(&["check", img]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("PROBLEM") && l.contains(": root mode:"))
+        .unwrap_or_else(|| panic!("no root mode problem:\n{text}"));
+    for n in needles {
+        assert!(line.contains(n), "{n:?} not in `{line}`");
+    }
+}
+
+/// Replaces `from` by `to` in the file `rel` of the image (mounted read-write).
+fn edit_file(img: &Path, rel: &str, from: &str, to: &str) {
+    let e = Edit::open(img);
+    let p = e.path(rel);
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.contains(from), "{rel} lacks {from:?}:\n{text}");
+    std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn check_names_each_broken_root_mode_invariant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    copy_tree(&tiny_rootfs(), &tree);
+    let img = tmp.path().join("ro.img");
+    let imgs = img.to_str().unwrap();
+    let trees = tree.to_str().unwrap();
+    run_ok(&["--rootfs", trees, "--root-mode", "ro", imgs]);
+    let out = run_ok(&["check", imgs]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("ok      version factory: root mode: ro: / read-only"),
+        "{text}"
+    );
+    let fstab = "systems/factory/run/etc/fstab";
+
+    // The fstab / line made rw.
+    edit_file(
+        &img,
+        fstab,
+        " / btrfs defaults,ro,noatime",
+        " / btrfs defaults,rw,noatime",
+    );
+    assert_check_names(
+        imgs,
+        &[
+            "version factory",
+            "the / line",
+            "defaults,rw,noatime",
+            "`ro`",
+        ],
+    );
+    edit_file(
+        &img,
+        fstab,
+        " / btrfs defaults,rw,noatime",
+        " / btrfs defaults,ro,noatime",
+    );
+    run_ok(&["check", imgs]);
+
+    // The /etc line gone.
+    edit_file(&img, fstab, " /etc btrfs", " /etc-gone btrfs");
+    assert_check_names(imgs, &["no /etc line", "subvol=/systems/factory/run/etc"]);
+    edit_file(&img, fstab, " /etc-gone btrfs", " /etc btrfs");
+
+    // A /state line made ro.
+    edit_file(
+        &img,
+        fstab,
+        "subvol=/state/var,defaults,rw",
+        "subvol=/state/var,defaults,ro",
+    );
+    assert_check_names(imgs, &["the /var line", "/state"]);
+    edit_file(
+        &img,
+        fstab,
+        "subvol=/state/var,defaults,ro",
+        "subvol=/state/var,defaults,rw",
+    );
+    run_ok(&["check", imgs]);
+
+    // `ro` gone from the version's boot entry, then `deploy cleanup`, which
+    // the finding names as the fix, rewrites it.
+    edit_file(
+        &img,
+        "extlinux/extlinux.conf",
+        "rootflags=subvol=systems/factory/run ro ",
+        "rootflags=subvol=systems/factory/run ",
+    );
+    assert_check_names(imgs, &["`label factory` lacks `ro`", "deploy cleanup"]);
+    run_ok(&["cleanup", imgs]);
+    run_ok(&["check", imgs]);
+    // Also the default entry (the default version's own file).
+    edit_file(
+        &img,
+        "systems/factory/default-entry.conf",
+        "/run ro ",
+        "/run rw ",
+    );
+    assert_check_names(imgs, &["`label default` lacks `ro`", "has `rw`"]);
+    run_ok(&["cleanup", imgs]);
+    run_ok(&["check", imgs]);
+
+    // A volatile version without its script.
+    run_ok(&[
+        "--rootfs",
+        trees,
+        "--version",
+        "v2",
+        "--root-mode",
+        "volatile",
+        imgs,
+    ]);
+    run_ok(&["check", imgs]);
+    {
+        let e = Edit::open(&img);
+        std::fs::remove_file(e.path("systems/v2/run/usr/lib/btrfs-deploy/volatile-root")).unwrap();
+    }
+    assert_check_names(
+        imgs,
+        &[
+            "version v2",
+            "volatile-root is missing",
+            "--root-mode volatile",
+        ],
+    );
+}

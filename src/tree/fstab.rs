@@ -60,6 +60,41 @@ pub fn mount_points(content: &str) -> Vec<String> {
     points
 }
 
+/// One entry of an fstab, as `deploy check` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// 1-based line number.
+    pub number: usize,
+    /// First field (`UUID=...`, a device).
+    pub spec: String,
+    /// Mount point, decoded and normalised.
+    pub point: String,
+    /// Mount options, split at commas (empty when the field is missing).
+    pub options: Vec<String>,
+}
+
+/// The entries of `content` that mount something on an absolute path
+/// (as [`mount_points`] counts them), in file order.
+pub fn lines(content: &str) -> Vec<Line> {
+    content
+        .lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let point = entry_mount_point(line)?;
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some(Line {
+                number: i + 1,
+                spec: fields[0].to_string(),
+                point,
+                options: fields
+                    .get(3)
+                    .map(|o| o.split(',').map(str::to_string).collect())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
 /// The normalised mount point of one fstab line, if it is an entry that
 /// mounts something on an absolute path.
 fn entry_mount_point(line: &str) -> Option<String> {

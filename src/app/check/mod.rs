@@ -8,6 +8,8 @@
 //!   subvolume), a `deployment.json` naming it, and the boot files it records;
 //! - each version's `run/etc/fstab` mounts `/` and every state directory;
 //! - the `/state` subvolumes the versions use exist;
+//! - each version's root mode holds: boot entries, fstab, `run/etc`, the
+//!   volatile script;
 //! - `extlinux.conf` has one entry per version with a kernel plus `default`,
 //!   all with `root=UUID=<this filesystem>`;
 //! - leftovers of interrupted deploys are reported as warnings;
@@ -26,6 +28,7 @@ mod bootloader;
 mod btrfs_check;
 mod fstab;
 mod report;
+mod root_mode;
 mod state;
 mod systems;
 #[cfg(test)]
@@ -35,6 +38,7 @@ use boot_partition::{check_esp, check_uboot};
 use bootloader::check_bootloader;
 use btrfs_check::btrfs_check;
 pub use report::{Finding, Report, Status};
+use root_mode::check_root_modes;
 use state::check_state;
 use systems::{check_default, scan_systems};
 use version::{check_version, VersionInfo};
@@ -184,6 +188,7 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
     out.insert(0, check_default(top, &versions));
     out.insert(0, Finding::ok("disk", disk.disk_layout.boot.describe()));
     out.push(check_state(&versions, &state_subvols));
+    out.extend(check_root_modes(top, &versions, &fs_uuid));
     if top.state().join(crate::tree::statemerge::JOURNAL).exists() {
         out.push(Finding::warning(
             "state merge",
