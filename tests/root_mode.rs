@@ -309,3 +309,52 @@ fn check_names_each_broken_root_mode_invariant() {
         ],
     );
 }
+
+#[test]
+fn ro_makes_the_rootfs_own_root_entry_read_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    copy_tree(&tiny_rootfs(), &tree);
+    write(
+        &tree.join("etc/fstab"),
+        b"# vendor\n/dev/root / btrfs defaults,rw,noatime 0 1\n",
+    );
+    let img = tmp.path().join("ro.img");
+    let imgs = img.to_str().unwrap();
+    let out = run_ok(&[
+        "--rootfs",
+        tree.to_str().unwrap(),
+        "--root-mode",
+        "ro",
+        imgs,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("etc/fstab line 2) made read-only"),
+        "{stderr}"
+    );
+    let fstab = "systems/factory/run/etc/fstab";
+    {
+        let m = Inspect::open(&img);
+        let text = std::fs::read_to_string(m.path(fstab)).unwrap();
+        assert!(
+            text.contains(
+                "(was `defaults,rw,noatime`)\n/dev/root / btrfs defaults,noatime,ro 0 1\n"
+            ),
+            "{text}"
+        );
+        // The rootfs itself is left as it was.
+        let orig = std::fs::read_to_string(tree.join("etc/fstab")).unwrap();
+        assert!(orig.contains("defaults,rw,noatime"), "{orig}");
+    }
+    // (A warning: /dev/root is not this disk's UUID, as at deploy.)
+    run_ok(&["check", imgs]);
+    edit_file(
+        &img,
+        fstab,
+        "defaults,noatime,ro 0 1",
+        "defaults,noatime 0 1",
+    );
+    assert_check_names(imgs, &["the / line", "line 3, options `defaults,noatime`"]);
+}

@@ -1,6 +1,7 @@
 //! Completing a version's `etc/fstab` (design §1, "fstab completion").
 //!
-//! Existing lines are kept byte for byte and always win. Missing entries for
+//! Existing lines are kept byte for byte and always win (except that root
+//! mode `ro` makes a kept `/` entry read-only, see [`complete_for`]). Missing entries for
 //! `/` and for the state directories are appended after one comment line, so
 //! completing twice adds nothing the second time.
 
@@ -42,7 +43,15 @@ pub struct Completion {
     /// Kept entries that are probably wrong on this disk (a `/` entry naming
     /// another device), each naming the line, the risk and the fix.
     pub warnings: Vec<String>,
+    /// Line numbers (1-based, in the original content) of kept `/` entries
+    /// whose options were made read-only (root mode `ro`): `ro` added,
+    /// `rw` removed, each after one [`RO_COMMENT`] line.
+    pub made_ro: Vec<usize>,
 }
+
+/// The comment line written before a kept `/` entry made read-only.
+pub const RO_COMMENT: &str =
+    "# btrfs-deploy: `ro` added to the next line for root mode ro (was `{}`)";
 
 /// The mount points of the entries in `content`, decoded (`\040` is a space)
 /// and normalised (`/home/` and `//home` are `/home`), in file order without
@@ -166,7 +175,35 @@ pub fn complete(content: &str, fs_uuid: &str) -> Completion {
 /// entry is `ro` for `ro` (`/` stays read-only; `rw` under `volatile`,
 /// whose `/` is the writable overlay), and `ro` adds `/etc` on the
 /// version's own subvolume `systems/<label>/run/etc`, read-write.
+///
+/// Under `ro`, a kept `/` entry (the rootfs's own) gets `ro` in its options
+/// and loses `rw` (see [`root_line_ro`]), or the boot (systemd-remount-fs,
+/// `mount -o remount /`) would make `/` writable again; the rest of the
+/// line is kept. (Under `volatile` the `/` of fstab is the overlay, which is
+/// meant to be writable: kept entries stay as they are.)
 pub fn complete_for(content: &str, fs_uuid: &str, label: &str, mode: RootMode) -> Completion {
+    let mut made_ro = Vec::new();
+    let rewritten;
+    let content = if mode == RootMode::Ro {
+        let mut out = String::with_capacity(content.len() + 100);
+        for (i, line) in content.split_inclusive('\n').enumerate() {
+            let body = line.trim_end_matches('\n');
+            match (entry_mount_point(body).as_deref(), root_line_ro(body)) {
+                (Some("/"), Some((new, old_options))) => {
+                    made_ro.push(i + 1);
+                    out.push_str(&RO_COMMENT.replace("{}", &old_options));
+                    out.push('\n');
+                    out.push_str(&new);
+                    out.push_str(&line[body.len()..]);
+                }
+                _ => out.push_str(line),
+            }
+        }
+        rewritten = out;
+        rewritten.as_str()
+    } else {
+        content
+    };
     let existing = mount_points(content);
     let mounted = |point: &str| existing.iter().any(|p| p == point);
     let mut added = Vec::new();
@@ -202,7 +239,52 @@ pub fn complete_for(content: &str, fs_uuid: &str, label: &str, mode: RootMode) -
         added,
         kept_state_dirs,
         warnings: root_entry_warnings(content, fs_uuid),
+        made_ro,
     }
+}
+
+/// An fstab entry line with `ro` in its options and no `rw` (each `rw`
+/// removed, `ro` appended: `defaults,rw,noatime` becomes
+/// `defaults,noatime,ro`; a missing options field becomes `defaults,ro`),
+/// and its old options; None when it already has `ro` and no `rw`. Every
+/// other byte of the line is kept.
+pub fn root_line_ro(line: &str) -> Option<(String, String)> {
+    // Byte ranges of the whitespace-separated fields.
+    let mut fields = Vec::new();
+    let mut start = None;
+    for (i, c) in line.char_indices() {
+        match (c.is_whitespace(), start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                fields.push((s, i));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        fields.push((s, line.len()));
+    }
+    if fields.len() < 3 {
+        return None;
+    }
+    let Some(&(a, b)) = fields.get(3) else {
+        return Some((format!("{} defaults,ro", line.trim_end()), String::new()));
+    };
+    let old = &line[a..b];
+    let opts: Vec<&str> = old.split(',').collect();
+    if opts.contains(&"ro") && !opts.contains(&"rw") {
+        return None;
+    }
+    let mut new: Vec<&str> = opts
+        .into_iter()
+        .filter(|o| *o != "rw" && *o != "ro" && !o.is_empty())
+        .collect();
+    new.push("ro");
+    Some((
+        format!("{}{}{}", &line[..a], new.join(","), &line[b..]),
+        old.to_string(),
+    ))
 }
 
 /// True when mount point `child` is strictly below `parent` (both normalised).
@@ -346,7 +428,7 @@ pub fn complete_file_for(
         }
         Some(m) if m.is_file() => {
             let completion = complete_for(&read_text(&fstab)?, fs_uuid, label, mode);
-            if !completion.added.is_empty() {
+            if !completion.added.is_empty() || !completion.made_ro.is_empty() {
                 rewrite(&fstab, &completion.content)?;
             }
             Ok(completion)
@@ -402,7 +484,7 @@ fn complete_symlink(
         );
     };
     let completion = complete_for(&read_text(&resolved)?, fs_uuid, label, mode);
-    if !completion.added.is_empty() {
+    if !completion.added.is_empty() || !completion.made_ro.is_empty() {
         fs::remove_file(link).with_context(|| format!("removing link {}", link.display()))?;
         write_new(link, &completion.content)?;
     }
@@ -862,5 +944,73 @@ mod tests {
         symlink("/nonexistent-dir", t.path().join("etc")).unwrap();
         let err = format!("{:#}", complete_file(t.path(), UUID).unwrap_err());
         assert!(err.contains("leads nowhere"), "{err}");
+    }
+
+    #[test]
+    fn ro_makes_a_kept_root_entry_read_only() {
+        let vendor = "# vendor\nLABEL=root\t/   ext4  defaults,rw,errors=remount-ro  0 1\n\
+                      tmpfs /tmp tmpfs defaults 0 0\n";
+        let c = complete_for(vendor, UUID, "v1", RootMode::Ro);
+        assert_eq!(c.made_ro, vec![2]);
+        assert!(!c.added.contains(&"/".to_string()), "{:?}", c.added);
+        assert!(
+            c.content.contains(
+                "# btrfs-deploy: `ro` added to the next line for root mode ro \
+                 (was `defaults,rw,errors=remount-ro`)\n\
+                 LABEL=root\t/   ext4  defaults,errors=remount-ro,ro  0 1\n"
+            ),
+            "{}",
+            c.content
+        );
+        assert!(c.content.contains("tmpfs /tmp tmpfs defaults 0 0\n"));
+        // Completing again changes nothing.
+        let again = complete_for(&c.content, UUID, "v1", RootMode::Ro);
+        assert_eq!(again.content, c.content);
+        assert!(again.made_ro.is_empty() && again.added.is_empty());
+        // rw and volatile keep the line as it is.
+        for mode in [RootMode::Rw, RootMode::Volatile] {
+            let c = complete_for(vendor, UUID, "v1", mode);
+            assert!(c.made_ro.is_empty());
+            assert!(c.content.starts_with(vendor), "{}", c.content);
+        }
+    }
+
+    #[test]
+    fn root_line_ro_edits_only_the_options() {
+        assert_eq!(root_line_ro("UUID=x / btrfs defaults,ro,noatime 0 1"), None);
+        assert_eq!(
+            root_line_ro("UUID=x / btrfs defaults 0 1").unwrap().0,
+            "UUID=x / btrfs defaults,ro 0 1"
+        );
+        assert_eq!(
+            root_line_ro("  /dev/sda1  /  btrfs  rw,ro,rw\t0 0").unwrap(),
+            (
+                "  /dev/sda1  /  btrfs  ro\t0 0".to_string(),
+                "rw,ro,rw".to_string()
+            )
+        );
+        assert_eq!(
+            root_line_ro("/dev/sda1 / btrfs").unwrap().0,
+            "/dev/sda1 / btrfs defaults,ro"
+        );
+    }
+
+    #[test]
+    fn ro_rewrites_a_kept_root_entry_in_the_file() {
+        let t = tree();
+        fs::create_dir(t.path().join("etc")).unwrap();
+        let vendor = format!("UUID={UUID} / btrfs defaults 0 1\n");
+        fs::write(t.path().join("etc/fstab"), &vendor).unwrap();
+        let c = complete_file_for(t.path(), UUID, "v1", RootMode::Ro).unwrap();
+        assert_eq!(c.made_ro, vec![1]);
+        let text = fs::read_to_string(t.path().join("etc/fstab")).unwrap();
+        assert!(
+            text.contains(&format!("\nUUID={UUID} / btrfs defaults,ro 0 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(" /etc btrfs subvol=/systems/v1/run/etc,"),
+            "{text}"
+        );
     }
 }

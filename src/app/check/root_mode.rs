@@ -397,4 +397,24 @@ mod tests {
         f.script = Script::NotExecutable;
         assert!(root_mode_problems(&f)[1].contains("not an executable"));
     }
+
+    #[test]
+    fn a_kept_vendor_root_line_must_be_ro_too() {
+        let vendor = "/dev/root / btrfs defaults,rw 0 1\n";
+        // As the fstab completion before root modes made kept lines ro.
+        let mut old = fstab::complete_for(vendor, UUID, "v1", RootMode::Rw).content;
+        old.push_str(&format!(
+            "UUID={UUID} /etc btrfs subvol=/systems/v1/run/etc,defaults,rw,noatime 0 0\n"
+        ));
+        let p = root_mode_problems(&facts(RootMode::Ro, &old));
+        assert!(
+            p.len() == 1 && p[0].contains("(line 1, options `defaults,rw`)"),
+            "{p:?}"
+        );
+        let now = fstab::complete_for(vendor, UUID, "v1", RootMode::Ro).content;
+        assert_eq!(
+            root_mode_problems(&facts(RootMode::Ro, &now)),
+            Vec::<String>::new()
+        );
+    }
 }
