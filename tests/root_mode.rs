@@ -358,3 +358,112 @@ fn ro_makes_the_rootfs_own_root_entry_read_only() {
     );
     assert_check_names(imgs, &["the / line", "line 3, options `defaults,noatime`"]);
 }
+
+/// The `label default` entry of an image (the default version's own file).
+fn default_entry(img: &Path) -> String {
+    let m = Inspect::open(img);
+    std::fs::read_to_string(m.path("systems/default/default-entry.conf")).unwrap()
+}
+
+#[test]
+fn bundles_and_set_default_keep_ro_versions_ro() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let tree = d.join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    copy_tree(&tiny_rootfs(), &tree);
+    // The build machine: factory, then v2, both ro.
+    run_ok(&["--rootfs", &p("tree"), "--root-mode", "ro", &p("build.img")]);
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        p("build.img"),
+        p("device.img")
+    ));
+    write(&tree.join("etc/issue"), b"v2\n");
+    run_ok(&[
+        "--rootfs",
+        &p("tree"),
+        "--version",
+        "v2",
+        "--root-mode",
+        "ro",
+        &p("build.img"),
+    ]);
+    run_ok(&["keygen", "--output", &p("vendor")]);
+    run_ok(&[
+        "bundle",
+        "create",
+        &p("build.img"),
+        "--version",
+        "v2",
+        "--base",
+        "factory",
+        "--sign-key",
+        &p("vendor.key"),
+        "--output",
+        &p("v2.bundle"),
+    ]);
+    // The device: the bundle applied as an ro version.
+    let dev = p("device.img");
+    let img = Path::new(&dev);
+    run_ok(&[
+        "--rootfs",
+        &p("v2.bundle"),
+        "--verify-key",
+        &p("vendor.pub"),
+        "--root-mode",
+        "ro",
+        &dev,
+    ]);
+    let out = run_ok(&["check", &dev]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("ok      version v2: root mode: ro"), "{text}");
+    let uuid = fs_uuid(img);
+    {
+        let m = Inspect::open(img);
+        let rec = std::fs::read_to_string(m.path("systems/v2/deployment.json")).unwrap();
+        assert!(rec.contains("\"root_mode\": \"ro\""), "{rec}");
+        let fstab = std::fs::read_to_string(m.path("systems/v2/run/etc/fstab")).unwrap();
+        assert!(
+            fstab.contains(&format!("UUID={uuid} / btrfs defaults,ro,noatime 0 1")),
+            "{fstab}"
+        );
+        assert!(
+            fstab.contains(&format!(
+                "UUID={uuid} /etc btrfs subvol=/systems/v2/run/etc,defaults,rw,noatime 0 0"
+            )),
+            "{fstab}"
+        );
+        // The build machine's additions were stripped: added once, here.
+        assert_eq!(
+            fstab.matches("# Added by btrfs-deploy").count(),
+            1,
+            "{fstab}"
+        );
+        assert_eq!(fstab.matches(" / btrfs").count(), 1, "{fstab}");
+        assert_eq!(
+            std::fs::read_to_string(m.path("systems/v2/run/etc/issue")).unwrap(),
+            "v2\n"
+        );
+    }
+    assert!(default_entry(img).contains("systems/default/run ro "));
+
+    // set-default back and forth: still ro, and check passes.
+    for label in ["factory", "v2"] {
+        run_ok(&["set-default", label, &dev]);
+        let e = default_entry(img);
+        assert!(e.contains(&format!("the default is {label}.")), "{e}");
+        assert!(e.contains("systems/default/run ro "), "{e}");
+        let out = run_ok(&["check", &dev]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for l in ["factory", "v2"] {
+            assert!(
+                text.contains(&format!("ok      version {l}: root mode: ro")),
+                "{text}"
+            );
+        }
+    }
+    let list = String::from_utf8_lossy(&run_ok(&["list", &dev]).stdout).into_owned();
+    assert_eq!(list.matches(" ro ").count(), 2, "{list}");
+}
