@@ -357,6 +357,54 @@ fn ro_makes_the_rootfs_own_root_entry_read_only() {
         "defaults,noatime 0 1",
     );
     assert_check_names(imgs, &["the / line", "line 3, options `defaults,noatime`"]);
+    edit_file(
+        &img,
+        fstab,
+        "defaults,noatime 0 1",
+        "defaults,noatime,ro 0 1",
+    );
+
+    // A bundle of such a version (v2, ro too) applied as rw on another disk
+    // gives the line its options back.
+    let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    run_ok(&[
+        "--rootfs",
+        tree.to_str().unwrap(),
+        "--version",
+        "v2",
+        "--root-mode",
+        "ro",
+        imgs,
+    ]);
+    run_ok(&["keygen", "--output", &p("vendor")]);
+    run_ok(&[
+        "bundle",
+        "create",
+        imgs,
+        "--version",
+        "v2",
+        "--sign-key",
+        &p("vendor.key"),
+        "--output",
+        &p("v2.bundle"),
+    ]);
+    let other = p("other.img");
+    run_ok(&["--rootfs", &p("tree"), &other]);
+    run_ok(&[
+        "--rootfs",
+        &p("v2.bundle"),
+        "--verify-key",
+        &p("vendor.pub"),
+        &other,
+    ]);
+    run_ok(&["check", &other]);
+    let m = Inspect::open(Path::new(&other));
+    let text = std::fs::read_to_string(m.path("systems/v2/run/etc/fstab")).unwrap();
+    assert!(
+        text.starts_with("# vendor\n/dev/root / btrfs defaults,rw,noatime 0 1\n"),
+        "{text}"
+    );
+    assert!(!text.contains("`ro` added"), "{text}");
 }
 
 /// The `label default` entry of an image (the default version's own file).

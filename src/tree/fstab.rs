@@ -180,7 +180,9 @@ pub fn complete(content: &str, fs_uuid: &str) -> Completion {
 /// and loses `rw` (see [`root_line_ro`]), or the boot (systemd-remount-fs,
 /// `mount -o remount /`) would make `/` writable again; the rest of the
 /// line is kept. (Under `volatile` the `/` of fstab is the overlay, which is
-/// meant to be writable: kept entries stay as they are.)
+/// meant to be writable: kept entries stay as they are.) Under `rw` and
+/// `volatile`, an entry made read-only so before (a bundle of an `ro`
+/// version) gets its old options back.
 pub fn complete_for(content: &str, fs_uuid: &str, label: &str, mode: RootMode) -> Completion {
     let mut made_ro = Vec::new();
     let rewritten;
@@ -202,7 +204,8 @@ pub fn complete_for(content: &str, fs_uuid: &str, label: &str, mode: RootMode) -
         rewritten = out;
         rewritten.as_str()
     } else {
-        content
+        rewritten = undo_ro(content);
+        rewritten.as_str()
     };
     let existing = mount_points(content);
     let mounted = |point: &str| existing.iter().any(|p| p == point);
@@ -249,22 +252,7 @@ pub fn complete_for(content: &str, fs_uuid: &str, label: &str, mode: RootMode) -
 /// and its old options; None when it already has `ro` and no `rw`. Every
 /// other byte of the line is kept.
 pub fn root_line_ro(line: &str) -> Option<(String, String)> {
-    // Byte ranges of the whitespace-separated fields.
-    let mut fields = Vec::new();
-    let mut start = None;
-    for (i, c) in line.char_indices() {
-        match (c.is_whitespace(), start) {
-            (false, None) => start = Some(i),
-            (true, Some(s)) => {
-                fields.push((s, i));
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(s) = start {
-        fields.push((s, line.len()));
-    }
+    let fields = field_spans(line);
     if fields.len() < 3 {
         return None;
     }
@@ -285,6 +273,58 @@ pub fn root_line_ro(line: &str) -> Option<(String, String)> {
         format!("{}{}{}", &line[..a], new.join(","), &line[b..]),
         old.to_string(),
     ))
+}
+
+/// Byte ranges of the whitespace-separated fields of `line`.
+fn field_spans(line: &str) -> Vec<(usize, usize)> {
+    let mut fields = Vec::new();
+    let mut start = None;
+    for (i, c) in line.char_indices() {
+        match (c.is_whitespace(), start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                fields.push((s, i));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        fields.push((s, line.len()));
+    }
+    fields
+}
+
+/// The old options an [`RO_COMMENT`] line names.
+fn ro_comment_options(line: &str) -> Option<&str> {
+    let (head, tail) = RO_COMMENT.split_once("{}")?;
+    line.trim_end().strip_prefix(head)?.strip_suffix(tail)
+}
+
+/// `content` with each `/` entry that an earlier `ro` completion made
+/// read-only (an [`RO_COMMENT`] line before it, as a bundle of an `ro`
+/// version brings) given back its old options, and the comment dropped.
+fn undo_ro(content: &str) -> String {
+    let mut out = String::with_capacity(content.len());
+    let mut lines = content.split_inclusive('\n').peekable();
+    while let Some(line) = lines.next() {
+        let next = lines.peek().map(|l| l.trim_end_matches('\n'));
+        let (Some(old), Some(entry)) = (ro_comment_options(line), next) else {
+            out.push_str(line);
+            continue;
+        };
+        let spans = field_spans(entry);
+        if entry_mount_point(entry).as_deref() != Some("/") || spans.len() < 4 {
+            out.push_str(line);
+            continue;
+        }
+        let (a, b) = spans[3];
+        let old = if old.is_empty() { "defaults" } else { old };
+        let next = lines.next().unwrap_or_default();
+        out.push_str(&format!("{}{old}{}", &entry[..a], &entry[b..]));
+        out.push_str(&next[entry.len()..]);
+    }
+    out
 }
 
 /// True when mount point `child` is strictly below `parent` (both normalised).
@@ -427,8 +467,9 @@ pub fn complete_file_for(
             complete_symlink(tree, &fstab, fs_uuid, label, mode)
         }
         Some(m) if m.is_file() => {
-            let completion = complete_for(&read_text(&fstab)?, fs_uuid, label, mode);
-            if !completion.added.is_empty() || !completion.made_ro.is_empty() {
+            let text = read_text(&fstab)?;
+            let completion = complete_for(&text, fs_uuid, label, mode);
+            if completion.content != text {
                 rewrite(&fstab, &completion.content)?;
             }
             Ok(completion)
@@ -483,8 +524,9 @@ fn complete_symlink(
             tree.display()
         );
     };
-    let completion = complete_for(&read_text(&resolved)?, fs_uuid, label, mode);
-    if !completion.added.is_empty() || !completion.made_ro.is_empty() {
+    let text = read_text(&resolved)?;
+    let completion = complete_for(&text, fs_uuid, label, mode);
+    if completion.content != text {
         fs::remove_file(link).with_context(|| format!("removing link {}", link.display()))?;
         write_new(link, &completion.content)?;
     }
@@ -1012,5 +1054,34 @@ mod tests {
             text.contains(" /etc btrfs subvol=/systems/v1/run/etc,"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn rw_and_volatile_undo_an_earlier_ro() {
+        let vendor = "# vendor\n/dev/root / btrfs defaults,rw 0 1\n";
+        let ro = complete_for(vendor, UUID, "v1", RootMode::Ro);
+        // What a bundle of that ro version brings: its added lines stripped.
+        let stripped: String = ro
+            .content
+            .split_inclusive('\n')
+            .take_while(|l| l.trim_end() != ADDED_COMMENT)
+            .collect();
+        assert!(stripped.contains("defaults,ro 0 1"), "{stripped}");
+        for mode in [RootMode::Rw, RootMode::Volatile] {
+            let c = complete_for(&stripped, UUID, "v2", mode);
+            assert!(c.content.starts_with(vendor), "{mode}: {}", c.content);
+            assert!(!c.content.contains("`ro` added"), "{}", c.content);
+        }
+        // A missing options field comes back as `defaults`.
+        let bare = complete_for("/dev/root / btrfs\n", UUID, "v1", RootMode::Ro).content;
+        assert!(bare.starts_with("# btrfs-deploy: `ro` added"), "{bare}");
+        let back = complete_for(&bare, UUID, "v1", RootMode::Rw).content;
+        assert!(back.starts_with("/dev/root / btrfs defaults\n"), "{back}");
+        // A comment not followed by a / entry is kept as it is.
+        let lone = "# btrfs-deploy: `ro` added to the next line for root mode ro (was `rw`)\n\
+                    tmpfs /tmp tmpfs defaults 0 0\n";
+        assert!(complete_for(lone, UUID, "v1", RootMode::Rw)
+            .content
+            .contains(lone));
     }
 }
