@@ -285,6 +285,29 @@ fn check_names_each_broken_root_mode_invariant() {
     run_ok(&["cleanup", imgs]);
     run_ok(&["check", imgs]);
 
+    // The same on the EFI system partition (partition 1 at 1 MiB) of this
+    // hybrid disk.
+    let esp = format!("{imgs}@@{}", 1 << 20);
+    let entry = sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mtype -i {esp} ::/loader/entries/factory.conf"
+    ));
+    assert!(entry.contains("/run ro "), "{entry}");
+    let edited = tmp.path().join("factory.conf");
+    write(&edited, entry.replace("/run ro ", "/run rw ").as_bytes());
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mcopy -o -i {esp} {} ::/loader/entries/factory.conf",
+        edited.display()
+    ));
+    assert_check_names(
+        imgs,
+        &[
+            "the EFI system partition's entry for factory lacks `ro`",
+            "deploy cleanup",
+        ],
+    );
+    run_ok(&["cleanup", imgs]);
+    run_ok(&["check", imgs]);
+
     // A volatile version without its script.
     run_ok(&[
         "--rootfs",

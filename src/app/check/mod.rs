@@ -38,7 +38,7 @@ use boot_partition::{check_esp, check_uboot};
 use bootloader::check_bootloader;
 use btrfs_check::btrfs_check;
 pub use report::{Finding, Report, Status};
-use root_mode::check_root_modes;
+use root_mode::{check_root_modes, PartitionMenu};
 use state::check_state;
 use systems::{check_default, scan_systems};
 use version::{check_version, VersionInfo};
@@ -188,7 +188,6 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
     out.insert(0, check_default(top, &versions));
     out.insert(0, Finding::ok("disk", disk.disk_layout.boot.describe()));
     out.push(check_state(&versions, &state_subvols));
-    out.extend(check_root_modes(top, &versions, &fs_uuid));
     if top.state().join(crate::tree::statemerge::JOURNAL).exists() {
         out.push(Finding::warning(
             "state merge",
@@ -202,12 +201,22 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
         &fs_uuid,
         disk.disk_layout.boot.bios(),
     ));
+    // The kernel arguments of the boot partition's entries, for the root modes.
+    let mut partition_args = None;
     if let Some(esp) = disk.disk_layout.esp {
-        if disk.disk_layout.boot.uboot() {
-            out.push(check_uboot(disk, esp, &versions));
+        let (finding, args) = if disk.disk_layout.boot.uboot() {
+            (check_uboot(disk, esp, &versions), PartitionMenu::UBoot)
         } else {
-            out.push(check_esp(disk, esp, &versions));
-        }
+            (check_esp(disk, esp, &versions), PartitionMenu::Esp)
+        };
+        out.push(finding.0);
+        partition_args = Some((args, finding.1));
     }
+    out.extend(check_root_modes(
+        top,
+        &versions,
+        &fs_uuid,
+        partition_args.as_ref().map(|(m, a)| (*m, a.as_slice())),
+    ));
     Ok(out)
 }

@@ -23,6 +23,15 @@ pub(super) enum Script {
     Executable,
 }
 
+/// Which menu of the boot partition the entries' arguments come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PartitionMenu {
+    /// systemd-boot's entries on the EFI system partition.
+    Esp,
+    /// U-Boot's menu on the boot partition.
+    UBoot,
+}
+
 /// What the root mode of one version is checked against.
 #[derive(Debug, Clone)]
 pub(super) struct Facts<'a> {
@@ -30,8 +39,10 @@ pub(super) struct Facts<'a> {
     pub(super) label: &'a str,
     /// Its recorded root mode.
     pub(super) mode: RootMode,
-    /// Its boot entries: (menu label, kernel arguments), e.g. its own
-    /// `label <L>` and, while it is the default, `label default`.
+    /// Its boot entries: (what the entry is, for the messages, e.g.
+    /// "boot entry `label v1`"; its kernel arguments): its own `label <L>`
+    /// and, while it is the default, `label default` of extlinux.conf, and
+    /// its entry on the boot partition.
     pub(super) entries: Vec<(String, String)>,
     /// Its `run/etc/fstab` (None: unreadable, reported by the fstab check).
     pub(super) fstab: Option<&'a str>,
@@ -44,10 +55,13 @@ pub(super) struct Facts<'a> {
 }
 
 /// The root-mode finding of every version that has a record.
+/// `partition`: the (label, kernel arguments) of the boot partition's
+/// entries, when the disk has one.
 pub(super) fn check_root_modes(
     top: &Layout,
     versions: &[VersionInfo],
     fs_uuid: &str,
+    partition: Option<(PartitionMenu, &[(String, String)])>,
 ) -> Vec<Finding> {
     // The menu every backend is written from (its absence is the bootloader
     // check's problem).
@@ -64,14 +78,32 @@ pub(super) fn check_root_modes(
             .ok()
             .flatten();
         let fstab_text = fstab_bytes.map(|b| String::from_utf8_lossy(&b).into_owned());
-        let own: Vec<(String, String)> = entries
+        let mut own: Vec<(String, String)> = entries
             .iter()
             .filter(|e| {
                 e.label == v.label
                     || (e.label == layout::DEFAULT_LINK && default.as_deref() == Some(&v.label))
             })
-            .map(|e| (e.label.clone(), e.append.clone().unwrap_or_default()))
+            .map(|e| {
+                (
+                    format!("boot entry `label {}`", e.label),
+                    e.append.clone().unwrap_or_default(),
+                )
+            })
             .collect();
+        if let Some((menu, args)) = partition {
+            let what = match menu {
+                PartitionMenu::Esp => format!("the EFI system partition's entry for {}", v.label),
+                PartitionMenu::UBoot => {
+                    format!("the U-Boot menu's entry `label {}`", v.label)
+                }
+            };
+            own.extend(
+                args.iter()
+                    .filter(|(l, _)| *l == v.label)
+                    .map(|(_, a)| (what.clone(), a.clone())),
+            );
+        }
         let etc = run.join("etc");
         let facts = Facts {
             label: &v.label,
@@ -127,32 +159,32 @@ pub(super) fn root_mode_problems(f: &Facts) -> Vec<String> {
         if mode.kernel_ro() {
             if !has("ro") {
                 out.push(format!(
-                    "boot entry `label {entry}` lacks `ro`, so the kernel mounts / read-write \
+                    "{entry} lacks `ro`, so the kernel mounts / read-write \
                      (root mode {mode}): {menu_fix}"
                 ));
             }
             if has("rw") {
                 out.push(format!(
-                    "boot entry `label {entry}` has `rw`, so / is mounted read-write \
+                    "{entry} has `rw`, so / is mounted read-write \
                      (root mode {mode}): {menu_fix}"
                 ));
             }
         } else if has("ro") {
             out.push(format!(
-                "boot entry `label {entry}` has `ro`, but {l} is root mode rw: {menu_fix}"
+                "{entry} has `ro`, but {l} is root mode rw: {menu_fix}"
             ));
         }
         if mode == RootMode::Volatile {
             for a in [init_arg.as_str(), VOLATILE_ARG] {
                 if !has(a) {
                     out.push(format!(
-                        "boot entry `label {entry}` lacks {a} (root mode volatile): {menu_fix}"
+                        "{entry} lacks {a} (root mode volatile): {menu_fix}"
                     ));
                 }
             }
         } else if has(VOLATILE_ARG) || has(&init_arg) {
             out.push(format!(
-                "boot entry `label {entry}` starts the volatile overlay, but {l} is root mode \
+                "{entry} starts the volatile overlay, but {l} is root mode \
                  {mode}: {menu_fix}"
             ));
         }
@@ -272,7 +304,10 @@ mod tests {
         Facts {
             label: "v1",
             mode,
-            entries: vec![entry("v1", mode), entry("default", mode)],
+            entries: vec![
+                entry("boot entry `label v1`", mode),
+                entry("boot entry `label default`", mode),
+            ],
             fstab: Some(fstab_text),
             etc_subvolume: mode == RootMode::Ro,
             script: if mode == RootMode::Volatile {
