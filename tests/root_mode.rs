@@ -175,3 +175,366 @@ fn volatile_root_forgets_writes_outside_state_at_each_boot() {
     assert!(!m.path("systems/factory/run/rootfile").exists());
     assert!(!m.path("systems/factory/run/etc/count").exists());
 }
+
+/// `deploy check` exits 3 naming the broken invariant of a version's root
+/// mode.
+fn assert_check_names(img: &str, needles: &[&str]) {
+    let out = run(&["check", img]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("PROBLEM") && l.contains(": root mode:"))
+        .unwrap_or_else(|| panic!("no root mode problem:\n{text}"));
+    for n in needles {
+        assert!(line.contains(n), "{n:?} not in `{line}`");
+    }
+}
+
+/// Replaces `from` by `to` in the file `rel` of the image (mounted read-write).
+fn edit_file(img: &Path, rel: &str, from: &str, to: &str) {
+    let e = Edit::open(img);
+    let p = e.path(rel);
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.contains(from), "{rel} lacks {from:?}:\n{text}");
+    std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn check_names_each_broken_root_mode_invariant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    copy_tree(&tiny_rootfs(), &tree);
+    let img = tmp.path().join("ro.img");
+    let imgs = img.to_str().unwrap();
+    let trees = tree.to_str().unwrap();
+    run_ok(&["--rootfs", trees, "--root-mode", "ro", imgs]);
+    let out = run_ok(&["check", imgs]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("ok      version factory: root mode: ro: / read-only"),
+        "{text}"
+    );
+    let fstab = "systems/factory/run/etc/fstab";
+
+    // The fstab / line made rw.
+    edit_file(
+        &img,
+        fstab,
+        " / btrfs defaults,ro,noatime",
+        " / btrfs defaults,rw,noatime",
+    );
+    assert_check_names(
+        imgs,
+        &[
+            "version factory",
+            "the / line",
+            "defaults,rw,noatime",
+            "`ro`",
+        ],
+    );
+    edit_file(
+        &img,
+        fstab,
+        " / btrfs defaults,rw,noatime",
+        " / btrfs defaults,ro,noatime",
+    );
+    run_ok(&["check", imgs]);
+
+    // The /etc line gone.
+    edit_file(&img, fstab, " /etc btrfs", " /etc-gone btrfs");
+    assert_check_names(imgs, &["no /etc line", "subvol=/systems/factory/run/etc"]);
+    edit_file(&img, fstab, " /etc-gone btrfs", " /etc btrfs");
+
+    // A /state line made ro.
+    edit_file(
+        &img,
+        fstab,
+        "subvol=/state/var,defaults,rw",
+        "subvol=/state/var,defaults,ro",
+    );
+    assert_check_names(imgs, &["the /var line", "/state"]);
+    edit_file(
+        &img,
+        fstab,
+        "subvol=/state/var,defaults,ro",
+        "subvol=/state/var,defaults,rw",
+    );
+    run_ok(&["check", imgs]);
+
+    // `ro` gone from the version's boot entry, then `deploy cleanup`, which
+    // the finding names as the fix, rewrites it.
+    edit_file(
+        &img,
+        "extlinux/extlinux.conf",
+        "rootflags=subvol=systems/factory/run ro ",
+        "rootflags=subvol=systems/factory/run ",
+    );
+    assert_check_names(imgs, &["`label factory` lacks `ro`", "deploy cleanup"]);
+    run_ok(&["cleanup", imgs]);
+    run_ok(&["check", imgs]);
+    // Also the default entry (the default version's own file).
+    edit_file(
+        &img,
+        "systems/factory/default-entry.conf",
+        "/run ro ",
+        "/run rw ",
+    );
+    assert_check_names(imgs, &["`label default` lacks `ro`", "has `rw`"]);
+    run_ok(&["cleanup", imgs]);
+    run_ok(&["check", imgs]);
+
+    // The same on the EFI system partition (partition 1 at 1 MiB) of this
+    // hybrid disk.
+    let esp = format!("{imgs}@@{}", 1 << 20);
+    let entry = sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mtype -i {esp} ::/loader/entries/factory.conf"
+    ));
+    assert!(entry.contains("/run ro "), "{entry}");
+    let edited = tmp.path().join("factory.conf");
+    write(&edited, entry.replace("/run ro ", "/run rw ").as_bytes());
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mcopy -o -i {esp} {} ::/loader/entries/factory.conf",
+        edited.display()
+    ));
+    assert_check_names(
+        imgs,
+        &[
+            "the EFI system partition's entry for factory lacks `ro`",
+            "deploy cleanup",
+        ],
+    );
+    run_ok(&["cleanup", imgs]);
+    run_ok(&["check", imgs]);
+
+    // A volatile version without its script.
+    run_ok(&[
+        "--rootfs",
+        trees,
+        "--version",
+        "v2",
+        "--root-mode",
+        "volatile",
+        imgs,
+    ]);
+    run_ok(&["check", imgs]);
+    {
+        let e = Edit::open(&img);
+        std::fs::remove_file(e.path("systems/v2/run/usr/lib/btrfs-deploy/volatile-root")).unwrap();
+    }
+    assert_check_names(
+        imgs,
+        &[
+            "version v2",
+            "volatile-root is missing",
+            "--root-mode volatile",
+        ],
+    );
+}
+
+#[test]
+fn ro_makes_the_rootfs_own_root_entry_read_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    copy_tree(&tiny_rootfs(), &tree);
+    write(
+        &tree.join("etc/fstab"),
+        b"# vendor\n/dev/root / btrfs defaults,rw,noatime 0 1\n",
+    );
+    let img = tmp.path().join("ro.img");
+    let imgs = img.to_str().unwrap();
+    let out = run_ok(&[
+        "--rootfs",
+        tree.to_str().unwrap(),
+        "--root-mode",
+        "ro",
+        imgs,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("etc/fstab line 2) made read-only"),
+        "{stderr}"
+    );
+    let fstab = "systems/factory/run/etc/fstab";
+    {
+        let m = Inspect::open(&img);
+        let text = std::fs::read_to_string(m.path(fstab)).unwrap();
+        assert!(
+            text.contains(
+                "(was `defaults,rw,noatime`)\n/dev/root / btrfs defaults,noatime,ro 0 1\n"
+            ),
+            "{text}"
+        );
+        // The rootfs itself is left as it was.
+        let orig = std::fs::read_to_string(tree.join("etc/fstab")).unwrap();
+        assert!(orig.contains("defaults,rw,noatime"), "{orig}");
+    }
+    // (A warning: /dev/root is not this disk's UUID, as at deploy.)
+    run_ok(&["check", imgs]);
+    edit_file(
+        &img,
+        fstab,
+        "defaults,noatime,ro 0 1",
+        "defaults,noatime 0 1",
+    );
+    assert_check_names(imgs, &["the / line", "line 3, options `defaults,noatime`"]);
+    edit_file(
+        &img,
+        fstab,
+        "defaults,noatime 0 1",
+        "defaults,noatime,ro 0 1",
+    );
+
+    // A bundle of such a version (v2, ro too) applied as rw on another disk
+    // gives the line its options back.
+    let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    run_ok(&[
+        "--rootfs",
+        tree.to_str().unwrap(),
+        "--version",
+        "v2",
+        "--root-mode",
+        "ro",
+        imgs,
+    ]);
+    run_ok(&["keygen", "--output", &p("vendor")]);
+    run_ok(&[
+        "bundle",
+        "create",
+        imgs,
+        "--version",
+        "v2",
+        "--sign-key",
+        &p("vendor.key"),
+        "--output",
+        &p("v2.bundle"),
+    ]);
+    let other = p("other.img");
+    run_ok(&["--rootfs", &p("tree"), &other]);
+    run_ok(&[
+        "--rootfs",
+        &p("v2.bundle"),
+        "--verify-key",
+        &p("vendor.pub"),
+        &other,
+    ]);
+    run_ok(&["check", &other]);
+    let m = Inspect::open(Path::new(&other));
+    let text = std::fs::read_to_string(m.path("systems/v2/run/etc/fstab")).unwrap();
+    assert!(
+        text.starts_with("# vendor\n/dev/root / btrfs defaults,rw,noatime 0 1\n"),
+        "{text}"
+    );
+    assert!(!text.contains("`ro` added"), "{text}");
+}
+
+/// The `label default` entry of an image (the default version's own file).
+fn default_entry(img: &Path) -> String {
+    let m = Inspect::open(img);
+    std::fs::read_to_string(m.path("systems/default/default-entry.conf")).unwrap()
+}
+
+#[test]
+fn bundles_and_set_default_keep_ro_versions_ro() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let tree = d.join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    copy_tree(&tiny_rootfs(), &tree);
+    // The build machine: factory, then v2, both ro.
+    run_ok(&["--rootfs", &p("tree"), "--root-mode", "ro", &p("build.img")]);
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        p("build.img"),
+        p("device.img")
+    ));
+    write(&tree.join("etc/issue"), b"v2\n");
+    run_ok(&[
+        "--rootfs",
+        &p("tree"),
+        "--version",
+        "v2",
+        "--root-mode",
+        "ro",
+        &p("build.img"),
+    ]);
+    run_ok(&["keygen", "--output", &p("vendor")]);
+    run_ok(&[
+        "bundle",
+        "create",
+        &p("build.img"),
+        "--version",
+        "v2",
+        "--base",
+        "factory",
+        "--sign-key",
+        &p("vendor.key"),
+        "--output",
+        &p("v2.bundle"),
+    ]);
+    // The device: the bundle applied as an ro version.
+    let dev = p("device.img");
+    let img = Path::new(&dev);
+    run_ok(&[
+        "--rootfs",
+        &p("v2.bundle"),
+        "--verify-key",
+        &p("vendor.pub"),
+        "--root-mode",
+        "ro",
+        &dev,
+    ]);
+    let out = run_ok(&["check", &dev]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("ok      version v2: root mode: ro"), "{text}");
+    let uuid = fs_uuid(img);
+    {
+        let m = Inspect::open(img);
+        let rec = std::fs::read_to_string(m.path("systems/v2/deployment.json")).unwrap();
+        assert!(rec.contains("\"root_mode\": \"ro\""), "{rec}");
+        let fstab = std::fs::read_to_string(m.path("systems/v2/run/etc/fstab")).unwrap();
+        assert!(
+            fstab.contains(&format!("UUID={uuid} / btrfs defaults,ro,noatime 0 1")),
+            "{fstab}"
+        );
+        assert!(
+            fstab.contains(&format!(
+                "UUID={uuid} /etc btrfs subvol=/systems/v2/run/etc,defaults,rw,noatime 0 0"
+            )),
+            "{fstab}"
+        );
+        // The build machine's additions were stripped: added once, here.
+        assert_eq!(
+            fstab.matches("# Added by btrfs-deploy").count(),
+            1,
+            "{fstab}"
+        );
+        assert_eq!(fstab.matches(" / btrfs").count(), 1, "{fstab}");
+        assert_eq!(
+            std::fs::read_to_string(m.path("systems/v2/run/etc/issue")).unwrap(),
+            "v2\n"
+        );
+    }
+    assert!(default_entry(img).contains("systems/default/run ro "));
+
+    // set-default back and forth: still ro, and check passes.
+    for label in ["factory", "v2"] {
+        run_ok(&["set-default", label, &dev]);
+        let e = default_entry(img);
+        assert!(e.contains(&format!("the default is {label}.")), "{e}");
+        assert!(e.contains("systems/default/run ro "), "{e}");
+        let out = run_ok(&["check", &dev]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for l in ["factory", "v2"] {
+            assert!(
+                text.contains(&format!("ok      version {l}: root mode: ro")),
+                "{text}"
+            );
+        }
+    }
+    let list = String::from_utf8_lossy(&run_ok(&["list", &dev]).stdout).into_owned();
+    assert_eq!(list.matches(" ro ").count(), 2, "{list}");
+}

@@ -787,6 +787,8 @@ pub struct PartState {
     pub complete: Vec<String>,
     /// Problems found.
     pub problems: Vec<String>,
+    /// Kernel arguments (`append`) of each entry of the menu: (label, arguments).
+    pub args: Vec<(String, String)>,
 }
 
 /// Reads the boot partition of `disk` at `part` for `check`.
@@ -824,6 +826,12 @@ pub fn inspect(disk: &Path, part: (u64, u64)) -> Result<PartState> {
             (Some("label"), Some(l)) => {
                 finish(label.take(), &mut st);
                 label = Some((l.to_string(), true));
+            }
+            (Some("append"), Some(_)) => {
+                if let Some((l, _)) = &label {
+                    let rest = line.trim_start().trim_start_matches("append").trim();
+                    st.args.push((l.clone(), rest.to_string()));
+                }
             }
             (Some("kernel" | "initrd" | "fdt" | "fdtdir"), Some(path)) => {
                 let rel = path.trim_start_matches('/');

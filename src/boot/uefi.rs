@@ -616,6 +616,8 @@ pub struct EspState {
     /// Whether systemd-boot or `loader.conf` is missing (a problem only
     /// once a version has a kernel: `--no-bootloader` disks have neither).
     pub loader_missing: bool,
+    /// Kernel arguments (`options`) of each version's entry: (label, arguments).
+    pub args: Vec<(String, String)>,
 }
 
 /// Reads the ESP of `disk` at `esp` for `check`.
@@ -661,6 +663,9 @@ pub fn inspect(disk: &Path, esp: (u64, u64)) -> Result<EspState> {
             .unwrap_or_default();
         let mut ok = true;
         for line in text.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix("options ") {
+                st.args.push((label.to_string(), rest.trim().to_string()));
+            }
             let mut w = line.split_whitespace();
             if let (Some("linux" | "initrd"), Some(path)) = (w.next(), w.next()) {
                 if fat.file_len(path.trim_start_matches('/'))?.is_none() {

@@ -1,6 +1,7 @@
 //! Completing a version's `etc/fstab` (design §1, "fstab completion").
 //!
-//! Existing lines are kept byte for byte and always win. Missing entries for
+//! Existing lines are kept byte for byte and always win (except that root
+//! mode `ro` makes a kept `/` entry read-only, see [`complete_for`]). Missing entries for
 //! `/` and for the state directories are appended after one comment line, so
 //! completing twice adds nothing the second time.
 
@@ -42,7 +43,15 @@ pub struct Completion {
     /// Kept entries that are probably wrong on this disk (a `/` entry naming
     /// another device), each naming the line, the risk and the fix.
     pub warnings: Vec<String>,
+    /// Line numbers (1-based, in the original content) of kept `/` entries
+    /// whose options were made read-only (root mode `ro`): `ro` added,
+    /// `rw` removed, each after one [`RO_COMMENT`] line.
+    pub made_ro: Vec<usize>,
 }
+
+/// The comment line written before a kept `/` entry made read-only.
+pub const RO_COMMENT: &str =
+    "# btrfs-deploy: `ro` added to the next line for root mode ro (was `{}`)";
 
 /// The mount points of the entries in `content`, decoded (`\040` is a space)
 /// and normalised (`/home/` and `//home` are `/home`), in file order without
@@ -58,6 +67,41 @@ pub fn mount_points(content: &str) -> Vec<String> {
         }
     }
     points
+}
+
+/// One entry of an fstab, as `deploy check` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// 1-based line number.
+    pub number: usize,
+    /// First field (`UUID=...`, a device).
+    pub spec: String,
+    /// Mount point, decoded and normalised.
+    pub point: String,
+    /// Mount options, split at commas (empty when the field is missing).
+    pub options: Vec<String>,
+}
+
+/// The entries of `content` that mount something on an absolute path
+/// (as [`mount_points`] counts them), in file order.
+pub fn lines(content: &str) -> Vec<Line> {
+    content
+        .lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let point = entry_mount_point(line)?;
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some(Line {
+                number: i + 1,
+                spec: fields[0].to_string(),
+                point,
+                options: fields
+                    .get(3)
+                    .map(|o| o.split(',').map(str::to_string).collect())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 /// The normalised mount point of one fstab line, if it is an entry that
@@ -131,7 +175,38 @@ pub fn complete(content: &str, fs_uuid: &str) -> Completion {
 /// entry is `ro` for `ro` (`/` stays read-only; `rw` under `volatile`,
 /// whose `/` is the writable overlay), and `ro` adds `/etc` on the
 /// version's own subvolume `systems/<label>/run/etc`, read-write.
+///
+/// Under `ro`, a kept `/` entry (the rootfs's own) gets `ro` in its options
+/// and loses `rw` (see [`root_line_ro`]), or the boot (systemd-remount-fs,
+/// `mount -o remount /`) would make `/` writable again; the rest of the
+/// line is kept. (Under `volatile` the `/` of fstab is the overlay, which is
+/// meant to be writable: kept entries stay as they are.) Under `rw` and
+/// `volatile`, an entry made read-only so before (a bundle of an `ro`
+/// version) gets its old options back.
 pub fn complete_for(content: &str, fs_uuid: &str, label: &str, mode: RootMode) -> Completion {
+    let mut made_ro = Vec::new();
+    let rewritten;
+    let content = if mode == RootMode::Ro {
+        let mut out = String::with_capacity(content.len() + 100);
+        for (i, line) in content.split_inclusive('\n').enumerate() {
+            let body = line.trim_end_matches('\n');
+            match (entry_mount_point(body).as_deref(), root_line_ro(body)) {
+                (Some("/"), Some((new, old_options))) => {
+                    made_ro.push(i + 1);
+                    out.push_str(&RO_COMMENT.replace("{}", &old_options));
+                    out.push('\n');
+                    out.push_str(&new);
+                    out.push_str(&line[body.len()..]);
+                }
+                _ => out.push_str(line),
+            }
+        }
+        rewritten = out;
+        rewritten.as_str()
+    } else {
+        rewritten = undo_ro(content);
+        rewritten.as_str()
+    };
     let existing = mount_points(content);
     let mounted = |point: &str| existing.iter().any(|p| p == point);
     let mut added = Vec::new();
@@ -167,7 +242,89 @@ pub fn complete_for(content: &str, fs_uuid: &str, label: &str, mode: RootMode) -
         added,
         kept_state_dirs,
         warnings: root_entry_warnings(content, fs_uuid),
+        made_ro,
     }
+}
+
+/// An fstab entry line with `ro` in its options and no `rw` (each `rw`
+/// removed, `ro` appended: `defaults,rw,noatime` becomes
+/// `defaults,noatime,ro`; a missing options field becomes `defaults,ro`),
+/// and its old options; None when it already has `ro` and no `rw`. Every
+/// other byte of the line is kept.
+pub fn root_line_ro(line: &str) -> Option<(String, String)> {
+    let fields = field_spans(line);
+    if fields.len() < 3 {
+        return None;
+    }
+    let Some(&(a, b)) = fields.get(3) else {
+        return Some((format!("{} defaults,ro", line.trim_end()), String::new()));
+    };
+    let old = &line[a..b];
+    let opts: Vec<&str> = old.split(',').collect();
+    if opts.contains(&"ro") && !opts.contains(&"rw") {
+        return None;
+    }
+    let mut new: Vec<&str> = opts
+        .into_iter()
+        .filter(|o| *o != "rw" && *o != "ro" && !o.is_empty())
+        .collect();
+    new.push("ro");
+    Some((
+        format!("{}{}{}", &line[..a], new.join(","), &line[b..]),
+        old.to_string(),
+    ))
+}
+
+/// Byte ranges of the whitespace-separated fields of `line`.
+fn field_spans(line: &str) -> Vec<(usize, usize)> {
+    let mut fields = Vec::new();
+    let mut start = None;
+    for (i, c) in line.char_indices() {
+        match (c.is_whitespace(), start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                fields.push((s, i));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        fields.push((s, line.len()));
+    }
+    fields
+}
+
+/// The old options an [`RO_COMMENT`] line names.
+fn ro_comment_options(line: &str) -> Option<&str> {
+    let (head, tail) = RO_COMMENT.split_once("{}")?;
+    line.trim_end().strip_prefix(head)?.strip_suffix(tail)
+}
+
+/// `content` with each `/` entry that an earlier `ro` completion made
+/// read-only (an [`RO_COMMENT`] line before it, as a bundle of an `ro`
+/// version brings) given back its old options, and the comment dropped.
+fn undo_ro(content: &str) -> String {
+    let mut out = String::with_capacity(content.len());
+    let mut lines = content.split_inclusive('\n').peekable();
+    while let Some(line) = lines.next() {
+        let next = lines.peek().map(|l| l.trim_end_matches('\n'));
+        let (Some(old), Some(entry)) = (ro_comment_options(line), next) else {
+            out.push_str(line);
+            continue;
+        };
+        let spans = field_spans(entry);
+        if entry_mount_point(entry).as_deref() != Some("/") || spans.len() < 4 {
+            out.push_str(line);
+            continue;
+        }
+        let (a, b) = spans[3];
+        let old = if old.is_empty() { "defaults" } else { old };
+        let next = lines.next().unwrap_or_default();
+        out.push_str(&format!("{}{old}{}", &entry[..a], &entry[b..]));
+        out.push_str(&next[entry.len()..]);
+    }
+    out
 }
 
 /// True when mount point `child` is strictly below `parent` (both normalised).
@@ -310,8 +467,9 @@ pub fn complete_file_for(
             complete_symlink(tree, &fstab, fs_uuid, label, mode)
         }
         Some(m) if m.is_file() => {
-            let completion = complete_for(&read_text(&fstab)?, fs_uuid, label, mode);
-            if !completion.added.is_empty() {
+            let text = read_text(&fstab)?;
+            let completion = complete_for(&text, fs_uuid, label, mode);
+            if completion.content != text {
                 rewrite(&fstab, &completion.content)?;
             }
             Ok(completion)
@@ -366,8 +524,9 @@ fn complete_symlink(
             tree.display()
         );
     };
-    let completion = complete_for(&read_text(&resolved)?, fs_uuid, label, mode);
-    if !completion.added.is_empty() {
+    let text = read_text(&resolved)?;
+    let completion = complete_for(&text, fs_uuid, label, mode);
+    if completion.content != text {
         fs::remove_file(link).with_context(|| format!("removing link {}", link.display()))?;
         write_new(link, &completion.content)?;
     }
@@ -827,5 +986,102 @@ mod tests {
         symlink("/nonexistent-dir", t.path().join("etc")).unwrap();
         let err = format!("{:#}", complete_file(t.path(), UUID).unwrap_err());
         assert!(err.contains("leads nowhere"), "{err}");
+    }
+
+    #[test]
+    fn ro_makes_a_kept_root_entry_read_only() {
+        let vendor = "# vendor\nLABEL=root\t/   ext4  defaults,rw,errors=remount-ro  0 1\n\
+                      tmpfs /tmp tmpfs defaults 0 0\n";
+        let c = complete_for(vendor, UUID, "v1", RootMode::Ro);
+        assert_eq!(c.made_ro, vec![2]);
+        assert!(!c.added.contains(&"/".to_string()), "{:?}", c.added);
+        assert!(
+            c.content.contains(
+                "# btrfs-deploy: `ro` added to the next line for root mode ro \
+                 (was `defaults,rw,errors=remount-ro`)\n\
+                 LABEL=root\t/   ext4  defaults,errors=remount-ro,ro  0 1\n"
+            ),
+            "{}",
+            c.content
+        );
+        assert!(c.content.contains("tmpfs /tmp tmpfs defaults 0 0\n"));
+        // Completing again changes nothing.
+        let again = complete_for(&c.content, UUID, "v1", RootMode::Ro);
+        assert_eq!(again.content, c.content);
+        assert!(again.made_ro.is_empty() && again.added.is_empty());
+        // rw and volatile keep the line as it is.
+        for mode in [RootMode::Rw, RootMode::Volatile] {
+            let c = complete_for(vendor, UUID, "v1", mode);
+            assert!(c.made_ro.is_empty());
+            assert!(c.content.starts_with(vendor), "{}", c.content);
+        }
+    }
+
+    #[test]
+    fn root_line_ro_edits_only_the_options() {
+        assert_eq!(root_line_ro("UUID=x / btrfs defaults,ro,noatime 0 1"), None);
+        assert_eq!(
+            root_line_ro("UUID=x / btrfs defaults 0 1").unwrap().0,
+            "UUID=x / btrfs defaults,ro 0 1"
+        );
+        assert_eq!(
+            root_line_ro("  /dev/sda1  /  btrfs  rw,ro,rw\t0 0").unwrap(),
+            (
+                "  /dev/sda1  /  btrfs  ro\t0 0".to_string(),
+                "rw,ro,rw".to_string()
+            )
+        );
+        assert_eq!(
+            root_line_ro("/dev/sda1 / btrfs").unwrap().0,
+            "/dev/sda1 / btrfs defaults,ro"
+        );
+    }
+
+    #[test]
+    fn ro_rewrites_a_kept_root_entry_in_the_file() {
+        let t = tree();
+        fs::create_dir(t.path().join("etc")).unwrap();
+        let vendor = format!("UUID={UUID} / btrfs defaults 0 1\n");
+        fs::write(t.path().join("etc/fstab"), &vendor).unwrap();
+        let c = complete_file_for(t.path(), UUID, "v1", RootMode::Ro).unwrap();
+        assert_eq!(c.made_ro, vec![1]);
+        let text = fs::read_to_string(t.path().join("etc/fstab")).unwrap();
+        assert!(
+            text.contains(&format!("\nUUID={UUID} / btrfs defaults,ro 0 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(" /etc btrfs subvol=/systems/v1/run/etc,"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rw_and_volatile_undo_an_earlier_ro() {
+        let vendor = "# vendor\n/dev/root / btrfs defaults,rw 0 1\n";
+        let ro = complete_for(vendor, UUID, "v1", RootMode::Ro);
+        // What a bundle of that ro version brings: its added lines stripped.
+        let stripped: String = ro
+            .content
+            .split_inclusive('\n')
+            .take_while(|l| l.trim_end() != ADDED_COMMENT)
+            .collect();
+        assert!(stripped.contains("defaults,ro 0 1"), "{stripped}");
+        for mode in [RootMode::Rw, RootMode::Volatile] {
+            let c = complete_for(&stripped, UUID, "v2", mode);
+            assert!(c.content.starts_with(vendor), "{mode}: {}", c.content);
+            assert!(!c.content.contains("`ro` added"), "{}", c.content);
+        }
+        // A missing options field comes back as `defaults`.
+        let bare = complete_for("/dev/root / btrfs\n", UUID, "v1", RootMode::Ro).content;
+        assert!(bare.starts_with("# btrfs-deploy: `ro` added"), "{bare}");
+        let back = complete_for(&bare, UUID, "v1", RootMode::Rw).content;
+        assert!(back.starts_with("/dev/root / btrfs defaults\n"), "{back}");
+        // A comment not followed by a / entry is kept as it is.
+        let lone = "# btrfs-deploy: `ro` added to the next line for root mode ro (was `rw`)\n\
+                    tmpfs /tmp tmpfs defaults 0 0\n";
+        assert!(complete_for(lone, UUID, "v1", RootMode::Rw)
+            .content
+            .contains(lone));
     }
 }

@@ -7,10 +7,15 @@ use crate::disk::open::Disk;
 
 /// The EFI system partition: systemd-boot present, one complete entry per
 /// version with a kernel, `loader.conf` naming the default, nothing else.
-pub(super) fn check_esp(disk: &Disk, esp: (u64, u64), versions: &[VersionInfo]) -> Finding {
+/// Also returns each entry's kernel arguments (for the root modes).
+pub(super) fn check_esp(
+    disk: &Disk,
+    esp: (u64, u64),
+    versions: &[VersionInfo],
+) -> (Finding, Vec<(String, String)>) {
     let st = match crate::boot::uefi::inspect(&disk.target, esp) {
         Ok(st) => st,
-        Err(e) => return Finding::problem("esp", format!("{e:#}")),
+        Err(e) => return (Finding::problem("esp", format!("{e:#}")), Vec::new()),
     };
     let with_kernel: Vec<&str> = versions
         .iter()
@@ -50,7 +55,7 @@ pub(super) fn check_esp(disk: &Disk, esp: (u64, u64), versions: &[VersionInfo]) 
             ));
         }
     }
-    Finding::from_problems(
+    let finding = Finding::from_problems(
         "esp",
         problems,
         format!(
@@ -59,15 +64,26 @@ pub(super) fn check_esp(disk: &Disk, esp: (u64, u64), versions: &[VersionInfo]) 
             if st.complete.len() == 1 { "y" } else { "ies" },
             st.default.as_deref().unwrap_or("-")
         ),
-    )
+    );
+    (finding, st.args)
 }
 
 /// U-Boot's boot partition: `extlinux.conf` naming a menu, one complete
 /// entry per version with a kernel, the default the same as `systems/default`.
-pub(super) fn check_uboot(disk: &Disk, part: (u64, u64), versions: &[VersionInfo]) -> Finding {
+/// Also returns each entry's kernel arguments (for the root modes).
+pub(super) fn check_uboot(
+    disk: &Disk,
+    part: (u64, u64),
+    versions: &[VersionInfo],
+) -> (Finding, Vec<(String, String)>) {
     let st = match crate::boot::uboot::inspect(&disk.target, part) {
         Ok(st) => st,
-        Err(e) => return Finding::problem("boot partition", format!("{e:#}")),
+        Err(e) => {
+            return (
+                Finding::problem("boot partition", format!("{e:#}")),
+                Vec::new(),
+            )
+        }
     };
     let mut problems = st.problems.clone();
     let with_kernel: Vec<&str> = versions
@@ -99,7 +115,7 @@ pub(super) fn check_uboot(disk: &Disk, part: (u64, u64), versions: &[VersionInfo
             ));
         }
     }
-    Finding::from_problems(
+    let finding = Finding::from_problems(
         "boot partition",
         problems,
         format!(
@@ -108,5 +124,6 @@ pub(super) fn check_uboot(disk: &Disk, part: (u64, u64), versions: &[VersionInfo
             if st.complete.len() == 1 { "y" } else { "ies" },
             st.default.as_deref().unwrap_or("-")
         ),
-    )
+    );
+    (finding, st.args)
 }

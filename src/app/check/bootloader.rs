@@ -83,13 +83,13 @@ pub(super) fn check_bootloader(
 
 /// One `label` block of an extlinux.conf.
 #[derive(Debug, Default, Clone)]
-struct BootEntry {
-    label: String,
-    kernel: Option<String>,
-    append: Option<String>,
+pub(super) struct BootEntry {
+    pub(super) label: String,
+    pub(super) kernel: Option<String>,
+    pub(super) append: Option<String>,
 }
 
-fn parse_entries(conf: &str) -> Vec<BootEntry> {
+pub(super) fn parse_entries(conf: &str) -> Vec<BootEntry> {
     let mut entries: Vec<BootEntry> = Vec::new();
     for line in conf.lines() {
         let line = line.trim();

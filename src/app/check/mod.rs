@@ -8,6 +8,8 @@
 //!   subvolume), a `deployment.json` naming it, and the boot files it records;
 //! - each version's `run/etc/fstab` mounts `/` and every state directory;
 //! - the `/state` subvolumes the versions use exist;
+//! - each version's root mode holds: boot entries, fstab, `run/etc`, the
+//!   volatile script;
 //! - `extlinux.conf` has one entry per version with a kernel plus `default`,
 //!   all with `root=UUID=<this filesystem>`;
 //! - leftovers of interrupted deploys are reported as warnings;
@@ -26,6 +28,7 @@ mod bootloader;
 mod btrfs_check;
 mod fstab;
 mod report;
+mod root_mode;
 mod state;
 mod systems;
 #[cfg(test)]
@@ -35,6 +38,7 @@ use boot_partition::{check_esp, check_uboot};
 use bootloader::check_bootloader;
 use btrfs_check::btrfs_check;
 pub use report::{Finding, Report, Status};
+use root_mode::{check_root_modes, PartitionMenu};
 use state::check_state;
 use systems::{check_default, scan_systems};
 use version::{check_version, VersionInfo};
@@ -197,12 +201,22 @@ fn inspect(disk: &Disk) -> Result<Vec<Finding>> {
         &fs_uuid,
         disk.disk_layout.boot.bios(),
     ));
+    // The kernel arguments of the boot partition's entries, for the root modes.
+    let mut partition_args = None;
     if let Some(esp) = disk.disk_layout.esp {
-        if disk.disk_layout.boot.uboot() {
-            out.push(check_uboot(disk, esp, &versions));
+        let (finding, args) = if disk.disk_layout.boot.uboot() {
+            (check_uboot(disk, esp, &versions), PartitionMenu::UBoot)
         } else {
-            out.push(check_esp(disk, esp, &versions));
-        }
+            (check_esp(disk, esp, &versions), PartitionMenu::Esp)
+        };
+        out.push(finding.0);
+        partition_args = Some((args, finding.1));
     }
+    out.extend(check_root_modes(
+        top,
+        &versions,
+        &fs_uuid,
+        partition_args.as_ref().map(|(m, a)| (*m, a.as_slice())),
+    ));
     Ok(out)
 }

@@ -83,6 +83,11 @@ pub(super) fn finish_version(
     for mp in &completion.added {
         ui::detail(format!("added {mp}"));
     }
+    for n in &completion.made_ro {
+        ui::detail(format!(
+            "the rootfs's own / entry (etc/fstab line {n}) made read-only: `ro` added, `rw` removed (root mode ro)"
+        ));
+    }
     for d in &completion.kept_state_dirs {
         ui::detail(format!(
             "/{d} is mounted by an existing fstab entry: kept inside the version"
