@@ -53,8 +53,17 @@ fn kernel_version(tree: &Path) -> String {
         .expect("a usr/lib/linux-image-<version> in the tiny arm64 tree")
 }
 
-/// The arm64 tiny tree with the Pi packages in it and two Pi device trees
-/// where Debian's arm64 kernel ships them (the cloud kernel has none).
+/// The Pi device trees of Debian's arm64 kernel.
+fn pi_dtbs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/rpi/dtbs")
+}
+
+/// The device trees put in the test tree.
+const PI_DTBS: [&str; 2] = ["bcm2711-rpi-4-b.dtb", "bcm2837-rpi-3-b.dtb"];
+
+/// The arm64 tiny tree with the Pi packages in it, and the Pi 3 and 4
+/// device trees where Debian's arm64 kernel ships them (the tiny tree's
+/// cloud kernel has none).
 fn pi_tree(dir: &Path) -> PathBuf {
     let tree = dir.join("pi-root");
     std::fs::create_dir(&tree).unwrap();
@@ -65,8 +74,9 @@ fn pi_tree(dir: &Path) -> PathBuf {
         kernel_version(&tree)
     ));
     std::fs::create_dir_all(&dtbs).unwrap();
-    write(&dtbs.join("bcm2711-rpi-4-b.dtb"), b"pi4-dtb\n");
-    write(&dtbs.join("bcm2837-rpi-3-b.dtb"), b"pi3-dtb\n");
+    for d in PI_DTBS {
+        std::fs::copy(pi_dtbs().join(d), dtbs.join(d)).unwrap();
+    }
     tree
 }
 
@@ -110,8 +120,12 @@ fn assert_firmware(img: &Path, tree: &Path) {
         fat_file(img, "u-boot.bin").unwrap(),
         std::fs::read(tree.join("usr/lib/u-boot/rpi_arm64/u-boot.bin")).unwrap()
     );
-    assert_eq!(fat_file(img, "bcm2711-rpi-4-b.dtb").unwrap(), b"pi4-dtb\n");
-    assert_eq!(fat_file(img, "bcm2837-rpi-3-b.dtb").unwrap(), b"pi3-dtb\n");
+    for d in PI_DTBS {
+        assert_eq!(
+            fat_file(img, d).unwrap_or_else(|| panic!("{d} missing")),
+            std::fs::read(pi_dtbs().join(d)).unwrap()
+        );
+    }
     let config = String::from_utf8(fat_file(img, "config.txt").unwrap()).unwrap();
     for line in ["arm_64bit=1", "kernel=u-boot.bin", "enable_uart=1"] {
         assert!(
@@ -310,4 +324,106 @@ fn rpi_refuses_trees_without_what_a_pi_needs_and_writes_nothing() {
     );
     gone(&img);
     assert_no_leftovers(&img, false);
+}
+
+/// Boots `img` as the SD card of an emulated Raspberry Pi 3
+/// (`qemu-system-aarch64 -M raspi3b`, TCG): QEMU loads `u-boot.bin` from
+/// the boot partition where the Pi firmware would (no Pi firmware runs in
+/// QEMU) with the Pi 3 device tree the firmware would pass. Returns U-Boot's
+/// console (the mini UART) up to "Starting kernel", where it stops: the
+/// tiny tree's cloud kernel has no Pi drivers.
+fn boot_pi3(img: &Path, dir: &Path) -> String {
+    use std::io::BufRead;
+    let uboot = dir.join("u-boot.bin");
+    std::fs::write(&uboot, fat_file(img, "u-boot.bin").unwrap()).unwrap();
+    let mut child = std::process::Command::new("qemu-system-aarch64")
+        .args([
+            "-M", "raspi3b", "-accel", "tcg", "-display", "none", "-monitor", "none",
+        ])
+        .arg("-kernel")
+        .arg(&uboot)
+        .arg("-dtb")
+        .arg(pi_dtbs().join("bcm2837-rpi-3-b.dtb"))
+        .arg("-drive")
+        .arg(format!("file={},if=sd,format=raw", img.display()))
+        .args(["-serial", "null", "-serial", "stdio"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting qemu-system-aarch64 (qemu-system-arm)");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let done = line.contains("Starting kernel") || line.contains("EXTLINUX FAILED");
+            if tx.send(line).is_err() || done {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    let mut console = String::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    console
+}
+
+#[test]
+fn u_boot_on_an_emulated_pi3_boots_the_default_and_a_trial_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tree = pi_tree(dir);
+    let img = dir.join("pi.img");
+    // QEMU's SD card must be a power of two in size.
+    run_ok(&[
+        "--boot",
+        "rpi",
+        "--size",
+        "1G",
+        "--rootfs",
+        s(&tree),
+        s(&img),
+    ]);
+    let console = boot_pi3(&img, dir);
+    for want in [
+        "Found U-Boot script /boot.scr",
+        "Retrieving file: /boot/extlinux/extlinux.conf",
+        "factory.dtbs/broadcom/bcm2837-rpi-3-b.dtb",
+        "rootflags=subvol=systems/factory/run",
+        "Starting kernel",
+    ] {
+        assert!(
+            console.contains(want),
+            "no {want:?} on the Pi 3's console:\n{console}"
+        );
+    }
+    // A trial: the next boot is v2's, once; the one after is factory's again.
+    let r2 = dir.join("r2");
+    std::fs::create_dir(&r2).unwrap();
+    copy_tree(&tree, &r2);
+    write(&r2.join("etc/issue"), b"v2\n");
+    run_ok(&["--version", "v2", "--trial", "--rootfs", s(&r2), s(&img)]);
+    let console = boot_pi3(&img, dir);
+    assert!(
+        console.contains("rootflags=subvol=systems/v2/run") && console.contains("Starting kernel"),
+        "the trial boot did not start v2:\n{console}"
+    );
+    let console = boot_pi3(&img, dir);
+    assert!(
+        console.contains("rootflags=subvol=systems/factory/run")
+            && !console.contains("systems/v2/run")
+            && console.contains("Starting kernel"),
+        "the boot after the trial did not fall back to factory:\n{console}"
+    );
 }
