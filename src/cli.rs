@@ -51,7 +51,9 @@ pub struct DeployArgs {
     /// Root filesystem to deploy: a directory, or a tar archive (.tar, .tar.gz,
     /// .tgz, .tar.zst, .tar.xz) streamed straight onto the disk, or a signed
     /// bundle (`deploy bundle create`; `-` reads one from standard input, an
-    /// http:// or https:// URL streams it from a web server).
+    /// http:// or https:// URL streams it from a web server), or an SD-card
+    /// image (Raspberry Pi OS's .img: its root partition, read-only, and its
+    /// FAT boot partition as /boot/firmware).
     #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
     pub rootfs: Option<PathBuf>,
     /// Size of a new image: bytes or with a suffix (512M, 4G, 4GiB). Default:

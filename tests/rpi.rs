@@ -427,3 +427,113 @@ fn u_boot_on_an_emulated_pi3_boots_the_default_and_a_trial_once() {
         "the boot after the trial did not fall back to factory:\n{console}"
     );
 }
+
+/// A Raspberry-Pi-OS-like SD-card image: MBR with disk id 0x1234abcd, a
+/// FAT boot partition with the firmware and device trees, an ext4 root
+/// (the arm64 tiny tree with U-Boot) whose fstab names both by PARTUUID.
+fn raspios_image(dir: &Path) -> PathBuf {
+    let root = dir.join("os-root");
+    std::fs::create_dir(&root).unwrap();
+    copy_tree(&tiny_arm64(), &root);
+    let uboot = pi_packages().join("usr/lib/u-boot");
+    sh(&format!(
+        "mkdir -p {r}/usr/lib && cp -a {} {r}/usr/lib/ && mkdir -p {r}/boot/firmware",
+        uboot.display(),
+        r = root.display()
+    ));
+    write(&root.join("etc/raspios-marker"), b"from the sd card\n");
+    write(
+        &root.join("etc/fstab"),
+        b"proc /proc proc defaults 0 0\n\
+          PARTUUID=1234abcd-01 /boot/firmware vfat defaults 0 2\n\
+          PARTUUID=1234abcd-02 / ext4 defaults,noatime 0 1\n",
+    );
+    let fw = dir.join("os-fw");
+    std::fs::create_dir(&fw).unwrap();
+    copy_tree(&pi_packages().join("usr/lib/raspi-firmware"), &fw);
+    for d in PI_DTBS {
+        std::fs::copy(pi_dtbs().join(d), fw.join(d)).unwrap();
+    }
+    write(
+        &fw.join("cmdline.txt"),
+        b"console=serial0,115200 root=PARTUUID=1234abcd-02\n",
+    );
+    let img = dir.join("raspios.img");
+    sh(&format!(
+        "set -e; cd {d}
+         mkfs.vfat -C fat.img 65536 >/dev/null
+         MTOOLS_SKIP_CHECK=1 mcopy -s -i fat.img {fw}/* ::
+         mkfs.ext4 -q -F -d {root} -L rootfs root.ext4 200M
+         truncate -s 300M {img}
+         printf 'label: dos\\nlabel-id: 0x1234abcd\\nstart=8192, size=131072, type=c\\nstart=139264, type=83\\n' | sfdisk -q {img}
+         dd if=fat.img of={img} bs=512 seek=8192 conv=notrunc,sparse status=none
+         dd if=root.ext4 of={img} bs=512 seek=139264 conv=notrunc,sparse status=none
+         rm fat.img root.ext4",
+        d = dir.display(),
+        fw = fw.display(),
+        root = root.display(),
+        img = img.display()
+    ));
+    img
+}
+
+#[test]
+fn a_raspios_sd_card_image_is_a_rootfs_read_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let sd = raspios_image(dir);
+    let before = fingerprint(&sd);
+    let img = dir.join("pi.img");
+    run_ok(&["--boot", "rpi", "--rootfs", s(&sd), s(&img)]);
+    assert_eq!(fingerprint(&sd), before, "the SD-card image was written");
+    assert_no_leftovers(&sd, false);
+    // The FAT's firmware is on the new boot partition, with our config.txt.
+    assert_eq!(
+        fat_file(&img, "start4.elf").unwrap(),
+        std::fs::read(pi_packages().join("usr/lib/raspi-firmware/start4.elf")).unwrap()
+    );
+    assert_eq!(
+        fat_file(&img, "bcm2711-rpi-4-b.dtb").unwrap(),
+        std::fs::read(pi_dtbs().join("bcm2711-rpi-4-b.dtb")).unwrap()
+    );
+    let config = String::from_utf8(fat_file(&img, "config.txt").unwrap()).unwrap();
+    assert!(config.contains("kernel=u-boot.bin"), "{config}");
+    let m = Inspect::open(&img);
+    let tree = m.path("systems/factory/orig");
+    assert_eq!(
+        std::fs::read(tree.join("etc/raspios-marker")).unwrap(),
+        b"from the sd card\n"
+    );
+    assert!(tree.join("boot/firmware/cmdline.txt").is_file());
+    assert!(tree.join("boot/firmware/start4.elf").is_file());
+    let fstab = std::fs::read_to_string(tree.join("etc/fstab")).unwrap();
+    assert!(
+        fstab.contains("# PARTUUID=1234abcd-02 / ext4")
+            && fstab.contains("# PARTUUID=1234abcd-01 /boot/firmware"),
+        "{fstab}"
+    );
+    assert!(fstab.contains("proc /proc proc defaults 0 0"), "{fstab}");
+    let record = std::fs::read_to_string(m.path("systems/factory/deployment.json")).unwrap();
+    assert!(
+        record.contains(&format!("\"rootfs\": \"{}\"", sd.display())),
+        "{record}"
+    );
+    drop(m);
+    run_ok(&["check", s(&img)]);
+
+    // A root partition with no filesystem: refused, nothing left.
+    let bad = dir.join("bad.img");
+    sh(&format!(
+        "cp --sparse=always {} {b} && dd if=/dev/zero of={b} bs=512 seek=139264 count=4096 conv=notrunc status=none",
+        sd.display(),
+        b = bad.display()
+    ));
+    let out = dir.join("x.img");
+    run_fails(
+        &["--boot", "rpi", "--rootfs", s(&bad), s(&out)],
+        1,
+        &["root partition of", "no filesystem"],
+    );
+    assert!(!out.exists());
+    assert_no_leftovers(&bad, false);
+}

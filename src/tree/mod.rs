@@ -11,6 +11,7 @@ pub(crate) mod fstab;
 pub(crate) mod intree;
 pub(crate) mod kernel;
 pub(crate) mod nssmerge;
+pub(crate) mod sdimage;
 pub(crate) mod state;
 pub(crate) mod statemerge;
 pub(crate) mod tarball;

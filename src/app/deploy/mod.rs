@@ -91,6 +91,9 @@ pub struct Plan {
     /// config); else those of the tree's architecture, which an archive's
     /// is known only once it is written (an arm64 tarball: ttyAMA0).
     pub kernel_args: Option<String>,
+    /// `--rootfs IMAGE.img`: the SD-card image whose root partition (mounted
+    /// read-only at `rootfs`) is the tree; kept open for the deploy.
+    pub source_image: Option<std::sync::Arc<crate::tree::sdimage::Opened>>,
     /// How the version's root is mounted (`--root-mode`).
     pub root_mode: crate::store::rootmode::RootMode,
     /// Leave the default as it is.

@@ -91,9 +91,26 @@ pub fn plan(
             .into());
         }
     }
-    let rootfs = match &bundle {
-        Some(_) => rootfs_arg.clone(),
-        None => check_rootfs(&rootfs_arg)?,
+    // An SD-card image (Raspberry Pi OS): its root partition, mounted
+    // read-only, is the tree; its FAT's files join it as /boot/firmware.
+    let source_image = match bundle {
+        Some(_) => None,
+        None => match crate::tree::sdimage::probe(&rootfs_arg) {
+            Some(layout) => {
+                require_root()?;
+                crate::disk::mount::enter_private_namespace()?;
+                Some(std::sync::Arc::new(crate::tree::sdimage::open(
+                    &rootfs_arg,
+                    layout,
+                )?))
+            }
+            None => None,
+        },
+    };
+    let rootfs = match (&bundle, &source_image) {
+        (Some(_), _) => rootfs_arg.clone(),
+        (None, Some(img)) => img.root().to_path_buf(),
+        (None, None) => check_rootfs(&rootfs_arg)?,
     };
     check_target_outside(&target, &rootfs)?;
     require_root()?;
@@ -338,7 +355,7 @@ pub fn plan(
                 )
                 .into());
             }
-            if !tarball && bundle.is_none() {
+            if !tarball && bundle.is_none() && source_image.is_none() {
                 // Refused before anything is written; an archive's tree is
                 // read once it is written (the partial image is removed).
                 crate::boot::rpi::find(&rootfs, None)?;
@@ -399,6 +416,7 @@ pub fn plan(
         no_bootloader: args.no_bootloader,
         kernel_choice,
         kernel_args: args.kernel_args.clone(),
+        source_image,
         root_mode: args.root_mode.unwrap_or_default(),
         no_default: args.no_default || args.trial,
         trial: args.trial,

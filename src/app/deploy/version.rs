@@ -31,7 +31,7 @@ pub(super) fn fill_tree(
     if plan.tarball {
         tarball::extract(&plan.rootfs, dst, Some(&progress))
     } else {
-        copy::copy_tree(
+        let stats = copy::copy_tree(
             &plan.rootfs,
             dst,
             &CopyOptions {
@@ -39,7 +39,11 @@ pub(super) fn fill_tree(
                 progress: Some(progress),
             },
         )
-        .context("copying the rootfs")
+        .context("copying the rootfs")?;
+        if let Some(img) = &plan.source_image {
+            crate::tree::sdimage::finish_tree(img, dst)?;
+        }
+        Ok(stats)
     }
 }
 
@@ -106,7 +110,10 @@ pub(super) fn finish_version(
         created,
         created_unix,
         tool_version: env!("CARGO_PKG_VERSION").into(),
-        rootfs: plan.rootfs.display().to_string(),
+        rootfs: match &plan.source_image {
+            Some(img) => img.image.display().to_string(),
+            None => plan.rootfs.display().to_string(),
+        },
         kernel_args: plan
             .kernel_args
             .clone()
