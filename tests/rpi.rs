@@ -237,6 +237,29 @@ fn rpi_disks_carry_the_pi_firmware_and_switch_and_remove_versions() {
     assert_eq!(menu_default(&img, &tree), "factory");
     assert_firmware(&img, &tree);
     run_ok(&["check", s(&img)]);
+    let out = run_ok(&["check", s(&img)]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(Raspberry Pi firmware, config.txt)"),
+        "{out:?}"
+    );
+    // check names a boot partition the Pi could not boot from.
+    let broken = dir.join("broken.img");
+    sh(&format!(
+        "cp --sparse=always {} {b} && MTOOLS_SKIP_CHECK=1 mdel -i {b}@@{PART_OFFSET} ::u-boot.bin",
+        img.display(),
+        b = broken.display()
+    ));
+    let out = run(&["check", s(&broken)]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "check's status for problems: {out:?}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("config.txt says kernel=u-boot.bin, which is not on the boot partition"),
+        "{text}"
+    );
     // --boot rpi is for new disks.
     run_fails(
         &[

@@ -197,6 +197,75 @@ pub fn install(disk: &Path, part: (u64, u64), fw: &Firmware, reserve: u64) -> Re
     })
 }
 
+/// What `deploy check` finds wrong with the Pi boot files on the boot
+/// partition at `part` of `disk`: None when it has no `config.txt` (not a
+/// `--boot rpi` disk).
+pub fn inspect(disk: &Path, part: (u64, u64)) -> Result<Option<Vec<String>>> {
+    let p = fat::FatPartition::open(disk, part.0, part.1, false)?;
+    let Some(config) = p.read(CONFIG_TXT)? else {
+        return Ok(None);
+    };
+    Ok(Some(config_problems(
+        &String::from_utf8_lossy(&config),
+        &p.list("")?
+            .into_iter()
+            .filter(|e| !e.is_dir)
+            .map(|e| (e.name, e.len))
+            .collect::<Vec<_>>(),
+    )))
+}
+
+/// Problems of a `config.txt` beside the files `root` (name, size) of the
+/// partition's top folder.
+fn config_problems(config: &str, root: &[(String, u64)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let has = |n: &str| {
+        root.iter()
+            .any(|(f, len)| f.eq_ignore_ascii_case(n) && *len > 0)
+    };
+    let value = |key: &str| {
+        config
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_string())
+            .next_back()
+    };
+    if value("arm_64bit").as_deref() != Some("1") {
+        problems.push(
+            "config.txt lacks arm_64bit=1: the Pi firmware would start U-Boot in 32-bit mode"
+                .to_string(),
+        );
+    }
+    match value("kernel") {
+        None => problems.push(
+            "config.txt names no kernel=: the Pi firmware would not start U-Boot".to_string(),
+        ),
+        Some(k) if !has(&k) => problems.push(format!(
+            "config.txt says kernel={k}, which is not on the boot partition: the Pi would not boot"
+        )),
+        Some(_) => {}
+    }
+    let any = |pre: &str, suf: &str| {
+        root.iter()
+            .any(|(f, len)| f.starts_with(pre) && f.ends_with(suf) && *len > 0)
+    };
+    if !any("start", ".elf") || !any("fixup", ".dat") {
+        problems.push(
+            "the boot partition has config.txt but no Pi firmware (start*.elf and fixup*.dat)"
+                .to_string(),
+        );
+    }
+    if !root.iter().any(|(f, _)| is_pi_dtb(f)) {
+        problems.push(
+            "the boot partition has no Raspberry Pi device tree (bcm27*.dtb, bcm283*.dtb)"
+                .to_string(),
+        );
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +316,28 @@ mod tests {
         let err = find(t, Some("6.9")).unwrap_err().to_string();
         assert!(err.contains("device trees"), "{err}");
         assert!(config_txt().contains("kernel=u-boot.bin\n"));
+        let root = |names: &[&str]| -> Vec<(String, u64)> {
+            names.iter().map(|n| (n.to_string(), 1)).collect()
+        };
+        let full = root(&[
+            "start4.elf",
+            "fixup4.dat",
+            "u-boot.bin",
+            "bcm2711-rpi-4-b.dtb",
+        ]);
+        assert!(config_problems(&config_txt(), &full).is_empty());
+        let p = config_problems(&config_txt(), &full[..2]);
+        assert!(
+            p.iter()
+                .any(|m| m.contains("kernel=u-boot.bin, which is not")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|m| m.contains("device tree")), "{p:?}");
+        let p = config_problems("kernel=u-boot.bin # ours\n", &full);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("arm_64bit=1"));
+        let p = config_problems(&config_txt(), &full[2..]);
+        assert!(p.iter().any(|m| m.contains("no Pi firmware")), "{p:?}");
         assert!(config_txt().contains("arm_64bit=1\n"));
     }
 }

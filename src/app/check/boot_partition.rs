@@ -105,6 +105,17 @@ pub(super) fn check_uboot(
             ));
         }
     }
+    let pi = match crate::boot::rpi::inspect(&disk.target, part) {
+        Ok(Some(p)) => {
+            problems.extend(p);
+            " (Raspberry Pi firmware, config.txt)"
+        }
+        Ok(None) => "",
+        Err(e) => {
+            problems.push(format!("reading the Raspberry Pi boot files: {e:#}"));
+            ""
+        }
+    };
     if let (Some(part_default), Ok(default)) = (
         &st.default,
         crate::store::versions::default_label(&disk.layout),
@@ -119,7 +130,7 @@ pub(super) fn check_uboot(
         "boot partition",
         problems,
         format!(
-            "U-Boot boot partition: {} entr{}, default {}",
+            "U-Boot boot partition{pi}: {} entr{}, default {}",
             st.complete.len(),
             if st.complete.len() == 1 { "y" } else { "ies" },
             st.default.as_deref().unwrap_or("-")
