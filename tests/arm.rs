@@ -953,3 +953,183 @@ fn the_carried_arm64_deploy_upgrades_the_board_it_runs_on() {
         "{console}"
     );
 }
+
+/// Issue 22: the field flow on the board itself, under U-Boot (TCG): the
+/// factory image with `-e on-device`; inside the guest the carried arm64
+/// deploy arms a trial of v2 from a tarball on /srv, v2 boots, passes its
+/// health step and is committed; a v3 whose init exits (a panic) comes back
+/// on v2 by itself, whose `deploy status` names the failure; then a signed
+/// delta bundle made on this PC is applied inside the guest on trial, and
+/// committed.
+#[test]
+fn an_arm64_board_tries_versions_falls_back_and_takes_a_signed_bundle() {
+    deploy_arm64();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let base = arm64_variant(d, "factory");
+    let hooks = base.join("etc/tiny-boot.d");
+    write(
+        &hooks.join("15-trial-watch"),
+        b"#!/bin/sh\n\
+          if grep -q btrfs_deploy.trial= /proc/cmdline; then\n\
+          \x20   deploy trial-watch --timeout 300 >/dev/console 2>&1 &\n\
+          \x20   sleep 3\n\
+          else\n\
+          \x20   deploy trial-watch\n\
+          fi\n",
+    );
+    write(&hooks.join("20-health"), b"#!/bin/sh\ndeploy health\n");
+    write(
+        &hooks.join("50-scenario"),
+        br#"#!/bin/sh
+step=$(cat /srv/step 2>/dev/null || echo 0)
+root=$(awk '$5 == "/" { print $4 }' /proc/self/mountinfo)
+echo "SCENARIO: step=$step root=$root"
+deploy status
+next() { echo "$1" >/srv/step; sync; }
+case $step in
+0) deploy --version v2 --trial --rootfs /srv/v2.tar || echo "SCENARIO: deploy v2 failed"
+   next 1; reboot -f ;;
+1) deploy --version v3 --trial --rootfs /srv/v3.tar "--kernel-args=console=ttyAMA0,115200 panic=1" ||
+       echo "SCENARIO: deploy v3 failed"
+   next 2; reboot -f ;;
+2) deploy --rootfs /srv/v4.bundle --verify-key /srv/vendor.pub --trial || echo "SCENARIO: deploy v4 failed"
+   next 3; reboot -f ;;
+*) echo "SCENARIO: done" ;;
+esac
+"#,
+    );
+    for h in ["15-trial-watch", "20-health", "50-scenario"] {
+        chmod(&hooks.join(h), 0o755);
+    }
+    let srv = d.join("srv");
+    std::fs::create_dir(&srv).unwrap();
+    for v in ["v2", "v3", "v4"] {
+        let t = d.join(v);
+        std::fs::create_dir(&t).unwrap();
+        copy_tree(&base, &t);
+        write(&t.join("etc/issue"), format!("{v}\n").as_bytes());
+        if v == "v3" {
+            write(
+                &t.join("sbin/init"),
+                b"#!/bin/sh\necho 'V3: init exits'\nexit 1\n",
+            );
+            chmod(&t.join("sbin/init"), 0o755);
+        }
+        if v != "v4" {
+            sh(&format!(
+                "tar -C {} --numeric-owner -cf {}/{v}.tar .",
+                t.display(),
+                srv.display()
+            ));
+        }
+    }
+    // The build host's image; the device is flashed with a copy of it.
+    let cache = format!("ON_DEVICE_CACHE={}", on_device_cache().display());
+    let build = d.join("build.img");
+    run_ok(&[
+        "--size",
+        "1500M",
+        "-e",
+        "on-device",
+        "--set",
+        &cache,
+        "--rootfs",
+        base.to_str().unwrap(),
+        build.to_str().unwrap(),
+    ]);
+    let img = d.join("board.img");
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        build.display(),
+        img.display()
+    ));
+    // v4 on the build host, shipped as a signed delta against factory.
+    run_ok(&[
+        "--version",
+        "v4",
+        "--no-default",
+        "-e",
+        "on-device",
+        "--set",
+        &cache,
+        "--rootfs",
+        d.join("v4").to_str().unwrap(),
+        build.to_str().unwrap(),
+    ]);
+    run_ok(&["keygen", "--output", d.join("vendor").to_str().unwrap()]);
+    run_ok(&[
+        "bundle",
+        "create",
+        build.to_str().unwrap(),
+        "--version",
+        "v4",
+        "--base",
+        "factory",
+        "--sign-key",
+        d.join("vendor.key").to_str().unwrap(),
+        "--output",
+        srv.join("v4.bundle").to_str().unwrap(),
+    ]);
+    std::fs::copy(d.join("vendor.pub"), srv.join("vendor.pub")).unwrap();
+    {
+        let e = Edit::open(&img);
+        copy_tree(&srv, &e.path("state/srv"));
+    }
+    let log = d.join("scenario.log");
+    // Boots: factory, v2 (trial, good), v3 (panic), v2, v4 (trial, good).
+    let out = run(&[
+        "boot-test",
+        img.to_str().unwrap(),
+        "--persist",
+        "--accel",
+        "tcg",
+        "--reboots",
+        "4",
+        "--timeout",
+        "1500",
+        "--expect",
+        "SCENARIO: done",
+        "--fail-on",
+        "SCENARIO: deploy .* failed",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "scenario failed: {out:?}\nconsole:\n{text}"
+    );
+    let b = |n| boot_of(&text, n);
+    assert!(
+        b(1).contains("SCENARIO: step=0 root=/systems/factory/run"),
+        "{}",
+        b(1)
+    );
+    assert!(b(2).contains("this boot is the trial of v2"), "{}", b(2));
+    assert!(b(2).contains("v2 is now the default"), "{}", b(2));
+    assert!(b(3).contains("V3: init exits"), "{}", b(3));
+    assert!(
+        b(4).contains("SCENARIO: step=2 root=/systems/v2/run"),
+        "{}",
+        b(4)
+    );
+    assert!(b(4).contains("Last trial: v3: failed at"), "{}", b(4));
+    assert!(b(5).contains("this boot is the trial of v4"), "{}", b(5));
+    assert!(b(5).contains("v4 is now the default"), "{}", b(5));
+    assert!(
+        b(5).contains("SCENARIO: step=3 root=/systems/v4/run"),
+        "{}",
+        b(5)
+    );
+    // The host reads what the board wrote.
+    let st: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["status", img.to_str().unwrap(), "--json"]).stdout)
+            .unwrap();
+    assert_eq!(st["default"], "v4", "{st}");
+    let m = Inspect::open(&img);
+    let record = std::fs::read_to_string(m.path("systems/v4/deployment.json")).unwrap();
+    assert!(record.contains("\"kind\": \"delta\""), "{record}");
+    drop(m);
+    run_ok(&["check", img.to_str().unwrap()]);
+}
