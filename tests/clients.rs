@@ -90,18 +90,6 @@ fn shipped_extensions_pass_shellcheck() {
     assert!(ok, "shellcheck -S warning:\n{text}");
 }
 
-fn debian_rootfs() -> PathBuf {
-    let p = PathBuf::from(std::env::var("DEPLOY_DEBIAN_ROOTFS").unwrap_or_else(|_| {
-        panic!("DEPLOY_DEBIAN_ROOTFS is not set: build the Debian test system with `make fixture`")
-    }));
-    assert!(
-        p.join("usr/lib/systemd/systemd").exists(),
-        "{}",
-        p.display()
-    );
-    p
-}
-
 /// A read-only mount, unmounted (and its loop device detached) on drop.
 struct Mounted {
     dir: tempfile::TempDir,

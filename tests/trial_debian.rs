@@ -10,25 +10,7 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
-
-/// The Debian-with-systemd tree (`make fixture` builds it).
-fn debian_rootfs() -> PathBuf {
-    let p = PathBuf::from(std::env::var("DEPLOY_DEBIAN_ROOTFS").unwrap_or_else(|_| {
-        panic!(
-            "DEPLOY_DEBIAN_ROOTFS is not set: build the Debian test system with \
-             `scripts/build-debian-system.sh .cache` (or `make fixture`) and set \
-             DEPLOY_DEBIAN_ROOTFS=.cache/debian12-systemd/rootfs"
-        )
-    }));
-    assert!(
-        p.join("lib/systemd/systemd").exists() && p.join("boot").is_dir(),
-        "DEPLOY_DEBIAN_ROOTFS={} is not the Debian-with-systemd tree of \
-         scripts/build-debian-system.sh",
-        p.display()
-    );
-    p
-}
+use std::path::Path;
 
 /// The scenario driver: a oneshot unit that runs after the health unit,
 /// prints what happened to the serial console, and takes the next step

@@ -73,6 +73,25 @@ pub fn tiny_rootfs() -> PathBuf {
     p
 }
 
+/// The Debian-with-systemd tree (`make fixture`: scripts/build-debian-system.sh),
+/// named by `DEPLOY_DEBIAN_ROOTFS`.
+pub fn debian_rootfs() -> PathBuf {
+    let p = PathBuf::from(std::env::var("DEPLOY_DEBIAN_ROOTFS").unwrap_or_else(|_| {
+        panic!(
+            "DEPLOY_DEBIAN_ROOTFS is not set: build the Debian test system with \
+             `scripts/build-debian-system.sh .cache` (or `make fixture`) and set \
+             DEPLOY_DEBIAN_ROOTFS=.cache/debian12-systemd/rootfs"
+        )
+    }));
+    assert!(
+        p.join("lib/systemd/systemd").exists() && p.join("boot").is_dir(),
+        "DEPLOY_DEBIAN_ROOTFS={} is not the Debian-with-systemd tree of \
+         scripts/build-debian-system.sh",
+        p.display()
+    );
+    p
+}
+
 /// Copies the tree `src` into the folder `dst` with `cp -a` (owners, modes,
 /// links and xattrs kept).
 pub fn copy_tree(src: &Path, dst: &Path) {
@@ -502,20 +521,22 @@ pub fn boot_console_with(img: &Path, version: Option<&str>, firmware: Option<&st
     boot_console_args(img, &extra)
 }
 
-/// Boots `img` with `deploy boot-test` (TCG, 120 s) plus `extra`
-/// arguments, asserts it passed, and returns the console log.
+/// Boots `img` with `deploy boot-test` (TCG, `--timeout 120` unless
+/// `extra` gives one) plus `extra` arguments, asserts it passed, and
+/// returns the console log.
 pub fn boot_console_args(img: &Path, extra: &[&str]) -> String {
     let log = PathBuf::from(format!("{}.console.log", img.display()));
     let mut args = vec![
         "boot-test",
         img.to_str().unwrap(),
-        "--timeout",
-        "120",
         "--accel",
         "tcg",
         "--log",
         log.to_str().unwrap(),
     ];
+    if !extra.contains(&"--timeout") {
+        args.extend(["--timeout", "120"]);
+    }
     args.extend(extra);
     let out = run_ok(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -523,7 +544,7 @@ pub fn boot_console_args(img: &Path, extra: &[&str]) -> String {
         stdout.contains("boot-test passed") && stdout.contains(" s "),
         "{stdout}"
     );
-    std::fs::read_to_string(&log).unwrap()
+    String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned()
 }
 
 /// The `TINY-MOUNT: <mountpoint> <root in fs> ...` lines, as (mountpoint, root).
