@@ -641,3 +641,105 @@ done
         }
     }
 }
+
+/// On the device itself, with `/` read-only: the carried deploy adds a
+/// version from a tarball on /srv on trial (writing the disk through its
+/// own private mounts, never through `/`), the trial boot is healthy and
+/// committed, and the new version is `ro` too.
+#[test]
+fn a_device_with_a_read_only_root_upgrades_itself_on_trial() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let base = d.join("base");
+    std::fs::create_dir(&base).unwrap();
+    copy_tree(&tiny_rootfs(), &base);
+    let hooks = base.join("etc/tiny-boot.d");
+    write(
+        &hooks.join("10-trial-watch"),
+        b"#!/bin/sh\n\
+          if grep -q btrfs_deploy.trial= /proc/cmdline; then\n\
+          \x20   deploy trial-watch --timeout 120 >/dev/console 2>&1 &\n\
+          \x20   sleep 3\n\
+          else\n\
+          \x20   deploy trial-watch\n\
+          fi\n",
+    );
+    write(&hooks.join("20-health"), b"#!/bin/sh\ndeploy health\n");
+    write(
+        &hooks.join("50-scenario"),
+        br#"#!/bin/sh
+step=$(cat /srv/step 2>/dev/null || echo 0)
+echo "SCENARIO: step=$step root=$(awk '$2 == "/" { o = $4 } END { print o }' /proc/mounts)"
+case $step in
+0) deploy --version v2 --trial --root-mode ro --rootfs /srv/v2.tar || echo "SCENARIO: deploy v2 failed"
+   echo 1 >/srv/step; sync; reboot -f ;;
+*) deploy status; echo "SCENARIO: done" ;;
+esac
+"#,
+    );
+    for h in ["10-trial-watch", "20-health", "50-scenario"] {
+        chmod(&hooks.join(h), 0o755);
+    }
+    let v2 = d.join("v2");
+    std::fs::create_dir(&v2).unwrap();
+    copy_tree(&base, &v2);
+    write(&v2.join("etc/issue"), b"v2\n");
+    let img = d.join("device.img");
+    let i = img.to_str().unwrap();
+    run_ok(&[
+        "--boot",
+        "bios",
+        "--size",
+        "1500M",
+        "--root-mode",
+        "ro",
+        "-e",
+        "on-device",
+        "--rootfs",
+        base.to_str().unwrap(),
+        i,
+    ]);
+    {
+        let e = Edit::open(&img);
+        sh(&format!(
+            "tar -C {} --numeric-owner -cf {}/v2.tar .",
+            v2.display(),
+            e.path("state/srv").display()
+        ));
+    }
+    let log = d.join("scenario.log");
+    let out = run(&[
+        "boot-test",
+        i,
+        "--persist",
+        "--accel",
+        "tcg",
+        "--firmware",
+        "bios",
+        "--reboots",
+        "1",
+        "--timeout",
+        "600",
+        "--expect",
+        "SCENARIO: done",
+        "--fail-on",
+        "SCENARIO: deploy .* failed",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    assert!(out.status.success(), "scenario failed: {out:?}\n{text}");
+    let b = |n| boot_of(&text, n);
+    assert!(b(1).contains("SCENARIO: step=0 root=ro,"), "{}", b(1));
+    assert!(b(2).contains("this boot is the trial of v2"), "{}", b(2));
+    assert!(b(2).contains("v2 is now the default"), "{}", b(2));
+    assert!(b(2).contains("SCENARIO: step=1 root=ro,"), "{}", b(2));
+    let st: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["status", i, "--json"]).stdout).unwrap();
+    assert_eq!(st["default"], "v2", "{st}");
+    let m = Inspect::open(&img);
+    let record = std::fs::read_to_string(m.path("systems/v2/deployment.json")).unwrap();
+    assert!(record.contains("\"root_mode\": \"ro\""), "{record}");
+    drop(m);
+    assert_check_passes(i);
+}

@@ -35,7 +35,28 @@ fn mount_private_base() -> Result<PathBuf> {
     if inherited {
         return Ok(root.to_path_buf());
     }
-    std::fs::create_dir_all(root).with_context(|| format!("creating {MOUNT_ROOT}"))?;
+    if let Err(e) = std::fs::create_dir_all(root) {
+        if e.raw_os_error() != Some(libc::EROFS) {
+            return Err(e).with_context(|| format!("creating {MOUNT_ROOT}"));
+        }
+        // A read-only root whose init put no tmpfs on /run (a minimal
+        // system with --root-mode ro): this mount namespace is ours, so a
+        // tmpfs on /run here hides nothing from the system.
+        mount(
+            Some("btrfs-deploy-run"),
+            "/run",
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=0755,size=1m"),
+        )
+        .with_context(|| {
+            format!(
+                "creating {MOUNT_ROOT}: {e}; / is read-only and /run is not a tmpfs, and mounting \
+                 a private one failed (mount a tmpfs on /run early at boot, as systemd does)"
+            )
+        })?;
+        std::fs::create_dir_all(root).with_context(|| format!("creating {MOUNT_ROOT}"))?;
+    }
     mount(
         Some("btrfs-deploy"),
         root,
