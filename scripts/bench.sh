@@ -222,7 +222,7 @@ print "$changed $added $deleted $bytes $blocks\n";
 # TREE-v2) with their times, so both trees boot the same, unchanged kernel.
 install_kernel() {
     local t=$1 k d
-    k=$(find "$KERNEL_FROM/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -1)
+    k=$(find "$KERNEL_FROM/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -1) || true
     [[ -n $k ]] || die "no kernel in $KERNEL_FROM/boot: run make fixture, or set BENCH_KERNEL_FROM"
     for d in "$B/$t" "$B/$t-v2"; do
         [[ -e $d/boot/$(basename "$k") ]] && continue
