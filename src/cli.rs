@@ -410,6 +410,17 @@ pub struct BootTestArgs {
     /// stops feeding it (with --reboots, the reset is one of the reboots).
     #[arg(long)]
     pub watchdog: bool,
+    /// Give the guest a network (QEMU's user-mode NAT, a virtio-net card;
+    /// the host is 10.0.2.2 from inside) and forward a TCP port of the
+    /// host to it: `[ADDR:]HOSTPORT:GUESTPORT`, ADDR 127.0.0.1 unless
+    /// given (repeatable). E.g. `--forward 2222:22`, then `ssh -p 2222
+    /// root@127.0.0.1` reaches the guest's SSH server.
+    #[arg(long, value_name = "[ADDR:]HOST:GUEST", value_parser = parse_forward)]
+    pub forward: Vec<crate::boottest::Forward>,
+}
+
+fn parse_forward(s: &str) -> Result<crate::boottest::Forward, String> {
+    crate::boottest::Forward::parse(s)
 }
 
 /// Options of `deploy update`.

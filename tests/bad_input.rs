@@ -795,6 +795,27 @@ fn odd_input_rows() -> Vec<Row> {
     ] {
         rows.push(row(what, args, 2, empty_match, good, none));
     }
+    // ---- boot-test --forward (issue 24): refused before QEMU starts
+    for (what, args, needles) in [
+        (
+            "boot-test --forward 22",
+            &["boot-test", "--forward", "22", GOOD] as &'static [&'static str],
+            &["\"22\" is not a port forward", "[ADDR:]HOSTPORT:GUESTPORT"]
+                as &'static [&'static str],
+        ),
+        (
+            "boot-test --forward 2222:0",
+            &["boot-test", "--forward", "2222:0", GOOD],
+            &["\"0\" is not a port (1-65535)", "--forward"],
+        ),
+        (
+            "boot-test --forward host:2222:22",
+            &["boot-test", "--forward", "host:2222:22", GOOD],
+            &["\"host\" is not an IPv4 address", "--forward"],
+        ),
+    ] {
+        rows.push(row(what, args, 2, needles, good, none));
+    }
     // ---- archives (defect 5)
     rows.push(row(
         "rootfs archive with a malformed PAX record",

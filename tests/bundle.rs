@@ -4,6 +4,7 @@
 //! upgraded by a bundle.
 
 mod common;
+use common::http::Server;
 use common::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -72,10 +72,11 @@ pub fn index(dir: &Path, sign_key: &Path, expires_in: Option<std::time::Duration
         ));
     }
     ui::step(format!(
-        "Wrote {} and {} ({} bundles, expires {}): publish the folder as it is",
+        "Wrote {} and {} ({} bundle{}, expires {}): publish the folder as it is",
         dir.join(crate::bundle::index::INDEX).display(),
         crate::bundle::index::SIGNATURE,
         idx.bundles.len(),
+        if idx.bundles.len() == 1 { "" } else { "s" },
         idx.expires.as_deref().unwrap_or("never")
     ));
     Ok(())

@@ -359,6 +359,7 @@ pub fn boot_test(args: &crate::cli::BootTestArgs) -> Result<()> {
     opts.extra_fail = extra_fail;
     opts.reboots = args.reboots;
     opts.watchdog = args.watchdog;
+    opts.forward = args.forward.clone();
     ui::step(format!(
         "Booting {}{} in QEMU ({firmware}, accel {}, timeout {} s), waiting for /{}/",
         args.target.display(),

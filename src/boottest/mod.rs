@@ -228,6 +228,46 @@ pub struct BootTestOptions {
     /// Add a watchdog device (i6300esb) that resets the guest when it
     /// stops being fed.
     pub watchdog: bool,
+    /// Host ports forwarded to the guest; non-empty gives the guest a
+    /// network card on QEMU's user-mode NAT (otherwise it has none).
+    pub forward: Vec<Forward>,
+}
+
+/// `--forward [ADDR:]HOSTPORT:GUESTPORT`: a host TCP port forwarded to the
+/// guest through QEMU's user-mode network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The host address to listen on (127.0.0.1 unless given).
+    pub addr: std::net::IpAddr,
+    /// The host port.
+    pub host_port: u16,
+    /// The guest port it reaches.
+    pub guest_port: u16,
+}
+
+impl Forward {
+    /// Parses `[ADDR:]HOSTPORT:GUESTPORT` (ADDR an IPv4 address).
+    pub fn parse(s: &str) -> Result<Forward, String> {
+        let usage = "give [ADDR:]HOSTPORT:GUESTPORT, e.g. 2222:22 or 127.0.0.1:2222:22";
+        let parts: Vec<&str> = s.split(':').collect();
+        let (addr, host, guest) = match parts.as_slice() {
+            [h, g] => ("127.0.0.1", *h, *g),
+            [a, h, g] => (*a, *h, *g),
+            _ => return Err(format!("{s:?} is not a port forward: {usage}")),
+        };
+        let addr: std::net::Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 address: {usage}"))?;
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{p:?} is not a port (1-65535): {usage}")),
+        };
+        Ok(Forward {
+            addr: addr.into(),
+            host_port: port(host)?,
+            guest_port: port(guest)?,
+        })
+    }
 }
 
 /// Console lines that start a boot, seen again after each reboot: SYSLINUX's
@@ -254,6 +294,7 @@ impl BootTestOptions {
             extra_fail: Vec::new(),
             reboots: 0,
             watchdog: false,
+            forward: Vec::new(),
         }
     }
 }

@@ -33,13 +33,20 @@ pub fn qemu_args(opts: &BootTestOptions, accel: Accel) -> Vec<String> {
     if opts.watchdog {
         args.extend(["-device", "i6300esb", "-action", "watchdog=reset"].map(String::from));
     }
-    args.extend(
-        [
-            "-display", "none", "-vga", "none", "-nic", "none", "-monitor", "none", "-serial",
-            "stdio",
-        ]
-        .map(String::from),
-    );
+    args.extend(["-display", "none", "-vga", "none", "-nic"].map(String::from));
+    if opts.forward.is_empty() {
+        args.push("none".into());
+    } else {
+        let mut nic = String::from("user,model=virtio-net-pci");
+        for f in &opts.forward {
+            nic.push_str(&format!(
+                ",hostfwd=tcp:{}:{}-:{}",
+                f.addr, f.host_port, f.guest_port
+            ));
+        }
+        args.push(nic);
+    }
+    args.extend(["-monitor", "none", "-serial", "stdio"].map(String::from));
     if opts.firmware == Firmware::Uefi {
         args.extend([
             "-drive".into(),

@@ -690,3 +690,39 @@ mod real_boot {
         assert!(o.reason.starts_with("timeout after 1 s"), "{}", show(&o));
     }
 }
+
+#[test]
+fn forwards_give_the_guest_a_user_network_and_bad_ones_are_refused() {
+    let plain = qemu_args(
+        &BootTestOptions::new("/x.img", Regex::new("x").unwrap()),
+        Accel::Tcg,
+    )
+    .join(" ");
+    assert!(plain.contains("-nic none"), "{plain}");
+    let opts = BootTestOptions {
+        forward: vec![
+            Forward::parse("2222:22").unwrap(),
+            Forward::parse("0.0.0.0:8080:80").unwrap(),
+        ],
+        ..BootTestOptions::new("/x.img", Regex::new("x").unwrap())
+    };
+    let args = qemu_args(&opts, Accel::Tcg).join(" ");
+    assert!(
+        args.contains(
+            "-nic user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80"
+        ),
+        "{args}"
+    );
+    assert!(!args.contains("-nic none"), "{args}");
+    for (bad, needle) in [
+        ("22", "not a port forward"),
+        ("1:2:3:4", "not a port forward"),
+        ("x:22", "\"x\" is not a port"),
+        ("2222:0", "\"0\" is not a port"),
+        ("70000:22", "\"70000\" is not a port"),
+        ("host:2222:22", "not an IPv4 address"),
+    ] {
+        let err = Forward::parse(bad).unwrap_err();
+        assert!(err.contains(needle), "{bad}: {err}");
+    }
+}

@@ -4,54 +4,6 @@
 
 use super::*;
 
-/// The test web server, killed on drop.
-pub(super) struct Server {
-    child: std::process::Child,
-    pub(super) port: u16,
-    dir: PathBuf,
-}
-
-impl Server {
-    /// Serves `dir`; `/cut/` and `/slow/` answers stop after `cut` bytes.
-    pub(super) fn start(dir: &Path, cut: u64) -> Server {
-        use std::io::BufRead;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixture/http-server.py");
-        let mut child = std::process::Command::new("python3")
-            .arg(&script)
-            .arg(dir)
-            .arg(cut.to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting python3 tests/fixture/http-server.py");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line.trim().parse().expect("the server prints its port");
-        Server {
-            child,
-            port,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    pub(super) fn url(&self, mode: &str, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{mode}/{name}", self.port)
-    }
-
-    /// The requests so far, as "PATH RANGE" lines.
-    fn requests(&self) -> String {
-        std::fs::read_to_string(self.dir.join("requests.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A device after a refused pull: still only `factory`, consistent, and
 /// nothing left mounted or attached.
 fn assert_untouched(img: &Path) {

@@ -2,7 +2,6 @@
 //! newest bundle it can apply in the vendor's signed index, served by a
 //! real web server on 127.0.0.1.
 
-use super::http::Server;
 use super::*;
 
 #[test]

@@ -2,6 +2,8 @@
 //! binary as root on real images, loop devices and Btrfs.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};

@@ -16,6 +16,8 @@ SPEC = dict(
     version=dict(type='str'),
     source=dict(type='str'),
     src=dict(type='path'),
+    update=dict(type='bool', default=False),
+    index=dict(type='str'),
     disk=dict(type='str'),
     extra_args=dict(type='list', elements='str', default=[]),
     reboot=dict(type='bool', default=True),
@@ -75,6 +77,17 @@ class ActionModule(ActionBase):
         raise AnsibleError('%s: no outcome of the trial of %s within %s s (last error: %s)' % (
             self._task.args.get('version'), version, timeout, last))
 
+    def _update(self, version, p, target, disk):
+        # `deploy update --trial` picks the newest bundle of the signed index
+        # this disk can apply; it must be the version this task rolls out.
+        index = ['--index', p['index']] if p['index'] else []
+        self._deploy(['update', '--trial'] + index + p['extra_args'] + target)
+        armed = (self._status(disk).get('trial') or {}).get('version')
+        if armed != version:
+            raise AnsibleError('deploy update armed %s, not %s: the index offers this device another version '
+                               '(publish %s with deploy bundle index, or give the version the index names)'
+                               % (armed or 'nothing', version, version))
+
     def run(self, tmp=None, task_vars=None):
         result = super(ActionModule, self).run(tmp, task_vars)
         dummy, p = self.validate_argument_spec(argument_spec=SPEC)
@@ -110,21 +123,36 @@ class ActionModule(ActionBase):
                               msg='the last trial of %s failed on this device (%s); force: true tries it again'
                               % (version, json.dumps(lt.get('failure'))))
                 return result
-            if not p['source']:
-                raise AnsibleError('state=%s needs source (a rootfs, tarball or bundle the device can read)' % state)
+            update = p['update'] or bool(p['index'])
+            if update and state != 'trial':
+                raise AnsibleError('update (deploy update) goes with state=trial')
+            if not p['source'] and not update:
+                raise AnsibleError('state=%s needs source (a rootfs, tarball, bundle or URL the device can read) '
+                                   'or update: true (the device\'s signed index)' % state)
             result['changed'] = True
             if self._play_context.check_mode:
                 return result
             pending = st.get('trial') or {}
             if not (pending.get('version') == version and pending.get('state') == 'armed'):
-                if p['src']:
-                    self._connection.put_file(self._loader.get_real_file(p['src']), p['source'])
-                flag = '--trial' if state == 'trial' else '--no-default'
-                self._deploy(['--version', version, flag, '--rootfs', p['source']] + p['extra_args'] + target)
+                if update:
+                    self._update(version, p, target, disk)
+                else:
+                    if p['src']:
+                        self._connection.put_file(self._loader.get_real_file(p['src']), p['source'])
+                    flag = '--trial' if state == 'trial' else '--no-default'
+                    self._deploy(['--version', version, flag, '--rootfs', p['source']] + p['extra_args'] + target)
             if state == 'trial' and p['reboot']:
                 old = self._boot_id()
-                # A new session: the reboot outlives the SSH session that asked for it.
-                self._sh('setsid sh -c %s </dev/null >/dev/null 2>&1 &' % shlex.quote('sleep 1; ' + p['reboot_command']))
+                # A new session, and SIGHUP ignored from before the fork (an
+                # ignored signal stays ignored across exec): the reboot
+                # outlives the SSH session that asked for it, even when its
+                # pty hangs up before setsid runs.
+                # (In braces: Ansible appends `&& sleep 0` to the command.)
+                rc, out, err = self._sh("trap '' HUP; { setsid sh -c %s </dev/null >/dev/null 2>&1 & }"
+                                        % shlex.quote('sleep 1; ' + p['reboot_command']))
+                if rc != 0:
+                    raise AnsibleError('starting the reboot (%s) failed (exit status %s): %s'
+                                       % (p['reboot_command'], rc, (err or out).strip()))
                 st = self._wait_outcome(version, disk, old, p['timeout'], p['poll'])
                 lt = st['last_trial']
                 result.update(status=st, ansible_facts=dict(btrfs_deploy=st), outcome=lt['state'])

@@ -32,6 +32,16 @@ options:
   src:
     description: A file on the controller copied to I(source) on the device first.
     type: path
+  update:
+    description:
+      - With C(trial), run C(deploy update --trial) instead of C(deploy --rootfs SOURCE) - the device fetches
+        the newest bundle it can apply from the signed index (C(update_url) and C(verify_key) in its
+        C(/etc/btrfs-deploy/deploy.toml)); the task fails if that is not I(version).
+    type: bool
+    default: false
+  index:
+    description: The index URL for C(deploy update --index) (implies I(update)).
+    type: str
   disk:
     description: The disk (default the running system's).
     type: str
@@ -70,6 +80,12 @@ EXAMPLES = r'''
     version: v2
     src: build/v2.tar
     source: /srv/v2.tar
+
+- name: Roll v3 out from the vendor's signed index (update_url on the device)
+  btrfs_deploy.device.deploy:
+    state: trial
+    version: v3
+    update: true
 '''
 
 RETURN = r'''
