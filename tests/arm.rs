@@ -967,18 +967,8 @@ fn an_arm64_board_tries_versions_falls_back_and_takes_a_signed_bundle() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let base = arm64_variant(d, "factory");
+    write_trial_hooks(&base, "15-trial-watch", 300);
     let hooks = base.join("etc/tiny-boot.d");
-    write(
-        &hooks.join("15-trial-watch"),
-        b"#!/bin/sh\n\
-          if grep -q btrfs_deploy.trial= /proc/cmdline; then\n\
-          \x20   deploy trial-watch --timeout 300 >/dev/console 2>&1 &\n\
-          \x20   sleep 3\n\
-          else\n\
-          \x20   deploy trial-watch\n\
-          fi\n",
-    );
-    write(&hooks.join("20-health"), b"#!/bin/sh\ndeploy health\n");
     write(
         &hooks.join("50-scenario"),
         br#"#!/bin/sh
@@ -999,9 +989,7 @@ case $step in
 esac
 "#,
     );
-    for h in ["15-trial-watch", "20-health", "50-scenario"] {
-        chmod(&hooks.join(h), 0o755);
-    }
+    chmod(&hooks.join("50-scenario"), 0o755);
     let srv = d.join("srv");
     std::fs::create_dir(&srv).unwrap();
     for v in ["v2", "v3", "v4"] {

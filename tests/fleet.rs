@@ -19,29 +19,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The virtio-net driver of the tiny system's kernel (the initramfs loads
-/// only the disk's), from the cached kernel .deb, into `tree/lib/fleet`.
-fn add_network_driver(tree: &Path) {
-    let debs = tiny_rootfs().join("../../debs");
-    let deb = sh(&format!(
-        "ls {}/linux-image-*-cloud-amd64_*.deb | tail -n1",
-        debs.display()
-    ));
-    let x = tempfile::tempdir().unwrap();
-    sh(&format!(
-        "dpkg-deb -x {} {}",
-        deb.trim(),
-        x.path().display()
-    ));
-    let m = tree.join("lib/fleet");
-    std::fs::create_dir_all(&m).unwrap();
-    sh(&format!(
-        "cp $(find {x} -name failover.ko -o -name net_failover.ko -o -name virtio_net.ko) {m}",
-        x = x.path().display(),
-        m = m.display()
-    ));
-}
-
 /// The host's dropbear and the libraries it links, at the same paths.
 fn add_dropbear(tree: &Path) {
     sh(&format!(
@@ -59,7 +36,12 @@ fn add_dropbear(tree: &Path) {
 /// deploy.toml naming the vendor's index and key.
 fn device_tree(dir: &Path, ssh_pub: &Path, vendor_pub: &Path, update_url: &str) {
     copy_tree(&tiny_rootfs(), dir);
-    add_network_driver(dir);
+    // The virtio-net driver (the initramfs loads only the disk's).
+    add_tiny_kernel_modules(
+        dir,
+        "lib/fleet",
+        &["failover", "net_failover", "virtio_net"],
+    );
     add_dropbear(dir);
     let ssh = dir.join("root/.ssh");
     std::fs::create_dir_all(&ssh).unwrap();
@@ -77,18 +59,8 @@ fn device_tree(dir: &Path, ssh_pub: &Path, vendor_pub: &Path, update_url: &str) 
         )
         .as_bytes(),
     );
+    write_trial_hooks(dir, "10-trial-watch", 120);
     let hooks = dir.join("etc/tiny-boot.d");
-    write(
-        &hooks.join("10-trial-watch"),
-        b"#!/bin/sh\n\
-          if grep -q btrfs_deploy.trial= /proc/cmdline; then\n\
-          \x20   deploy trial-watch --timeout 120 >/dev/console 2>&1 &\n\
-          \x20   sleep 3\n\
-          else\n\
-          \x20   deploy trial-watch\n\
-          fi\n",
-    );
-    write(&hooks.join("20-health"), b"#!/bin/sh\ndeploy health\n");
     write(
         &hooks.join("90-fleet"),
         br#"#!/bin/sh
@@ -109,9 +81,7 @@ kill "$(cat /tmp/dropbear.pid)"
 echo "FLEET: stopping" >/dev/console
 "#,
     );
-    for h in ["10-trial-watch", "20-health", "90-fleet"] {
-        chmod(&hooks.join(h), 0o755);
-    }
+    chmod(&hooks.join("90-fleet"), 0o755);
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -250,11 +220,6 @@ fn consoles(fleet: &[Device]) -> String {
         }
     }
     out
-}
-
-fn status_json(img: &Path) -> serde_json::Value {
-    let out = run_ok(&["status", s(img), "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn ansible_playbook(dir: &Path, inventory: &Path, vars: &[String]) -> (bool, String) {

@@ -653,18 +653,8 @@ fn a_device_with_a_read_only_root_upgrades_itself_on_trial() {
     let base = d.join("base");
     std::fs::create_dir(&base).unwrap();
     copy_tree(&tiny_rootfs(), &base);
+    write_trial_hooks(&base, "10-trial-watch", 120);
     let hooks = base.join("etc/tiny-boot.d");
-    write(
-        &hooks.join("10-trial-watch"),
-        b"#!/bin/sh\n\
-          if grep -q btrfs_deploy.trial= /proc/cmdline; then\n\
-          \x20   deploy trial-watch --timeout 120 >/dev/console 2>&1 &\n\
-          \x20   sleep 3\n\
-          else\n\
-          \x20   deploy trial-watch\n\
-          fi\n",
-    );
-    write(&hooks.join("20-health"), b"#!/bin/sh\ndeploy health\n");
     write(
         &hooks.join("50-scenario"),
         br#"#!/bin/sh
@@ -677,9 +667,7 @@ case $step in
 esac
 "#,
     );
-    for h in ["10-trial-watch", "20-health", "50-scenario"] {
-        chmod(&hooks.join(h), 0o755);
-    }
+    chmod(&hooks.join("50-scenario"), 0o755);
     let v2 = d.join("v2");
     std::fs::create_dir(&v2).unwrap();
     copy_tree(&base, &v2);

@@ -11,11 +11,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn status_json(img: &Path) -> serde_json::Value {
-    let out = run_ok(&["status", img.to_str().unwrap(), "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn menu(img: &Path) -> String {
     let i = Inspect::open(img);
     std::fs::read_to_string(i.path("extlinux/extlinux.conf")).unwrap()
@@ -185,19 +180,8 @@ fn a_trial_prepared_on_an_image_arms_one_boot_and_keeps_the_default() {
 /// every version).
 fn scenario_tree(dir: &Path) {
     copy_tree(&tiny_rootfs(), dir);
+    write_trial_hooks(dir, "10-trial-watch", 120);
     let hooks = dir.join("etc/tiny-boot.d");
-    write(
-        &hooks.join("10-trial-watch"),
-        b"#!/bin/sh\n\
-          # Early at boot: settle the last trial; on a trial boot, watch it.\n\
-          if grep -q btrfs_deploy.trial= /proc/cmdline; then\n\
-          \x20   deploy trial-watch --timeout 120 >/dev/console 2>&1 &\n\
-          \x20   sleep 3\n\
-          else\n\
-          \x20   deploy trial-watch\n\
-          fi\n",
-    );
-    write(&hooks.join("20-health"), b"#!/bin/sh\ndeploy health\n");
     write(
         &hooks.join("50-scenario"),
         br#"#!/bin/sh
@@ -222,32 +206,13 @@ case $step in
 esac
 "#,
     );
-    for h in ["10-trial-watch", "20-health", "50-scenario"] {
-        chmod(&hooks.join(h), 0o755);
-    }
+    chmod(&hooks.join("50-scenario"), 0o755);
 }
 
 /// The softdog watchdog modules of the tiny system's kernel (its cloud
 /// kernel has no driver for QEMU's i6300esb), from the cached kernel .deb.
 fn add_softdog(tree: &Path) {
-    let debs = tiny_rootfs().join("../../debs");
-    let deb = sh(&format!(
-        "ls {}/linux-image-*-cloud-amd64_*.deb | tail -n1",
-        debs.display()
-    ));
-    let x = tempfile::tempdir().unwrap();
-    sh(&format!(
-        "dpkg-deb -x {} {}",
-        deb.trim(),
-        x.path().display()
-    ));
-    let m = tree.join("lib/wd");
-    std::fs::create_dir_all(&m).unwrap();
-    sh(&format!(
-        "cp $(find {x} -name watchdog.ko -o -name softdog.ko) {m}",
-        x = x.path().display(),
-        m = m.display()
-    ));
+    add_tiny_kernel_modules(tree, "lib/wd", &["watchdog", "softdog"]);
 }
 
 fn tar(tree: &Path, out: &Path) {

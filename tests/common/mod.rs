@@ -623,3 +623,64 @@ pub fn btrfs_check_image(image: &Path) -> Result<(), String> {
         ))
     }
 }
+
+/// `deploy status IMG --json`, parsed.
+pub fn status_json(img: &Path) -> serde_json::Value {
+    let out = run_ok(&["status", img.to_str().unwrap(), "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The trial hooks a non-systemd init runs (docs/trials.md), executable, in
+/// `tree/etc/tiny-boot.d`: `watch_hook` (e.g. `10-trial-watch`) settles the
+/// last trial early at boot, and on a trial boot watches it for `timeout`
+/// seconds in the background; `20-health` runs `deploy health`.
+pub fn write_trial_hooks(tree: &Path, watch_hook: &str, timeout: u32) {
+    let hooks = tree.join("etc/tiny-boot.d");
+    write(
+        &hooks.join(watch_hook),
+        format!(
+            "#!/bin/sh\n\
+             # Early at boot: settle the last trial; on a trial boot, watch it.\n\
+             if grep -q btrfs_deploy.trial= /proc/cmdline; then\n\
+             \x20   deploy trial-watch --timeout {timeout} >/dev/console 2>&1 &\n\
+             \x20   sleep 3\n\
+             else\n\
+             \x20   deploy trial-watch\n\
+             fi\n"
+        )
+        .as_bytes(),
+    );
+    write(&hooks.join("20-health"), b"#!/bin/sh\ndeploy health\n");
+    for h in [watch_hook, "20-health"] {
+        chmod(&hooks.join(h), 0o755);
+    }
+}
+
+/// Copies the modules `names` (without `.ko`) of the amd64 tiny system's kernel,
+/// from the cached kernel .deb, into `tree/dir` (its initramfs loads only
+/// those the disk needs).
+pub fn add_tiny_kernel_modules(tree: &Path, dir: &str, names: &[&str]) {
+    let debs = tiny_rootfs().join("../../debs");
+    let deb = sh(&format!(
+        "ls {}/linux-image-*-cloud-amd64_*.deb | tail -n1",
+        debs.display()
+    ));
+    let x = tempfile::tempdir().unwrap();
+    sh(&format!(
+        "dpkg-deb -x {} {}",
+        deb.trim(),
+        x.path().display()
+    ));
+    let m = tree.join(dir);
+    std::fs::create_dir_all(&m).unwrap();
+    let find = names
+        .iter()
+        .map(|n| format!("-name {n}.ko"))
+        .collect::<Vec<_>>()
+        .join(" -o ");
+    sh(&format!(
+        "cp $(find {x} {find}) {m}",
+        x = x.path().display(),
+        m = m.display()
+    ));
+}
