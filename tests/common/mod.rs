@@ -178,7 +178,7 @@ pub fn setxattr(path: &Path, name: &str, value: &[u8]) {
 pub fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; 65536];
     // SAFETY: valid pointers and lengths.
     let rc = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if rc < 0 {

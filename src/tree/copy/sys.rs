@@ -676,10 +676,29 @@ pub(crate) fn sync_xattrs(t: Target, path: &Path, want: &Xattrs) -> Result<bool>
             continue;
         }
         changed = true;
-        set_xattr(t, name, value)
-            .map_err(|e| dst_err(e, &format!("setting extended attribute {name:?} on"), path))?;
+        set_xattr(t, name, value).map_err(|e| xattr_err(e, name, value.len(), path))?;
     }
     Ok(changed)
+}
+
+/// Btrfs refuses an extended attribute larger than a node holds with
+/// ENOSPC: say that, not "no space left", for one too big for a small node.
+fn xattr_err(e: io::Error, name: &CString, len: usize, path: &Path) -> anyhow::Error {
+    const SMALL_NODE_MAX: usize = 3900;
+    if is_nospace(&e) && len > SMALL_NODE_MAX {
+        let fix = if len < 16_000 {
+            "a new Btrfs under 2 GiB has 4 KiB nodes, which hold attributes up to \
+             about 3.9 KiB: deploy onto a disk whose Btrfs is 2 GiB or more (--size 3G)"
+        } else {
+            "no Btrfs node holds it (16 KiB at most here): drop the attribute from the tree"
+        };
+        return anyhow::anyhow!(
+            "extended attribute {name:?} of {} is {len} bytes, too large for one node of the \
+             target Btrfs: {fix}",
+            path.display()
+        );
+    }
+    dst_err(e, &format!("setting extended attribute {name:?} on"), path)
 }
 
 /// Gives `t` (at `path`, for messages) the ownership, xattrs, mode and times of
