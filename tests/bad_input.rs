@@ -147,6 +147,11 @@ fn fixture() -> Fixture {
     chmod(&ext.join("refuses.configure"), 0o755);
     chmod(&ext.join("refuses.check"), 0o755);
     chmod(&ext.join("fails.configure"), 0o755);
+    write(
+        &ext.join("badkeeps.configure"),
+        b"#!/bin/sh\n# summary: keeps a relative path\n# keeps: usr/lib/x\nexit 0\n",
+    );
+    chmod(&ext.join("badkeeps.configure"), 0o755);
     odd_input_fixture(&dir);
     f
 }
@@ -610,6 +615,26 @@ fn rows() -> Vec<Row> {
             &["-e", "nope", "--extensions-dir", "@ext", "--rootfs", R, NEW],
             1,
             &["extension nope not found"],
+            none,
+            new,
+        ),
+        row(
+            "extension with a relative `# keeps:` path",
+            &[
+                "-e",
+                "badkeeps",
+                "--extensions-dir",
+                "@ext",
+                "--rootfs",
+                R,
+                NEW,
+            ],
+            1,
+            &[
+                "badkeeps.configure line 3",
+                "# keeps: usr/lib/x",
+                "absolute path",
+            ],
             none,
             new,
         ),

@@ -10,6 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+#[path = "bundle/carry.rs"]
+mod carry;
 #[path = "bundle/compress.rs"]
 mod compress;
 #[path = "bundle/http.rs"]

@@ -32,6 +32,10 @@ pub const CHECK_SUFFIX: &str = ".check";
 pub const INSTALLED_DIR: &str = "../share/btrfs-deploy/extensions";
 /// Marker of the summary line in a `.configure` file.
 const SUMMARY_MARKER: &str = "# summary:";
+
+/// Marker of a path the extension writes whole and updates in place (see
+/// [`Extension::keeps`]); one per line, absolute.
+const KEEPS_MARKER: &str = "# keeps:";
 /// How many trailing lines of a failing extension's stderr are reported.
 const TAIL_LINES: usize = 15;
 /// PATH given to extensions when the caller has none.
@@ -48,6 +52,13 @@ pub struct Extension {
     pub check: Option<PathBuf>,
     /// One-line summary (the `# summary:` comment of the `.configure` file).
     pub summary: String,
+    /// Paths in the tree (relative to its root) that the extension writes
+    /// whole on every deploy and updates in place (`# keeps: /PATH` lines of
+    /// the `.configure` file): an upgrade's sync leaves them in the snapshot
+    /// when the new rootfs lacks them, so what the extension writes again
+    /// unchanged keeps its inode, shared with the old version and absent
+    /// from a delta bundle.
+    pub keeps: Vec<PathBuf>,
 }
 
 /// What the tool tells extensions about the deploy.
@@ -175,18 +186,53 @@ fn load(name: &str, dir: &Path) -> Result<Extension> {
     Ok(Extension {
         name: name.to_string(),
         summary: read_summary(&configure),
+        keeps: read_keeps(&configure)?,
         configure,
         check,
     })
 }
 
-/// The text after `# summary:` on the first such line of `path` (empty if none).
-pub fn read_summary(path: &Path) -> String {
+/// The first 16 KiB of `path` (empty if it cannot be read), where the
+/// comment lines the tool reads are.
+fn head_of(path: &Path) -> String {
     let mut head = Vec::new();
     if let Ok(f) = std::fs::File::open(path) {
         let _ = f.take(16 * 1024).read_to_end(&mut head);
     }
-    String::from_utf8_lossy(&head)
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The paths of the `# keeps: /PATH` lines of `path`, relative to the tree's
+/// root. A path that is not absolute and plain (no `.`, `..` or empty
+/// component; not `/` itself) is refused, naming the line.
+pub fn read_keeps(path: &Path) -> Result<Vec<PathBuf>> {
+    let mut keeps = Vec::new();
+    for (n, line) in head_of(path).lines().enumerate() {
+        let Some(value) = line.trim().strip_prefix(KEEPS_MARKER) else {
+            continue;
+        };
+        let value = value.trim();
+        let rel = value.strip_prefix('/').unwrap_or("");
+        if rel.is_empty()
+            || rel
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            bail!(
+                "{} line {}: `{KEEPS_MARKER} {value}` must name an absolute path inside the tree \
+                 (like /usr/lib/NAME), without `.` or `..`",
+                path.display(),
+                n + 1
+            );
+        }
+        keeps.push(PathBuf::from(rel));
+    }
+    Ok(keeps)
+}
+
+/// The text after `# summary:` on the first such line of `path` (empty if none).
+pub fn read_summary(path: &Path) -> String {
+    head_of(path)
         .lines()
         .find_map(|l| {
             l.trim()
@@ -882,6 +928,36 @@ mod tests {
             msg.contains("extension die failed (killed by signal 9)"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn keeps_lines_name_plain_absolute_paths() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("x.configure");
+        std::fs::write(
+            &p,
+            "#!/bin/sh\n# summary: x\n# keeps: /usr/lib/x\n  # keeps: /opt/y/z \n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_keeps(&p).unwrap(),
+            vec![PathBuf::from("usr/lib/x"), PathBuf::from("opt/y/z")]
+        );
+        for bad in [
+            "usr/lib/x",
+            "/",
+            "/usr/../etc",
+            "/usr//lib",
+            "/usr/./lib",
+            "",
+        ] {
+            std::fs::write(&p, format!("#!/bin/sh\n# keeps: {bad}\n")).unwrap();
+            let e = read_keeps(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("line 2") && e.contains("absolute path"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

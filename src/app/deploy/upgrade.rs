@@ -242,6 +242,12 @@ fn sync_into_snapshot(
                 // The version keeps its vendor copy of the state
                 // directories (the base of the /state merge).
                 exclude_top: Vec::new(),
+                // What this deploy's extensions write again in place.
+                keep_absent: plan
+                    .extensions
+                    .iter()
+                    .flat_map(|e| e.keeps.iter().cloned())
+                    .collect(),
             },
         )
         .context("syncing the rootfs into the new version")?

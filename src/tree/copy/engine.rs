@@ -225,6 +225,8 @@ pub(super) struct Engine<'a> {
     pub flags: DataFlags,
     pub checksum: bool,
     pub tmp_counter: AtomicU64,
+    /// Sync: target paths kept when the source lacks them.
+    pub keep: Vec<PathBuf>,
 }
 
 struct QueueState {
@@ -249,6 +251,7 @@ impl<'a> Engine<'a> {
             claims: Mutex::new(HashMap::new()),
             flags: DataFlags::default(),
             checksum,
+            keep: Vec::new(),
             tmp_counter: AtomicU64::new(0),
         }
     }
@@ -425,7 +428,25 @@ impl<'a> Engine<'a> {
             if node.exclude.contains(&name) || src_names.binary_search(&name).is_ok() {
                 continue;
             }
-            sys::remove_tree_counted(&node.dst.join(&name), &mut c.deleted)?;
+            self.remove_unless_kept(&node.dst.join(&name), c)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `path` (and what is below it), except the kept paths: a
+    /// directory on the way to one stays and keeps only what leads there.
+    fn remove_unless_kept(&self, path: &Path, c: &mut Counts) -> Result<()> {
+        if self.keep.iter().any(|k| k == path) {
+            return Ok(());
+        }
+        let leads_to_kept = self.keep.iter().any(|k| k.starts_with(path));
+        let is_dir = sys::lstat(path).is_ok_and(|m| matches!(m.kind(), sys::Kind::Dir));
+        if !(leads_to_kept && is_dir) {
+            return sys::remove_tree_counted(path, &mut c.deleted);
+        }
+        let names = sys::list_dir(path).map_err(|e| src_err(e, "listing directory", path))?;
+        for name in names {
+            self.remove_unless_kept(&path.join(name), c)?;
         }
         Ok(())
     }

@@ -90,6 +90,9 @@ pub struct SyncOptions {
     pub progress: Option<Arc<Progress>>,
     /// Names directly under the root to leave alone on both sides.
     pub exclude_top: Vec<OsString>,
+    /// Paths (relative to the root) left in the target when the source
+    /// lacks them: what an extension writes whole and updates in place.
+    pub keep_absent: Vec<PathBuf>,
 }
 
 /// What [`sync_tree`] did. Every entry of the source (the root included) is
@@ -329,7 +332,8 @@ fn sync_tree_inner(src: &Path, dst: &Path, opts: &SyncOptions) -> Result<SyncSta
     let sm = check_roots_exist(src, dst)?;
     let dm = sys::lstat(dst).map_err(|e| src_err(e, "reading metadata of", dst))?;
     let threads = thread_count(opts.threads);
-    let engine = Engine::new(threads, opts.progress.as_deref(), opts.checksum);
+    let mut engine = Engine::new(threads, opts.progress.as_deref(), opts.checksum);
+    engine.keep = opts.keep_absent.iter().map(|p| dst.join(p)).collect();
     let mut root = DirNode::new(src.to_path_buf(), dst.to_path_buf(), sm, Mode::Sync);
     root.orig_dst = Some(dm);
     root.exclude = opts.exclude_top.clone();

@@ -520,6 +520,36 @@ fn sync_leaves_excluded_top_level_names_alone() {
 }
 
 #[test]
+fn sync_keeps_absent_paths_and_the_directories_that_lead_there() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tmp();
+    let (src, dst) = src_dst(&t);
+    write(&src.join("etc/x"), b"x");
+    // The source has no /usr at all: /usr/lib/tool stays (same inode),
+    // everything else below /usr goes, and so does what is not kept.
+    write(&dst.join("usr/lib/tool/bin/t"), b"tool");
+    write(&dst.join("usr/lib/other/f"), b"other");
+    write(&dst.join("usr/share/doc"), b"doc");
+    write(&dst.join("opt/kept-file"), b"kept");
+    write(&dst.join("stale"), b"stale");
+    let ino = std::fs::metadata(dst.join("usr/lib/tool/bin/t"))
+        .unwrap()
+        .ino();
+    let opts = SyncOptions {
+        keep_absent: vec!["usr/lib/tool".into(), "opt/kept-file".into()],
+        ..Default::default()
+    };
+    sync_tree(&src, &dst, &opts).unwrap();
+    let kept = std::fs::metadata(dst.join("usr/lib/tool/bin/t")).unwrap();
+    assert_eq!(kept.ino(), ino);
+    assert_eq!(std::fs::read(dst.join("opt/kept-file")).unwrap(), b"kept");
+    for gone in ["usr/lib/other", "usr/share", "stale"] {
+        assert!(!dst.join(gone).exists(), "{gone} left");
+    }
+    assert_eq!(std::fs::read(dst.join("etc/x")).unwrap(), b"x");
+}
+
+#[test]
 fn sync_no_space_error() {
     let t = tmp();
     let src = t.path().join("src");
