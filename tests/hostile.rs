@@ -571,3 +571,67 @@ fn sentinels_detect_reads_and_writes() {
     let r = std::panic::catch_unwind(|| s.assert_untouched("write"));
     assert!(r.is_err(), "a write was not detected");
 }
+
+/// The on-device extension updates its folder in place, the copy kept from
+/// the last version (`# keeps:`) included, and never through a link: a
+/// host file identical to one it carries, reached through a link in the
+/// kept copy, stays where it is; a symlink in the folder's place (here to
+/// the tree's own /etc) is replaced, and /etc is left whole.
+#[test]
+fn on_device_never_follows_links_in_the_folder_it_updates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let hostlib = dir.join("hostlib");
+    std::fs::create_dir(&hostlib).unwrap();
+    let libc = std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    std::fs::copy(&libc, hostlib.join("libc.so.6")).unwrap();
+    let before = stamp(&hostlib.join("libc.so.6"));
+
+    let r1 = dir.join("r1");
+    copy_tree(&tiny_rootfs(), &r1);
+    std::fs::create_dir_all(r1.join("usr/lib/btrfs-deploy")).unwrap();
+    symlink(&hostlib, r1.join("usr/lib/btrfs-deploy/lib")).unwrap();
+    let img = dir.join("disk.img");
+    run_ok(&["--rootfs", r1.to_str().unwrap(), img.to_str().unwrap()]);
+    // v2's rootfs lacks the folder: the sync keeps factory's, link included.
+    run_ok(&[
+        "-e",
+        "on-device",
+        "--version",
+        "v2",
+        "--rootfs",
+        tiny_rootfs().to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        stamp(&hostlib.join("libc.so.6")),
+        before,
+        "host file moved or changed"
+    );
+    {
+        let m = Inspect::open(&img);
+        let lib = m.path("systems/v2/orig/usr/lib/btrfs-deploy/lib");
+        assert!(!lib.is_symlink() && lib.join("libc.so.6").is_file());
+    }
+
+    let r3 = dir.join("r3");
+    copy_tree(&tiny_rootfs(), &r3);
+    std::fs::create_dir_all(r3.join("usr/lib")).unwrap();
+    symlink("../../etc", r3.join("usr/lib/btrfs-deploy")).unwrap();
+    let fresh = dir.join("fresh.img");
+    run_ok(&[
+        "-e",
+        "on-device",
+        "--rootfs",
+        r3.to_str().unwrap(),
+        fresh.to_str().unwrap(),
+    ]);
+    let m = Inspect::open(&fresh);
+    let orig = m.path("systems/factory/orig");
+    assert!(
+        orig.join("etc/hostname").is_file(),
+        "the tree's /etc was replaced"
+    );
+    let tool = orig.join("usr/lib/btrfs-deploy");
+    assert!(!tool.is_symlink() && tool.join("bin/deploy").is_file());
+}
