@@ -24,10 +24,9 @@ pub fn mkfs_with(device: &Path, uuid: &str, fs_label: &str, discard: bool) -> Re
     if !discard {
         args.push("--nodiscard");
     }
-    let size = if device.metadata().is_ok_and(|m| m.is_file()) {
-        device.metadata()?.len()
-    } else {
-        crate::disk::open::block_device_size(device)?
+    let size = match device.metadata() {
+        Ok(m) if m.is_file() => m.len(),
+        _ => crate::disk::open::block_device_size(device)?,
     };
     let nodes = node_size_for(size, page_size()).map(|n| n.to_string());
     if let Some(n) = &nodes {

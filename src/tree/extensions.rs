@@ -183,10 +183,11 @@ fn load(name: &str, dir: &Path) -> Result<Extension> {
     } else {
         None
     };
+    let head = head_of(&configure);
     Ok(Extension {
         name: name.to_string(),
-        summary: read_summary(&configure),
-        keeps: read_keeps(&configure)?,
+        summary: summary_in(&head),
+        keeps: keeps_in(&head, &configure)?,
         configure,
         check,
     })
@@ -202,12 +203,12 @@ fn head_of(path: &Path) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// The paths of the `# keeps: /PATH` lines of `path`, relative to the tree's
-/// root. A path that is not absolute and plain (no `.`, `..` or empty
-/// component; not `/` itself) is refused, naming the line.
-pub fn read_keeps(path: &Path) -> Result<Vec<PathBuf>> {
+/// The paths of the `# keeps: /PATH` lines of `head`, the start of `path`,
+/// relative to the tree's root. A path that is not absolute and plain (no
+/// `.`, `..` or empty component; not `/` itself) is refused, naming the line.
+fn keeps_in(head: &str, path: &Path) -> Result<Vec<PathBuf>> {
     let mut keeps = Vec::new();
-    for (n, line) in head_of(path).lines().enumerate() {
+    for (n, line) in head.lines().enumerate() {
         let Some(value) = line.trim().strip_prefix(KEEPS_MARKER) else {
             continue;
         };
@@ -230,10 +231,10 @@ pub fn read_keeps(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(keeps)
 }
 
-/// The text after `# summary:` on the first such line of `path` (empty if none).
-pub fn read_summary(path: &Path) -> String {
-    head_of(path)
-        .lines()
+/// The text after `# summary:` on the first such line of `head`, the start
+/// of a `.configure` file (empty if none).
+fn summary_in(head: &str) -> String {
+    head.lines()
         .find_map(|l| {
             l.trim()
                 .strip_prefix(SUMMARY_MARKER)
@@ -940,7 +941,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            read_keeps(&p).unwrap(),
+            keeps_in(&head_of(&p), &p).unwrap(),
             vec![PathBuf::from("usr/lib/x"), PathBuf::from("opt/y/z")]
         );
         for bad in [
@@ -952,7 +953,7 @@ mod tests {
             "",
         ] {
             std::fs::write(&p, format!("#!/bin/sh\n# keeps: {bad}\n")).unwrap();
-            let e = read_keeps(&p).unwrap_err().to_string();
+            let e = keeps_in(&head_of(&p), &p).unwrap_err().to_string();
             assert!(
                 e.contains("line 2") && e.contains("absolute path"),
                 "{bad}: {e}"
@@ -968,9 +969,9 @@ mod tests {
             "s.configure",
             "# other\n# summary:  Does things \n# summary: no",
         );
-        assert_eq!(read_summary(&p), "Does things");
+        assert_eq!(summary_in(&head_of(&p)), "Does things");
         let p = script(d.path(), "t.configure", "true");
-        assert_eq!(read_summary(&p), "");
+        assert_eq!(summary_in(&head_of(&p)), "");
     }
 
     #[test]

@@ -319,7 +319,7 @@ pub fn plan(
             None => default_size(rootfs_bytes) + extra,
         };
         if kind == TargetKind::BlockDevice && boot_kind.partitioned() {
-            let dev_size = device_size(&target)?;
+            let dev_size = crate::disk::open::block_device_size(&target)?;
             if dev_size < (MIN_IMAGE + extra).max(needed) {
                 bail!(
                     "{} ({}) is too small for a {boot_kind} disk with this rootfs: it needs at least {} \
@@ -436,14 +436,6 @@ pub fn default_size(rootfs_bytes: u64) -> u64 {
     let raw = rootfs_bytes * 2 + rootfs_bytes / 5 + FS_OVERHEAD + (128 << 20);
     let step = 64u64 << 20;
     raw.div_ceil(step) * step
-}
-
-/// Size in bytes of a block device.
-fn device_size(dev: &Path) -> Result<u64> {
-    use std::io::Seek;
-    let mut f = std::fs::File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
-    f.seek(std::io::SeekFrom::End(0))
-        .with_context(|| format!("reading the size of {}", dev.display()))
 }
 
 fn check_rootfs(path: &Path) -> Result<PathBuf> {
